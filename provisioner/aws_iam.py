@@ -1,0 +1,245 @@
+"""The IAM adapter: the only module that imports boto3/botocore.
+
+Standard boto3 configuration (credential chain, profile, region, ``AWS_ENDPOINT_URL_IAM``
+/ ``AWS_ENDPOINT_URL``), botocore's standard retry mode, inputs validated before they
+are sent, and every botocore exception translated into the IamError tree. Each answer's
+``Date`` header feeds the AwsClock, so codes are computed for AWS's time, not ours.
+The seed is taken out of the CreateVirtualMFADevice answer, together with the QR code
+that encodes it, and handed on only as a Seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import boto3
+import botocore.exceptions as bce
+from botocore.config import Config
+
+from . import validation
+from .clock import AwsClock
+from .errors import (
+    AccessDenied,
+    AwsCredentialsMissing,
+    ConcurrentModification,
+    DeleteConflict,
+    EntityAlreadyExists,
+    IamError,
+    IamUnavailable,
+    InvalidAuthenticationCode,
+    InvalidInput,
+    MfaLimitExceeded,
+    NoSuchEntity,
+    ProvisionerError,
+    ServiceFailure,
+    TemporarilyUnmodifiable,
+    Throttled,
+    UserNotFound,
+)
+from .model import DeviceSpec
+from .secret import Seed
+
+logger = logging.getLogger(__name__)
+
+_BY_CODE: dict[str, type[IamError]] = {
+    "NoSuchEntity": NoSuchEntity,
+    "LimitExceeded": MfaLimitExceeded,
+    "EntityAlreadyExists": EntityAlreadyExists,
+    "InvalidAuthenticationCode": InvalidAuthenticationCode,
+    "EntityTemporarilyUnmodifiable": TemporarilyUnmodifiable,
+    "ConcurrentModification": ConcurrentModification,
+    "Throttling": Throttled,
+    "ThrottlingException": Throttled,
+    "RequestLimitExceeded": Throttled,
+    "ServiceFailure": ServiceFailure,
+    "InternalFailure": ServiceFailure,
+    "ServiceUnavailable": ServiceFailure,
+    "AccessDenied": AccessDenied,
+    "AccessDeniedException": AccessDenied,
+    "DeleteConflict": DeleteConflict,
+    "InvalidClientTokenId": AwsCredentialsMissing,
+    "SignatureDoesNotMatch": AwsCredentialsMissing,
+    "ExpiredToken": AwsCredentialsMissing,
+}
+
+_AMBIGUOUS = (
+    bce.ConnectionClosedError,
+    bce.ReadTimeoutError,
+    bce.ResponseParserError,
+    bce.IncompleteReadError,
+)
+_UNREACHABLE = (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ProxyConnectionError)
+
+
+def guard_vendor_logging() -> None:
+    """botocore's DEBUG log prints response bodies: the seed is in one. Never below INFO."""
+    for name in ("botocore", "boto3", "urllib3"):
+        log = logging.getLogger(name)
+        if log.level < logging.INFO:
+            log.setLevel(logging.INFO)
+
+
+def translate(error: Exception, action: str, subject: str) -> ProvisionerError:
+    """One botocore exception -> one IamError that says what was being done to whom."""
+    if isinstance(error, bce.ClientError):
+        err = error.response.get("Error", {})
+        code = str(err.get("Code", "Unknown"))
+        text = str(err.get("Message", "")).strip()
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        cls = _BY_CODE.get(code)
+        if cls is None:
+            cls = ServiceFailure if status >= 500 else IamError
+        message = f"IAM refused {action} for {subject}: {code}" + (f": {text}" if text else "")
+        return cls(message, code=code)
+    if isinstance(error, (bce.NoCredentialsError, bce.PartialCredentialsError)):
+        return AwsCredentialsMissing(f"no AWS credentials to {action}: {error}")
+    if isinstance(error, bce.ParamValidationError):
+        return InvalidInput(f"refused to send {action} for {subject}: {error}")
+    if isinstance(error, _UNREACHABLE):
+        # Not ambiguous: nothing reached IAM.
+        return IamError(f"cannot reach IAM to {action} for {subject}: {error}", code="Unreachable",
+                        hint=IamUnavailable.hint)
+    if isinstance(error, _AMBIGUOUS):
+        return IamUnavailable(f"no usable answer from IAM to {action} for {subject}: "
+                              f"{type(error).__name__}")
+    return IamUnavailable(f"IAM call {action} for {subject} failed: {type(error).__name__}")
+
+
+class IamClient:
+    """IamDirectory over boto3."""
+
+    def __init__(
+        self,
+        clock: AwsClock,
+        *,
+        profile: str | None = None,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        max_attempts: int = 5,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 15.0,
+        local_time: Callable[[], float] = time.time,
+    ) -> None:
+        guard_vendor_logging()
+        self._clock = clock
+        self._local_time = local_time
+        try:
+            session = boto3.session.Session(profile_name=profile or None)
+        except bce.ProfileNotFound as e:
+            raise AwsCredentialsMissing(f"AWS profile {profile!r} is not configured") from e
+        config = Config(
+            region_name=region or session.region_name or "us-east-1",
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            user_agent_extra="provisioner",
+        )
+        self._iam = session.client("iam", endpoint_url=endpoint_url or None, config=config)
+        events = self._iam.meta.events
+        events.register("before-call.iam", self._before_call)
+        events.register("after-call.iam", self._after_call)
+
+    @property
+    def endpoint_url(self) -> str:
+        return str(self._iam.meta.endpoint_url)
+
+    # --- AWS's clock --------------------------------------------------------------------
+
+    def _before_call(self, context: dict[str, Any], **_: Any) -> None:
+        context["provisioner_sent"] = self._local_time()
+
+    def _after_call(self, http_response: Any, context: dict[str, Any], **_: Any) -> None:
+        received = self._local_time()
+        date = getattr(http_response, "headers", {}).get("Date")
+        sent = context.get("provisioner_sent", received)
+        if not date:
+            return
+        try:
+            server = parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            logger.debug("unreadable Date header from IAM: %r", date)
+            return
+        self._clock.observe(server, sent=sent, received=received)
+
+    # --- calls --------------------------------------------------------------------------
+
+    def _call(self, action: str, subject: str, **params: Any) -> dict[str, Any]:
+        method = getattr(self._iam, action)
+        try:
+            result: dict[str, Any] = method(**params)
+        except (bce.BotoCoreError, bce.ClientError) as e:
+            raise translate(e, action, subject) from e
+        return result
+
+    def user_arn(self, user: str) -> str:
+        validation.user_name(user)
+        try:
+            return str(self._call("get_user", user, UserName=user)["User"]["Arn"])
+        except NoSuchEntity as e:
+            raise UserNotFound(f"IAM user {user} does not exist", code=e.code) from e
+
+    def list_mfa_devices(self, user: str) -> list[str]:
+        validation.user_name(user)
+        serials: list[str] = []
+        marker: str | None = None
+        while True:
+            params: dict[str, Any] = {"UserName": user}
+            if marker:
+                params["Marker"] = marker
+            try:
+                page = self._call("list_mfa_devices", user, **params)
+            except NoSuchEntity as e:
+                raise UserNotFound(f"IAM user {user} does not exist", code=e.code) from e
+            serials.extend(str(d["SerialNumber"]) for d in page.get("MFADevices", []))
+            if not page.get("IsTruncated"):
+                return serials
+            marker = page.get("Marker")
+
+    def create_virtual_mfa_device(self, spec: DeviceSpec) -> tuple[str, Seed]:
+        validation.device_name(spec.name)
+        validation.device_path(spec.path)
+        validation.tags(spec.tags)
+        result = self._call(
+            "create_virtual_mfa_device",
+            f"{spec.path}{spec.name}",
+            VirtualMFADeviceName=spec.name,
+            Path=spec.path,
+            Tags=[{"Key": k, "Value": v} for k, v in spec.tags],
+        )
+        device = result.get("VirtualMFADevice", {})
+        raw = device.pop("Base32StringSeed", None)
+        device.pop("QRCodePNG", None)  # it encodes the seed too
+        serial = str(device.get("SerialNumber", ""))
+        if not raw or not serial:
+            raise IamUnavailable(f"IAM created {spec.name} but returned no seed or serial")
+        try:
+            return serial, Seed.from_base32(raw)
+        except ValueError as e:
+            raise IamUnavailable(f"IAM returned an unreadable seed for {serial}") from e
+
+    def enable_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None:
+        validation.user_name(user)
+        validation.serial_number(serial)
+        validation.auth_code(code1)
+        validation.auth_code(code2)
+        self._call(
+            "enable_mfa_device",
+            user,
+            UserName=user,
+            SerialNumber=serial,
+            AuthenticationCode1=code1,
+            AuthenticationCode2=code2,
+        )
+
+    def deactivate_mfa_device(self, user: str, serial: str) -> None:
+        validation.user_name(user)
+        validation.serial_number(serial)
+        self._call("deactivate_mfa_device", user, UserName=user, SerialNumber=serial)
+
+    def delete_virtual_mfa_device(self, serial: str) -> None:
+        validation.serial_number(serial)
+        self._call("delete_virtual_mfa_device", serial, SerialNumber=serial)

@@ -1,0 +1,206 @@
+"""The desk's configuration: one TOML file, loaded once and passed in.
+
+Unknown keys are errors (a typo must not silently fall back to a default). The reference
+with every key and its default is docs/configuration.md and provisioner.toml.example.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .enrollment import EnrollmentSettings
+from .errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/provisioner/provisioner.toml")
+ENV_PATH = "PROVISIONER_CONFIG"
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    issuer: str = "AWS"
+    account_name: str = "{user}@{account}"
+    touch: bool = False
+    #: A file holding the OATH password of the desk's tokens (never the password itself).
+    oath_password_file: str = ""
+    reader: str = ""
+    #: Seconds to wait for a pulled token to come back so a rollback can finish.
+    reinsert_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class IamConfig:
+    profile: str = ""
+    region: str = ""
+    #: Empty: boto3's own resolution (AWS_ENDPOINT_URL_IAM, AWS_ENDPOINT_URL, AWS).
+    endpoint_url: str = ""
+    device_path: str = "/provisioner/"
+    device_name: str = "{user}.yubikey.{serial}"
+    tags: dict[str, str] = field(default_factory=dict)
+    max_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class EnrollmentConfig:
+    margin_seconds: float = 5.0
+    skew_warning_seconds: float = 3.0
+    enable_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    desk: str = field(default_factory=socket.gethostname)
+    log_level: str = "info"
+    token: TokenConfig = field(default_factory=TokenConfig)
+    iam: IamConfig = field(default_factory=IamConfig)
+    enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
+    source: str = "built-in defaults"
+
+    def enrollment_settings(self) -> EnrollmentSettings:
+        return EnrollmentSettings(
+            desk=self.desk,
+            issuer=self.token.issuer,
+            account_name=self.token.account_name,
+            touch=self.token.touch,
+            device_name=self.iam.device_name,
+            device_path=self.iam.device_path,
+            extra_tags=tuple(sorted(self.iam.tags.items())),
+            margin=self.enrollment.margin_seconds,
+            enable_attempts=self.enrollment.enable_attempts,
+            reinsert_timeout=self.token.reinsert_timeout,
+        )
+
+    def oath_password(self) -> str | None:
+        """Read the password file when one is configured; warn-free only if it is private."""
+        name = self.token.oath_password_file
+        if not name:
+            return None
+        path = Path(name)
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read token.oath_password_file {name}: {e.strerror}") from e
+        if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
+            raise ConfigError(
+                f"token.oath_password_file {name} is readable or writable by others",
+                hint=f"chmod 600 {name} (or 640 with the service's group)",
+            )
+        password = text.rstrip("\r\n")
+        if not password:
+            raise ConfigError(f"token.oath_password_file {name} is empty")
+        return password
+
+
+_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def _section(cls: type[Any], data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        f = known.get(key)
+        if f is None:
+            raise ConfigError(
+                f"unknown key {where}.{key}",
+                hint="known keys: " + ", ".join(sorted(known)),
+            )
+        default = getattr(cls(), key)
+        values[key] = _coerce(value, default, f"{where}.{key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number")
+        if value < 0:
+            raise ConfigError(f"{where} must not be negative")
+        return type(default)(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string")
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{where} must be a table of strings")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported value")  # pragma: no cover
+
+
+def parse(text: str, source: str) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source} is not valid TOML: {e}") from e
+    top: dict[str, Any] = {}
+    sections = {"token": TokenConfig, "iam": IamConfig, "enrollment": EnrollmentConfig}
+    for key, value in data.items():
+        if key in sections:
+            top[key] = _section(sections[key], value, key)
+        elif key in ("desk", "log_level"):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{key} must be a non-empty string")
+            top[key] = value
+        else:
+            raise ConfigError(
+                f"unknown key {key} in {source}",
+                hint="known: desk, log_level, [token], [iam], [enrollment]",
+            )
+    config = Config(**top, source=source)
+    check(config)
+    return config
+
+
+def check(config: Config) -> None:
+    if config.log_level not in _LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(sorted(_LEVELS))}")
+    if not 0 <= config.enrollment.margin_seconds < 25:
+        raise ConfigError("enrollment.margin_seconds must be at least 0 and below 25")
+    if config.iam.max_attempts < 1 or config.enrollment.enable_attempts < 1:
+        raise ConfigError("iam.max_attempts and enrollment.enable_attempts must be at least 1")
+    # Render the templates once with sample values so typos fail at start, not mid-desk.
+    config.enrollment_settings().names("user", "123456789012", 12345678)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the configuration: an explicit path must exist; the default path may not."""
+    explicit = path is not None or ENV_PATH in os.environ
+    chosen = Path(path if path is not None else os.environ.get(ENV_PATH, DEFAULT_PATH))
+    try:
+        text = chosen.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"configuration file {chosen} does not exist") from None
+        return Config()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read configuration file {chosen}: {e}") from e
+    return parse(text, str(chosen))
+
+
+def override(config: Config, **changes: Any) -> Config:
+    """Flags override the file: ``override(cfg, token={"reader": "x"})``."""
+    out = config
+    for section, values in changes.items():
+        if not values:
+            continue
+        if isinstance(values, dict):
+            out = replace(out, **{section: replace(getattr(out, section), **values)})
+        else:
+            out = replace(out, **{section: values})
+    return out

@@ -1,0 +1,399 @@
+"""One enrollment, as the steps an operator would name.
+
+    check -> create device -> program token -> compute codes -> enable -> confirm
+
+Every side effect is recorded as it happens, and any failure undoes them in reverse:
+the credential leaves the token, the virtual device leaves IAM, an enabled device is
+deactivated first. What cannot be undone is named in the error, never silently left.
+The seed lives in memory from "create device" until this function returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import validation
+from .clock import Clock
+from .errors import (
+    AlreadyEnrolled,
+    CodeMismatch,
+    ConcurrentModification,
+    DeleteConflict,
+    EnrollmentFailed,
+    EntityAlreadyExists,
+    IamError,
+    MfaLimitExceeded,
+    NoSuchEntity,
+    ProvisionerError,
+    TemporarilyUnmodifiable,
+    TokenCredentialExists,
+    TokenFull,
+    TokenNoOath,
+    TokenRemoved,
+)
+from .model import (
+    MAX_MFA_DEVICES_PER_USER,
+    CodePair,
+    CredentialSpec,
+    DeviceSpec,
+    EnrollmentResult,
+    Step,
+    StepTiming,
+)
+from .ports import IamDirectory, NullProgress, Progress, TokenSession, render_template
+from .secret import Seed
+from .totp import code_at, codes_equal, plan_window
+
+TOOL_TAG = "provisioner"
+
+
+@dataclass(frozen=True)
+class EnrollmentSettings:
+    """What the configuration decides about every enrollment at this desk."""
+
+    desk: str = "desk"
+    issuer: str = "AWS"
+    account_name: str = "{user}@{account}"
+    touch: bool = False
+    device_name: str = "{user}.yubikey.{serial}"
+    device_path: str = "/provisioner/"
+    extra_tags: tuple[tuple[str, str], ...] = ()
+    #: Seconds of the current time step that must be left to submit in it.
+    margin: float = 5.0
+    enable_attempts: int = 3
+    confirm_attempts: int = 6
+    retry_delay: float = 0.25
+    #: How long to wait for a pulled token to come back so its credential can be removed.
+    reinsert_timeout: float = 60.0
+
+    def names(
+        self, user: str, account: str, serial: int | None
+    ) -> tuple[CredentialSpec, DeviceSpec]:
+        """The credential and device for this user and token, from the templates."""
+        values = {
+            "user": user,
+            "account": account,
+            "serial": str(serial) if serial is not None else "noserial",
+            "desk": self.desk,
+        }
+        credential = CredentialSpec(
+            issuer=render_template(self.issuer, values),
+            account=render_template(self.account_name, values),
+            touch=self.touch,
+        )
+        tags = (
+            ("provisioner:tool", TOOL_TAG),
+            ("provisioner:user", user),
+            ("provisioner:token-serial", values["serial"]),
+            ("provisioner:desk", self.desk),
+            *self.extra_tags,
+        )
+        device = DeviceSpec(
+            name=validation.device_name(render_template(self.device_name, values)),
+            path=validation.device_path(self.device_path),
+            tags=validation.tags(tags),
+        )
+        return credential, device
+
+
+@dataclass
+class _Undo:
+    """What this attempt has done so far, so that a failure can undo exactly that."""
+
+    device_arn: str | None = None
+    credential_id: str | None = None
+    maybe_enabled: bool = False
+    timings: list[StepTiming] = field(default_factory=list)
+
+
+class Enrollment:
+    """Enrolls tokens for users against one IAM account."""
+
+    def __init__(
+        self,
+        iam: IamDirectory,
+        clock: Clock,
+        settings: EnrollmentSettings,
+        progress: Progress | None = None,
+    ) -> None:
+        self._iam = iam
+        self._clock = clock
+        self._settings = settings
+        self._progress = progress or NullProgress()
+
+    def run(self, token: TokenSession, user: str) -> EnrollmentResult:
+        validation.user_name(user)
+        started = self._clock.monotonic()
+        undo = _Undo()
+        seed: Seed | None = None
+        current = Step.CHECK
+        try:
+            with self._timed(undo, Step.CHECK):
+                credential, device, expected_arn = self._check(token, user)
+
+            current = Step.CREATE_DEVICE
+            with self._timed(undo, current):
+                try:
+                    arn, seed = self._create(device, expected_arn)
+                except IamError as e:
+                    if e.ambiguous:  # the device may exist though the answer was lost
+                        undo.device_arn = expected_arn
+                    raise
+                undo.device_arn = arn
+            self._progress.step(current, f"virtual MFA device {arn}")
+
+            current = Step.PROGRAM_TOKEN
+            with self._timed(undo, current):
+                # Recorded before the write: a pulled card may or may not have stored it.
+                undo.credential_id = credential.credential_id
+                token.put_credential(credential, seed)
+            self._progress.step(
+                current,
+                f"TOTP credential {credential.credential_id} written "
+                f"(touch {'required' if credential.touch else 'not required'})",
+            )
+
+            current = Step.ENABLE
+            first_step = self._enable(token, user, arn, credential, seed, undo)
+
+            current = Step.CONFIRM
+            with self._timed(undo, current):
+                self._confirm(user, arn)
+            self._progress.step(current, f"{user} lists the device")
+        except ProvisionerError as e:
+            if isinstance(e, AlreadyEnrolled):
+                raise
+            leftovers = self._rollback(token, user, undo)
+            raise EnrollmentFailed(
+                step=current.value,
+                user=user,
+                token=token.info.label,
+                cause=e,
+                leftovers=leftovers,
+            ) from e
+        except BaseException:
+            # A bug or an interrupt: still undo, then let it propagate as it is.
+            self._rollback(token, user, undo)
+            raise
+        finally:
+            if seed is not None:
+                seed.wipe()
+        return EnrollmentResult(
+            user=user,
+            token_serial=token.info.serial,
+            device_arn=arn,
+            credential_id=credential.credential_id,
+            first_step=first_step,
+            seconds=self._clock.monotonic() - started,
+            timings=tuple(undo.timings),
+        )
+
+    # --- the steps ------------------------------------------------------------------
+
+    def _check(
+        self, token: TokenSession, user: str
+    ) -> tuple[CredentialSpec, DeviceSpec, str]:
+        """Refuse before creating anything when the enrollment cannot succeed."""
+        info = token.info
+        if not info.has_oath:
+            raise TokenNoOath(f"token {info.label} has no OATH application enabled")
+        oath = token.oath_state()
+        account = self._iam.user_arn(user).split(":")[4]
+        devices = self._iam.list_mfa_devices(user)
+        credential, device = self._settings.names(user, account, info.serial)
+        arn = f"arn:aws:iam::{account}:mfa{device.path}{device.name}"
+        on_token = credential.credential_id in oath.credential_ids
+        if arn in devices and on_token:
+            raise AlreadyEnrolled(
+                f"{user} is already enrolled with token {info.label} ({arn})"
+            )
+        if on_token:
+            raise TokenCredentialExists(
+                f"token {info.label} already holds a credential {credential.credential_id}"
+            )
+        if arn in devices:
+            raise EntityAlreadyExists(
+                f"{user} already has device {arn} but token {info.label} does not hold "
+                "its credential",
+                hint="revoke that device, then enroll again",
+            )
+        if len(devices) >= MAX_MFA_DEVICES_PER_USER:
+            raise MfaLimitExceeded(
+                f"{user} already has {len(devices)} MFA devices, the most IAM allows"
+            )
+        if oath.free_slots == 0:
+            raise TokenFull(
+                f"token {info.label} has no free OATH slot "
+                f"({len(oath.credential_ids)} of {oath.capacity} used)"
+            )
+        self._progress.step(
+            Step.CHECK,
+            f"token {info.label} (firmware {info.firmware_text}, "
+            f"{oath.free_slots} free OATH slots); {user} has {len(devices)} MFA devices",
+        )
+        return credential, device, arn
+
+    def _create(self, device: DeviceSpec, arn: str) -> tuple[str, Seed]:
+        try:
+            return self._iam.create_virtual_mfa_device(device)
+        except EntityAlreadyExists:
+            pass
+        # A device of that name exists but is not the user's: left by an earlier attempt
+        # (its seed died with that attempt), or our own retried call took effect. Either
+        # way it is useless; IAM refuses to delete it if some user has it enabled.
+        try:
+            self._iam.delete_virtual_mfa_device(arn)
+        except DeleteConflict as e:
+            raise EntityAlreadyExists(
+                f"the device name {device.name} is taken by a device another user has enabled",
+                hint="set iam.device_name to a template that includes {user} and {serial}",
+            ) from e
+        self._progress.notice(f"deleted unusable unassigned device {arn} left from earlier")
+        return self._iam.create_virtual_mfa_device(device)
+
+    def _enable(
+        self,
+        token: TokenSession,
+        user: str,
+        arn: str,
+        credential: CredentialSpec,
+        seed: Seed,
+        undo: _Undo,
+    ) -> int:
+        """Compute fresh codes and enable; retried only where AWS says "try again"."""
+        attempts = max(1, self._settings.enable_attempts)
+        for attempt in range(1, attempts + 1):
+            with self._timed(undo, Step.COMPUTE_CODES):
+                codes = self._codes(token, credential, seed)
+            self._progress.step(
+                Step.COMPUTE_CODES,
+                f"codes for time steps {codes.first_step} and {codes.first_step + 1} "
+                f"computed on the token ({codes.seconds_left:.0f} s left to submit)",
+            )
+            try:
+                with self._timed(undo, Step.ENABLE):
+                    undo.maybe_enabled = True
+                    self._iam.enable_mfa_device(user, arn, codes.first, codes.second)
+            except (TemporarilyUnmodifiable, ConcurrentModification) as e:
+                undo.maybe_enabled = False
+                if attempt == attempts:
+                    raise
+                self._progress.notice(f"IAM says {e.code}; trying again with fresh codes")
+                self._clock.sleep(self._settings.retry_delay * attempt)
+                continue
+            except IamError as e:
+                # A lost answer, or a retry that found its own first try done: look.
+                if not (e.ambiguous or isinstance(e, EntityAlreadyExists)):
+                    undo.maybe_enabled = False
+                    raise
+                if arn not in self._iam.list_mfa_devices(user):
+                    undo.maybe_enabled = False
+                    if e.ambiguous and attempt < attempts:
+                        continue
+                    raise
+            self._progress.step(Step.ENABLE, f"device enabled for {user}")
+            return codes.first_step
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _codes(self, token: TokenSession, credential: CredentialSpec, seed: Seed) -> CodePair:
+        plan = plan_window(
+            self._clock.now(),
+            margin=self._settings.margin,
+            uncertainty=self._clock.uncertainty(),
+        )
+        if plan.wait > 0:
+            self._progress.notice(
+                f"{plan.wait:.1f} s until the next time step: waiting for it"
+            )
+            self._clock.sleep(plan.wait)
+        if credential.touch:
+            self._progress.notice("touch the token now (twice: one touch per code)")
+        t1, t2 = plan.timestamps
+        first = token.calculate(credential.credential_id, t1)
+        second = token.calculate(credential.credential_id, t2)
+        if not (codes_equal(first, code_at(seed, t1)) and codes_equal(second, code_at(seed, t2))):
+            raise CodeMismatch(
+                f"the codes computed on token {token.info.label} do not match the seed"
+            )
+        return CodePair(first, second, plan.first_step, plan.seconds_left)
+
+    def _confirm(self, user: str, arn: str) -> None:
+        """IAM is eventually consistent: give a fresh device a moment to show up."""
+        for attempt in range(self._settings.confirm_attempts):
+            if arn in self._iam.list_mfa_devices(user):
+                return
+            self._clock.sleep(self._settings.retry_delay * (2**attempt))
+        raise NoSuchEntity(f"{user} does not list {arn} after it was enabled")
+
+    # --- undo -----------------------------------------------------------------------
+
+    def _rollback(self, token: TokenSession, user: str, undo: _Undo) -> tuple[str, ...]:
+        """Undo in reverse order; return what could not be undone, in the operator's words."""
+        left: list[str] = []
+        arn = undo.device_arn
+        if arn is not None:
+            try:
+                self._remove_device(user, arn, undo.maybe_enabled)
+                self._progress.step(Step.ROLLBACK, f"deleted virtual MFA device {arn}")
+            except ProvisionerError as e:
+                left.append(f"virtual MFA device {arn} ({e.message})")
+        if undo.credential_id is not None:
+            try:
+                if self._delete_credential(token, undo.credential_id):
+                    self._progress.step(
+                        Step.ROLLBACK,
+                        f"deleted credential {undo.credential_id} from token {token.info.label}",
+                    )
+            except ProvisionerError as e:
+                left.append(
+                    f"credential {undo.credential_id} on token {token.info.label} ({e.message})"
+                )
+        return tuple(left)
+
+    def _remove_device(self, user: str, arn: str, maybe_enabled: bool) -> None:
+        if maybe_enabled:
+            self._deactivate(user, arn)
+        try:
+            self._iam.delete_virtual_mfa_device(arn)
+        except DeleteConflict:
+            # Assigned after all (an answer we never saw): deactivate, then delete.
+            self._deactivate(user, arn)
+            self._iam.delete_virtual_mfa_device(arn)
+        except NoSuchEntity:
+            pass
+
+    def _deactivate(self, user: str, arn: str) -> None:
+        try:
+            self._iam.deactivate_mfa_device(user, arn)
+        except NoSuchEntity:
+            pass  # not assigned to the user: nothing to deactivate
+
+    def _delete_credential(self, token: TokenSession, credential_id: str) -> bool:
+        try:
+            return token.delete_credential(credential_id)
+        except TokenRemoved:
+            self._progress.notice(
+                f"token {token.info.label} was removed: put it back within "
+                f"{self._settings.reinsert_timeout:.0f} s so its credential can be removed"
+            )
+            token.reopen(self._settings.reinsert_timeout)
+            return token.delete_credential(credential_id)
+
+    # --- timing ---------------------------------------------------------------------
+
+    def _timed(self, undo: _Undo, step: Step) -> _Timer:
+        return _Timer(self._clock, undo.timings, step)
+
+
+class _Timer:
+    def __init__(self, clock: Clock, sink: list[StepTiming], step: Step) -> None:
+        self._clock = clock
+        self._sink = sink
+        self._step = step
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = self._clock.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        self._sink.append(StepTiming(self._step, self._clock.monotonic() - self._start))

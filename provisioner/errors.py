@@ -1,0 +1,209 @@
+"""One exception tree for the whole tool.
+
+Every error says what the operator needs: which step, which token, which user, what to do.
+Adapters translate vendor exceptions (pyscard, yubikit, botocore) into these, keeping the
+cause (``raise ... from e``); no vendor exception leaves an adapter. The CLI maps the
+classes to exit codes in one place (``cli.EXIT_CODES``).
+
+No message may contain a seed: errors are built from names, serials and AWS error codes.
+"""
+
+from __future__ import annotations
+
+
+class ProvisionerError(Exception):
+    """Root of everything this tool raises on purpose."""
+
+    #: What the operator can do about it, one sentence, or None.
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def one_line(self) -> str:
+        """The message and the hint on one line, for a terminal or a log."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(ProvisionerError):
+    """The configuration file or the command line is wrong."""
+
+
+class InvalidInput(ProvisionerError):
+    """A value was refused before anything was sent (botocore checks no patterns)."""
+
+
+# --- the token -------------------------------------------------------------------------
+
+
+class TokenError(ProvisionerError):
+    """Something about the hardware token or the PC/SC stack."""
+
+
+class PcscUnavailable(TokenError):
+    hint = "start pcscd (systemctl start pcscd.socket) and check you may use it"
+
+
+class TokenNotFound(TokenError):
+    hint = "insert the YubiKey, or check the --reader/--serial you gave (provisioner tokens)"
+
+
+class TokenBusy(TokenError):
+    hint = "another program holds the card (gpg's scdaemon, OpenSC, another ykman): stop it"
+
+
+class TokenRemoved(TokenError):
+    hint = "keep the token plugged in until the enrollment ends"
+
+
+class TokenNoOath(TokenError):
+    hint = "this key cannot hold a TOTP credential (no OATH applet, or OATH disabled over USB)"
+
+
+class TokenLocked(TokenError):
+    hint = "give the OATH password in the file named by token.oath_password_file"
+
+
+class TokenFull(TokenError):
+    hint = "delete an unused OATH credential (ykman oath accounts delete) or use another key"
+
+
+class TokenCredentialExists(TokenError):
+    hint = (
+        "the credential may be the only copy of another device's seed: "
+        "revoke that device first, or change token.account_name"
+    )
+
+
+class TokenCommandFailed(TokenError):
+    """The token answered a status word we did not expect."""
+
+
+class CodeMismatch(TokenError):
+    """The codes computed on the token disagree with the seed: the credential is wrong."""
+
+    hint = "the token did not store the seed faithfully; try again or replace the key"
+
+
+# --- IAM -------------------------------------------------------------------------------
+
+
+class IamError(ProvisionerError):
+    """AWS IAM refused or failed a call."""
+
+    #: The AWS error code ("NoSuchEntity", ...) or a local name for transport failures.
+    code: str = "IamError"
+    #: True when the call may or may not have taken effect (timeout, dropped connection,
+    #: garbage answer): the caller must look before it assumes either.
+    ambiguous: bool = False
+
+    def __init__(
+        self, message: str, *, code: str | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        if code is not None:
+            self.code = code
+
+
+class NoSuchEntity(IamError):
+    code = "NoSuchEntity"
+
+
+class UserNotFound(NoSuchEntity):
+    hint = "check the user name; IAM user names are case-sensitive"
+
+
+class MfaLimitExceeded(IamError):
+    code = "LimitExceeded"
+    hint = "the user already has 8 MFA devices: revoke one first"
+
+
+class EntityAlreadyExists(IamError):
+    code = "EntityAlreadyExists"
+
+
+class InvalidAuthenticationCode(IamError):
+    code = "InvalidAuthenticationCode"
+    hint = "check the desk's clock and the token; the codes were refused by AWS"
+
+
+class TemporarilyUnmodifiable(IamError):
+    code = "EntityTemporarilyUnmodifiable"
+
+
+class Throttled(IamError):
+    code = "Throttling"
+    hint = "AWS is throttling this account; retry in a minute"
+
+
+class ServiceFailure(IamError):
+    code = "ServiceFailure"
+    hint = "AWS IAM failed; retry shortly"
+
+
+class AccessDenied(IamError):
+    code = "AccessDenied"
+    hint = "the desk's AWS principal lacks a permission: see docs/iam-policy.json"
+
+
+class DeleteConflict(IamError):
+    code = "DeleteConflict"
+
+
+class IamUnavailable(IamError):
+    """No usable answer: timeout, dropped connection, garbage. May have taken effect."""
+
+    code = "Unavailable"
+    ambiguous = True
+    hint = "check the network path to IAM (AWS_ENDPOINT_URL_IAM, proxy) and retry"
+
+
+class AwsCredentialsMissing(IamError):
+    code = "NoCredentials"
+    hint = "configure AWS credentials (profile, environment or instance role)"
+
+
+# --- the enrollment as a whole -----------------------------------------------------------
+
+
+class EnrollmentFailed(ProvisionerError):
+    """An enrollment stopped at ``step``; what it had done was undone, or is listed."""
+
+    def __init__(
+        self,
+        *,
+        step: str,
+        user: str,
+        token: str,
+        cause: ProvisionerError,
+        leftovers: tuple[str, ...] = (),
+    ) -> None:
+        self.step = step
+        self.user = user
+        self.token = token
+        self.cause = cause
+        self.leftovers = leftovers
+        outcome = (
+            "NOT fully rolled back, left behind: " + "; ".join(leftovers)
+            if leftovers
+            else "rolled back, nothing left behind"
+        )
+        super().__init__(
+            f"enrollment of {user} on token {token} failed at step '{step}': "
+            f"{cause.message}; {outcome}",
+            hint=cause.hint,
+        )
+
+
+class ConcurrentModification(IamError):
+    code = "ConcurrentModification"
+
+
+class AlreadyEnrolled(ProvisionerError):
+    """Nothing to do: the user already has this token as a working MFA device."""

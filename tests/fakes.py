@@ -1,0 +1,145 @@
+"""In-memory stand-ins for the enrollment's ports, for tests of the pure core.
+
+The IAM fake enforces the rules the engine relies on (TOTP check at its own clock,
+consecutive steps, 8 devices, device in use); the end-to-end tests run the real boto3
+against the strict local IAM server instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from provisioner.errors import (
+    DeleteConflict,
+    EntityAlreadyExists,
+    IamError,
+    InvalidAuthenticationCode,
+    MfaLimitExceeded,
+    NoSuchEntity,
+    UserNotFound,
+)
+from provisioner.model import DeviceSpec
+from provisioner.secret import Seed
+from provisioner.totp import code_at, time_step
+
+ACCOUNT = "123456789012"
+
+
+class FakeClock:
+    """AWS time that moves only when told to (or when someone sleeps)."""
+
+    def __init__(self, now: float = 1_800_000_010.0, uncertainty: float = 0.5) -> None:
+        self.time = now
+        self._uncertainty = uncertainty
+        self.slept: list[float] = []
+
+    def now(self) -> float:
+        return self.time
+
+    def uncertainty(self) -> float:
+        return self._uncertainty
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.time += seconds
+
+    def monotonic(self) -> float:
+        return self.time
+
+
+@dataclass
+class Device:
+    arn: str
+    seed: bytes = field(repr=False)
+    tags: tuple[tuple[str, str], ...]
+    user: str | None = None
+
+
+class FakeIam:
+    def __init__(self, clock: FakeClock, users: tuple[str, ...] = ("alice",)) -> None:
+        self.clock = clock
+        self.users: dict[str, list[str]] = {u: [] for u in users}
+        self.devices: dict[str, Device] = {}
+        self.calls: list[str] = []
+        #: action -> a function called before the action; raise from it to inject a fault
+        self.faults: dict[str, Callable[[], None]] = {}
+        self.enabled_steps: list[int] = []
+
+    def _enter(self, action: str) -> None:
+        self.calls.append(action)
+        fault = self.faults.get(action)
+        if fault is not None:
+            fault()
+
+    def fail(self, action: str, error: IamError, times: int = 1) -> None:
+        left = [times]
+
+        def fault() -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                raise error
+
+        self.faults[action] = fault
+
+    def user_arn(self, user: str) -> str:
+        self._enter("user_arn")
+        if user not in self.users:
+            raise UserNotFound(f"IAM user {user} does not exist")
+        return f"arn:aws:iam::{ACCOUNT}:user/{user}"
+
+    def list_mfa_devices(self, user: str) -> list[str]:
+        self._enter("list_mfa_devices")
+        if user not in self.users:
+            raise UserNotFound(f"IAM user {user} does not exist")
+        return list(self.users[user])
+
+    def create_virtual_mfa_device(self, spec: DeviceSpec) -> tuple[str, Seed]:
+        self._enter("create_virtual_mfa_device")
+        arn = f"arn:aws:iam::{ACCOUNT}:mfa{spec.path}{spec.name}"
+        if arn in self.devices:
+            raise EntityAlreadyExists(f"{arn} exists")
+        seed = bytes(range(1, 41))
+        self.devices[arn] = Device(arn, seed, spec.tags)
+        return arn, Seed(seed)
+
+    def enable_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None:
+        self._enter("enable_mfa_device")
+        if user not in self.users:
+            raise NoSuchEntity("no user")
+        device = self.devices.get(serial)
+        if device is None:
+            raise NoSuchEntity("no device")
+        if device.user is not None:
+            raise EntityAlreadyExists("device in use")
+        if len(self.users[user]) >= 8:
+            raise MfaLimitExceeded("8 devices")
+        now = time_step(self.clock.now())
+        seed = Seed(device.seed)
+        for second in (now - 1, now, now + 1):
+            if code_at(seed, (second - 1) * 30) == code1 and code_at(seed, second * 30) == code2:
+                device.user = user
+                self.users[user].append(serial)
+                self.enabled_steps.append(second - 1 - now)
+                return
+        raise InvalidAuthenticationCode("codes refused")
+
+    def deactivate_mfa_device(self, user: str, serial: str) -> None:
+        self._enter("deactivate_mfa_device")
+        device = self.devices.get(serial)
+        if device is None or device.user != user:
+            raise NoSuchEntity("not assigned")
+        device.user = None
+        self.users[user].remove(serial)
+
+    def delete_virtual_mfa_device(self, serial: str) -> None:
+        self._enter("delete_virtual_mfa_device")
+        device = self.devices.get(serial)
+        if device is None:
+            raise NoSuchEntity("no device")
+        if device.user is not None:
+            raise DeleteConflict("assigned")
+        del self.devices[serial]
+
+    def unassigned(self) -> list[str]:
+        return [d.arn for d in self.devices.values() if d.user is None]

@@ -1,0 +1,364 @@
+"""The enrollment steps over an in-memory IAM and the emulated YubiKey (real yubikit code)."""
+
+from __future__ import annotations
+
+import pytest
+from fakes import FakeClock, FakeIam
+
+from provisioner.emulator import Capability, EmulatedConnection, EmulatedYubiKey
+from provisioner.enrollment import Enrollment, EnrollmentSettings
+from provisioner.errors import (
+    AlreadyEnrolled,
+    CodeMismatch,
+    EnrollmentFailed,
+    IamUnavailable,
+    InvalidAuthenticationCode,
+    InvalidInput,
+    MfaLimitExceeded,
+    ServiceFailure,
+    TemporarilyUnmodifiable,
+    TokenCredentialExists,
+    TokenFull,
+    TokenLocked,
+    TokenNoOath,
+    TokenRemoved,
+    UserNotFound,
+)
+from provisioner.model import CredentialSpec, Step
+from provisioner.secret import Seed
+from provisioner.totp import time_step
+from provisioner.yubikey import YubiKeyToken
+
+CRED_ID = "AWS:alice@123456789012"
+ARN = "arn:aws:iam::123456789012:mfa/provisioner/alice.yubikey.12345678"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.steps: list[tuple[Step, str]] = []
+        self.notices: list[str] = []
+
+    def step(self, step: Step, detail: str) -> None:
+        self.steps.append((step, detail))
+
+    def notice(self, text: str) -> None:
+        self.notices.append(text)
+
+
+class Desk:
+    """One enrollment desk: fake IAM, fake clock, an emulated key, the real token adapter."""
+
+    def __init__(self, key: EmulatedYubiKey | None = None, **settings: object) -> None:
+        self.clock = FakeClock()
+        self.iam = FakeIam(self.clock, users=("alice", "bob"))
+        self.key = key or EmulatedYubiKey(serial=12345678)
+        self.progress = Recorder()
+        self.settings = EnrollmentSettings(desk="test-desk", **settings)  # type: ignore[arg-type]
+        self.reinsert_on_sleep = False
+
+    def token(self, password: str | None = None) -> YubiKeyToken:
+        def sleep(_: float) -> None:
+            if self.reinsert_on_sleep and not self.key.present:
+                self.key.insert()
+
+        ticks = iter(range(10**6))
+        return YubiKeyToken(
+            lambda: EmulatedConnection(self.key),
+            "Emulated reader",
+            oath_password=password,
+            sleep=sleep,
+            monotonic=lambda: float(next(ticks)),
+        )
+
+    def enroll(self, user: str = "alice", password: str | None = None) -> object:
+        with self.token(password) as token:
+            return Enrollment(self.iam, self.clock, self.settings, self.progress).run(token, user)
+
+    def credential_ids(self) -> list[str]:
+        return [c.id for c in self.key.credentials()]
+
+    def assert_nothing_left(self) -> None:
+        assert self.iam.unassigned() == []
+        assert self.iam.users["alice"] == []
+        assert CRED_ID not in self.credential_ids()
+
+
+def test_enrolls_with_previous_and_current_step() -> None:
+    desk = Desk()
+    result = desk.enroll()
+    assert result.device_arn == ARN  # type: ignore[attr-defined]
+    assert desk.iam.users["alice"] == [ARN]
+    assert desk.iam.unassigned() == []
+    assert desk.credential_ids() == [CRED_ID]
+    # codes for N-1 and N, submitted during N, with no wait
+    assert desk.iam.enabled_steps == [-1]
+    assert desk.clock.slept == []
+    assert [s for s, _ in desk.progress.steps] == [
+        Step.CHECK,
+        Step.CREATE_DEVICE,
+        Step.PROGRAM_TOKEN,
+        Step.COMPUTE_CODES,
+        Step.ENABLE,
+        Step.CONFIRM,
+    ]
+    tags = dict(desk.iam.devices[ARN].tags)
+    assert tags["provisioner:token-serial"] == "12345678"
+    assert tags["provisioner:desk"] == "test-desk"
+    assert tags["provisioner:user"] == "alice"
+
+
+def test_near_the_end_of_a_step_waits_for_the_next_one_only() -> None:
+    desk = Desk()
+    desk.clock.time = time_step(desk.clock.time) * 30 + 27.0
+    desk.enroll()
+    assert len(desk.clock.slept) == 1
+    assert 3.0 <= desk.clock.slept[0] <= 3.0 + 2 * desk.clock.uncertainty()
+    assert desk.iam.enabled_steps == [-1]
+    assert any("waiting" in n for n in desk.progress.notices)
+
+
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        (lambda d: d.iam.users.pop("alice"), UserNotFound),
+        (lambda d: d.iam.users.__setitem__("alice", [f"arn:x:{i}" for i in range(8)]), MfaLimitExceeded),
+    ],
+    ids=["unknown user", "8 devices already"],
+)
+def test_iam_refusals_happen_before_anything_is_created(build, error) -> None:  # type: ignore[no-untyped-def]
+    desk = Desk()
+    build(desk)
+    with pytest.raises(EnrollmentFailed) as info:
+        desk.enroll()
+    assert isinstance(info.value.cause, error)
+    assert info.value.step == "check"
+    assert "create_virtual_mfa_device" not in desk.iam.calls
+    assert desk.credential_ids() == []
+    assert "alice" in str(info.value) and "12345678" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "error"),
+    [
+        (EmulatedYubiKey(serial=1, enabled_capabilities=Capability.FIDO2 | Capability.PIV), TokenNoOath),
+        (EmulatedYubiKey(serial=2, used_slots=32), TokenFull),
+        (EmulatedYubiKey(serial=3, firmware=(5, 7, 1), used_slots=64), TokenFull),
+        (EmulatedYubiKey(serial=4, oath_password="desk-secret"), TokenLocked),
+    ],
+    ids=["no OATH", "full fw 5.4", "full fw 5.7", "locked, no password"],
+)
+def test_token_refusals_happen_before_anything_is_created(key, error) -> None:  # type: ignore[no-untyped-def]
+    desk = Desk(key)
+    before = desk.credential_ids()
+    with pytest.raises(EnrollmentFailed) as info:
+        desk.enroll()
+    assert isinstance(info.value.cause, error)
+    assert info.value.step == "check"
+    assert "create_virtual_mfa_device" not in desk.iam.calls
+    assert desk.credential_ids() == before
+
+
+def test_not_quite_full_applet_still_enrolls() -> None:
+    desk = Desk(EmulatedYubiKey(serial=12345678, used_slots=31))
+    desk.enroll()
+    assert len(desk.credential_ids()) == 32
+
+
+def test_password_protected_applet_with_its_password() -> None:
+    desk = Desk(EmulatedYubiKey(serial=12345678, oath_password="desk-secret"))
+    desk.enroll(password="desk-secret")
+    assert desk.iam.users["alice"] == [ARN]
+
+
+def test_wrong_password_is_a_clear_refusal() -> None:
+    desk = Desk(EmulatedYubiKey(serial=12345678, oath_password="desk-secret"))
+    with pytest.raises(EnrollmentFailed) as info:
+        desk.enroll(password="wrong")
+    assert isinstance(info.value.cause, TokenLocked)
+    assert "wrong OATH password" in str(info.value)
+    assert desk.iam.calls == []
+
+
+def test_bad_user_name_is_refused_before_any_call() -> None:
+    desk = Desk()
+    with pytest.raises(InvalidInput):
+        desk.enroll(user="alice smith")
+    assert desk.iam.calls == []
+
+
+@pytest.mark.parametrize(
+    "action",
+    ["create_virtual_mfa_device", "enable_mfa_device", "list_mfa_devices"],
+)
+def test_an_iam_failure_at_any_step_leaves_nothing(action: str) -> None:
+    desk = Desk()
+    # list_mfa_devices is called at check and at confirm: fail the confirming one
+    times = 1
+    if action == "list_mfa_devices":
+        desk.iam.fail(action, ServiceFailure("boom"), times=0)
+        original = desk.iam.list_mfa_devices
+        calls = [0]
+
+        def flaky(user: str) -> list[str]:
+            calls[0] += 1
+            if calls[0] >= 2:
+                raise ServiceFailure("IAM failed")
+            return original(user)
+
+        desk.iam.list_mfa_devices = flaky  # type: ignore[method-assign]
+    else:
+        desk.iam.fail(action, ServiceFailure("IAM failed"), times=times)
+    with pytest.raises(EnrollmentFailed) as info:
+        desk.enroll()
+    assert info.value.leftovers == ()
+    assert "rolled back, nothing left behind" in str(info.value)
+    desk.assert_nothing_left()
+
+
+def test_refused_codes_roll_back() -> None:
+    desk = Desk()
+    desk.iam.fail("enable_mfa_device", InvalidAuthenticationCode("codes refused"))
+    with pytest.raises(EnrollmentFailed) as info:
+        desk.enroll()
+    assert info.value.step == "enable"
+    assert isinstance(info.value.cause, InvalidAuthenticationCode)
+    desk.assert_nothing_left()
+
+
+def test_temporarily_unmodifiable_is_retried_with_fresh_codes() -> None:
+    desk = Desk()
+    desk.iam.fail("enable_mfa_device", TemporarilyUnmodifiable("busy"), times=2)
+    desk.enroll()
+    assert desk.iam.calls.count("enable_mfa_device") == 3
+    assert desk.iam.users["alice"] == [ARN]
+
+
+def test_a_lost_answer_to_enable_is_checked_not_assumed() -> None:
+    desk = Desk()
+    real_enable = desk.iam.enable_mfa_device
+
+    def enable_then_lose_answer(*args: str) -> None:
+        real_enable(*args)
+        raise IamUnavailable("read timeout")
+
+    desk.iam.enable_mfa_device = enable_then_lose_answer  # type: ignore[method-assign]
+    desk.enroll()
+    assert desk.iam.users["alice"] == [ARN]
+    assert desk.credential_ids() == [CRED_ID]
+
+
+def test_a_lost_answer_to_create_deletes_the_device_it_may_have_made() -> None:
+    desk = Desk()
+    real_create = desk.iam.create_virtual_mfa_device
+
+    def create_then_lose_answer(spec):  # type: ignore[no-untyped-def]
+        real_create(spec)
+        raise IamUnavailable("connection dropped")
+
+    desk.iam.create_virtual_mfa_device = create_then_lose_answer  # type: ignore[method-assign]
+    with pytest.raises(EnrollmentFailed) as info:
+        desk.enroll()
+    assert info.value.leftovers == ()
+    assert desk.iam.devices == {}
+    assert desk.credential_ids() == []
+
+
+def test_a_leftover_unassigned_device_of_that_name_is_replaced() -> None:
+    desk = Desk()
+    from provisioner.model import DeviceSpec
+
+    desk.iam.create_virtual_mfa_device(DeviceSpec("alice.yubikey.12345678", "/provisioner/"))
+    desk.enroll()
+    assert desk.iam.users["alice"] == [ARN]
+    assert any("left from earlier" in n for n in desk.progress.notices)
+
+
+def test_already_enrolled_is_nothing_to_do() -> None:
+    desk = Desk()
+    desk.enroll()
+    calls = len(desk.iam.calls)
+    with pytest.raises(AlreadyEnrolled):
+        desk.enroll()
+    assert "create_virtual_mfa_device" not in desk.iam.calls[calls:]
+    assert desk.iam.users["alice"] == [ARN]
+    assert desk.credential_ids() == [CRED_ID]
+
+
+def test_an_existing_credential_of_that_name_is_never_overwritten() -> None:
+    key = EmulatedYubiKey(serial=12345678)
+    desk = Desk(key)
+    desk.enroll()
+    # IAM forgets the device (deleted by someone): the token's credential stays precious
+    desk.iam.deactivate_mfa_device("alice", ARN)
+    desk.iam.delete_virtual_mfa_device(ARN)
+    with pytest.raises(EnrollmentFailed) as info:
+        desk.enroll()
+    assert isinstance(info.value.cause, TokenCredentialExists)
+    assert desk.credential_ids() == [CRED_ID]
+    assert desk.iam.devices == {}
+
+
+def test_codes_that_disagree_with_the_seed_abort_before_enable() -> None:
+    desk = Desk()
+
+    class CorruptingToken(YubiKeyToken):
+        def put_credential(self, spec: CredentialSpec, seed: Seed) -> None:
+            super().put_credential(spec, Seed(b"\x00" * 20))
+
+    ticks = iter(range(10**6))
+    token = CorruptingToken(
+        lambda: EmulatedConnection(desk.key), "Emulated reader", monotonic=lambda: float(next(ticks))
+    )
+    with pytest.raises(EnrollmentFailed) as info:
+        Enrollment(desk.iam, desk.clock, desk.settings, desk.progress).run(token, "alice")
+    assert isinstance(info.value.cause, CodeMismatch)
+    assert "enable_mfa_device" not in desk.iam.calls
+    desk.assert_nothing_left()
+
+
+def _apdus_of_a_full_enrollment() -> int:
+    desk = Desk()
+    desk.enroll()
+    return len(desk.key.history)
+
+
+@pytest.mark.parametrize("k", range(1, _apdus_of_a_full_enrollment() + 1))
+def test_card_pulled_at_each_command_then_put_back(k: int) -> None:
+    desk = Desk()
+    desk.reinsert_on_sleep = True  # the operator puts it back when asked
+    desk.key.schedule_pull(k)
+    with pytest.raises((EnrollmentFailed, TokenRemoved)) as info:
+        with desk.token() as token:  # opening reads the device info: commands 1 and 2
+            Enrollment(desk.iam, desk.clock, desk.settings, desk.progress).run(token, "alice")
+    error = info.value
+    if isinstance(error, EnrollmentFailed):
+        assert isinstance(error.cause, TokenRemoved), error
+        assert error.leftovers == ()
+    else:
+        assert desk.iam.calls == []
+    if not desk.key.present:
+        desk.key.insert()
+    desk.assert_nothing_left()
+
+
+def test_card_pulled_and_not_put_back_names_what_is_left() -> None:
+    desk = Desk(reinsert_timeout=1.0)
+    with desk.token() as token:
+        # pull at the first CALCULATE: the credential is on the token by then
+        count = len(desk.key.history)
+        enrollment = Enrollment(desk.iam, desk.clock, desk.settings, desk.progress)
+        real_calculate = token.calculate
+
+        def pull_then_calculate(cid: str, ts: int) -> str:
+            desk.key.remove()
+            return real_calculate(cid, ts)
+
+        token.calculate = pull_then_calculate  # type: ignore[method-assign]
+        with pytest.raises(EnrollmentFailed) as info:
+            enrollment.run(token, "alice")
+    assert count >= 0
+    assert info.value.leftovers and CRED_ID in info.value.leftovers[0]
+    assert "NOT fully rolled back" in str(info.value)
+    assert desk.iam.devices == {}  # the IAM side was still undone
+    desk.key.insert()
+    assert desk.credential_ids() == [CRED_ID]  # and the message told the truth
