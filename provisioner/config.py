@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .enrollment import EnrollmentSettings
-from .errors import ConfigError
+from .errors import ConfigError, InvalidInput
 
 DEFAULT_PATH = Path("/etc/provisioner/provisioner.toml")
 ENV_PATH = "PROVISIONER_CONFIG"
@@ -175,7 +175,10 @@ def check(config: Config) -> None:
     if config.iam.max_attempts < 1 or config.enrollment.enable_attempts < 1:
         raise ConfigError("iam.max_attempts and enrollment.enable_attempts must be at least 1")
     # Render the templates once with sample values so typos fail at start, not mid-desk.
-    config.enrollment_settings().names("user", "123456789012", 12345678)
+    try:
+        config.enrollment_settings().names("user", "123456789012", 12345678)
+    except InvalidInput as e:
+        raise ConfigError(f"{config.source}: {e.message}") from e
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
