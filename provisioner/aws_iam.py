@@ -243,3 +243,25 @@ class IamClient:
     def delete_virtual_mfa_device(self, serial: str) -> None:
         validation.serial_number(serial)
         self._call("delete_virtual_mfa_device", serial, SerialNumber=serial)
+
+
+def login_with_mfa(serial: str, code: str, *, profile: str | None = None) -> str:
+    """STS GetSessionToken with an MFA code: the proof that AWS accepts codes of the token.
+
+    In AWS this works for the caller's own device only (a user checking their new token);
+    the local IAM server accepts it for any assigned device, which is what the demo uses.
+    Returns the session's expiration time as text; the session credentials are dropped.
+    """
+    validation.serial_number(serial)
+    validation.auth_code(code)
+    session = boto3.session.Session(profile_name=profile or None)
+    sts = session.client(
+        "sts",
+        region_name=session.region_name or "us-east-1",
+        config=Config(retries={"mode": "standard", "max_attempts": 3}),
+    )
+    try:
+        answer = sts.get_session_token(SerialNumber=serial, TokenCode=code, DurationSeconds=900)
+    except (bce.BotoCoreError, bce.ClientError) as e:
+        raise translate(e, "GetSessionToken", serial) from e
+    return str(answer["Credentials"]["Expiration"])

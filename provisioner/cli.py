@@ -104,9 +104,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from .aws_iam import IamClient
-    from .clock import AwsClock
-    from .enrollment import Enrollment
+    from .desk import Desk
     from .yubikey import Pcsc, open_token
 
     config = _config(args)
@@ -115,24 +113,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     config = override(config, token=token_changes, iam=iam_changes)
     setup_logging(config.log_level)
     out: TextIO = sys.stdout
-    clock = AwsClock(
-        on_skew=lambda s: log.warning(
-            "the desk's clock is %.1f s %s AWS's; codes follow AWS's clock",
-            abs(s), "behind" if s > 0 else "ahead of",
-        ),
-        skew_warning=config.enrollment.skew_warning_seconds,
-    )
-    iam = IamClient(
-        clock,
-        profile=config.iam.profile or None,
-        region=config.iam.region or None,
-        endpoint_url=config.iam.endpoint_url or None,
-        max_attempts=config.iam.max_attempts,
-        connect_timeout=config.iam.connect_timeout,
-        read_timeout=config.iam.read_timeout,
-    )
+    desk = Desk.from_config(config)
     progress = TerminalProgress(out)
-    out.write(f"enrolling {args.user} (IAM at {iam.endpoint_url}, desk {config.desk})\n")
+    out.write(f"enrolling {args.user} (IAM at {desk.iam.endpoint_url}, desk {config.desk})\n")
     password = config.oath_password()
     with Pcsc() as pcsc:
         with open_token(
@@ -143,9 +126,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         ) as token:
             progress.restart()
             try:
-                result = Enrollment(iam, clock, config.enrollment_settings(), progress).run(
-                    token, args.user
-                )
+                result = desk.enrollment(progress).run(token, args.user)
             except AlreadyEnrolled as e:
                 out.write(f"nothing to do: {e.message}\n")
                 return EXIT_OK
@@ -177,9 +158,10 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     for entry in entries:
         if isinstance(entry, TokenInfo):
             oath = "OATH" if entry.has_oath else "no OATH"
+            serial = entry.serial if entry.serial is not None else "hidden"
             print(
-                f"{entry.reader}: YubiKey serial {entry.serial if entry.serial is not None else '?'}"
-                f", firmware {entry.firmware_text}, {entry.form_factor}, {oath}"
+                f"{entry.reader}: YubiKey serial {serial}, firmware {entry.firmware_text}, "
+                f"{entry.form_factor}, {oath}"
             )
         else:
             print(f"{entry.name}: {'card present (unreadable)' if entry.card_present else 'empty'}")
@@ -223,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE", help=f"configuration file (default {DEFAULT_PATH})")
+        p.add_argument(
+            "--config", metavar="FILE", help=f"configuration file (default {DEFAULT_PATH})"
+        )
         p.add_argument("--debug", action="store_true", help="log every step (never secrets)")
 
     enroll = sub.add_parser(

@@ -1,0 +1,49 @@
+"""A desk: the real adapters wired together from the configuration.
+
+The CLI, the demo and (later) the daemon build their IAM client and AWS clock here, so
+that all of them enroll the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .aws_iam import IamClient
+from .clock import AwsClock
+from .config import Config
+from .enrollment import Enrollment
+from .ports import Progress
+
+log = logging.getLogger("provisioner")
+
+
+@dataclass(frozen=True)
+class Desk:
+    config: Config
+    clock: AwsClock
+    iam: IamClient
+
+    @classmethod
+    def from_config(cls, config: Config) -> Desk:
+        clock = AwsClock(
+            on_skew=lambda s: log.warning(
+                "the desk's clock is %.1f s %s AWS's; codes follow AWS's clock",
+                abs(s),
+                "behind" if s > 0 else "ahead of",
+            ),
+            skew_warning=config.enrollment.skew_warning_seconds,
+        )
+        iam = IamClient(
+            clock,
+            profile=config.iam.profile or None,
+            region=config.iam.region or None,
+            endpoint_url=config.iam.endpoint_url or None,
+            max_attempts=config.iam.max_attempts,
+            connect_timeout=config.iam.connect_timeout,
+            read_timeout=config.iam.read_timeout,
+        )
+        return cls(config, clock, iam)
+
+    def enrollment(self, progress: Progress | None = None) -> Enrollment:
+        return Enrollment(self.iam, self.clock, self.config.enrollment_settings(), progress)
