@@ -19,6 +19,7 @@ from typing import Any
 import boto3
 import botocore.exceptions as bce
 from botocore.config import Config
+from botocore.parsers import ResponseParserError
 
 from . import validation
 from .clock import AwsClock
@@ -69,7 +70,7 @@ _BY_CODE: dict[str, type[IamError]] = {
 _AMBIGUOUS = (
     bce.ConnectionClosedError,
     bce.ReadTimeoutError,
-    bce.ResponseParserError,
+    ResponseParserError,
     bce.IncompleteReadError,
 )
 _UNREACHABLE = (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ProxyConnectionError)
@@ -133,7 +134,7 @@ class IamClient:
             raise AwsCredentialsMissing(f"AWS profile {profile!r} is not configured") from e
         config = Config(
             region_name=region or session.region_name or "us-east-1",
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             user_agent_extra="provisioner",
@@ -171,7 +172,7 @@ class IamClient:
         method = getattr(self._iam, action)
         try:
             result: dict[str, Any] = method(**params)
-        except (bce.BotoCoreError, bce.ClientError) as e:
+        except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
             raise translate(e, action, subject) from e
         return result
 
@@ -258,10 +259,10 @@ def login_with_mfa(serial: str, code: str, *, profile: str | None = None) -> str
     sts = session.client(
         "sts",
         region_name=session.region_name or "us-east-1",
-        config=Config(retries={"mode": "standard", "max_attempts": 3}),
+        config=Config(retries={"mode": "standard", "total_max_attempts": 3}),
     )
     try:
         answer = sts.get_session_token(SerialNumber=serial, TokenCode=code, DurationSeconds=900)
-    except (bce.BotoCoreError, bce.ClientError) as e:
+    except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
         raise translate(e, "GetSessionToken", serial) from e
     return str(answer["Credentials"]["Expiration"])

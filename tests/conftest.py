@@ -3,3 +3,37 @@ from pathlib import Path
 
 # Lets tests import the shared fakes and helpers next to them as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+from collections.abc import Iterator  # noqa: E402
+
+import boto3  # noqa: E402
+import pytest  # noqa: E402
+
+from provisioner.local_iam import LocalIamServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def iam_server() -> Iterator[LocalIamServer]:
+    """The strict local IAM server, one process for the whole run."""
+    with LocalIamServer() as server:
+        yield server
+
+
+@pytest.fixture
+def local_iam(iam_server: LocalIamServer, monkeypatch: pytest.MonkeyPatch) -> LocalIamServer:
+    """A clean local IAM with users alice and bob, and this process's boto3 pointed at it."""
+    iam_server.reset()
+    for name, value in iam_server.aws_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    admin = boto3.client("iam", endpoint_url=iam_server.endpoint_url, region_name="us-east-1")
+    for user in ("alice", "bob"):
+        admin.create_user(UserName=user)
+    return iam_server
+
+
+@pytest.fixture
+def admin_iam(local_iam: LocalIamServer):  # type: ignore[no-untyped-def]
+    """A plain boto3 IAM client for the test's own checks."""
+    return boto3.client("iam", endpoint_url=local_iam.endpoint_url, region_name="us-east-1")
