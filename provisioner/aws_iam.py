@@ -170,10 +170,18 @@ class IamClient:
 
     def _call(self, action: str, subject: str, **params: Any) -> dict[str, Any]:
         method = getattr(self._iam, action)
+        logger.debug("IAM %s for %s", action, subject)
         try:
             result: dict[str, Any] = method(**params)
         except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
-            raise translate(e, action, subject) from e
+            error = translate(e, action, subject)
+            logger.debug("IAM %s for %s failed: %s", action, subject, error.message)
+            raise error from e
+        meta = result.get("ResponseMetadata", {})
+        logger.debug(
+            "IAM %s for %s: HTTP %s after %s retries",
+            action, subject, meta.get("HTTPStatusCode"), meta.get("RetryAttempts", 0),
+        )
         return result
 
     def user_arn(self, user: str) -> str:

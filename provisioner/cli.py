@@ -91,6 +91,10 @@ def setup_logging(level: str, stream: TextIO = sys.stderr) -> None:
     )
     guard_boto()
     guard_yubikit()
+    if level != "debug":
+        # Their INFO lines ("Found credentials in environment variables") are noise at a desk.
+        for name in ("botocore", "boto3", "urllib3", "yubikit", "ykman"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _config(args: argparse.Namespace) -> Config:

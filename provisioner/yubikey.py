@@ -237,6 +237,11 @@ class YubiKeyToken:
         except BaseException:
             self.close()
             raise
+        logger.debug(
+            "opened token %s in %s: firmware %s, %s, OATH %s",
+            self._info.label, reader, self._info.firmware_text, self._info.form_factor,
+            "enabled" if self._info.has_oath else "absent",
+        )
 
     # --- opening ----------------------------------------------------------------------
 
