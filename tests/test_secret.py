@@ -11,7 +11,7 @@ B32 = base64.b32encode(KEY).decode()
 
 def test_repr_str_format_hide_the_key() -> None:
     seed = Seed.from_base32(B32)
-    for text in (repr(seed), str(seed), f"{seed}", f"{seed!r}", "%s" % (seed,)):
+    for text in (repr(seed), str(seed), f"{seed}", f"{seed!r}", "%s" % (seed,)):  # noqa: UP031
         assert B32 not in text and KEY.hex() not in text
         assert "redacted" in text
 
