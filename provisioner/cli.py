@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             f"configuration: {DEFAULT_PATH} by default, or ${ENV_PATH}, or --config "
-            "(reference: docs/configuration.md).\n"
+            "(reference: provisioner.toml.example).\n"
             "AWS access: the standard boto3 chain (AWS_PROFILE, environment, instance "
             "role); AWS_ENDPOINT_URL_IAM points it at another endpoint.\n\n" + EXIT_CODES_HELP
         ),

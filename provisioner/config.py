@@ -1,7 +1,7 @@
 """The desk's configuration: one TOML file, loaded once and passed in.
 
 Unknown keys are errors (a typo must not silently fall back to a default). The reference
-with every key and its default is docs/configuration.md and provisioner.toml.example.
+with every key and its default is provisioner.toml.example.
 """
 
 from __future__ import annotations
