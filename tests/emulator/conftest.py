@@ -1,0 +1,44 @@
+"""Fixtures for the emulated YubiKey tests.
+
+In-process fixtures are cheap and per test. The PC/SC stack (the real pcscd with the
+vpcd readers) is one per session, as only one pcscd can run per machine; `stack`
+empties both readers after each test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from yubikit.oath import OathSession
+
+from provisioner.emulator import EmulatedConnection, EmulatedYubiKey, PcscStack
+
+
+@pytest.fixture
+def key() -> EmulatedYubiKey:
+    return EmulatedYubiKey(serial=12345678)
+
+
+@pytest.fixture
+def conn(key: EmulatedYubiKey) -> EmulatedConnection:
+    return EmulatedConnection(key)
+
+
+@pytest.fixture
+def session(conn: EmulatedConnection) -> OathSession:
+    return OathSession(conn)
+
+
+@pytest.fixture(scope="session")
+def pcsc_stack() -> Iterator[PcscStack]:
+    # Another session (the demo, other tests) may hold the one pcscd: wait for it.
+    with PcscStack(busy_timeout=90) as stack:
+        yield stack
+
+
+@pytest.fixture
+def stack(pcsc_stack: PcscStack) -> Iterator[PcscStack]:
+    yield pcsc_stack
+    for slot in range(len(pcsc_stack.reader_names)):
+        pcsc_stack.remove(slot, wait=True)
