@@ -81,6 +81,10 @@ class TokenCredentialExists(TokenError):
     )
 
 
+class TokenTouchTimeout(TokenError):
+    hint = "touch the token's contact when it blinks (once for each code)"
+
+
 class TokenCommandFailed(TokenError):
     """The token answered a status word we did not expect."""
 

@@ -33,6 +33,7 @@ from .errors import (
     TokenNoOath,
     TokenNotFound,
     TokenRemoved,
+    TokenTouchTimeout,
 )
 from .model import TOTP_DIGITS, TOTP_PERIOD, CredentialSpec, OathState, TokenInfo
 from .secret import Seed
@@ -351,8 +352,14 @@ class YubiKeyToken:
             raise ValueError("timestamp must be positive (0 means 'now' to yubikit)")
         session = self._session()
         credential = self._credentials.get(credential_id) or self._find(credential_id)
-        with _translated(self.label, f"compute a code for {credential_id}"):
-            return str(session.calculate_code(credential, timestamp).value)
+        try:
+            with _translated(self.label, f"compute a code for {credential_id}"):
+                return str(session.calculate_code(credential, timestamp).value)
+        except TokenLocked as e:
+            # A touch credential answers 6982 when nobody touched it in time.
+            if credential.touch_required:
+                raise TokenTouchTimeout(f"token {self.label} was not touched in time") from e
+            raise
 
     def _find(self, credential_id: str) -> Credential:
         self.oath_state()

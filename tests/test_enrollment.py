@@ -362,3 +362,23 @@ def test_card_pulled_and_not_put_back_names_what_is_left() -> None:
     assert desk.iam.devices == {}  # the IAM side was still undone
     desk.key.insert()
     assert desk.credential_ids() == [CRED_ID]  # and the message told the truth
+
+
+def test_touch_credential_asks_for_touches_and_works() -> None:
+    desk = Desk(touch=True)
+    desk.enroll()
+    assert desk.key.credentials()[0].touch is True
+    assert desk.key.touch_requests == 2
+    assert any("touch the token" in n for n in desk.progress.notices)
+
+
+def test_touch_not_given_is_a_clear_error_and_rolls_back() -> None:
+    desk = Desk(touch=True)
+    desk.key.user_touches = False
+    with pytest.raises(EnrollmentFailed) as info:
+        desk.enroll()
+    from provisioner.errors import TokenTouchTimeout
+
+    assert isinstance(info.value.cause, TokenTouchTimeout)
+    assert "not touched in time" in str(info.value)
+    desk.assert_nothing_left()
