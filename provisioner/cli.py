@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from . import __version__
 from .config import DEFAULT_PATH, ENV_PATH, Config, load, override
+from .control import daemon_reachable
 from .errors import (
+    EXIT_OK,
     AlreadyEnrolled,
-    ConfigError,
-    EnrollmentFailed,
-    IamError,
-    InvalidInput,
     ProvisionerError,
-    TokenError,
+    exit_status,
 )
 from .model import EnrollmentResult, Step
 
 log = logging.getLogger("provisioner")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_TOKEN = 3
-EXIT_IAM = 4
-EXIT_LEFTOVERS = 5
 
 EXIT_CODES_HELP = """\
 exit status:
@@ -39,22 +32,23 @@ exit status:
   3  a token or PC/SC problem (nothing was changed in IAM)
   4  an IAM problem (refused, unreachable, no credentials)
   5  failed AND something could not be undone: the message lists it
+  6  the desk daemon refused: you are not root or in its operators' group
 """
 
+EXIT_REFUSED = 6
 
-def exit_code(error: ProvisionerError) -> int:
-    """The one place where errors become exit codes."""
-    if isinstance(error, EnrollmentFailed):
-        if error.leftovers:
-            return EXIT_LEFTOVERS
-        return exit_code(error.cause) if error.step == Step.CHECK.value else EXIT_FAILED
-    if isinstance(error, (ConfigError, InvalidInput)):
-        return EXIT_USAGE
-    if isinstance(error, TokenError):
-        return EXIT_TOKEN
-    if isinstance(error, IamError):
-        return EXIT_IAM
-    return EXIT_FAILED
+
+exit_code = exit_status
+
+
+class DaemonNotRunning(ProvisionerError):
+    pass
+
+
+class DaemonRefused(ProvisionerError):
+    def __init__(self, message: str, *, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class TerminalProgress:
@@ -117,6 +111,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     config = override(config, token=token_changes, iam=iam_changes)
     setup_logging(config.log_level)
     out: TextIO = sys.stdout
+    socket_path = config.daemon.socket_path()
+    if not args.direct and not args.reader and daemon_reachable(socket_path):
+        return enroll_via_daemon(socket_path, args.user, args.serial, out)
     desk = Desk.from_config(config)
     progress = TerminalProgress(out)
     out.write(f"enrolling {args.user} (IAM at {desk.iam.endpoint_url}, desk {config.desk})\n")
@@ -136,6 +133,53 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                 return EXIT_OK
     print_result(out, result)
     return EXIT_OK
+
+
+def enroll_via_daemon(socket_path: Path, user: str, serial: int | None, out: TextIO) -> int:
+    """Queue the user with the running daemon and follow the enrollment to its end."""
+    from .control import ControlClient
+
+    start = time.monotonic()
+    with ControlClient(socket_path, timeout=None) as client:
+        for event in client.request({"op": "enroll", "user": user, "serial": serial},
+                                    timeout=None):
+            kind = event.get("event")
+            elapsed = (time.monotonic() - start) * 1000
+            if event.get("refused") or (event.get("final") and "error" in event):
+                print(f"provisioner: {event.get('error')}", file=sys.stderr)
+                return int(event.get("exit", EXIT_REFUSED if event.get("refused") else 1))
+            if kind == "queued":
+                out.write(f"{event['detail']}\n")
+            elif kind == "enrolling":
+                start = time.monotonic()
+                out.write(
+                    f"token {event.get('serial')} in {event.get('reader')}: enrolling {user}\n"
+                )
+            elif kind == "step":
+                out.write(f"{elapsed:7.1f} ms  {event['step']:<14} {event.get('detail', '')}\n")
+            elif kind == "notice":
+                out.write(f"{elapsed:7.1f} ms  {'!':<14} {event.get('detail', '')}\n")
+            elif kind == "outcome":
+                return _print_outcome(event, user, out)
+            out.flush()
+    print("provisioner: the daemon ended the conversation without an outcome", file=sys.stderr)
+    return 1
+
+
+def _print_outcome(event: dict[str, object], user: str, out: TextIO) -> int:
+    status = event.get("exit", 1)
+    code = status if isinstance(status, int) else 1
+    if event.get("outcome") == "enrolled":
+        seconds = event.get("seconds")
+        took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""
+        out.write(f"enrolled {user}: token {event.get('serial')} is MFA device "
+                  f"{event.get('device_arn')}{took}\n")
+    elif event.get("ok"):
+        out.write(f"nothing to do: {event.get('detail')}\n")
+    else:
+        out.flush()
+        print(f"provisioner: {event.get('detail')}", file=sys.stderr)
+    return code
 
 
 def print_result(out: TextIO, result: EnrollmentResult) -> None:
@@ -170,6 +214,116 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         else:
             print(f"{entry.name}: {'card present (unreadable)' if entry.card_present else 'empty'}")
     return EXIT_OK
+
+
+# --- the daemon and its clients ------------------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    return run(config)
+
+
+def _ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+    from .control import ControlClient
+
+    config = _config(args)
+    path = config.daemon.socket_path()
+    if not daemon_reachable(path):
+        raise DaemonNotRunning(
+            f"the desk daemon is not running (no answer on {path})",
+            hint="systemctl start provisioner, or run provisioner daemon",
+        )
+    with ControlClient(path) as client:
+        answer = client.call(request)
+    if not answer.get("ok"):
+        raise DaemonRefused(str(answer.get("error")), refused=bool(answer.get("refused")))
+    return answer
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    answer = _ask(args, {"op": "status"})
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return EXIT_OK
+    daemon = answer["daemon"]
+    assert isinstance(daemon, dict)
+    print(f"desk {daemon['desk']}: daemon up since {_when(daemon['since'])}, "
+          f"pcscd {daemon['pcsc']}, IAM at {daemon['iam']}, roster of {daemon['roster']}")
+    readers = answer.get("readers") or []
+    tokens = {t["reader"]: t for t in answer.get("tokens") or []}
+    print("readers:" if readers else "readers: none")
+    for reader in readers:
+        token = tokens.get(reader["name"])
+        if token is None:
+            what = "card present" if reader["card_present"] else "empty"
+        else:
+            what = f"token {token['serial']}: {token['state']}"
+            if token.get("user"):
+                what += f" for {token['user']}"
+            if token["state"] == "enrolling" and token.get("step"):
+                what += f" (step {token['step']})"
+        print(f"  {reader['name']}: {what}")
+    _print_queue(answer.get("queue") or [])
+    return EXIT_OK
+
+
+def _print_queue(entries: list[dict[str, Any]]) -> None:
+    if not entries:
+        print("queue: empty")
+        return
+    print("queue:")
+    for e in entries:
+        token = f" (token {e['serial']})" if e.get("serial") is not None else ""
+        print(f"  #{e['id']} {e['user']}{token}: {e['state']}, asked by {e['requested_by']} "
+              f"at {_when(e['requested_at'])}")
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    if args.user:
+        answer = _ask(args, {"op": "enroll", "user": args.user, "serial": args.serial,
+                             "wait": False})
+        print(answer.get("detail"))
+        return EXIT_OK
+    answer = _ask(args, {"op": "queue"})
+    _print_queue(answer.get("queue") or [])
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    answer = _ask(args, {"op": "cancel", "id": args.id})
+    cancelled = answer["cancelled"]
+    assert isinstance(cancelled, dict)
+    print(f"cancelled #{cancelled['id']} ({cancelled['user']})")
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"op": "history", "limit": args.limit}
+    if args.user:
+        request["user"] = args.user
+    if args.serial is not None:
+        request["serial"] = args.serial
+    answer = _ask(args, request)
+    records = answer.get("history") or []
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return EXIT_OK
+    for r in records:
+        parts = [_when(r["at"]), r["actor"], r["event"]]
+        parts += [f"{k}={r[k]}" for k in ("user", "serial", "device_arn", "outcome", "reason")
+                  if r.get(k) is not None]
+        print("  ".join(str(p) for p in parts))
+    return EXIT_OK
+
+
+def _when(epoch: object) -> str:
+    if not isinstance(epoch, (int, float)):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 # --- demo ------------------------------------------------------------------------------------
@@ -232,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     which = enroll.add_mutually_exclusive_group()
     which.add_argument("--reader", help="the reader holding the token (its name, or part of it)")
     which.add_argument("--serial", type=int, help="the token's serial number (printed on the key)")
+    enroll.add_argument(
+        "--direct",
+        action="store_true",
+        help="enroll here even if the desk daemon is running (it must not hold the token)",
+    )
     enroll.add_argument("--profile", help="AWS profile to use (default: the boto3 chain)")
     common(enroll)
     enroll.set_defaults(func=cmd_enroll)
@@ -260,6 +419,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--debug", action="store_true", help="log every step (never secrets)")
     demo.set_defaults(func=cmd_demo)
+
+    daemon = sub.add_parser(
+        "daemon",
+        help="run the desk service in the foreground (what systemd runs)",
+        description=(
+            "Watch the readers; enroll each YubiKey plugged in for the user queued for it "
+            "(provisioner enroll/queue) or named by the roster; serve the control socket. "
+            "Speaks systemd's notify protocol (READY, STATUS, WATCHDOG, STOPPING). SIGTERM "
+            "lets enrollments in progress finish or roll back; SIGHUP re-reads the roster."
+        ),
+    )
+    common(daemon)
+    daemon.set_defaults(func=cmd_daemon)
+
+    status = sub.add_parser("status", help="the daemon, readers, tokens present, work in progress")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    common(status)
+    status.set_defaults(func=cmd_status)
+
+    queue = sub.add_parser(
+        "queue",
+        help="list waiting requests, or queue a user without waiting (--user)",
+        description="Without --user: the waiting requests. With --user: queue that user for "
+        "the next token plugged in (or --serial's) and return at once.",
+    )
+    queue.add_argument("--user", help="queue this IAM user")
+    queue.add_argument("--serial", type=int, help="only for the token with this serial")
+    common(queue)
+    queue.set_defaults(func=cmd_queue)
+
+    cancel = sub.add_parser("cancel", help="cancel a waiting request by its number")
+    cancel.add_argument("id", type=int, help="the request number (#N in provisioner queue)")
+    common(cancel)
+    cancel.set_defaults(func=cmd_cancel)
+
+    history = sub.add_parser("history", help="the audit trail: who asked, what was done")
+    history.add_argument("--limit", type=int, default=50, help="the last N records (default 50)")
+    history.add_argument("--user", help="only records about this IAM user")
+    history.add_argument("--serial", type=int, help="only records about this token")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+    common(history)
+    history.set_defaults(func=cmd_history)
     return parser
 
 
@@ -269,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except DaemonRefused as e:
+        sys.stdout.flush()
+        print(f"provisioner: {e.one_line()}", file=sys.stderr)
+        return EXIT_REFUSED if e.refused else 1
     except ProvisionerError as e:
         sys.stdout.flush()
         print(f"provisioner: {e.one_line()}", file=sys.stderr)

@@ -55,12 +55,39 @@ class EnrollmentConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    #: Where the queue, the enrollment records and the audit trail live.
+    #: Empty: $STATE_DIRECTORY (set by systemd's StateDirectory=) or /var/lib/provisioner.
+    state_directory: str = ""
+    #: The control socket. Empty: $RUNTIME_DIRECTORY/control.sock or
+    #: /run/provisioner/control.sock.
+    socket: str = ""
+    #: Members of this group (and root) may queue, cancel and read the history.
+    operators_group: str = "provisioner-operators"
+    #: A CSV of token serial -> IAM user for batch desks; empty: no roster.
+    roster: str = ""
+    #: Seconds SIGTERM waits for enrollments in progress to finish or roll back.
+    shutdown_timeout: float = 30.0
+
+    def state_path(self) -> Path:
+        base = self.state_directory or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(base or "/var/lib/provisioner")
+
+    def socket_path(self) -> Path:
+        if self.socket:
+            return Path(self.socket)
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        return Path(runtime or "/run/provisioner") / "control.sock"
+
+
+@dataclass(frozen=True)
 class Config:
     desk: str = field(default_factory=socket.gethostname)
     log_level: str = "info"
     token: TokenConfig = field(default_factory=TokenConfig)
     iam: IamConfig = field(default_factory=IamConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     source: str = "built-in defaults"
 
     def enrollment_settings(self) -> EnrollmentSettings:
@@ -149,7 +176,12 @@ def parse(text: str, source: str) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source} is not valid TOML: {e}") from e
     top: dict[str, Any] = {}
-    sections = {"token": TokenConfig, "iam": IamConfig, "enrollment": EnrollmentConfig}
+    sections = {
+        "token": TokenConfig,
+        "iam": IamConfig,
+        "enrollment": EnrollmentConfig,
+        "daemon": DaemonConfig,
+    }
     for key, value in data.items():
         if key in sections:
             top[key] = _section(sections[key], value, key)
@@ -160,7 +192,7 @@ def parse(text: str, source: str) -> Config:
         else:
             raise ConfigError(
                 f"unknown key {key} in {source}",
-                hint="known: desk, log_level, [token], [iam], [enrollment]",
+                hint="known: desk, log_level, [token], [iam], [enrollment], [daemon]",
             )
     config = Config(**top, source=source)
     check(config)

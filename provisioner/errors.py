@@ -211,3 +211,28 @@ class ConcurrentModification(IamError):
 
 class AlreadyEnrolled(ProvisionerError):
     """Nothing to do: the user already has this token as a working MFA device."""
+
+
+# --- exit status ---------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TOKEN = 3
+EXIT_IAM = 4
+EXIT_LEFTOVERS = 5
+
+
+def exit_status(error: ProvisionerError) -> int:
+    """The one mapping from errors to exit statuses (the CLI's, and the daemon's answers)."""
+    if isinstance(error, EnrollmentFailed):
+        if error.leftovers:
+            return EXIT_LEFTOVERS
+        return exit_status(error.cause) if error.step == "check" else EXIT_FAILED
+    if isinstance(error, (ConfigError, InvalidInput)):
+        return EXIT_USAGE
+    if isinstance(error, TokenError):
+        return EXIT_TOKEN
+    if isinstance(error, IamError):
+        return EXIT_IAM
+    return EXIT_FAILED

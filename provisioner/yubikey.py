@@ -497,3 +497,14 @@ def list_tokens(pcsc: Pcsc) -> list[TokenInfo | ReaderState]:
             logger.info("cannot read %s: %s", state.name, e.one_line())
             out.append(state)
     return out
+
+
+@contextmanager
+def open_in_reader(reader: str, *, oath_password: str | None = None) -> Iterator[YubiKeyToken]:
+    """Open the token in one reader with a PC/SC context of its own (one per worker)."""
+    with Pcsc() as pcsc, YubiKeyToken(pcsc.opener(reader), reader, oath_password=oath_password) as token:
+        yield token
+
+
+def is_yubikey_reader(name: str) -> bool:
+    return YUBIKEY_READER in name.lower()

@@ -10,7 +10,18 @@ from collections.abc import Iterator  # noqa: E402
 import boto3  # noqa: E402
 import pytest  # noqa: E402
 
+from provisioner.emulator import PcscStack  # noqa: E402
 from provisioner.local_iam import LocalIamServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pcsc_stack() -> Iterator[PcscStack]:
+    """The real pcscd with two vpcd readers: one per machine, so one per test run.
+
+    Another run (the demo, a developer's tests) may hold the one pcscd: wait for it.
+    """
+    with PcscStack(busy_timeout=90) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="session")

@@ -25,12 +25,6 @@ CRED = "AWS:alice@123456789012"
 ARN = f"arn:aws:iam::123456789012:mfa/provisioner/alice.yubikey.{SERIAL}"
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[PcscStack]:
-    with PcscStack() as s:
-        yield s
-
-
 @dataclass
 class Run:
     code: int
@@ -105,13 +99,13 @@ class Bench:
 
 
 @pytest.fixture
-def bench(stack: PcscStack, local_iam: LocalIamServer, admin_iam, tmp_path: Path) -> Iterator[Bench]:  # type: ignore[no-untyped-def]
+def bench(pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam, tmp_path: Path) -> Iterator[Bench]:  # type: ignore[no-untyped-def]
     config = tmp_path / "provisioner.toml"
     config.write_text('desk = "test-desk"\n[enrollment]\nmargin_seconds = 2\n[token]\nreinsert_timeout = 10\n')
-    b = Bench(stack, local_iam, admin_iam, config)
+    b = Bench(pcsc_stack, local_iam, admin_iam, config)
     yield b
     for slot in (0, 1):
-        stack.remove(slot, wait=True)
+        pcsc_stack.remove(slot, wait=True)
 
 
 def test_enroll_exits_0_and_the_codes_were_right_at_the_servers_time(bench: Bench) -> None:

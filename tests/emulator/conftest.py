@@ -30,13 +30,6 @@ def session(conn: EmulatedConnection) -> OathSession:
     return OathSession(conn)
 
 
-@pytest.fixture(scope="session")
-def pcsc_stack() -> Iterator[PcscStack]:
-    # Another session (the demo, other tests) may hold the one pcscd: wait for it.
-    with PcscStack(busy_timeout=90) as stack:
-        yield stack
-
-
 @pytest.fixture
 def stack(pcsc_stack: PcscStack) -> Iterator[PcscStack]:
     yield pcsc_stack

@@ -1,0 +1,97 @@
+"""The batch desk's roster: a CSV that says which token serial goes to which IAM user.
+
+    serial,user
+    12345678,alice
+    12345679,bob
+
+A header row is required (columns ``serial`` and ``user``, any order; an optional
+``note`` column is ignored). Lines starting with ``#`` and blank lines are skipped.
+Every mistake is reported with its line number, and the whole roster is refused: a desk
+must not enroll half a batch from a file it misread.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import validation
+from .errors import ConfigError, InvalidInput
+
+ALLOWED_COLUMNS = {"serial", "user", "note"}
+
+
+@dataclass(frozen=True)
+class Roster:
+    users_by_serial: dict[int, str]
+    source: str
+
+    def user_for(self, serial: int | None) -> str | None:
+        return self.users_by_serial.get(serial) if serial is not None else None
+
+    def __len__(self) -> int:
+        return len(self.users_by_serial)
+
+
+def parse(text: str, source: str) -> Roster:
+    lines = [
+        (number, line)
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not lines:
+        return Roster({}, source)
+    reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)))
+    rows = list(reader)
+    header = [h.strip().lower() for h in rows[0]]
+    unknown = [h for h in header if h not in ALLOWED_COLUMNS]
+    if unknown or "serial" not in header or "user" not in header:
+        raise ConfigError(
+            f"{source}:{lines[0][0]}: the header must name the columns serial and user "
+            f"(found {', '.join(rows[0]) or 'nothing'})",
+            hint="first line: serial,user",
+        )
+    if len(set(header)) != len(header):
+        raise ConfigError(f"{source}:{lines[0][0]}: a column is named twice")
+    s_col, u_col = header.index("serial"), header.index("user")
+    users: dict[int, str] = {}
+    seen_users: dict[str, int] = {}
+    for (number, _), row in zip(lines[1:], rows[1:], strict=True):
+        where = f"{source}:{number}"
+        if len(row) != len(header):
+            raise ConfigError(f"{where}: expected {len(header)} fields, found {len(row)}")
+        raw_serial, user = row[s_col].strip(), row[u_col].strip()
+        if not raw_serial.isdigit() or not 0 < int(raw_serial) < 2**32:
+            raise ConfigError(f"{where}: {raw_serial!r} is not a token serial number")
+        serial = int(raw_serial)
+        try:
+            validation.user_name(user)
+        except InvalidInput as e:
+            raise ConfigError(f"{where}: {e.message}") from None
+        if serial in users:
+            raise ConfigError(f"{where}: serial {serial} is listed twice")
+        if user in seen_users:
+            raise ConfigError(
+                f"{where}: user {user} is listed twice (also line {seen_users[user]})",
+                hint="one token per user per roster",
+            )
+        users[serial] = user
+        seen_users[user] = number
+    return Roster(users, source)
+
+
+def load(path: Path) -> Roster:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read the roster {path}: {e.strerror}") from e
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"the roster {path} is not UTF-8 (byte {e.start})",
+            hint="save it as UTF-8 CSV",
+        ) from None
+    return parse(text, str(path))

@@ -1,0 +1,444 @@
+"""The desk service: who gets the token that was just plugged in, and the work that follows.
+
+Reader events come in (a card inserted or removed); each inserted YubiKey gets a worker
+thread of its own, so tokens on a hub are enrolled in parallel, each card used by one
+worker only. The worker identifies the token and finds its user: a request queued for
+this serial, else the roster's entry, else the oldest request queued for any token. A
+token nobody asked for is reported and left untouched (and used as soon as someone
+queues a user). Progress goes to the store (the step reached, the audit trail) and to
+the clients watching (an operator's `provisioner enroll`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .desk import Desk
+from .errors import (
+    AlreadyEnrolled,
+    EnrollmentFailed,
+    ProvisionerError,
+    exit_status,
+)
+from .model import Step
+from .notify import Notifier
+from .reader_watch import ReaderEvent, ReaderEventKind
+from .roster import Roster
+from .store import QueueEntry, Store
+from .yubikey import YubiKeyToken
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+TokenOpener = Callable[[str], AbstractContextManager[YubiKeyToken]]
+
+
+@dataclass
+class PresentToken:
+    """A token in a reader, as the status shows it."""
+
+    reader: str
+    serial: int | None = None
+    state: str = "identifying"  # identifying, enrolling, enrolled, idle, unsupported, failed
+    user: str | None = None
+    step: str | None = None
+    since: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reader": self.reader,
+            "serial": self.serial,
+            "state": self.state,
+            "user": self.user,
+            "step": self.step,
+        }
+
+
+class Events:
+    """Fan-out of events to the clients that watch them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[tuple[Callable[[Event], bool], queue.Queue[Event]]] = []
+
+    @contextlib.contextmanager
+    def subscribe(self, wants: Callable[[Event], bool]) -> Iterator[queue.Queue[Event]]:
+        inbox: queue.Queue[Event] = queue.Queue()
+        entry = (wants, inbox)
+        with self._lock:
+            self._subscribers.append(entry)
+        try:
+            yield inbox
+        finally:
+            with self._lock:
+                self._subscribers.remove(entry)
+
+    def publish(self, event: Event) -> None:
+        with self._lock:
+            targets = [inbox for wants, inbox in self._subscribers if wants(event)]
+        for inbox in targets:
+            inbox.put(event)
+
+
+class _Progress:
+    """The enrollment's progress, into the store and out to the watchers."""
+
+    def __init__(self, service: DeskService, enrollment_id: int, base: Event) -> None:
+        self._service = service
+        self._id = enrollment_id
+        self._base = base
+
+    def step(self, step: Step, detail: str) -> None:
+        if step is not Step.ROLLBACK:
+            self._service.store.record_step(self._id, step.value)
+        self._service.note_step(self._base["reader"], step.value)
+        self._service.events.publish({**self._base, "event": "step", "step": step.value,
+                                      "detail": detail})
+
+    def notice(self, text: str) -> None:
+        self._service.events.publish({**self._base, "event": "notice", "detail": text})
+
+
+class DeskService:
+    def __init__(
+        self,
+        desk: Desk,
+        store: Store,
+        *,
+        open_token: TokenOpener,
+        is_yubikey_reader: Callable[[str], bool],
+        roster: Roster | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.desk = desk
+        self.store = store
+        self.events = Events()
+        self.roster = roster
+        self._open_token = open_token
+        self._is_yubikey_reader = is_yubikey_reader
+        self._notifier = notifier or Notifier({})
+        self._lock = threading.Lock()
+        self._present: dict[str, PresentToken] = {}
+        self._readers: dict[str, bool] = {}
+        self._workers: dict[str, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self.pcsc_up = False
+        self.started = time.time()
+
+    # --- reader events ----------------------------------------------------------------
+
+    def on_reader_event(self, event: ReaderEvent) -> None:
+        kind, reader = event.kind, event.reader
+        if kind in (ReaderEventKind.PCSC_UP, ReaderEventKind.PCSC_DOWN):
+            self.pcsc_up = kind is ReaderEventKind.PCSC_UP
+            if not self.pcsc_up:
+                log.warning("pcscd is not reachable; waiting for it")
+            self.events.publish({"event": kind.value})
+            self._update_status()
+            return
+        with self._lock:
+            if kind is ReaderEventKind.READER_ADDED:
+                self._readers[reader] = False
+            elif kind is ReaderEventKind.READER_REMOVED:
+                self._readers.pop(reader, None)
+            elif kind is ReaderEventKind.CARD_INSERTED:
+                self._readers[reader] = True
+            elif kind is ReaderEventKind.CARD_REMOVED:
+                self._readers[reader] = False
+                self._present.pop(reader, None)
+        if kind is ReaderEventKind.CARD_INSERTED and self._is_yubikey_reader(reader):
+            self._start_worker(reader)
+        elif kind is ReaderEventKind.CARD_REMOVED:
+            self.events.publish({"event": "token-removed", "reader": reader})
+        self._update_status()
+
+    def _start_worker(self, reader: str) -> None:
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            busy = self._workers.get(reader)
+            if busy is not None and busy.is_alive():
+                return
+            self._present[reader] = PresentToken(reader)
+            worker = threading.Thread(
+                target=self._serve_token, args=(reader,), name=f"token {reader}", daemon=True
+            )
+            self._workers[reader] = worker
+        worker.start()
+
+    # --- one token ----------------------------------------------------------------------
+
+    def _serve_token(self, reader: str) -> None:
+        try:
+            with self._open_token(reader) as token:
+                self._serve(reader, token)
+        except ProvisionerError as e:
+            log.warning("token in %s: %s", reader, e.one_line())
+            self._set(reader, state="failed")
+            self.events.publish({"event": "token-error", "reader": reader, "detail": e.one_line()})
+        except Exception:  # noqa: BLE001 - one token's bug must not stop the desk
+            log.exception("serving the token in %s failed", reader)
+            self._set(reader, state="failed")
+        finally:
+            self._update_status()
+
+    def _serve(self, reader: str, token: YubiKeyToken) -> None:
+        info = token.info
+        self._set(reader, serial=info.serial)
+        self.events.publish({"event": "token", "reader": reader, "serial": info.serial,
+                             "firmware": info.firmware_text})
+        if not info.has_oath:
+            detail = (f"token {info.label} cannot hold a TOTP credential "
+                      "(its OATH application is absent or disabled)")
+            self._set(reader, state="unsupported")
+            self.store.audit("desk", "unsupported token", serial=info.serial, reason=detail)
+            self.events.publish({"event": "unsupported", "reader": reader,
+                                 "serial": info.serial, "detail": detail})
+            return
+        user, entry, source, actor = self._claim(info.serial)
+        if user is None:
+            detail = (f"token {info.label} plugged in with nobody queued or rostered: "
+                      "left untouched")
+            log.info("%s", detail)
+            self._set(reader, state="idle")
+            self.store.audit("desk", "ignored token", serial=info.serial, reason=detail)
+            self.events.publish({"event": "ignored", "reader": reader, "serial": info.serial,
+                                 "detail": detail})
+            return
+        self._enroll(reader, token, user, entry, source, actor)
+
+    def _claim(self, serial: int | None) -> tuple[str | None, QueueEntry | None, str, str]:
+        """A request for this very token, else the roster's user, else the oldest request."""
+        entry = self.store.take_next(serial)
+        if entry is not None and entry.serial is not None:
+            return entry.user, entry, f"queue:{entry.id}", entry.requested_by
+        rostered = self.roster.user_for(serial) if self.roster else None
+        if rostered is not None:
+            if entry is not None:
+                self.store.release_entry(entry.id)
+            return rostered, None, "roster", "roster"
+        if entry is None:
+            return None, None, "", ""
+        return entry.user, entry, f"queue:{entry.id}", entry.requested_by
+
+    def _enroll(
+        self,
+        reader: str,
+        token: YubiKeyToken,
+        user: str,
+        entry: QueueEntry | None,
+        source: str,
+        actor: str,
+    ) -> None:
+        serial = token.info.serial
+        enrollment_id = self.store.start_enrollment(user, serial, reader, source)
+        base: Event = {"reader": reader, "serial": serial, "user": user,
+                       "enrollment": enrollment_id, "queue": entry.id if entry else None}
+        self._set(reader, state="enrolling", user=user, step=Step.CHECK.value)
+        self.events.publish({**base, "event": "enrolling"})
+        outcome: Event
+        try:
+            result = self.desk.enrollment(_Progress(self, enrollment_id, base)).run(token, user)
+        except AlreadyEnrolled as e:
+            self.store.finish_enrollment(enrollment_id, outcome="already enrolled", actor=actor,
+                                         reason=e.message)
+            outcome = {"ok": True, "outcome": "already enrolled", "detail": e.message,
+                       "exit": 0}
+            state = "enrolled"
+        except ProvisionerError as e:
+            label = ("failed, NOT rolled back" if isinstance(e, EnrollmentFailed) and e.leftovers
+                     else "failed")
+            self.store.finish_enrollment(enrollment_id, outcome=label, actor=actor,
+                                         reason=e.one_line())
+            outcome = {"ok": False, "outcome": label, "detail": e.one_line(),
+                       "exit": exit_status(e)}
+            state = "failed"
+        else:
+            self.store.finish_enrollment(enrollment_id, outcome="enrolled", actor=actor,
+                                         device_arn=result.device_arn)
+            outcome = {"ok": True, "outcome": "enrolled", "device_arn": result.device_arn,
+                       "seconds": result.seconds, "exit": 0}
+            state = "enrolled"
+        if entry is not None:
+            self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed",
+                                    enrollment_id)
+        self._set(reader, state=state)
+        self.events.publish({**base, "event": "outcome", "final": True, **outcome})
+
+    # --- requests from the control socket ---------------------------------------------
+
+    def handle(self, request: Event, peer_name: str) -> Iterator[Event]:
+        op = request.get("op")
+        if op == "enroll":
+            yield from self._queue_and_follow(request, peer_name)
+        elif op == "status":
+            yield {"ok": True, "final": True, **self.status()}
+        elif op == "queue":
+            yield {"ok": True, "final": True,
+                   "queue": [vars(e) for e in self.store.waiting()]}
+        elif op == "cancel":
+            yield self._cancel(request, peer_name)
+        elif op == "history":
+            yield self._history(request)
+        else:
+            yield {"ok": False, "final": True, "error": f"unknown op {op!r}"}
+
+    def _queue_and_follow(self, request: Event, peer_name: str) -> Iterator[Event]:
+        from . import validation
+
+        user, serial = request.get("user"), request.get("serial")
+        if not isinstance(user, str) or (serial is not None and not isinstance(serial, int)):
+            yield {"ok": False, "final": True, "error": "enroll needs a user name (and an "
+                   "optional integer serial)", "exit": 2}
+            return
+        try:
+            validation.user_name(user)
+        except ProvisionerError as e:
+            yield {"ok": False, "final": True, "error": e.one_line(), "exit": 2}
+            return
+        if self._stopping.is_set():
+            yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
+            return
+        entry = self.store.enqueue(user, peer_name, serial)
+        follow = request.get("wait", True)
+        with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
+            position = len(self.store.waiting())
+            which = f"token {serial}" if serial is not None else "a token"
+            yield {"ok": True, "event": "queued", "id": entry.id, "user": user,
+                   "position": position, "final": not follow,
+                   "detail": f"{user} is queued (#{entry.id}, position {position}): "
+                             f"plug in {which}"}
+            if not follow:
+                return
+            self._offer_idle_tokens()
+            finished = False
+            try:
+                while True:
+                    try:
+                        event = inbox.get(timeout=2.0)
+                    except queue.Empty:
+                        if self._stopping.is_set():
+                            yield self._stopped(entry)
+                            finished = True
+                            return
+                        yield {"event": "waiting"}  # also tells us the client is still there
+                        continue
+                    yield event
+                    if event.get("final"):
+                        finished = True
+                        return
+            finally:
+                if not finished:
+                    # The operator gave up (Ctrl-C): a request nobody waits for is cancelled.
+                    self.store.cancel(entry.id, peer_name)
+
+    def _stopped(self, entry: QueueEntry) -> Event:
+        still = self.store.queue_entry(entry.id)
+        kept = still is not None and still.state == "waiting"
+        detail = (f"the daemon is stopping; {entry.user} stays queued (#{entry.id}) for when it "
+                  "is back" if kept else "the daemon is stopping")
+        return {"ok": False, "final": True, "outcome": "daemon stopping", "detail": detail,
+                "exit": 1}
+
+    def _offer_idle_tokens(self) -> None:
+        with self._lock:
+            idle = [t.reader for t in self._present.values() if t.state == "idle"]
+        for reader in idle:
+            self._start_worker(reader)
+
+    def _cancel(self, request: Event, peer_name: str) -> Event:
+        entry_id = request.get("id")
+        if not isinstance(entry_id, int):
+            return {"ok": False, "final": True, "error": "cancel needs a queue id"}
+        entry = self.store.cancel(entry_id, peer_name)
+        if entry is None:
+            return {"ok": False, "final": True,
+                    "error": f"no waiting request #{entry_id} (see provisioner queue)"}
+        self.events.publish({"queue": entry_id, "event": "outcome", "final": True, "ok": False,
+                             "outcome": "cancelled", "exit": 1,
+                             "detail": f"request #{entry_id} for {entry.user} was cancelled "
+                                       f"by {peer_name}"})
+        return {"ok": True, "final": True, "cancelled": vars(entry)}
+
+    def _history(self, request: Event) -> Event:
+        limit = request.get("limit", 100)
+        user = request.get("user")
+        serial = request.get("serial")
+        since = request.get("since")
+        if not (isinstance(limit, int) and 0 < limit <= 100_000):
+            return {"ok": False, "final": True, "error": "limit must be 1..100000"}
+        if (user is not None and not isinstance(user, str)) or (
+            serial is not None and not isinstance(serial, int)
+        ) or (since is not None and not isinstance(since, (int, float))):
+            return {"ok": False, "final": True, "error": "bad history filter"}
+        records = self.store.history(limit=limit, user=user, serial=serial, since=since)
+        return {"ok": True, "final": True, "history": [r.as_dict() for r in records]}
+
+    # --- state ------------------------------------------------------------------------
+
+    def status(self) -> Event:
+        with self._lock:
+            tokens = [t.as_dict() for t in self._present.values()]
+            readers = [{"name": n, "card_present": p} for n, p in sorted(self._readers.items())]
+        return {
+            "daemon": {"desk": self.desk.config.desk, "since": self.started,
+                       "pcsc": "up" if self.pcsc_up else "down",
+                       "iam": self.desk.iam.endpoint_url,
+                       "roster": len(self.roster) if self.roster else 0},
+            "readers": readers,
+            "tokens": tokens,
+            "queue": [vars(e) for e in self.store.waiting()],
+            "in_progress": [t for t in tokens if t["state"] == "enrolling"],
+        }
+
+    def _set(self, reader: str, **changes: Any) -> None:
+        with self._lock:
+            token = self._present.get(reader)
+            if token is not None:
+                self._present[reader] = replace(token, **changes)
+        self._update_status()
+
+    def note_step(self, reader: str, step: str) -> None:
+        self._set(reader, step=step)
+
+    def _update_status(self) -> None:
+        with self._lock:
+            busy = [t for t in self._present.values() if t.state == "enrolling"]
+            present = len(self._present)
+        waiting = len(self.store.waiting())
+        if busy:
+            text = "; ".join(f"enrolling {t.user} on token {t.serial} ({t.step})" for t in busy)
+        else:
+            text = f"idle: {present} token(s) present, {waiting} request(s) queued"
+        if not self.pcsc_up:
+            text += " (pcscd not reachable)"
+        self._notifier.status(text)
+
+    def reload_roster(self, roster: Roster | None) -> None:
+        self.roster = roster
+        self.store.audit("desk", "roster loaded", reason=f"{len(roster) if roster else 0} entries")
+
+    # --- stopping ---------------------------------------------------------------------
+
+    def stop(self, timeout: float) -> None:
+        """No new work; let enrollments in progress finish or roll back, within ``timeout``."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            workers = list(self._workers.values())
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        alive = [w.name for w in workers if w.is_alive()]
+        if alive:
+            log.error("stopping with work unfinished: %s", ", ".join(alive))
+
+    def healthy(self) -> bool:
+        return not self._stopping.is_set()

@@ -1,0 +1,299 @@
+"""The daemon's state in SQLite: the queue, one record per enrollment, the audit trail.
+
+It lives in the systemd StateDirectory (/var/lib/provisioner) and survives restarts.
+The audit trail is append-only, enforced by the database itself (triggers refuse UPDATE
+and DELETE). Nothing secret is ever stored: users, serials, ARNs, steps and outcomes.
+Every write is its own transaction, flushed (synchronous=FULL) before the call returns,
+so after a crash the records say how far each enrollment got.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    serial INTEGER,                    -- only this token, if given
+    requested_by TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting',   -- waiting, taken, done, failed, cancelled
+    enrollment_id INTEGER
+);
+CREATE TABLE IF NOT EXISTS enrollments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    serial INTEGER,
+    reader TEXT NOT NULL,
+    source TEXT NOT NULL,              -- queue:<id> or roster
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    step TEXT NOT NULL,                -- the last step reached
+    device_arn TEXT,
+    outcome TEXT NOT NULL DEFAULT 'in progress',
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    event TEXT NOT NULL,
+    user TEXT,
+    serial INTEGER,
+    device_arn TEXT,
+    outcome TEXT,
+    reason TEXT
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    id: int
+    user: str
+    serial: int | None
+    requested_by: str
+    requested_at: float
+    state: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: float
+    actor: str
+    event: str
+    user: str | None
+    serial: int | None
+    device_arn: str | None
+    outcome: str | None
+    reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Store:
+    """Thread-safe access to the state database (one connection, one lock)."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        path.chmod(0o640)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- queue ------------------------------------------------------------------------
+
+    def enqueue(self, user: str, requested_by: str, serial: int | None = None) -> QueueEntry:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO queue (user, serial, requested_by, requested_at) VALUES (?,?,?,?)",
+                (user, serial, requested_by, self._clock()),
+            )
+            self._audit(db, requested_by, "queued", user=user, serial=serial)
+            row = db.execute("SELECT * FROM queue WHERE id = ?", (cur.lastrowid,)).fetchone()
+        return _entry(row)
+
+    def waiting(self) -> list[QueueEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM queue WHERE state IN ('waiting', 'taken') ORDER BY id"
+            ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def queue_entry(self, entry_id: int) -> QueueEntry | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM queue WHERE id = ?", (entry_id,)).fetchone()
+        return _entry(row) if row else None
+
+    def take_next(self, serial: int | None) -> QueueEntry | None:
+        """The oldest waiting request this token may serve (one for its serial first)."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM queue WHERE state = 'waiting' AND serial IS ? ORDER BY id LIMIT 1",
+                (serial,),
+            ).fetchone() if serial is not None else None
+            if row is None:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
+                    "ORDER BY id LIMIT 1"
+                ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE queue SET state = 'taken' WHERE id = ?", (row["id"],))
+            row = db.execute("SELECT * FROM queue WHERE id = ?", (row["id"],)).fetchone()
+        return _entry(row)
+
+    def finish_entry(self, entry_id: int, state: str, enrollment_id: int | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE queue SET state = ?, enrollment_id = ? WHERE id = ?",
+                (state, enrollment_id, entry_id),
+            )
+
+    def release_entry(self, entry_id: int) -> None:
+        """Put a taken request back at its place (the token could not be used)."""
+        with self._tx() as db:
+            db.execute("UPDATE queue SET state = 'waiting' WHERE id = ? AND state = 'taken'",
+                       (entry_id,))
+
+    def cancel(self, entry_id: int, actor: str) -> QueueEntry | None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM queue WHERE id = ? AND state = 'waiting'", (entry_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE queue SET state = 'cancelled' WHERE id = ?", (entry_id,))
+            self._audit(db, actor, "cancelled", user=row["user"], serial=row["serial"])
+        return _entry(row)
+
+    def requeue_taken(self) -> int:
+        """At start-up: requests a killed daemon had taken go back to waiting."""
+        with self._tx() as db:
+            return db.execute("UPDATE queue SET state = 'waiting' WHERE state = 'taken'").rowcount
+
+    # --- enrollments ------------------------------------------------------------------
+
+    def start_enrollment(self, user: str, serial: int | None, reader: str, source: str) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO enrollments (user, serial, reader, source, started_at, step) "
+                "VALUES (?,?,?,?,?, 'check')",
+                (user, serial, reader, source, self._clock()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def record_step(self, enrollment_id: int, step: str, device_arn: str | None = None) -> None:
+        with self._tx() as db:
+            if device_arn is not None:
+                db.execute(
+                    "UPDATE enrollments SET step = ?, device_arn = ? WHERE id = ?",
+                    (step, device_arn, enrollment_id),
+                )
+            else:
+                db.execute("UPDATE enrollments SET step = ? WHERE id = ?", (step, enrollment_id))
+
+    def finish_enrollment(
+        self,
+        enrollment_id: int,
+        *,
+        outcome: str,
+        actor: str,
+        device_arn: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE enrollments SET finished_at = ?, outcome = ?, reason = ?, "
+                "device_arn = COALESCE(?, device_arn) WHERE id = ?",
+                (self._clock(), outcome, reason, device_arn, enrollment_id),
+            )
+            row = db.execute("SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)).fetchone()
+            self._audit(
+                db, actor, "enrollment", user=row["user"], serial=row["serial"],
+                device_arn=row["device_arn"], outcome=outcome, reason=reason,
+            )
+
+    def unfinished_enrollments(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM enrollments WHERE finished_at IS NULL ORDER BY id"
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    # --- audit ------------------------------------------------------------------------
+
+    def audit(self, actor: str, event: str, **fields: Any) -> None:
+        with self._tx() as db:
+            self._audit(db, actor, event, **fields)
+
+    def _audit(
+        self,
+        db: sqlite3.Connection,
+        actor: str,
+        event: str,
+        *,
+        user: str | None = None,
+        serial: int | None = None,
+        device_arn: str | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, event, user, serial, device_arn, outcome, reason) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (self._clock(), actor, event, user, serial, device_arn, outcome, reason),
+        )
+
+    def history(
+        self,
+        *,
+        limit: int = 100,
+        since: float | None = None,
+        user: str | None = None,
+        serial: int | None = None,
+    ) -> list[AuditRecord]:
+        clauses: list[str] = []
+        params: list[object] = []
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(since)
+        if user is not None:
+            clauses.append("user = ?")
+            params.append(user)
+        if serial is not None:
+            clauses.append("serial = ?")
+            params.append(serial)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) "  # noqa: S608 - fixed clauses
+                "ORDER BY id",
+                (*params, limit),
+            ).fetchall()
+        return [AuditRecord(**dict(r)) for r in rows]
+
+
+def _entry(row: sqlite3.Row) -> QueueEntry:
+    return QueueEntry(
+        id=row["id"],
+        user=row["user"],
+        serial=row["serial"],
+        requested_by=row["requested_by"],
+        requested_at=row["requested_at"],
+        state=row["state"],
+    )

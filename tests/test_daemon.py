@@ -1,0 +1,333 @@
+"""The desk daemon as a real process: systemd's notify socket bound by the test, pcscd with
+vpcd readers holding emulated YubiKeys (connecting one = plugging it in), the strict local
+IAM server, and the operator's CLI over the control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.control import ControlClient
+from provisioner.emulator import Capability, EmulatedYubiKey, PcscStack
+from provisioner.local_iam import LocalIamServer
+
+pytestmark = [pytest.mark.pcsc, pytest.mark.iam_server, pytest.mark.slow]
+
+ACCOUNT = "123456789012"
+
+
+def arn(user: str, serial: int) -> str:
+    return f"arn:aws:iam::{ACCOUNT}:mfa/provisioner/{user}.yubikey.{serial}"
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class NotifyListener:
+    """What systemd would receive on $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append(fields)
+
+    def seen(self, key: str, value: str | None = None) -> list[dict[str, str]]:
+        return [m for m in list(self.messages) if key in m and (value is None or m[key] == value)]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@dataclass
+class Daemon:
+    stack: PcscStack
+    iam: LocalIamServer
+    admin: Any
+    workdir: Path
+    config: Path
+    proc: subprocess.Popen[str] | None = None
+    notify: NotifyListener | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "run" / "control.sock"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "NOTIFY_", "WATCHDOG_"))}
+        env.update(self.iam.aws_env())
+        env["PROVISIONER_CONFIG"] = str(self.config)
+        return env
+
+    def start(self) -> None:
+        self.notify = NotifyListener(self.workdir / f"notify-{time.monotonic_ns()}.sock")
+        env = self.env() | {"NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": "1000000"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "provisioner", "daemon"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
+        wait_for(lambda: self.notify.seen("READY", "1") or self.proc.poll() is not None,  # type: ignore[union-attr]
+                 what="READY=1")
+        assert self.proc.poll() is None, "\n".join(self.log)
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.log.append(line.rstrip())
+
+    def stop(self) -> int:
+        assert self.proc is not None and self.notify is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=30)
+        time.sleep(0.1)
+        self.notify.close()
+        return code
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "provisioner", *args], env=self.env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def cli_background(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "provisioner", *args], env=self.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        with ControlClient(self.socket_path) as client:
+            return client.call(request)
+
+    def devices_of(self, user: str) -> list[str]:
+        return [d["SerialNumber"] for d in self.admin.list_mfa_devices(UserName=user)["MFADevices"]]
+
+    def history(self) -> list[dict[str, Any]]:
+        return self.ask({"op": "history", "limit": 1000})["history"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Not pytest's tmp_path: an unprivileged client must be able to reach the socket.
+    path = Path(tempfile.mkdtemp(prefix="provisioner-daemon-"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture
+def desk(pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam: Any, workdir: Path) -> Iterator[Daemon]:
+    for user in ("carol", "dave", "erin"):
+        admin_iam.create_user(UserName=user)
+    config = workdir / "provisioner.toml"
+    roster = workdir / "roster.csv"
+    roster.write_text("serial,user\n40000001,carol\n40000002,dave\n")
+    config.write_text(
+        f'desk = "test-desk"\n'
+        f"[enrollment]\nmargin_seconds = 2\n"
+        f"[daemon]\nstate_directory = \"{workdir / 'state'}\"\nsocket = \"{workdir / 'run' / 'control.sock'}\"\n"
+        f"roster = \"{roster}\"\nshutdown_timeout = 10\n"
+    )
+    d = Daemon(pcsc_stack, local_iam, admin_iam, workdir, config)
+    d.start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.stop()
+    for slot in (0, 1):
+        pcsc_stack.remove(slot, wait=True)
+
+
+def test_notify_protocol_ready_status_watchdog_stopping(desk: Daemon) -> None:
+    assert desk.notify is not None
+    ready = desk.notify.seen("READY", "1")
+    assert "listening on" in ready[0].get("STATUS", "")
+    wait_for(lambda: len(desk.notify.seen("WATCHDOG", "1")) >= 2, timeout=5, what="two WATCHDOG=1")  # type: ignore[union-attr]
+    assert desk.notify.seen("STATUS")
+    assert desk.stop() == 0
+    assert desk.notify.seen("STOPPING", "1")
+
+
+def test_operator_enrolls_bob_by_typing_then_plugging(desk: Daemon) -> None:
+    proc = desk.cli_background("enroll", "--user", "bob")
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert "bob is queued" in first and "plug in a token" in first
+    desk.stack.insert(EmulatedYubiKey(serial=40000009), 0)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert " enable " in out and " confirm " in out
+    assert f"enrolled bob: token 40000009 is MFA device {arn('bob', 40000009)}" in out
+    assert desk.devices_of("bob") == [arn("bob", 40000009)]
+    events = [(r["event"], r["user"]) for r in desk.history()]
+    assert ("queued", "bob") in events and ("enrollment", "bob") in events
+
+
+def test_a_rostered_token_is_enrolled_with_nobody_typing(desk: Daemon) -> None:
+    key = EmulatedYubiKey(serial=40000001)
+    desk.stack.insert(key, 0)
+    wait_for(lambda: desk.devices_of("carol"), what="carol enrolled")
+    assert desk.devices_of("carol") == [arn("carol", 40000001)]
+    assert [c.id for c in key.credentials()] == [f"AWS:carol@{ACCOUNT}"]
+    desk.stack.remove(0, wait=True)
+    # the next token of the batch, plugged into the same reader
+    desk.stack.insert(EmulatedYubiKey(serial=40000002), 0)
+    wait_for(lambda: desk.devices_of("dave"), what="dave enrolled")
+    # taken out and put back: recognized by its serial, not enrolled twice
+    desk.stack.remove(0, wait=True)
+    desk.stack.insert(key, 0)
+    wait_for(lambda: any(r.get("outcome") == "already enrolled" for r in desk.history()),
+             what="already enrolled reported")
+    assert desk.iam.call_counts()["CreateVirtualMFADevice"] == 2
+
+
+def test_two_tokens_plugged_at_once_are_both_enrolled(desk: Daemon) -> None:
+    desk.stack.insert(EmulatedYubiKey(serial=40000001), 0, wait=False)
+    desk.stack.insert(EmulatedYubiKey(serial=40000002), 1, wait=False)
+    wait_for(lambda: desk.devices_of("carol") and desk.devices_of("dave"), what="both enrolled")
+    outcomes = [r for r in desk.history() if r["event"] == "enrollment"]
+    assert sorted((r["user"], r["outcome"]) for r in outcomes) == [
+        ("carol", "enrolled"), ("dave", "enrolled")]
+
+
+def test_a_token_nobody_asked_for_is_left_untouched_until_someone_is_queued(desk: Daemon) -> None:
+    key = EmulatedYubiKey(serial=40000007)
+    desk.stack.insert(key, 0)
+    wait_for(lambda: any(t["state"] == "idle" for t in desk.ask({"op": "status"})["tokens"]),
+             what="idle token")
+    assert key.credentials() == []
+    assert any(r["event"] == "ignored token" and r["serial"] == 40000007 for r in desk.history())
+    run = desk.cli("enroll", "--user", "erin")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert desk.devices_of("erin") == [arn("erin", 40000007)]
+
+
+def test_a_key_without_oath_is_reported_not_ignored(desk: Daemon) -> None:
+    desk.stack.insert(EmulatedYubiKey(serial=40000001, enabled_capabilities=Capability.FIDO2), 0)
+    wait_for(lambda: any(r["event"] == "unsupported token" for r in desk.history()),
+             what="unsupported token reported")
+    status = desk.cli("status")
+    assert "token 40000001: unsupported" in status.stdout
+    assert desk.devices_of("carol") == []
+
+
+def test_status_queue_cancel(desk: Daemon) -> None:
+    queued = desk.cli("queue", "--user", "erin")
+    assert queued.returncode == 0 and "erin is queued (#1" in queued.stdout
+    listing = desk.cli("queue").stdout
+    assert "#1 erin: waiting, asked by root" in listing
+    status = desk.cli("status")
+    assert status.returncode == 0
+    assert "desk test-desk: daemon up since" in status.stdout
+    assert "Yubico YubiKey OTP+FIDO+CCID 00 00: empty" in status.stdout
+    assert "#1 erin" in status.stdout
+    cancel = desk.cli("cancel", "1")
+    assert cancel.returncode == 0 and "cancelled #1 (erin)" in cancel.stdout
+    assert "queue: empty" in desk.cli("queue").stdout
+    again = desk.cli("cancel", "1")
+    assert again.returncode == 1 and "no waiting request #1" in again.stderr
+
+
+def test_ctrl_c_on_enroll_withdraws_the_request(desk: Daemon) -> None:
+    proc = desk.cli_background("enroll", "--user", "erin")
+    assert proc.stdout is not None
+    assert "erin is queued" in proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    wait_for(lambda: desk.ask({"op": "queue"})["queue"] == [], timeout=10, what="queue emptied")
+    assert any(r["event"] == "cancelled" and r["user"] == "erin" for r in desk.history())
+
+
+def _as_nobody(path: Path) -> dict[str, Any]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            with ControlClient(path) as client:
+                answer = client.call({"op": "enroll", "user": "mallory", "wait": False})
+            os.write(write, json.dumps(answer).encode())
+        except BaseException as e:  # noqa: BLE001
+            os.write(write, json.dumps({"child-error": repr(e)}).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+def test_an_unprivileged_user_is_refused_and_nothing_happens(desk: Daemon) -> None:
+    answer = _as_nobody(desk.socket_path)
+    assert answer.get("refused") is True, answer
+    assert "not authorized: nobody (uid 65534)" in answer["error"]
+    assert "provisioner-operators" in answer["error"]
+    assert desk.ask({"op": "queue"})["queue"] == []
+    assert not any(r.get("user") == "mallory" for r in desk.history())
+
+
+def test_a_restart_keeps_the_queue_and_the_audit_trail(desk: Daemon) -> None:
+    assert desk.cli("queue", "--user", "erin").returncode == 0
+    before = desk.history()
+    assert desk.stop() == 0
+    desk.start()
+    assert [e["user"] for e in desk.ask({"op": "queue"})["queue"]] == ["erin"]
+    after = desk.history()
+    assert after[: len(before)] == before  # nothing lost, nothing rewritten
+    assert [r["event"] for r in after[len(before):]][:2] == ["stopped", "started"]
+    desk.stack.insert(EmulatedYubiKey(serial=40000008), 0)
+    wait_for(lambda: desk.devices_of("erin"), what="erin enrolled after the restart")
+
+
+def test_hostile_control_lines_get_errors_and_the_daemon_keeps_serving(desk: Daemon) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(desk.socket_path))
+        f = s.makefile("rwb")
+        for line in (b"not json\n", b"[1,2]\n", b'{"op": 3}\n', b'{"op": "enroll", "user": "x y"}\n',
+                     b'{"op": "nope"}\n', b"\xff\xfe\n", b"x" * 70000 + b"\n"):
+            f.write(line)
+            f.flush()
+            answer = json.loads(f.readline())
+            assert answer["ok"] is False and answer["final"] is True and answer["error"]
+    assert desk.ask({"op": "status"})["ok"] is True

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import pytest
+
+from provisioner.errors import ConfigError
+from provisioner.roster import load, parse
+
+
+def test_reads_serials_and_users_in_any_column_order() -> None:
+    roster = parse("# batch 7\nuser,serial,note\nalice,12345678,desk 1\n\nbob, 12345679 ,\n", "r.csv")
+    assert roster.users_by_serial == {12345678: "alice", 12345679: "bob"}
+    assert roster.user_for(12345678) == "alice"
+    assert roster.user_for(1) is None and roster.user_for(None) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("serial,user\n1,alice\n1,bob\n", "r.csv:3: serial 1 is listed twice"),
+        ("serial,user\n1,alice\n2,alice\n", "r.csv:3: user alice is listed twice"),
+        ("serial,user\n1,alice smith\n", "r.csv:2: 'alice smith' is not a valid IAM user name"),
+        ("serial,user\nabc,alice\n", "r.csv:2: 'abc' is not a token serial number"),
+        ("serial,user,colour\n1,alice,red\n", "the header must name"),
+        ("12345678,alice\n", "the header must name"),
+        ("serial,user\n1,alice,extra\n", "r.csv:2: expected 2 fields, found 3"),
+    ],
+)
+def test_every_mistake_is_named_with_its_line(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text, "r.csv")
+    assert fragment in info.value.one_line()
+
+
+def test_encodings(tmp_path: Path) -> None:
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("serial,user\n1,zoë@corp\n".encode("utf-8-sig").replace("zoë".encode(), b"zoe"))
+    assert load(bom).users_by_serial == {1: "zoe@corp"}
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("serial,user\n1,zoë\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load(latin)
+    assert "not UTF-8" in info.value.one_line()
