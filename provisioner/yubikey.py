@@ -502,7 +502,10 @@ def list_tokens(pcsc: Pcsc) -> list[TokenInfo | ReaderState]:
 @contextmanager
 def open_in_reader(reader: str, *, oath_password: str | None = None) -> Iterator[YubiKeyToken]:
     """Open the token in one reader with a PC/SC context of its own (one per worker)."""
-    with Pcsc() as pcsc, YubiKeyToken(pcsc.opener(reader), reader, oath_password=oath_password) as token:
+    with (
+        Pcsc() as pcsc,
+        YubiKeyToken(pcsc.opener(reader), reader, oath_password=oath_password) as token,
+    ):
         yield token
 
 
