@@ -13,7 +13,7 @@ from .aws_iam import IamClient
 from .clock import AwsClock
 from .config import Config
 from .enrollment import Enrollment
-from .ports import Progress
+from .ports import Journal, Progress
 
 log = logging.getLogger("provisioner")
 
@@ -45,5 +45,9 @@ class Desk:
         )
         return cls(config, clock, iam)
 
-    def enrollment(self, progress: Progress | None = None) -> Enrollment:
-        return Enrollment(self.iam, self.clock, self.config.enrollment_settings(), progress)
+    def enrollment(
+        self, progress: Progress | None = None, journal: Journal | None = None
+    ) -> Enrollment:
+        return Enrollment(
+            self.iam, self.clock, self.config.enrollment_settings(), progress, journal
+        )

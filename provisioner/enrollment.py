@@ -40,7 +40,16 @@ from .model import (
     Step,
     StepTiming,
 )
-from .ports import IamDirectory, NullProgress, Progress, TokenSession, render_template
+from .ports import (
+    Fact,
+    IamDirectory,
+    Journal,
+    NullJournal,
+    NullProgress,
+    Progress,
+    TokenSession,
+    render_template,
+)
 from .secret import Seed
 from .totp import code_at, codes_equal, plan_window
 
@@ -115,11 +124,13 @@ class Enrollment:
         clock: Clock,
         settings: EnrollmentSettings,
         progress: Progress | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._iam = iam
         self._clock = clock
         self._settings = settings
         self._progress = progress or NullProgress()
+        self._journal = journal or NullJournal()
 
     def run(self, token: TokenSession, user: str) -> EnrollmentResult:
         validation.user_name(user)
@@ -133,6 +144,7 @@ class Enrollment:
 
             current = Step.CREATE_DEVICE
             with self._timed(undo, current):
+                self._journal.record(Fact.DEVICE_REQUESTED, device_arn=expected_arn)
                 try:
                     arn, seed = self._create(device, expected_arn)
                 except IamError as e:
@@ -140,13 +152,18 @@ class Enrollment:
                         undo.device_arn = expected_arn
                     raise
                 undo.device_arn = arn
+                self._journal.record(Fact.DEVICE_CREATED, device_arn=arn)
             self._progress.step(current, f"virtual MFA device {arn}")
 
             current = Step.PROGRAM_TOKEN
             with self._timed(undo, current):
                 # Recorded before the write: a pulled card may or may not have stored it.
                 undo.credential_id = credential.credential_id
+                self._journal.record(
+                    Fact.CREDENTIAL_REQUESTED, credential_id=credential.credential_id
+                )
                 token.put_credential(credential, seed)
+                self._journal.record(Fact.CREDENTIAL_WRITTEN)
             self._progress.step(
                 current,
                 f"TOTP credential {credential.credential_id} written "
@@ -159,6 +176,7 @@ class Enrollment:
             current = Step.CONFIRM
             with self._timed(undo, current):
                 self._confirm(user, arn)
+                self._journal.record(Fact.CONFIRMED)
             self._progress.step(current, f"{user} lists the device")
         except ProvisionerError as e:
             if isinstance(e, AlreadyEnrolled):
@@ -273,7 +291,9 @@ class Enrollment:
             try:
                 with self._timed(undo, Step.ENABLE):
                     undo.maybe_enabled = True
+                    self._journal.record(Fact.ENABLE_REQUESTED)
                     self._iam.enable_mfa_device(user, arn, codes.first, codes.second)
+                    self._journal.record(Fact.ENABLED)
             except (TemporarilyUnmodifiable, ConcurrentModification) as e:
                 undo.maybe_enabled = False
                 if attempt == attempts:
@@ -291,6 +311,7 @@ class Enrollment:
                     if e.ambiguous and attempt < attempts:
                         continue
                     raise
+                self._journal.record(Fact.ENABLED)
             self._progress.step(Step.ENABLE, f"device enabled for {user}")
             return codes.first_step
         raise AssertionError("unreachable")  # pragma: no cover
@@ -361,23 +382,27 @@ class Enrollment:
             self._iam.delete_virtual_mfa_device(arn)
         except NoSuchEntity:
             pass
+        self._journal.record(Fact.DEVICE_DELETED, device_arn=arn)
 
     def _deactivate(self, user: str, arn: str) -> None:
         try:
             self._iam.deactivate_mfa_device(user, arn)
         except NoSuchEntity:
-            pass  # not assigned to the user: nothing to deactivate
+            return  # not assigned to the user: nothing to deactivate
+        self._journal.record(Fact.DEVICE_DEACTIVATED, device_arn=arn)
 
     def _delete_credential(self, token: TokenSession, credential_id: str) -> bool:
         try:
-            return token.delete_credential(credential_id)
+            deleted = token.delete_credential(credential_id)
         except TokenRemoved:
             self._progress.notice(
                 f"token {token.info.label} was removed: put it back within "
                 f"{self._settings.reinsert_timeout:.0f} s so its credential can be removed"
             )
             token.reopen(self._settings.reinsert_timeout)
-            return token.delete_credential(credential_id)
+            deleted = token.delete_credential(credential_id)
+        self._journal.record(Fact.CREDENTIAL_DELETED, credential_id=credential_id)
+        return deleted
 
     # --- timing ---------------------------------------------------------------------
 

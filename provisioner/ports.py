@@ -8,6 +8,7 @@ and is tested without I/O. ``yubikey.py`` and ``aws_iam.py`` are the real adapte
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum, unique
 from typing import Protocol
 
 from .model import CredentialSpec, DeviceSpec, OathState, Step, TokenInfo
@@ -57,6 +58,42 @@ class IamDirectory(Protocol):
     def deactivate_mfa_device(self, user: str, serial: str) -> None: ...
 
     def delete_virtual_mfa_device(self, serial: str) -> None: ...
+
+
+@unique
+class Fact(StrEnum):
+    """What the write-ahead journal records, before and after each side effect.
+
+    "...requested" is written (and flushed) before the call: from then on the thing may
+    exist even if the answer is lost or the process dies. The other facts are written
+    after the call succeeded.
+    """
+
+    DEVICE_REQUESTED = "device requested"
+    DEVICE_CREATED = "device created"
+    CREDENTIAL_REQUESTED = "credential requested"
+    CREDENTIAL_WRITTEN = "credential written"
+    ENABLE_REQUESTED = "enable requested"
+    ENABLED = "enabled"
+    CONFIRMED = "confirmed"
+    DEVICE_DEACTIVATED = "device deactivated"
+    DEVICE_DELETED = "device deleted"
+    CREDENTIAL_DELETED = "credential deleted"
+
+
+class Journal(Protocol):
+    """Where an enrollment writes what may exist, so that a crash loses nothing."""
+
+    def record(
+        self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
+    ) -> None: ...
+
+
+class NullJournal:
+    def record(
+        self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
+    ) -> None:
+        pass
 
 
 class Progress(Protocol):

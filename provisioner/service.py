@@ -246,7 +246,10 @@ class DeskService:
         self.events.publish({**base, "event": "enrolling"})
         outcome: Event
         try:
-            result = self.desk.enrollment(_Progress(self, enrollment_id, base)).run(token, user)
+            enrollment = self.desk.enrollment(
+                _Progress(self, enrollment_id, base), self.store.journal(enrollment_id)
+            )
+            result = enrollment.run(token, user)
         except AlreadyEnrolled as e:
             self.store.finish_enrollment(enrollment_id, outcome="already enrolled", actor=actor,
                                          reason=e.message)

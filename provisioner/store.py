@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .ports import Fact
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -39,7 +41,21 @@ CREATE TABLE IF NOT EXISTS enrollments (
     step TEXT NOT NULL,                -- the last step reached
     device_arn TEXT,
     outcome TEXT NOT NULL DEFAULT 'in progress',
-    reason TEXT
+    reason TEXT,
+    -- the write-ahead journal: what may exist, updated before and after each side effect
+    credential_id TEXT,
+    device_state TEXT NOT NULL DEFAULT 'none',      -- none, maybe, created, maybe enabled,
+                                                    -- enabled, confirmed, deleted
+    credential_state TEXT NOT NULL DEFAULT 'none'   -- none, maybe, written, deleted
+);
+CREATE TABLE IF NOT EXISTS token_cleanups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    serial INTEGER NOT NULL,
+    credential_id TEXT NOT NULL,
+    enrollment_id INTEGER,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    done_at REAL
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -228,6 +244,62 @@ class Store:
                 device_arn=row["device_arn"], outcome=outcome, reason=reason,
             )
 
+    def journal(self, enrollment_id: int) -> StoreJournal:
+        return StoreJournal(self, enrollment_id)
+
+    def record_fact(
+        self,
+        enrollment_id: int,
+        fact: Fact,
+        *,
+        device_arn: str | None = None,
+        credential_id: str | None = None,
+    ) -> None:
+        column, value = _FACT_STATES[fact]
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE enrollments SET {column} = ?, "  # noqa: S608 - column from a fixed table
+                "device_arn = COALESCE(?, device_arn), credential_id = COALESCE(?, credential_id) "
+                "WHERE id = ?",
+                (value, device_arn, credential_id, enrollment_id),
+            )
+
+    def enrollment(self, enrollment_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)
+            ).fetchone()
+        return dict(row) if row else None
+
+    # --- credentials to remove from tokens when they are next seen --------------------
+
+    def add_token_cleanup(
+        self, serial: int, credential_id: str, enrollment_id: int | None, reason: str
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO token_cleanups (serial, credential_id, enrollment_id, reason, "
+                "created_at) VALUES (?,?,?,?,?)",
+                (serial, credential_id, enrollment_id, reason, self._clock()),
+            )
+
+    def token_cleanups(self, serial: int | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM token_cleanups WHERE done_at IS NULL AND "
+                "(? IS NULL OR serial = ?) ORDER BY id",
+                (serial, serial),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def finish_token_cleanup(self, cleanup_id: int, actor: str, outcome: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE token_cleanups SET done_at = ? WHERE id = ?",
+                       (self._clock(), cleanup_id))
+            row = db.execute("SELECT * FROM token_cleanups WHERE id = ?", (cleanup_id,)).fetchone()
+            self._audit(db, actor, "token cleanup", serial=row["serial"], outcome=outcome,
+                        reason=f"{row['credential_id']}: {row['reason']}")
+
     def unfinished_enrollments(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
@@ -286,6 +358,33 @@ class Store:
                 (*params, limit),
             ).fetchall()
         return [AuditRecord(**dict(r)) for r in rows]
+
+
+_FACT_STATES: dict[Fact, tuple[str, str]] = {
+    Fact.DEVICE_REQUESTED: ("device_state", "maybe"),
+    Fact.DEVICE_CREATED: ("device_state", "created"),
+    Fact.CREDENTIAL_REQUESTED: ("credential_state", "maybe"),
+    Fact.CREDENTIAL_WRITTEN: ("credential_state", "written"),
+    Fact.ENABLE_REQUESTED: ("device_state", "maybe enabled"),
+    Fact.ENABLED: ("device_state", "enabled"),
+    Fact.CONFIRMED: ("device_state", "confirmed"),
+    Fact.DEVICE_DEACTIVATED: ("device_state", "created"),
+    Fact.DEVICE_DELETED: ("device_state", "deleted"),
+    Fact.CREDENTIAL_DELETED: ("credential_state", "deleted"),
+}
+
+
+class StoreJournal:
+    """The Journal port of one enrollment, written to its record."""
+
+    def __init__(self, store: Store, enrollment_id: int) -> None:
+        self._store = store
+        self._id = enrollment_id
+
+    def record(
+        self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
+    ) -> None:
+        self._store.record_fact(self._id, fact, device_arn=device_arn, credential_id=credential_id)
 
 
 def _entry(row: sqlite3.Row) -> QueueEntry:

@@ -382,3 +382,42 @@ def test_touch_not_given_is_a_clear_error_and_rolls_back() -> None:
     assert isinstance(info.value.cause, TokenTouchTimeout)
     assert "not touched in time" in str(info.value)
     desk.assert_nothing_left()
+
+
+class ListJournal:
+    def __init__(self) -> None:
+        self.facts: list[tuple[str, str | None, str | None]] = []
+
+    def record(self, fact, *, device_arn=None, credential_id=None) -> None:  # type: ignore[no-untyped-def]
+        self.facts.append((fact.value, device_arn, credential_id))
+
+
+def test_the_journal_is_written_before_and_after_each_side_effect() -> None:
+    desk = Desk()
+    journal = ListJournal()
+    seen_at_call: dict[str, str] = {}
+    for action in ("create_virtual_mfa_device", "enable_mfa_device"):
+        desk.iam.faults[action] = (
+            lambda a=action: seen_at_call.__setitem__(a, journal.facts[-1][0])  # type: ignore[misc]
+        )
+    with desk.token() as token:
+        Enrollment(desk.iam, desk.clock, desk.settings, desk.progress, journal).run(token, "alice")
+    assert [f for f, _, _ in journal.facts] == [
+        "device requested", "device created", "credential requested", "credential written",
+        "enable requested", "enabled", "confirmed",
+    ]
+    assert journal.facts[0][1] == ARN  # the expected ARN, before IAM made it
+    assert journal.facts[2][2] == CRED_ID
+    assert seen_at_call == {"create_virtual_mfa_device": "device requested",
+                            "enable_mfa_device": "enable requested"}
+
+
+def test_the_journal_records_the_rollback() -> None:
+    desk = Desk()
+    desk.iam.fail("enable_mfa_device", InvalidAuthenticationCode("codes refused"))
+    journal = ListJournal()
+    with desk.token() as token, pytest.raises(EnrollmentFailed):
+        Enrollment(desk.iam, desk.clock, desk.settings, desk.progress, journal).run(token, "alice")
+    facts = [f for f, _, _ in journal.facts]
+    assert facts[-2:] == ["device deleted", "credential deleted"], facts
+    assert "enabled" not in facts
