@@ -41,7 +41,7 @@ from .errors import (
     Throttled,
     UserNotFound,
 )
-from .model import DeviceSpec
+from .model import DeviceSpec, VirtualDevice
 from .secret import Seed
 
 logger = logging.getLogger(__name__)
@@ -102,11 +102,15 @@ def translate(error: Exception, action: str, subject: str) -> ProvisionerError:
         return InvalidInput(f"refused to send {action} for {subject}: {error}")
     if isinstance(error, _UNREACHABLE):
         # Not ambiguous: nothing reached IAM.
-        return IamError(f"cannot reach IAM to {action} for {subject}: {error}", code="Unreachable",
-                        hint=IamUnavailable.hint)
+        return IamError(
+            f"cannot reach IAM to {action} for {subject}: {error}",
+            code="Unreachable",
+            hint=IamUnavailable.hint,
+        )
     if isinstance(error, _AMBIGUOUS):
-        return IamUnavailable(f"no usable answer from IAM to {action} for {subject}: "
-                              f"{type(error).__name__}")
+        return IamUnavailable(
+            f"no usable answer from IAM to {action} for {subject}: {type(error).__name__}"
+        )
     return IamUnavailable(f"IAM call {action} for {subject} failed: {type(error).__name__}")
 
 
@@ -180,7 +184,10 @@ class IamClient:
         meta = result.get("ResponseMetadata", {})
         logger.debug(
             "IAM %s for %s: HTTP %s after %s retries",
-            action, subject, meta.get("HTTPStatusCode"), meta.get("RetryAttempts", 0),
+            action,
+            subject,
+            meta.get("HTTPStatusCode"),
+            meta.get("RetryAttempts", 0),
         )
         return result
 
@@ -252,6 +259,29 @@ class IamClient:
     def delete_virtual_mfa_device(self, serial: str) -> None:
         validation.serial_number(serial)
         self._call("delete_virtual_mfa_device", serial, SerialNumber=serial)
+
+    def list_virtual_mfa_devices(self, *, assigned: bool | None = None) -> list[VirtualDevice]:
+        status = {None: "Any", True: "Assigned", False: "Unassigned"}[assigned]
+        devices: list[VirtualDevice] = []
+        marker: str | None = None
+        while True:
+            params: dict[str, Any] = {"AssignmentStatus": status}
+            if marker:
+                params["Marker"] = marker
+            page = self._call("list_virtual_mfa_devices", f"{status.lower()} devices", **params)
+            for d in page.get("VirtualMFADevices", []):
+                d.pop("Base32StringSeed", None)  # never returned by AWS; never kept if it is
+                d.pop("QRCodePNG", None)
+                devices.append(
+                    VirtualDevice(
+                        serial_number=str(d["SerialNumber"]),
+                        user=(d.get("User") or {}).get("UserName"),
+                        tags=tuple((t["Key"], t["Value"]) for t in d.get("Tags", [])),
+                    )
+                )
+            if not page.get("IsTruncated"):
+                return devices
+            marker = page.get("Marker")
 
 
 def login_with_mfa(serial: str, code: str, *, profile: str | None = None) -> str:

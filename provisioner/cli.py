@@ -17,6 +17,7 @@ from .control import daemon_reachable
 from .errors import (
     EXIT_OK,
     AlreadyEnrolled,
+    ConfigError,
     ProvisionerError,
     exit_status,
 )
@@ -141,8 +142,7 @@ def enroll_via_daemon(socket_path: Path, user: str, serial: int | None, out: Tex
 
     start = time.monotonic()
     with ControlClient(socket_path, timeout=None) as client:
-        for event in client.request({"op": "enroll", "user": user, "serial": serial},
-                                    timeout=None):
+        for event in client.request({"op": "enroll", "user": user, "serial": serial}, timeout=None):
             kind = event.get("event")
             elapsed = (time.monotonic() - start) * 1000
             if event.get("refused") or (event.get("final") and "error" in event):
@@ -172,8 +172,10 @@ def _print_outcome(event: dict[str, object], user: str, out: TextIO) -> int:
     if event.get("outcome") == "enrolled":
         seconds = event.get("seconds")
         took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""
-        out.write(f"enrolled {user}: token {event.get('serial')} is MFA device "
-                  f"{event.get('device_arn')}{took}\n")
+        out.write(
+            f"enrolled {user}: token {event.get('serial')} is MFA device "
+            f"{event.get('device_arn')}{took}\n"
+        )
     elif event.get("ok"):
         out.write(f"nothing to do: {event.get('detail')}\n")
     else:
@@ -251,8 +253,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     daemon = answer["daemon"]
     assert isinstance(daemon, dict)
-    print(f"desk {daemon['desk']}: daemon up since {_when(daemon['since'])}, "
-          f"pcscd {daemon['pcsc']}, IAM at {daemon['iam']}, roster of {daemon['roster']}")
+    print(
+        f"desk {daemon['desk']}: daemon up since {_when(daemon['since'])}, "
+        f"pcscd {daemon['pcsc']}, IAM at {daemon['iam']}, roster of {daemon['roster']}"
+    )
     readers = answer.get("readers") or []
     tokens = {t["reader"]: t for t in answer.get("tokens") or []}
     print("readers:" if readers else "readers: none")
@@ -278,14 +282,17 @@ def _print_queue(entries: list[dict[str, Any]]) -> None:
     print("queue:")
     for e in entries:
         token = f" (token {e['serial']})" if e.get("serial") is not None else ""
-        print(f"  #{e['id']} {e['user']}{token}: {e['state']}, asked by {e['requested_by']} "
-              f"at {_when(e['requested_at'])}")
+        print(
+            f"  #{e['id']} {e['user']}{token}: {e['state']}, asked by {e['requested_by']} "
+            f"at {_when(e['requested_at'])}"
+        )
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
     if args.user:
-        answer = _ask(args, {"op": "enroll", "user": args.user, "serial": args.serial,
-                             "wait": False})
+        answer = _ask(
+            args, {"op": "enroll", "user": args.user, "serial": args.serial, "wait": False}
+        )
         print(answer.get("detail"))
         return EXIT_OK
     answer = _ask(args, {"op": "queue"})
@@ -314,10 +321,61 @@ def cmd_history(args: argparse.Namespace) -> int:
         return EXIT_OK
     for r in records:
         parts = [_when(r["at"]), r["actor"], r["event"]]
-        parts += [f"{k}={r[k]}" for k in ("user", "serial", "device_arn", "outcome", "reason")
-                  if r.get(k) is not None]
+        parts += [
+            f"{k}={r[k]}"
+            for k in ("user", "serial", "device_arn", "outcome", "reason")
+            if r.get(k) is not None
+        ]
         print("  ".join(str(p) for p in parts))
     return EXIT_OK
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    request = {
+        "op": "reconcile",
+        "dry_run": args.dry_run,
+        "keep_orphans": args.keep_orphans,
+        "all_desks": args.all_desks,
+    }
+    config = _config(args)
+    setup_logging(config.log_level)
+    if daemon_reachable(config.daemon.socket_path()):
+        actions = _ask(args, request)["actions"]
+    else:
+        actions = [a.text for a in _reconcile_here(config, args)]
+    for text in actions:
+        print(text)
+    if not actions:
+        print("nothing to do: every enrollment finished, no orphaned devices")
+    return EXIT_OK
+
+
+def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
+    from .desk import Desk
+    from .recovery import Recovery
+    from .store import Store
+    from .yubikey import find_by_serial
+
+    state = config.daemon.state_path() / "provisioner.db"
+    if not state.exists():
+        raise ConfigError(f"no desk state at {state}", hint="check daemon.state_directory")
+    store = Store(state)
+    desk = Desk.from_config(config)
+    password = config.oath_password()
+    try:
+        recovery = Recovery(
+            desk.iam,
+            store,
+            lambda eid: desk.enrollment(journal=store.journal(eid)),
+            lambda serial: find_by_serial(serial, oath_password=password),
+            device_path=config.iam.device_path,
+            desk=config.desk,
+        )
+        return recovery.run(
+            dry_run=args.dry_run, delete_orphans=not args.keep_orphans, all_desks=args.all_desks
+        )
+    finally:
+        store.close()
 
 
 def _when(epoch: object) -> str:
@@ -453,6 +511,31 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id", type=int, help="the request number (#N in provisioner queue)")
     common(cancel)
     cancel.set_defaults(func=cmd_cancel)
+
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="settle enrollments a crash interrupted, and delete orphaned devices",
+        description=(
+            "For each enrollment the journal says did not finish: record it as done if IAM "
+            "has it enabled; finish it with the token's credential if the token is plugged "
+            "in; otherwise delete its device and remove its credential (now, or when the "
+            "token is next seen). Then delete unassigned virtual MFA devices under the "
+            "desk's path that carry this desk's tags. The daemon does this at start-up; "
+            "run it by hand after a one-shot enroll was killed. Uses the running daemon "
+            "when there is one."
+        ),
+    )
+    reconcile.add_argument(
+        "--dry-run", action="store_true", help="say what it would do, do nothing"
+    )
+    reconcile.add_argument(
+        "--keep-orphans", action="store_true", help="list orphaned devices but delete none"
+    )
+    reconcile.add_argument(
+        "--all-desks", action="store_true", help="also orphans tagged with other desks' names"
+    )
+    common(reconcile)
+    reconcile.set_defaults(func=cmd_reconcile)
 
     history = sub.add_parser("history", help="the audit trail: who asked, what was done")
     history.add_argument("--limit", type=int, default=50, help="the last N records (default 50)")

@@ -83,9 +83,7 @@ class AwsClock:
                 low, high = max(old.low, fresh.low), min(old.high, fresh.high)
                 merged = Offset(low, high) if low <= high else fresh
             self._offset = merged
-            warn = (
-                abs(merged.estimate) > self._skew_warning and not self._warned
-            )
+            warn = abs(merged.estimate) > self._skew_warning and not self._warned
             if warn:
                 self._warned = True
         if warn and self._on_skew is not None:

@@ -72,7 +72,8 @@ class Authorizer:
             self.group_id = None
             log.warning(
                 "operators' group %s does not exist: only root and the service's user may "
-                "use the desk (provisioner install creates it)", operators_group,
+                "use the desk (provisioner install creates it)",
+                operators_group,
             )
 
     def refusal(self, peer: Peer) -> str | None:
@@ -127,8 +128,9 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="control-client",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="control-client", daemon=True
+            ).start()
 
     def _serve(self, conn: socket.socket) -> None:
         self.clients += 1
@@ -199,7 +201,7 @@ def _parse(line: bytes) -> Message | str:
     if not isinstance(value, dict):
         return "request must be a JSON object"
     if not isinstance(value.get("op"), str):
-        return "request needs an \"op\" string"
+        return 'request needs an "op" string'
     return value
 
 

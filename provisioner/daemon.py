@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,14 +22,15 @@ from typing import Any
 from .config import Config
 from .control import Authorizer, ControlServer, Peer
 from .desk import Desk
-from .errors import ConfigError
+from .errors import ConfigError, ProvisionerError
 from .notify import Notifier
 from .reader_watch import ReaderWatcher
+from .recovery import Recovery
 from .roster import Roster
 from .roster import load as load_roster
 from .service import DeskService
 from .store import Store
-from .yubikey import is_yubikey_reader, open_in_reader
+from .yubikey import find_by_serial, is_yubikey_reader, open_in_reader
 
 log = logging.getLogger("provisioner.daemon")
 
@@ -67,14 +68,19 @@ def run(config: Config) -> int:
     state_dir = config.daemon.state_path()
     store = Store(state_dir / "provisioner.db")
     requeued = store.requeue_taken()
-    for record in store.unfinished_enrollments():
-        # Issue #4's recovery will finish or undo these; for now they are named, not hidden.
-        log.error("enrollment #%s of %s on token %s was interrupted at step %s",
-                  record["id"], record["user"], record["serial"], record["step"])
-        store.finish_enrollment(record["id"], outcome="interrupted", actor="daemon",
-                                reason=f"the daemon stopped at step {record['step']}")
     desk = Desk.from_config(config)
     password = config.oath_password()
+
+    def recovery() -> Recovery:
+        return Recovery(
+            desk.iam,
+            store,
+            lambda eid: desk.enrollment(journal=store.journal(eid)),
+            lambda serial: find_by_serial(serial, oath_password=password),
+            device_path=config.iam.device_path,
+            desk=config.desk,
+        )
+
     service = DeskService(
         desk,
         store,
@@ -82,6 +88,7 @@ def run(config: Config) -> int:
         is_yubikey_reader=is_yubikey_reader,
         roster=_roster(config),
         notifier=notifier,
+        recovery=recovery,
     )
     authorizer = Authorizer(config.daemon.operators_group)
 
@@ -90,12 +97,20 @@ def run(config: Config) -> int:
 
     control = ControlServer(config.daemon.socket_path(), authorizer, handle)
     control.start()
-    watcher = ReaderWatcher(service.on_reader_event)
-    watcher.start()
     store.audit("daemon", "started", reason=f"desk {config.desk}, pid {os.getpid()}")
-    log.info("listening on %s; state in %s; %d request(s) queued (%d taken back from a stop)",
-             control.path, state_dir, len(store.waiting()), requeued)
+    log.info(
+        "listening on %s; state in %s; %d request(s) queued (%d taken back from a stop)",
+        control.path,
+        state_dir,
+        len(store.waiting()),
+        requeued,
+    )
     notifier.ready(f"listening on {control.path}")
+    watcher = ReaderWatcher(service.on_reader_event)
+    # What a crash left is settled before any token is served (it may need a token).
+    threading.Thread(
+        target=_recover_then_watch, args=(recovery, watcher, notifier), name="recovery", daemon=True
+    ).start()
 
     interval = notifier.watchdog_interval
     while not stop.is_set():
@@ -121,3 +136,16 @@ def run(config: Config) -> int:
     notifier.close()
     return 0
 
+
+def _recover_then_watch(
+    recovery: Callable[[], Recovery], watcher: ReaderWatcher, notifier: Notifier
+) -> None:
+    notifier.status("recovering what an earlier stop left unfinished")
+    try:
+        for action in recovery().run():
+            log.warning("recovery: %s", action.text)
+    except ProvisionerError as e:
+        log.error("recovery incomplete (provisioner reconcile retries it): %s", e.one_line())
+    except Exception:  # noqa: BLE001 - the desk must still come up
+        log.exception("recovery failed")
+    watcher.start()

@@ -206,11 +206,32 @@ class Enrollment:
             timings=tuple(undo.timings),
         )
 
+    def complete(
+        self, token: TokenSession, user: str, arn: str, credential_id: str
+    ) -> EnrollmentResult:
+        """Finish an enrollment a crash interrupted: the device exists, unassigned, and the
+        credential is on the token, the only copy of its seed. No rollback here: if this
+        fails, the recovery that called it removes both."""
+        started = self._clock.monotonic()
+        undo = _Undo()
+        issuer, _, account = credential_id.rpartition(":")
+        credential = CredentialSpec(issuer=issuer, account=account)
+        first_step = self._enable(token, user, arn, credential, None, undo)
+        self._confirm(user, arn)
+        self._journal.record(Fact.CONFIRMED)
+        return EnrollmentResult(
+            user=user,
+            token_serial=token.info.serial,
+            device_arn=arn,
+            credential_id=credential_id,
+            first_step=first_step,
+            seconds=self._clock.monotonic() - started,
+            timings=tuple(undo.timings),
+        )
+
     # --- the steps ------------------------------------------------------------------
 
-    def _check(
-        self, token: TokenSession, user: str
-    ) -> tuple[CredentialSpec, DeviceSpec, str]:
+    def _check(self, token: TokenSession, user: str) -> tuple[CredentialSpec, DeviceSpec, str]:
         """Refuse before creating anything when the enrollment cannot succeed."""
         info = token.info
         if not info.has_oath:
@@ -222,9 +243,7 @@ class Enrollment:
         arn = f"arn:aws:iam::{account}:mfa{device.path}{device.name}"
         on_token = credential.credential_id in oath.credential_ids
         if arn in devices and on_token:
-            raise AlreadyEnrolled(
-                f"{user} is already enrolled with token {info.label} ({arn})"
-            )
+            raise AlreadyEnrolled(f"{user} is already enrolled with token {info.label} ({arn})")
         if on_token:
             raise TokenCredentialExists(
                 f"token {info.label} already holds a credential {credential.credential_id}"
@@ -275,7 +294,7 @@ class Enrollment:
         user: str,
         arn: str,
         credential: CredentialSpec,
-        seed: Seed,
+        seed: Seed | None,
         undo: _Undo,
     ) -> int:
         """Compute fresh codes and enable; retried only where AWS says "try again"."""
@@ -316,23 +335,25 @@ class Enrollment:
             return codes.first_step
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _codes(self, token: TokenSession, credential: CredentialSpec, seed: Seed) -> CodePair:
+    def _codes(
+        self, token: TokenSession, credential: CredentialSpec, seed: Seed | None
+    ) -> CodePair:
         plan = plan_window(
             self._clock.now(),
             margin=self._settings.margin,
             uncertainty=self._clock.uncertainty(),
         )
         if plan.wait > 0:
-            self._progress.notice(
-                f"{plan.wait:.1f} s until the next time step: waiting for it"
-            )
+            self._progress.notice(f"{plan.wait:.1f} s until the next time step: waiting for it")
             self._clock.sleep(plan.wait)
         if credential.touch:
             self._progress.notice("touch the token now (twice: one touch per code)")
         t1, t2 = plan.timestamps
         first = token.calculate(credential.credential_id, t1)
         second = token.calculate(credential.credential_id, t2)
-        if not (codes_equal(first, code_at(seed, t1)) and codes_equal(second, code_at(seed, t2))):
+        if seed is not None and not (
+            codes_equal(first, code_at(seed, t1)) and codes_equal(second, code_at(seed, t2))
+        ):
             raise CodeMismatch(
                 f"the codes computed on token {token.info.label} do not match the seed"
             )

@@ -107,9 +107,7 @@ class IamError(ProvisionerError):
     #: garbage answer): the caller must look before it assumes either.
     ambiguous: bool = False
 
-    def __init__(
-        self, message: str, *, code: str | None = None, hint: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, code: str | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         if code is not None:
             self.code = code

@@ -115,3 +115,15 @@ class EnrollmentResult:
     first_step: int
     seconds: float
     timings: tuple[StepTiming, ...]
+
+
+@dataclass(frozen=True)
+class VirtualDevice:
+    """A virtual MFA device as IAM lists it."""
+
+    serial_number: str
+    user: str | None
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def tag(self, key: str) -> str | None:
+        return dict(self.tags).get(key)

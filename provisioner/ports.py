@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from enum import StrEnum, unique
 from typing import Protocol
 
-from .model import CredentialSpec, DeviceSpec, OathState, Step, TokenInfo
+from .model import CredentialSpec, DeviceSpec, OathState, Step, TokenInfo, VirtualDevice
 from .secret import Seed
 
 
@@ -58,6 +58,10 @@ class IamDirectory(Protocol):
     def deactivate_mfa_device(self, user: str, serial: str) -> None: ...
 
     def delete_virtual_mfa_device(self, serial: str) -> None: ...
+
+    def list_virtual_mfa_devices(self, *, assigned: bool | None = None) -> list[VirtualDevice]:
+        """All virtual devices, or only the (un)assigned ones, with their tags."""
+        ...
 
 
 @unique

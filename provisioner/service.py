@@ -31,6 +31,7 @@ from .errors import (
 from .model import Step
 from .notify import Notifier
 from .reader_watch import ReaderEvent, ReaderEventKind
+from .recovery import Recovery
 from .roster import Roster
 from .store import QueueEntry, Store
 from .yubikey import YubiKeyToken
@@ -100,8 +101,9 @@ class _Progress:
         if step is not Step.ROLLBACK:
             self._service.store.record_step(self._id, step.value)
         self._service.note_step(self._base["reader"], step.value)
-        self._service.events.publish({**self._base, "event": "step", "step": step.value,
-                                      "detail": detail})
+        self._service.events.publish(
+            {**self._base, "event": "step", "step": step.value, "detail": detail}
+        )
 
     def notice(self, text: str) -> None:
         self._service.events.publish({**self._base, "event": "notice", "detail": text})
@@ -117,6 +119,7 @@ class DeskService:
         is_yubikey_reader: Callable[[str], bool],
         roster: Roster | None = None,
         notifier: Notifier | None = None,
+        recovery: Callable[[], Recovery] | None = None,
     ) -> None:
         self.desk = desk
         self.store = store
@@ -125,6 +128,8 @@ class DeskService:
         self._open_token = open_token
         self._is_yubikey_reader = is_yubikey_reader
         self._notifier = notifier or Notifier({})
+        self._recovery = recovery
+        self._active: set[int] = set()
         self._lock = threading.Lock()
         self._present: dict[str, PresentToken] = {}
         self._readers: dict[str, bool] = {}
@@ -193,27 +198,59 @@ class DeskService:
     def _serve(self, reader: str, token: YubiKeyToken) -> None:
         info = token.info
         self._set(reader, serial=info.serial)
-        self.events.publish({"event": "token", "reader": reader, "serial": info.serial,
-                             "firmware": info.firmware_text})
+        self.events.publish(
+            {
+                "event": "token",
+                "reader": reader,
+                "serial": info.serial,
+                "firmware": info.firmware_text,
+            }
+        )
         if not info.has_oath:
-            detail = (f"token {info.label} cannot hold a TOTP credential "
-                      "(its OATH application is absent or disabled)")
+            detail = (
+                f"token {info.label} cannot hold a TOTP credential "
+                "(its OATH application is absent or disabled)"
+            )
             self._set(reader, state="unsupported")
             self.store.audit("desk", "unsupported token", serial=info.serial, reason=detail)
-            self.events.publish({"event": "unsupported", "reader": reader,
-                                 "serial": info.serial, "detail": detail})
+            self.events.publish(
+                {"event": "unsupported", "reader": reader, "serial": info.serial, "detail": detail}
+            )
             return
+        if info.serial is not None:
+            self._clean_token(reader, token, info.serial)
         user, entry, source, actor = self._claim(info.serial)
         if user is None:
-            detail = (f"token {info.label} plugged in with nobody queued or rostered: "
-                      "left untouched")
+            detail = f"token {info.label} plugged in with nobody queued or rostered: left untouched"
             log.info("%s", detail)
             self._set(reader, state="idle")
             self.store.audit("desk", "ignored token", serial=info.serial, reason=detail)
-            self.events.publish({"event": "ignored", "reader": reader, "serial": info.serial,
-                                 "detail": detail})
+            self.events.publish(
+                {"event": "ignored", "reader": reader, "serial": info.serial, "detail": detail}
+            )
             return
         self._enroll(reader, token, user, entry, source, actor)
+
+    def _clean_token(self, reader: str, token: YubiKeyToken, serial: int) -> None:
+        """Remove credentials whose devices are gone (left when the token was away)."""
+        for cleanup in self.store.token_cleanups(serial):
+            try:
+                removed = token.delete_credential(cleanup["credential_id"])
+            except ProvisionerError as e:
+                log.warning("could not clean token %s: %s", serial, e.one_line())
+                return
+            self.store.finish_token_cleanup(
+                cleanup["id"], "desk", "removed" if removed else "already gone"
+            )
+            self.events.publish(
+                {
+                    "event": "cleaned",
+                    "reader": reader,
+                    "serial": serial,
+                    "detail": f"removed stale credential {cleanup['credential_id']} "
+                    f"from token {serial}",
+                }
+            )
 
     def _claim(self, serial: int | None) -> tuple[str | None, QueueEntry | None, str, str]:
         """A request for this very token, else the roster's user, else the oldest request."""
@@ -240,8 +277,15 @@ class DeskService:
     ) -> None:
         serial = token.info.serial
         enrollment_id = self.store.start_enrollment(user, serial, reader, source)
-        base: Event = {"reader": reader, "serial": serial, "user": user,
-                       "enrollment": enrollment_id, "queue": entry.id if entry else None}
+        with self._lock:
+            self._active.add(enrollment_id)
+        base: Event = {
+            "reader": reader,
+            "serial": serial,
+            "user": user,
+            "enrollment": enrollment_id,
+            "queue": entry.id if entry else None,
+        }
         self._set(reader, state="enrolling", user=user, step=Step.CHECK.value)
         self.events.publish({**base, "event": "enrolling"})
         outcome: Event
@@ -251,28 +295,43 @@ class DeskService:
             )
             result = enrollment.run(token, user)
         except AlreadyEnrolled as e:
-            self.store.finish_enrollment(enrollment_id, outcome="already enrolled", actor=actor,
-                                         reason=e.message)
-            outcome = {"ok": True, "outcome": "already enrolled", "detail": e.message,
-                       "exit": 0}
+            self.store.finish_enrollment(
+                enrollment_id, outcome="already enrolled", actor=actor, reason=e.message
+            )
+            outcome = {"ok": True, "outcome": "already enrolled", "detail": e.message, "exit": 0}
             state = "enrolled"
         except ProvisionerError as e:
-            label = ("failed, NOT rolled back" if isinstance(e, EnrollmentFailed) and e.leftovers
-                     else "failed")
-            self.store.finish_enrollment(enrollment_id, outcome=label, actor=actor,
-                                         reason=e.one_line())
-            outcome = {"ok": False, "outcome": label, "detail": e.one_line(),
-                       "exit": exit_status(e)}
+            label = (
+                "failed, NOT rolled back"
+                if isinstance(e, EnrollmentFailed) and e.leftovers
+                else "failed"
+            )
+            self.store.finish_enrollment(
+                enrollment_id, outcome=label, actor=actor, reason=e.one_line()
+            )
+            outcome = {
+                "ok": False,
+                "outcome": label,
+                "detail": e.one_line(),
+                "exit": exit_status(e),
+            }
             state = "failed"
         else:
-            self.store.finish_enrollment(enrollment_id, outcome="enrolled", actor=actor,
-                                         device_arn=result.device_arn)
-            outcome = {"ok": True, "outcome": "enrolled", "device_arn": result.device_arn,
-                       "seconds": result.seconds, "exit": 0}
+            self.store.finish_enrollment(
+                enrollment_id, outcome="enrolled", actor=actor, device_arn=result.device_arn
+            )
+            outcome = {
+                "ok": True,
+                "outcome": "enrolled",
+                "device_arn": result.device_arn,
+                "seconds": result.seconds,
+                "exit": 0,
+            }
             state = "enrolled"
+        with self._lock:
+            self._active.discard(enrollment_id)
         if entry is not None:
-            self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed",
-                                    enrollment_id)
+            self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed", enrollment_id)
         self._set(reader, state=state)
         self.events.publish({**base, "event": "outcome", "final": True, **outcome})
 
@@ -285,12 +344,13 @@ class DeskService:
         elif op == "status":
             yield {"ok": True, "final": True, **self.status()}
         elif op == "queue":
-            yield {"ok": True, "final": True,
-                   "queue": [vars(e) for e in self.store.waiting()]}
+            yield {"ok": True, "final": True, "queue": [vars(e) for e in self.store.waiting()]}
         elif op == "cancel":
             yield self._cancel(request, peer_name)
         elif op == "history":
             yield self._history(request)
+        elif op == "reconcile":
+            yield self._reconcile(request)
         else:
             yield {"ok": False, "final": True, "error": f"unknown op {op!r}"}
 
@@ -299,8 +359,12 @@ class DeskService:
 
         user, serial = request.get("user"), request.get("serial")
         if not isinstance(user, str) or (serial is not None and not isinstance(serial, int)):
-            yield {"ok": False, "final": True, "error": "enroll needs a user name (and an "
-                   "optional integer serial)", "exit": 2}
+            yield {
+                "ok": False,
+                "final": True,
+                "error": "enroll needs a user name (and an optional integer serial)",
+                "exit": 2,
+            }
             return
         try:
             validation.user_name(user)
@@ -315,10 +379,15 @@ class DeskService:
         with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
             position = len(self.store.waiting())
             which = f"token {serial}" if serial is not None else "a token"
-            yield {"ok": True, "event": "queued", "id": entry.id, "user": user,
-                   "position": position, "final": not follow,
-                   "detail": f"{user} is queued (#{entry.id}, position {position}): "
-                             f"plug in {which}"}
+            yield {
+                "ok": True,
+                "event": "queued",
+                "id": entry.id,
+                "user": user,
+                "position": position,
+                "final": not follow,
+                "detail": f"{user} is queued (#{entry.id}, position {position}): plug in {which}",
+            }
             if not follow:
                 return
             self._offer_idle_tokens()
@@ -346,10 +415,18 @@ class DeskService:
     def _stopped(self, entry: QueueEntry) -> Event:
         still = self.store.queue_entry(entry.id)
         kept = still is not None and still.state == "waiting"
-        detail = (f"the daemon is stopping; {entry.user} stays queued (#{entry.id}) for when it "
-                  "is back" if kept else "the daemon is stopping")
-        return {"ok": False, "final": True, "outcome": "daemon stopping", "detail": detail,
-                "exit": 1}
+        detail = (
+            f"the daemon is stopping; {entry.user} stays queued (#{entry.id}) for when it is back"
+            if kept
+            else "the daemon is stopping"
+        )
+        return {
+            "ok": False,
+            "final": True,
+            "outcome": "daemon stopping",
+            "detail": detail,
+            "exit": 1,
+        }
 
     def _offer_idle_tokens(self) -> None:
         with self._lock:
@@ -363,13 +440,36 @@ class DeskService:
             return {"ok": False, "final": True, "error": "cancel needs a queue id"}
         entry = self.store.cancel(entry_id, peer_name)
         if entry is None:
-            return {"ok": False, "final": True,
-                    "error": f"no waiting request #{entry_id} (see provisioner queue)"}
-        self.events.publish({"queue": entry_id, "event": "outcome", "final": True, "ok": False,
-                             "outcome": "cancelled", "exit": 1,
-                             "detail": f"request #{entry_id} for {entry.user} was cancelled "
-                                       f"by {peer_name}"})
+            return {
+                "ok": False,
+                "final": True,
+                "error": f"no waiting request #{entry_id} (see provisioner queue)",
+            }
+        self.events.publish(
+            {
+                "queue": entry_id,
+                "event": "outcome",
+                "final": True,
+                "ok": False,
+                "outcome": "cancelled",
+                "exit": 1,
+                "detail": f"request #{entry_id} for {entry.user} was cancelled by {peer_name}",
+            }
+        )
         return {"ok": True, "final": True, "cancelled": vars(entry)}
+
+    def _reconcile(self, request: Event) -> Event:
+        if self._recovery is None:
+            return {"ok": False, "final": True, "error": "reconcile is not available"}
+        with self._lock:
+            busy = frozenset(self._active)
+        actions = self._recovery().run(
+            dry_run=bool(request.get("dry_run")),
+            delete_orphans=not request.get("keep_orphans"),
+            all_desks=bool(request.get("all_desks")),
+            busy=busy,
+        )
+        return {"ok": True, "final": True, "actions": [a.text for a in actions]}
 
     def _history(self, request: Event) -> Event:
         limit = request.get("limit", 100)
@@ -378,9 +478,11 @@ class DeskService:
         since = request.get("since")
         if not (isinstance(limit, int) and 0 < limit <= 100_000):
             return {"ok": False, "final": True, "error": "limit must be 1..100000"}
-        if (user is not None and not isinstance(user, str)) or (
-            serial is not None and not isinstance(serial, int)
-        ) or (since is not None and not isinstance(since, (int, float))):
+        if (
+            (user is not None and not isinstance(user, str))
+            or (serial is not None and not isinstance(serial, int))
+            or (since is not None and not isinstance(since, (int, float)))
+        ):
             return {"ok": False, "final": True, "error": "bad history filter"}
         records = self.store.history(limit=limit, user=user, serial=serial, since=since)
         return {"ok": True, "final": True, "history": [r.as_dict() for r in records]}
@@ -392,10 +494,13 @@ class DeskService:
             tokens = [t.as_dict() for t in self._present.values()]
             readers = [{"name": n, "card_present": p} for n, p in sorted(self._readers.items())]
         return {
-            "daemon": {"desk": self.desk.config.desk, "since": self.started,
-                       "pcsc": "up" if self.pcsc_up else "down",
-                       "iam": self.desk.iam.endpoint_url,
-                       "roster": len(self.roster) if self.roster else 0},
+            "daemon": {
+                "desk": self.desk.config.desk,
+                "since": self.started,
+                "pcsc": "up" if self.pcsc_up else "down",
+                "iam": self.desk.iam.endpoint_url,
+                "roster": len(self.roster) if self.roster else 0,
+            },
             "readers": readers,
             "tokens": tokens,
             "queue": [vars(e) for e in self.store.waiting()],

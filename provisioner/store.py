@@ -158,10 +158,13 @@ class Store:
     def take_next(self, serial: int | None) -> QueueEntry | None:
         """The oldest waiting request this token may serve (one for its serial first)."""
         with self._tx() as db:
-            row = db.execute(
-                "SELECT * FROM queue WHERE state = 'waiting' AND serial IS ? ORDER BY id LIMIT 1",
-                (serial,),
-            ).fetchone() if serial is not None else None
+            row = None
+            if serial is not None:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial = ? "
+                    "ORDER BY id LIMIT 1",
+                    (serial,),
+                ).fetchone()
             if row is None:
                 row = db.execute(
                     "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
@@ -183,8 +186,9 @@ class Store:
     def release_entry(self, entry_id: int) -> None:
         """Put a taken request back at its place (the token could not be used)."""
         with self._tx() as db:
-            db.execute("UPDATE queue SET state = 'waiting' WHERE id = ? AND state = 'taken'",
-                       (entry_id,))
+            db.execute(
+                "UPDATE queue SET state = 'waiting' WHERE id = ? AND state = 'taken'", (entry_id,)
+            )
 
     def cancel(self, entry_id: int, actor: str) -> QueueEntry | None:
         with self._tx() as db:
@@ -240,8 +244,14 @@ class Store:
             )
             row = db.execute("SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)).fetchone()
             self._audit(
-                db, actor, "enrollment", user=row["user"], serial=row["serial"],
-                device_arn=row["device_arn"], outcome=outcome, reason=reason,
+                db,
+                actor,
+                "enrollment",
+                user=row["user"],
+                serial=row["serial"],
+                device_arn=row["device_arn"],
+                outcome=outcome,
+                reason=reason,
             )
 
     def journal(self, enrollment_id: int) -> StoreJournal:
@@ -294,11 +304,18 @@ class Store:
 
     def finish_token_cleanup(self, cleanup_id: int, actor: str, outcome: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE token_cleanups SET done_at = ? WHERE id = ?",
-                       (self._clock(), cleanup_id))
+            db.execute(
+                "UPDATE token_cleanups SET done_at = ? WHERE id = ?", (self._clock(), cleanup_id)
+            )
             row = db.execute("SELECT * FROM token_cleanups WHERE id = ?", (cleanup_id,)).fetchone()
-            self._audit(db, actor, "token cleanup", serial=row["serial"], outcome=outcome,
-                        reason=f"{row['credential_id']}: {row['reason']}")
+            self._audit(
+                db,
+                actor,
+                "token cleanup",
+                serial=row["serial"],
+                outcome=outcome,
+                reason=f"{row['credential_id']}: {row['reason']}",
+            )
 
     def unfinished_enrollments(self) -> list[dict[str, Any]]:
         with self._lock:

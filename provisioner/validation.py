@@ -19,8 +19,7 @@ MAX_TAGS = 50
 def user_name(value: str) -> str:
     if not _USER.fullmatch(value):
         raise InvalidInput(
-            f"{value!r} is not a valid IAM user name "
-            "(1 to 64 of letters, digits and + = , . @ _ -)"
+            f"{value!r} is not a valid IAM user name (1 to 64 of letters, digits and + = , . @ _ -)"
         )
     return value
 

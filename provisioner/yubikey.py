@@ -133,9 +133,7 @@ class Pcsc:
     def __init__(self) -> None:
         hresult, self._context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
         if hresult != scard.SCARD_S_SUCCESS:
-            raise PcscUnavailable(
-                f"cannot reach pcscd: {scard.SCardGetErrorMessage(hresult)}"
-            )
+            raise PcscUnavailable(f"cannot reach pcscd: {scard.SCardGetErrorMessage(hresult)}")
 
     def close(self) -> None:
         if self._context is not None:
@@ -240,7 +238,10 @@ class YubiKeyToken:
             raise
         logger.debug(
             "opened token %s in %s: firmware %s, %s, OATH %s",
-            self._info.label, reader, self._info.firmware_text, self._info.form_factor,
+            self._info.label,
+            reader,
+            self._info.firmware_text,
+            self._info.form_factor,
             "enabled" if self._info.has_oath else "absent",
         )
 
@@ -511,3 +512,31 @@ def open_in_reader(reader: str, *, oath_password: str | None = None) -> Iterator
 
 def is_yubikey_reader(name: str) -> bool:
     return YUBIKEY_READER in name.lower()
+
+
+@contextmanager
+def find_by_serial(
+    serial: int, *, oath_password: str | None = None
+) -> Iterator[YubiKeyToken | None]:
+    """The token with this serial if it is plugged in (and not busy), else None."""
+    with Pcsc() as pcsc:
+        found: YubiKeyToken | None = None
+        for state in pcsc.readers():
+            if not (state.is_yubikey_reader and state.card_present):
+                continue
+            try:
+                token = YubiKeyToken(
+                    pcsc.opener(state.name), state.name, oath_password=oath_password
+                )
+            except TokenError as e:
+                logger.debug("skipping %s: %s", state.name, e.one_line())
+                continue
+            if token.info.serial == serial:
+                found = token
+                break
+            token.close()
+        try:
+            yield found
+        finally:
+            if found is not None:
+                found.close()

@@ -19,7 +19,7 @@ from provisioner.errors import (
     NoSuchEntity,
     UserNotFound,
 )
-from provisioner.model import DeviceSpec
+from provisioner.model import DeviceSpec, VirtualDevice
 from provisioner.secret import Seed
 from provisioner.totp import code_at, time_step
 
@@ -140,6 +140,14 @@ class FakeIam:
         if device.user is not None:
             raise DeleteConflict("assigned")
         del self.devices[serial]
+
+    def list_virtual_mfa_devices(self, *, assigned: bool | None = None) -> list[VirtualDevice]:
+        self._enter("list_virtual_mfa_devices")
+        return [
+            VirtualDevice(d.arn, d.user, d.tags)
+            for d in self.devices.values()
+            if assigned is None or (d.user is not None) == assigned
+        ]
 
     def unassigned(self) -> list[str]:
         return [d.arn for d in self.devices.values() if d.user is None]

@@ -22,10 +22,18 @@ from provisioner.errors import (
         (ProvisionerError("x"), 1),
         (EnrollmentFailed(step="check", user="a", token="1", cause=UserNotFound("x")), 4),
         (EnrollmentFailed(step="check", user="a", token="1", cause=TokenNoOath("x")), 3),
-        (EnrollmentFailed(step="enable", user="a", token="1", cause=InvalidAuthenticationCode("x")), 1),
         (
             EnrollmentFailed(
-                step="enable", user="a", token="1", cause=InvalidAuthenticationCode("x"),
+                step="enable", user="a", token="1", cause=InvalidAuthenticationCode("x")
+            ),
+            1,
+        ),
+        (
+            EnrollmentFailed(
+                step="enable",
+                user="a",
+                token="1",
+                cause=InvalidAuthenticationCode("x"),
                 leftovers=("virtual MFA device arn:x",),
             ),
             5,
@@ -72,8 +80,12 @@ def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, capsys) -> None:  # 
 
 def test_enrollment_failed_message_names_step_token_user_and_cause() -> None:
     e = EnrollmentFailed(
-        step="enable", user="alice", token="12345678",
-        cause=InvalidAuthenticationCode("IAM refused EnableMFADevice for alice: InvalidAuthenticationCode"),
+        step="enable",
+        user="alice",
+        token="12345678",
+        cause=InvalidAuthenticationCode(
+            "IAM refused EnableMFADevice for alice: InvalidAuthenticationCode"
+        ),
     )
     line = e.one_line()
     assert "\n" not in line

@@ -93,7 +93,11 @@ class Daemon:
         return self.workdir / "run" / "control.sock"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "NOTIFY_", "WATCHDOG_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "NOTIFY_", "WATCHDOG_"))
+        }
         env.update(self.iam.aws_env())
         env["PROVISIONER_CONFIG"] = str(self.config)
         return env
@@ -103,11 +107,16 @@ class Daemon:
         env = self.env() | {"NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": "1000000"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "provisioner", "daemon"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
-        wait_for(lambda: self.notify.seen("READY", "1") or self.proc.poll() is not None,  # type: ignore[union-attr]
-                 what="READY=1")
+        wait_for(
+            lambda: self.notify.seen("READY", "1") or self.proc.poll() is not None,  # type: ignore[union-attr]
+            what="READY=1",
+        )
         assert self.proc.poll() is None, "\n".join(self.log)
 
     def _drain(self, proc: subprocess.Popen[str]) -> None:
@@ -124,12 +133,22 @@ class Daemon:
         return code
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "provisioner", *args], env=self.env(),
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "provisioner", *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def cli_background(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "provisioner", *args], env=self.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "provisioner", *args],
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         with ControlClient(self.socket_path) as client:
@@ -152,7 +171,9 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def desk(pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam: Any, workdir: Path) -> Iterator[Daemon]:
+def desk(
+    pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam: Any, workdir: Path
+) -> Iterator[Daemon]:
     for user in ("carol", "dave", "erin"):
         admin_iam.create_user(UserName=user)
     config = workdir / "provisioner.toml"
@@ -161,8 +182,8 @@ def desk(pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam: Any, workd
     config.write_text(
         f'desk = "test-desk"\n'
         f"[enrollment]\nmargin_seconds = 2\n"
-        f"[daemon]\nstate_directory = \"{workdir / 'state'}\"\nsocket = \"{workdir / 'run' / 'control.sock'}\"\n"
-        f"roster = \"{roster}\"\nshutdown_timeout = 10\n"
+        f'[daemon]\nstate_directory = "{workdir / "state"}"\nsocket = "{workdir / "run" / "control.sock"}"\n'
+        f'roster = "{roster}"\nshutdown_timeout = 10\n'
     )
     d = Daemon(pcsc_stack, local_iam, admin_iam, workdir, config)
     d.start()
@@ -211,8 +232,10 @@ def test_a_rostered_token_is_enrolled_with_nobody_typing(desk: Daemon) -> None:
     # taken out and put back: recognized by its serial, not enrolled twice
     desk.stack.remove(0, wait=True)
     desk.stack.insert(key, 0)
-    wait_for(lambda: any(r.get("outcome") == "already enrolled" for r in desk.history()),
-             what="already enrolled reported")
+    wait_for(
+        lambda: any(r.get("outcome") == "already enrolled" for r in desk.history()),
+        what="already enrolled reported",
+    )
     assert desk.iam.call_counts()["CreateVirtualMFADevice"] == 2
 
 
@@ -222,14 +245,18 @@ def test_two_tokens_plugged_at_once_are_both_enrolled(desk: Daemon) -> None:
     wait_for(lambda: desk.devices_of("carol") and desk.devices_of("dave"), what="both enrolled")
     outcomes = [r for r in desk.history() if r["event"] == "enrollment"]
     assert sorted((r["user"], r["outcome"]) for r in outcomes) == [
-        ("carol", "enrolled"), ("dave", "enrolled")]
+        ("carol", "enrolled"),
+        ("dave", "enrolled"),
+    ]
 
 
 def test_a_token_nobody_asked_for_is_left_untouched_until_someone_is_queued(desk: Daemon) -> None:
     key = EmulatedYubiKey(serial=40000007)
     desk.stack.insert(key, 0)
-    wait_for(lambda: any(t["state"] == "idle" for t in desk.ask({"op": "status"})["tokens"]),
-             what="idle token")
+    wait_for(
+        lambda: any(t["state"] == "idle" for t in desk.ask({"op": "status"})["tokens"]),
+        what="idle token",
+    )
     assert key.credentials() == []
     assert any(r["event"] == "ignored token" and r["serial"] == 40000007 for r in desk.history())
     run = desk.cli("enroll", "--user", "erin")
@@ -239,8 +266,10 @@ def test_a_token_nobody_asked_for_is_left_untouched_until_someone_is_queued(desk
 
 def test_a_key_without_oath_is_reported_not_ignored(desk: Daemon) -> None:
     desk.stack.insert(EmulatedYubiKey(serial=40000001, enabled_capabilities=Capability.FIDO2), 0)
-    wait_for(lambda: any(r["event"] == "unsupported token" for r in desk.history()),
-             what="unsupported token reported")
+    wait_for(
+        lambda: any(r["event"] == "unsupported token" for r in desk.history()),
+        what="unsupported token reported",
+    )
     status = desk.cli("status")
     assert "token 40000001: unsupported" in status.stdout
     assert desk.devices_of("carol") == []
@@ -314,7 +343,7 @@ def test_a_restart_keeps_the_queue_and_the_audit_trail(desk: Daemon) -> None:
     assert [e["user"] for e in desk.ask({"op": "queue"})["queue"]] == ["erin"]
     after = desk.history()
     assert after[: len(before)] == before  # nothing lost, nothing rewritten
-    assert [r["event"] for r in after[len(before):]][:2] == ["stopped", "started"]
+    assert [r["event"] for r in after[len(before) :]][:2] == ["stopped", "started"]
     desk.stack.insert(EmulatedYubiKey(serial=40000008), 0)
     wait_for(lambda: desk.devices_of("erin"), what="erin enrolled after the restart")
 
@@ -324,8 +353,15 @@ def test_hostile_control_lines_get_errors_and_the_daemon_keeps_serving(desk: Dae
         s.settimeout(5)
         s.connect(str(desk.socket_path))
         f = s.makefile("rwb")
-        for line in (b"not json\n", b"[1,2]\n", b'{"op": 3}\n', b'{"op": "enroll", "user": "x y"}\n',
-                     b'{"op": "nope"}\n', b"\xff\xfe\n", b"x" * 70000 + b"\n"):
+        for line in (
+            b"not json\n",
+            b"[1,2]\n",
+            b'{"op": 3}\n',
+            b'{"op": "enroll", "user": "x y"}\n',
+            b'{"op": "nope"}\n',
+            b"\xff\xfe\n",
+            b"x" * 70000 + b"\n",
+        ):
             f.write(line)
             f.flush()
             answer = json.loads(f.readline())

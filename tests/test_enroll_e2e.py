@@ -78,7 +78,13 @@ class Bench:
 
     def enroll(self, user: str = "alice", *extra: str, **kw: object) -> Run:
         return self.provisioner(
-            "enroll", "--user", user, "--reader", self.stack.reader_names[0], *extra, **kw  # type: ignore[arg-type]
+            "enroll",
+            "--user",
+            user,
+            "--reader",
+            self.stack.reader_names[0],
+            *extra,
+            **kw,  # type: ignore[arg-type]
         )
 
     def unassigned(self) -> list[str]:
@@ -99,9 +105,13 @@ class Bench:
 
 
 @pytest.fixture
-def bench(pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam, tmp_path: Path) -> Iterator[Bench]:  # type: ignore[no-untyped-def]
+def bench(
+    pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam, tmp_path: Path
+) -> Iterator[Bench]:  # type: ignore[no-untyped-def]
     config = tmp_path / "provisioner.toml"
-    config.write_text('desk = "test-desk"\n[enrollment]\nmargin_seconds = 2\n[token]\nreinsert_timeout = 10\n')
+    config.write_text(
+        'desk = "test-desk"\n[enrollment]\nmargin_seconds = 2\n[token]\nreinsert_timeout = 10\n'
+    )
     b = Bench(pcsc_stack, local_iam, admin_iam, config)
     yield b
     for slot in (0, 1):
@@ -130,7 +140,10 @@ def test_the_token_works_for_unmodified_ykman_afterwards(bench: Bench) -> None:
     ykman = Path(sys.executable).with_name("ykman")
     listed = subprocess.run(
         [str(ykman), "--reader", bench.stack.reader_names[0], "oath", "accounts", "list"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert CRED in listed.stdout
 
@@ -212,8 +225,10 @@ def test_user_with_8_devices_already(bench: Bench) -> None:
         totp = pyotp.TOTP(seed["Base32StringSeed"].decode())
         now = bench.iam.server_time()
         admin.enable_mfa_device(  # type: ignore[attr-defined]
-            UserName="alice", SerialNumber=seed["SerialNumber"],
-            AuthenticationCode1=totp.at(now - 30), AuthenticationCode2=totp.at(now),
+            UserName="alice",
+            SerialNumber=seed["SerialNumber"],
+            AuthenticationCode1=totp.at(now - 30),
+            AuthenticationCode2=totp.at(now),
         )
     bench.plug(EmulatedYubiKey(serial=SERIAL))
     run = bench.enroll()
@@ -238,8 +253,16 @@ def test_device_name_in_use_by_another_user(bench: Bench) -> None:
 @pytest.mark.parametrize(
     ("key", "fragment"),
     [
-        (lambda: EmulatedYubiKey(serial=SERIAL, enabled_capabilities=Capability.FIDO2 | Capability.PIV), "no OATH"),
-        (lambda: EmulatedYubiKey(serial=SERIAL, oath_password="front-desk"), "protected by a password"),
+        (
+            lambda: EmulatedYubiKey(
+                serial=SERIAL, enabled_capabilities=Capability.FIDO2 | Capability.PIV
+            ),
+            "no OATH",
+        ),
+        (
+            lambda: EmulatedYubiKey(serial=SERIAL, oath_password="front-desk"),
+            "protected by a password",
+        ),
         (lambda: EmulatedYubiKey(serial=SERIAL, used_slots=32), "no free OATH slot"),
     ],
     ids=["no OATH", "locked without password", "full applet"],
@@ -258,8 +281,9 @@ def test_locked_applet_with_its_password_file(bench: Bench, tmp_path: Path) -> N
     secret = tmp_path / "oath-password"
     secret.write_text("front-desk\n")
     secret.chmod(0o600)
-    bench.config.write_text(bench.config.read_text().replace(
-        "[token]\n", f'[token]\noath_password_file = "{secret}"\n'))
+    bench.config.write_text(
+        bench.config.read_text().replace("[token]\n", f'[token]\noath_password_file = "{secret}"\n')
+    )
     bench.plug(EmulatedYubiKey(serial=SERIAL, oath_password="front-desk"))
     run = bench.enroll()
     assert run.code == 0, run.text

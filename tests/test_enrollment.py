@@ -121,7 +121,10 @@ def test_near_the_end_of_a_step_waits_for_the_next_one_only() -> None:
     ("build", "error"),
     [
         (lambda d: d.iam.users.pop("alice"), UserNotFound),
-        (lambda d: d.iam.users.__setitem__("alice", [f"arn:x:{i}" for i in range(8)]), MfaLimitExceeded),
+        (
+            lambda d: d.iam.users.__setitem__("alice", [f"arn:x:{i}" for i in range(8)]),
+            MfaLimitExceeded,
+        ),
     ],
     ids=["unknown user", "8 devices already"],
 )
@@ -140,7 +143,10 @@ def test_iam_refusals_happen_before_anything_is_created(build, error) -> None:  
 @pytest.mark.parametrize(
     ("key", "error"),
     [
-        (EmulatedYubiKey(serial=1, enabled_capabilities=Capability.FIDO2 | Capability.PIV), TokenNoOath),
+        (
+            EmulatedYubiKey(serial=1, enabled_capabilities=Capability.FIDO2 | Capability.PIV),
+            TokenNoOath,
+        ),
         (EmulatedYubiKey(serial=2, used_slots=32), TokenFull),
         (EmulatedYubiKey(serial=3, firmware=(5, 7, 1), used_slots=64), TokenFull),
         (EmulatedYubiKey(serial=4, oath_password="desk-secret"), TokenLocked),
@@ -307,7 +313,9 @@ def test_codes_that_disagree_with_the_seed_abort_before_enable() -> None:
 
     ticks = iter(range(10**6))
     token = CorruptingToken(
-        lambda: EmulatedConnection(desk.key), "Emulated reader", monotonic=lambda: float(next(ticks))
+        lambda: EmulatedConnection(desk.key),
+        "Emulated reader",
+        monotonic=lambda: float(next(ticks)),
     )
     with pytest.raises(EnrollmentFailed) as info:
         Enrollment(desk.iam, desk.clock, desk.settings, desk.progress).run(token, "alice")
@@ -403,13 +411,20 @@ def test_the_journal_is_written_before_and_after_each_side_effect() -> None:
     with desk.token() as token:
         Enrollment(desk.iam, desk.clock, desk.settings, desk.progress, journal).run(token, "alice")
     assert [f for f, _, _ in journal.facts] == [
-        "device requested", "device created", "credential requested", "credential written",
-        "enable requested", "enabled", "confirmed",
+        "device requested",
+        "device created",
+        "credential requested",
+        "credential written",
+        "enable requested",
+        "enabled",
+        "confirmed",
     ]
     assert journal.facts[0][1] == ARN  # the expected ARN, before IAM made it
     assert journal.facts[2][2] == CRED_ID
-    assert seen_at_call == {"create_virtual_mfa_device": "device requested",
-                            "enable_mfa_device": "enable requested"}
+    assert seen_at_call == {
+        "create_virtual_mfa_device": "device requested",
+        "enable_mfa_device": "enable requested",
+    }
 
 
 def test_the_journal_records_the_rollback() -> None:

@@ -7,7 +7,9 @@ from provisioner.roster import load, parse
 
 
 def test_reads_serials_and_users_in_any_column_order() -> None:
-    roster = parse("# batch 7\nuser,serial,note\nalice,12345678,desk 1\n\nbob, 12345679 ,\n", "r.csv")
+    roster = parse(
+        "# batch 7\nuser,serial,note\nalice,12345678,desk 1\n\nbob, 12345679 ,\n", "r.csv"
+    )
     assert roster.users_by_serial == {12345678: "alice", 12345679: "bob"}
     assert roster.user_for(12345678) == "alice"
     assert roster.user_for(1) is None and roster.user_for(None) is None

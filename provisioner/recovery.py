@@ -1,0 +1,265 @@
+"""Recovery after a crash, and `provisioner reconcile`: every token and device accounted for.
+
+The journal says, for every enrollment that did not finish, what may exist. For each:
+
+- enabled in IAM (the user lists the device): it worked; recorded as done.
+- a device created but not enabled: if the token holding its credential is present, the
+  enrollment is finished with codes from that credential (the token holds the only copy
+  of the seed); otherwise, or if finishing fails, the device is deleted.
+- a credential that may be on the token while its device is gone: removed now if the
+  token is present, else the next time the token is seen.
+
+Then the sweep: unassigned virtual devices under the desk's path carrying the tool's tag
+(left by whatever cause: a killed one-shot `enroll`, another desk's crash) are listed
+and, unless told not to, deleted. By default only this desk's; ``all_desks`` widens it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .enrollment import TOOL_TAG, Enrollment
+from .errors import NoSuchEntity, ProvisionerError
+from .model import VirtualDevice
+from .ports import Fact, IamDirectory, TokenSession
+
+TokenFinder = Callable[[int], AbstractContextManager[TokenSession | None]]
+
+
+class RecoveryStore(Protocol):
+    def unfinished_enrollments(self) -> list[dict[str, Any]]: ...
+
+    def record_fact(
+        self,
+        enrollment_id: int,
+        fact: Fact,
+        *,
+        device_arn: str | None = None,
+        credential_id: str | None = None,
+    ) -> None: ...
+
+    def finish_enrollment(
+        self,
+        enrollment_id: int,
+        *,
+        outcome: str,
+        actor: str,
+        device_arn: str | None = None,
+        reason: str | None = None,
+    ) -> None: ...
+
+    def add_token_cleanup(
+        self, serial: int, credential_id: str, enrollment_id: int | None, reason: str
+    ) -> None: ...
+
+    def audit(self, actor: str, event: str, **fields: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing recovery did (or, in a dry run, would do), in the operator's words."""
+
+    text: str
+    enrollment_id: int | None = None
+
+
+_MAY_EXIST = {"maybe", "created", "maybe enabled", "enabled", "confirmed"}
+_CREDENTIAL_MAY_EXIST = {"maybe", "written"}
+
+
+class Recovery:
+    def __init__(
+        self,
+        iam: IamDirectory,
+        store: RecoveryStore,
+        enrollment: Callable[[int], Enrollment],
+        find_token: TokenFinder,
+        *,
+        device_path: str,
+        desk: str,
+    ) -> None:
+        self._iam = iam
+        self._store = store
+        self._enrollment = enrollment
+        self._find_token = find_token
+        self._path = device_path
+        self._desk = desk
+
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        delete_orphans: bool = True,
+        all_desks: bool = False,
+        busy: frozenset[int] = frozenset(),
+    ) -> list[Action]:
+        """Recover every unfinished enrollment, then sweep orphans. ``busy`` names the
+        enrollments in progress right now (in a running daemon): never touched."""
+        actions: list[Action] = []
+        busy_arns: set[str] = set()
+        for record in self._store.unfinished_enrollments():
+            if record["id"] in busy:
+                if record.get("device_arn"):
+                    busy_arns.add(str(record["device_arn"]))
+                continue
+            actions.extend(self._recover(record, dry_run))
+        actions.extend(self._sweep(dry_run, delete_orphans, all_desks, frozenset(busy_arns)))
+        if not dry_run:
+            for action in actions:
+                self._store.audit("reconcile", "recovered", reason=action.text)
+        return actions
+
+    # --- one unfinished enrollment ------------------------------------------------------
+
+    def _recover(self, r: dict[str, Any], dry_run: bool) -> list[Action]:
+        eid, user, serial = int(r["id"]), str(r["user"]), r["serial"]
+        arn, cred = r.get("device_arn"), r.get("credential_id")
+        label = f"enrollment #{eid} of {user} on token {serial}"
+        device_may_exist = r["device_state"] in _MAY_EXIST and arn
+        credential_may_exist = r["credential_state"] in _CREDENTIAL_MAY_EXIST and cred
+        if device_may_exist:
+            try:
+                if arn in self._iam.list_mfa_devices(user):
+                    if not dry_run:
+                        self._store.record_fact(eid, Fact.CONFIRMED)
+                        self._store.finish_enrollment(
+                            eid,
+                            outcome="enrolled",
+                            actor="reconcile",
+                            device_arn=arn,
+                            reason="found enabled after a restart",
+                        )
+                    return [Action(f"{label}: {arn} is enabled; recorded as done", eid)]
+            except NoSuchEntity:
+                pass  # the user is gone: undo below
+        if dry_run:
+            return [
+                Action(
+                    f"{label}: would finish it if the token is present, else remove "
+                    f"{arn or 'nothing in IAM'} and {cred or 'no credential'}",
+                    eid,
+                )
+            ]
+        actions: list[Action] = []
+        if device_may_exist and credential_may_exist and serial is not None:
+            finished = self._finish(eid, user, int(serial), str(arn), str(cred), label)
+            if finished is not None:
+                return [finished]
+        if device_may_exist:
+            actions.append(self._delete_device(eid, str(arn), label))
+        if credential_may_exist and serial is not None:
+            actions.append(self._remove_credential(eid, int(serial), str(cred), label))
+        outcome = (
+            "rolled back"
+            if all("could not" not in a.text for a in actions)
+            else ("failed, NOT rolled back")
+        )
+        self._store.finish_enrollment(
+            eid, outcome=outcome, actor="reconcile", reason="interrupted; recovered after a restart"
+        )
+        return actions or [Action(f"{label}: nothing had been created; closed", eid)]
+
+    def _finish(
+        self, eid: int, user: str, serial: int, arn: str, cred: str, label: str
+    ) -> Action | None:
+        exists = any(
+            d.serial_number == arn for d in self._iam.list_virtual_mfa_devices(assigned=False)
+        )
+        if not exists:
+            return None
+        with self._find_token(serial) as token:
+            if token is None:
+                return None
+            try:
+                if cred not in token.oath_state().credential_ids:
+                    return None
+                result = self._enrollment(eid).complete(token, user, arn, cred)
+            except ProvisionerError as e:
+                self._store.audit(
+                    "reconcile",
+                    "finish failed",
+                    user=user,
+                    serial=serial,
+                    device_arn=arn,
+                    reason=e.one_line(),
+                )
+                return None
+        self._store.finish_enrollment(
+            eid,
+            outcome="enrolled",
+            actor="reconcile",
+            device_arn=result.device_arn,
+            reason="finished after a restart with the token's credential",
+        )
+        return Action(f"{label}: finished with the credential on the token; {arn} enabled", eid)
+
+    def _delete_device(self, eid: int, arn: str, label: str) -> Action:
+        try:
+            self._iam.delete_virtual_mfa_device(arn)
+        except NoSuchEntity:
+            self._store.record_fact(eid, Fact.DEVICE_DELETED)
+            return Action(f"{label}: {arn} was never created", eid)
+        except ProvisionerError as e:
+            return Action(f"{label}: could not delete {arn}: {e.one_line()}", eid)
+        self._store.record_fact(eid, Fact.DEVICE_DELETED)
+        return Action(f"{label}: deleted unassigned device {arn}", eid)
+
+    def _remove_credential(self, eid: int, serial: int, cred: str, label: str) -> Action:
+        with self._find_token(serial) as token:
+            if token is not None:
+                try:
+                    token.delete_credential(cred)
+                except ProvisionerError:
+                    pass
+                else:
+                    self._store.record_fact(eid, Fact.CREDENTIAL_DELETED)
+                    return Action(f"{label}: removed {cred} from token {serial}", eid)
+        self._store.add_token_cleanup(serial, cred, eid, "its device was removed")
+        return Action(
+            f"{label}: {cred} will be removed from token {serial} when it is next plugged in", eid
+        )
+
+    # --- orphans ------------------------------------------------------------------------
+
+    def orphans(
+        self, all_desks: bool = False, busy: frozenset[str] = frozenset()
+    ) -> list[VirtualDevice]:
+        prefix = f":mfa{self._path}"
+        return [
+            d
+            for d in self._iam.list_virtual_mfa_devices(assigned=False)
+            if prefix in d.serial_number
+            and d.tag("provisioner:tool") == TOOL_TAG
+            and (all_desks or d.tag("provisioner:desk") == self._desk)
+            and d.serial_number not in busy
+        ]
+
+    def _sweep(
+        self, dry_run: bool, delete: bool, all_desks: bool, busy: frozenset[str]
+    ) -> list[Action]:
+        actions = []
+        for device in self.orphans(all_desks, busy):
+            who = (
+                f"{device.tag('provisioner:user')} on token "
+                f"{device.tag('provisioner:token-serial')}, desk {device.tag('provisioner:desk')}"
+            )
+            if dry_run or not delete:
+                verb = "would delete" if dry_run and delete else "kept"
+                actions.append(Action(f"orphaned device {device.serial_number} ({who}): {verb}"))
+                continue
+            try:
+                self._iam.delete_virtual_mfa_device(device.serial_number)
+            except NoSuchEntity:
+                continue
+            except ProvisionerError as e:
+                actions.append(
+                    Action(
+                        f"could not delete orphaned device {device.serial_number}: {e.one_line()}"
+                    )
+                )
+                continue
+            actions.append(Action(f"deleted orphaned device {device.serial_number} ({who})"))
+        return actions

@@ -1,0 +1,200 @@
+"""Recovery from what the journal says may exist: fake IAM, real store, emulated token."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakes import ACCOUNT, FakeClock, FakeIam
+
+from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
+from provisioner.enrollment import Enrollment, EnrollmentSettings
+from provisioner.model import CredentialSpec, DeviceSpec
+from provisioner.ports import Fact
+from provisioner.recovery import Recovery
+from provisioner.store import Store
+from provisioner.yubikey import YubiKeyToken
+
+SERIAL = 12345678
+CRED = f"AWS:alice@{ACCOUNT}"
+NAME = f"alice.yubikey.{SERIAL}"
+ARN = f"arn:aws:iam::{ACCOUNT}:mfa/provisioner/{NAME}"
+TAGS = (
+    ("provisioner:tool", "provisioner"),
+    ("provisioner:desk", "desk-1"),
+    ("provisioner:user", "alice"),
+    ("provisioner:token-serial", str(SERIAL)),
+)
+
+
+class World:
+    def __init__(self, tmp_path: Path) -> None:
+        self.clock = FakeClock()
+        self.iam = FakeIam(self.clock, users=("alice",))
+        self.store = Store(tmp_path / "state.db")
+        self.key = EmulatedYubiKey(serial=SERIAL)
+        self.token_present = True
+        self.settings = EnrollmentSettings(desk="desk-1")
+
+    @contextlib.contextmanager
+    def find_token(self, serial: int) -> Iterator[YubiKeyToken | None]:
+        if not self.token_present or serial != SERIAL:
+            yield None
+            return
+        with YubiKeyToken(lambda: EmulatedConnection(self.key), "reader") as token:
+            yield token
+
+    def recovery(self) -> Recovery:
+        return Recovery(
+            self.iam,
+            self.store,
+            lambda eid: Enrollment(
+                self.iam, self.clock, self.settings, journal=self.store.journal(eid)
+            ),
+            self.find_token,
+            device_path="/provisioner/",
+            desk="desk-1",
+        )
+
+    def crashed_after(
+        self, *facts: Fact, create: bool = True, write: bool = True, enable: bool = False
+    ) -> int:
+        """An enrollment record as a killed daemon leaves it, and the world to match."""
+        eid = self.store.start_enrollment("alice", SERIAL, "reader", "roster")
+        journal = self.store.journal(eid)
+        seed = None
+        if create:
+            _, seed = self.iam.create_virtual_mfa_device(DeviceSpec(NAME, "/provisioner/", TAGS))
+        for fact in facts:
+            journal.record(
+                fact,
+                device_arn=ARN if fact is Fact.DEVICE_REQUESTED else None,
+                credential_id=CRED if fact is Fact.CREDENTIAL_REQUESTED else None,
+            )
+        if write and seed is not None:
+            with YubiKeyToken(lambda: EmulatedConnection(self.key), "reader") as token:
+                token.put_credential(CredentialSpec("AWS", f"alice@{ACCOUNT}"), seed)
+        if enable:
+            with YubiKeyToken(lambda: EmulatedConnection(self.key), "reader") as token:
+                Enrollment(self.iam, self.clock, self.settings).complete(token, "alice", ARN, CRED)
+        return eid
+
+    def credentials(self) -> list[str]:
+        return [c.id for c in self.key.credentials()]
+
+    def outcome(self, eid: int) -> str:
+        record = self.store.enrollment(eid)
+        assert record is not None
+        return str(record["outcome"])
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+UP_TO_WRITTEN = (
+    Fact.DEVICE_REQUESTED,
+    Fact.DEVICE_CREATED,
+    Fact.CREDENTIAL_REQUESTED,
+    Fact.CREDENTIAL_WRITTEN,
+)
+
+
+def test_enabled_but_not_recorded_is_recorded_as_done(world: World) -> None:
+    eid = world.crashed_after(*UP_TO_WRITTEN, Fact.ENABLE_REQUESTED, enable=True)
+    actions = world.recovery().run()
+    assert world.outcome(eid) == "enrolled"
+    assert "recorded as done" in actions[0].text
+    assert world.iam.users["alice"] == [ARN]
+    assert world.credentials() == [CRED]
+
+
+def test_created_and_written_with_the_token_present_is_finished(world: World) -> None:
+    eid = world.crashed_after(*UP_TO_WRITTEN)
+    actions = world.recovery().run()
+    assert world.outcome(eid) == "enrolled"
+    assert "finished with the credential on the token" in actions[0].text
+    assert world.iam.users["alice"] == [ARN]  # enabled with codes computed on the token
+    assert world.iam.enabled_steps == [-1]
+    assert world.credentials() == [CRED]
+
+
+def test_created_and_written_without_the_token_is_undone_and_the_token_cleaned_later(
+    world: World,
+) -> None:
+    world.token_present = False
+    eid = world.crashed_after(*UP_TO_WRITTEN)
+    actions = world.recovery().run()
+    assert world.outcome(eid) == "rolled back"
+    assert world.iam.devices == {}
+    assert [c["credential_id"] for c in world.store.token_cleanups(SERIAL)] == [CRED]
+    assert any("when it is next plugged in" in a.text for a in actions)
+
+
+def test_a_device_that_may_never_have_been_created(world: World) -> None:
+    eid = world.crashed_after(Fact.DEVICE_REQUESTED, create=False, write=False)
+    actions = world.recovery().run()
+    assert world.outcome(eid) == "rolled back"
+    assert "never created" in actions[0].text
+
+
+def test_a_created_device_whose_credential_was_never_written(world: World) -> None:
+    eid = world.crashed_after(Fact.DEVICE_REQUESTED, Fact.DEVICE_CREATED, write=False)
+    world.recovery().run()
+    assert world.outcome(eid) == "rolled back"
+    assert world.iam.devices == {}
+    assert world.credentials() == []
+
+
+def test_a_maybe_written_credential_is_removed_when_the_token_is_present(world: World) -> None:
+    eid = world.crashed_after(Fact.DEVICE_REQUESTED, Fact.DEVICE_CREATED, Fact.CREDENTIAL_REQUESTED)
+    world.iam.devices.clear()  # say the device side was lost too
+    world.recovery().run()
+    assert world.outcome(eid) == "rolled back"
+    assert world.credentials() == []
+    assert world.store.token_cleanups(SERIAL) == []
+
+
+def test_dry_run_changes_nothing(world: World) -> None:
+    eid = world.crashed_after(*UP_TO_WRITTEN)
+    actions = world.recovery().run(dry_run=True)
+    assert actions and all("would" in a.text for a in actions)
+    assert world.outcome(eid) == "in progress"
+    assert ARN in world.iam.devices
+    assert world.iam.users["alice"] == []
+
+
+def test_sweep_removes_this_desks_tagged_orphans_only(world: World) -> None:
+    mine = world.iam.create_virtual_mfa_device(DeviceSpec("a1", "/provisioner/", TAGS))[0]
+    other_desk = world.iam.create_virtual_mfa_device(
+        DeviceSpec(
+            "a2",
+            "/provisioner/",
+            tuple((k, "desk-2" if k == "provisioner:desk" else v) for k, v in TAGS),
+        )
+    )[0]
+    untagged = world.iam.create_virtual_mfa_device(DeviceSpec("a3", "/provisioner/"))[0]
+    elsewhere = world.iam.create_virtual_mfa_device(DeviceSpec("a4", "/other/", TAGS))[0]
+    busy = world.iam.create_virtual_mfa_device(DeviceSpec("a5", "/provisioner/", TAGS))[0]
+    recovery = world.recovery()
+    assert [d.serial_number for d in recovery.orphans(busy=frozenset({busy}))] == [mine]
+    eid = world.store.start_enrollment("bob", 1, "reader", "roster")
+    world.store.record_fact(eid, Fact.DEVICE_REQUESTED, device_arn=busy)
+    recovery.run(busy=frozenset({eid}))
+    assert sorted(world.iam.devices) == sorted([other_desk, untagged, elsewhere, busy])
+    recovery.run(all_desks=True, busy=frozenset({eid}))
+    assert sorted(world.iam.devices) == sorted([untagged, elsewhere, busy])
+
+
+def test_orphans_can_be_listed_and_kept(world: World) -> None:
+    mine = world.iam.create_virtual_mfa_device(DeviceSpec("a1", "/provisioner/", TAGS))[0]
+    kept = world.recovery().run(delete_orphans=False)
+    assert [a.text for a in kept] == [
+        f"orphaned device {mine} (alice on token {SERIAL}, desk desk-1): kept"
+    ]
+    dry = world.recovery().run(dry_run=True)
+    assert dry[0].text.endswith(": would delete")
+    assert mine in world.iam.devices
