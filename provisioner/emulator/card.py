@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -172,6 +173,7 @@ class EmulatedYubiKey:
             self._applets[oath.AID] = self._oath
         self._fail_rules: list[_FailRule] = []
         self._pull_at = s.pull_at_command
+        self._stall: tuple[int, float] | None = None
         self._history: deque[ApduRecord] = deque(maxlen=HISTORY_LENGTH)
         # Physical and volatile state
         self._present = False
@@ -320,6 +322,20 @@ class EmulatedYubiKey:
                 )
             self._pull_at = at_command
 
+    def schedule_stall(self, at_command: int, seconds: float) -> None:
+        """Take `seconds` before processing the `at_command`-th APDU since power-on.
+
+        One-shot. The command is then processed as usual (the way a slow or
+        touch-waiting key answers late): a host killed meanwhile never sees the answer,
+        though the key did the work. Introspection stays available during the stall.
+        """
+        with self._lock:
+            if at_command <= self._commands:
+                raise ValueError(
+                    f"command {at_command} already passed ({self._commands} since power-on)"
+                )
+            self._stall = (at_command, seconds)
+
     def fail_command(self, ins: int, sw: int, *, times: int = 1, p1: int | None = None) -> None:
         """Answer `sw` (and no data) to the next `times` APDUs with this INS (and P1).
 
@@ -339,6 +355,15 @@ class EmulatedYubiKey:
         Raises CardRemovedError when the key is not in a reader, or when a scheduled
         pull fires (the key is then removed).
         """
+        with self._lock:
+            stall = self._stall
+            if stall is not None and stall[0] == self._commands + 1:
+                self._stall = None
+            else:
+                stall = None
+        if stall is not None:
+            logger.debug("emulated YubiKey stalls %.1f s before command %d", stall[1], stall[0])
+            time.sleep(stall[1])
         with self._lock:
             self._require_present()
             if not self._powered:

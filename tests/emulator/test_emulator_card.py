@@ -255,3 +255,21 @@ def test_no_secret_in_repr_str_or_history() -> None:
     for secret in (PASSWORD, SEED.decode(), SEED.hex(), base64.b32encode(SEED).decode()):
         assert secret not in shown
     assert "hunter2" not in shown and "seed" not in shown
+
+
+def test_a_stall_delays_one_command_then_it_is_processed() -> None:
+    import time
+
+    from provisioner.emulator import EmulatedYubiKey
+
+    key = EmulatedYubiKey(serial=1)
+    select_mgmt = bytes.fromhex("00a4040008a000000527471117")
+    key.schedule_stall(2, 0.3)
+    key.transmit(select_mgmt)
+    started = time.monotonic()
+    answer = key.transmit(select_mgmt)
+    assert time.monotonic() - started >= 0.3
+    assert answer[-2:] == b"\x90\x00"
+    started = time.monotonic()
+    key.transmit(select_mgmt)
+    assert time.monotonic() - started < 0.2  # one-shot
