@@ -1,0 +1,1 @@
+"""Tests of the strict local IAM stand-in (provisioner.local_iam)."""
