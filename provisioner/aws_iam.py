@@ -174,17 +174,18 @@ class IamClient:
 
     def _call(self, action: str, subject: str, **params: Any) -> dict[str, Any]:
         method = getattr(self._iam, action)
-        logger.debug("IAM %s for %s", action, subject)
+        name = self._iam.meta.method_to_api_mapping.get(action, action)  # AWS's own word
+        logger.debug("IAM %s for %s", name, subject)
         try:
             result: dict[str, Any] = method(**params)
         except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
-            error = translate(e, action, subject)
-            logger.debug("IAM %s for %s failed: %s", action, subject, error.message)
+            error = translate(e, name, subject)
+            logger.debug("IAM %s for %s failed: %s", name, subject, error.message)
             raise error from e
         meta = result.get("ResponseMetadata", {})
         logger.debug(
             "IAM %s for %s: HTTP %s after %s retries",
-            action,
+            name,
             subject,
             meta.get("HTTPStatusCode"),
             meta.get("RetryAttempts", 0),

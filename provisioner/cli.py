@@ -138,6 +138,19 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 def enroll_via_daemon(socket_path: Path, user: str, serial: int | None, out: TextIO) -> int:
     """Queue the user with the running daemon and follow the enrollment to its end."""
+    try:
+        return _follow_enrollment(socket_path, user, serial, out)
+    except (ConnectionError, OSError) as e:
+        out.flush()
+        print(
+            f"provisioner: lost the desk daemon before the enrollment of {user} ended ({e}); "
+            f"after it restarts, provisioner history --user {user} tells the outcome",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _follow_enrollment(socket_path: Path, user: str, serial: int | None, out: TextIO) -> int:
     from .control import ControlClient
 
     start = time.monotonic()

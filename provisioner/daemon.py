@@ -10,6 +10,7 @@ SIGHUP: re-read the roster. Logs go to stderr, which the journal keeps.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -52,6 +53,8 @@ def _roster(config: Config) -> Roster | None:
 
 def run(config: Config) -> int:
     no_core_dumps()
+    # `kill -USR1` writes every thread's stack to the journal: for a desk that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     notifier = Notifier()
     stop = threading.Event()
     reload = threading.Event()
@@ -67,7 +70,7 @@ def run(config: Config) -> int:
 
     state_dir = config.daemon.state_path()
     store = Store(state_dir / "provisioner.db")
-    requeued = store.requeue_taken()
+    requeued, interrupted = store.settle_taken()
     desk = Desk.from_config(config)
     password = config.oath_password()
 
@@ -99,11 +102,13 @@ def run(config: Config) -> int:
     control.start()
     store.audit("daemon", "started", reason=f"desk {config.desk}, pid {os.getpid()}")
     log.info(
-        "listening on %s; state in %s; %d request(s) queued (%d taken back from a stop)",
+        "listening on %s; state in %s; %d request(s) queued (%d put back, %d interrupted "
+        "by a stop)",
         control.path,
         state_dir,
         len(store.waiting()),
         requeued,
+        interrupted,
     )
     notifier.ready(f"listening on {control.path}")
     watcher = ReaderWatcher(service.on_reader_event)

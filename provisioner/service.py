@@ -252,6 +252,22 @@ class DeskService:
                 }
             )
 
+    def _schedule_cleanup(self, enrollment_id: int, serial: int | None) -> None:
+        """A credential the rollback could not remove (the token was pulled) is removed the
+        next time the token is seen."""
+        record = self.store.enrollment(enrollment_id)
+        if (
+            record is not None
+            and serial is not None
+            and record["outcome"] != "enrolled"
+            and record["outcome"] != "already enrolled"
+            and record["credential_state"] in ("maybe", "written")
+            and record["credential_id"]
+        ):
+            self.store.add_token_cleanup(
+                serial, record["credential_id"], enrollment_id, "the enrollment was rolled back"
+            )
+
     def _claim(self, serial: int | None) -> tuple[str | None, QueueEntry | None, str, str]:
         """A request for this very token, else the roster's user, else the oldest request."""
         entry = self.store.take_next(serial)
@@ -277,6 +293,8 @@ class DeskService:
     ) -> None:
         serial = token.info.serial
         enrollment_id = self.store.start_enrollment(user, serial, reader, source)
+        if entry is not None:
+            self.store.link_entry(entry.id, enrollment_id)
         with self._lock:
             self._active.add(enrollment_id)
         base: Event = {
@@ -328,6 +346,7 @@ class DeskService:
                 "exit": 0,
             }
             state = "enrolled"
+        self._schedule_cleanup(enrollment_id, serial)
         with self._lock:
             self._active.discard(enrollment_id)
         if entry is not None:

@@ -201,10 +201,27 @@ class Store:
             self._audit(db, actor, "cancelled", user=row["user"], serial=row["serial"])
         return _entry(row)
 
-    def requeue_taken(self) -> int:
-        """At start-up: requests a killed daemon had taken go back to waiting."""
+    def link_entry(self, entry_id: int, enrollment_id: int) -> None:
+        """The request's enrollment has started: from now on it is never served twice."""
         with self._tx() as db:
-            return db.execute("UPDATE queue SET state = 'waiting' WHERE state = 'taken'").rowcount
+            db.execute(
+                "UPDATE queue SET enrollment_id = ? WHERE id = ?", (enrollment_id, entry_id)
+            )
+
+    def settle_taken(self) -> tuple[int, int]:
+        """At start-up, the requests a killed daemon had taken: one whose enrollment had
+        started is closed as interrupted (recovery settles the enrollment, the history
+        tells the outcome); one whose enrollment had not started waits again.
+        Returns (requeued, interrupted)."""
+        with self._tx() as db:
+            requeued = db.execute(
+                "UPDATE queue SET state = 'waiting' WHERE state = 'taken' "
+                "AND enrollment_id IS NULL"
+            ).rowcount
+            interrupted = db.execute(
+                "UPDATE queue SET state = 'interrupted' WHERE state = 'taken'"
+            ).rowcount
+        return requeued, interrupted
 
     # --- enrollments ------------------------------------------------------------------
 

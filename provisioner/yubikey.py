@@ -82,6 +82,7 @@ class PcscConnection(SmartCardConnection):
 
     def __init__(self, context: Any, reader: str) -> None:
         self.reader = reader
+        self._gone = False
         hresult, self._card, protocol = scard.SCardConnect(
             context,
             reader,
@@ -106,8 +107,10 @@ class PcscConnection(SmartCardConnection):
     def send_and_receive(self, apdu: bytes) -> tuple[bytes, int]:
         hresult, response = scard.SCardTransmit(self._card, self._pci, list(apdu))
         if hresult != scard.SCARD_S_SUCCESS:
+            self._gone = self._gone or hresult in _GONE or hresult == scard.SCARD_F_COMM_ERROR
             raise PcscError(f"talking to the card in {self.reader}", hresult)
         if len(response) < 2:
+            self._gone = True
             raise PcscError(
                 f"short answer from the card in {self.reader}", scard.SCARD_F_COMM_ERROR
             )
@@ -115,8 +118,11 @@ class PcscConnection(SmartCardConnection):
 
     def close(self) -> None:
         if self._card is not None:
-            # Reset: a validated (unlocked) OATH applet must not stay open for the next program.
-            scard.SCardDisconnect(self._card, scard.SCARD_RESET_CARD)
+            # Reset: a validated (unlocked) OATH applet must not stay open for the next
+            # program. A card that is gone is left alone: resetting it only confuses the
+            # reader driver (vpcd then never reports the next card).
+            how = scard.SCARD_LEAVE_CARD if self._gone else scard.SCARD_RESET_CARD
+            scard.SCardDisconnect(self._card, how)
             self._card = None
 
 

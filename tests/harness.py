@@ -118,10 +118,20 @@ class Daemon:
         for line in proc.stderr:
             self.log.append(line.rstrip())
 
-    def stop(self) -> int:
+    def stop(self, timeout: float = 30) -> int:
         assert self.proc is not None and self.notify is not None
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # Stuck: get every thread's stack (SIGUSR1), then make sure it is gone.
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            self.proc.kill()
+            self.proc.wait(10)
+            self.notify.close()
+            stacks = "\n".join(self.log[-200:])
+            raise AssertionError(f"the daemon did not stop on SIGTERM:\n{stacks}") from None
         time.sleep(0.1)
         self.notify.close()
         return code
