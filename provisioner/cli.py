@@ -391,6 +391,19 @@ def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
         store.close()
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install import install, uninstall
+
+    root = Path(args.root)
+    if args.remove:
+        lines = uninstall(root, reload=not args.no_reload)
+    else:
+        lines = install(root, args.executable, reload=not args.no_reload)
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
 def _when(epoch: object) -> str:
     if not isinstance(epoch, (int, float)):
         return "?"
@@ -549,6 +562,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(reconcile)
     reconcile.set_defaults(func=cmd_reconcile)
+
+    install = sub.add_parser(
+        "install",
+        help="put the systemd unit, the udev rule, the users and a first config in place",
+        description=(
+            "Installs /etc/systemd/system/provisioner.service (ExecStart pointing at this "
+            "installation), /etc/udev/rules.d/70-provisioner.rules, the user provisioner "
+            "and the group provisioner-operators (sysusers.d), and "
+            "/etc/provisioner/provisioner.toml if there is none (never overwritten). Then "
+            "reloads systemd and udev when they run. Running it twice changes nothing. "
+            "Next: add operators to provisioner-operators, put AWS settings in "
+            "/etc/provisioner/environment, systemctl enable --now provisioner."
+        ),
+    )
+    install.add_argument("--root", default="/", help="install under this directory (an image)")
+    install.add_argument("--executable", help="the command ExecStart runs (default: this one)")
+    install.add_argument("--no-reload", action="store_true", help="do not reload systemd/udev")
+    install.add_argument(
+        "--remove", action="store_true", help="remove the unit and the rule (keeps state, config)"
+    )
+    install.set_defaults(func=cmd_install)
 
     history = sub.add_parser("history", help="the audit trail: who asked, what was done")
     history.add_argument("--limit", type=int, default=50, help="the last N records (default 50)")

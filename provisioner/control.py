@@ -11,6 +11,7 @@ and the connection stays usable; the daemon never dies of a client.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import json
 import logging
@@ -30,11 +31,19 @@ MAX_LINE = 64 * 1024
 Message = dict[str, Any]
 
 
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
+
+
 @dataclass(frozen=True)
 class Peer:
+    """Who is on the other end of a control connection, as the kernel says."""
+
     pid: int
     uid: int
     gid: int
+    #: Primary and supplementary groups at connect time (SO_PEERGROUPS): no race with the
+    #: PID, and no need to read /proc (which the unit hides with ProtectProc=invisible).
+    groups: frozenset[int] = frozenset()
 
     @property
     def name(self) -> str:
@@ -43,22 +52,26 @@ class Peer:
         except KeyError:
             return f"uid {self.uid}"
 
-    def groups(self) -> set[int]:
-        """The peer's primary and supplementary groups, read from /proc/PID/status."""
-        found = {self.gid}
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("Groups:"):
-                    found.update(int(g) for g in line.split()[1:])
-        except OSError:
-            pass
-        return found
-
 
 def peer_of(conn: socket.socket) -> Peer:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
-    return Peer(pid, uid, gid)
+    return Peer(pid, uid, gid, frozenset({gid, *_peer_groups(conn)}))
+
+
+def _peer_groups(conn: socket.socket) -> tuple[int, ...]:
+    size = 4 * 64
+    while size <= 4 * 65536:
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                size *= 4
+                continue
+            log.warning("cannot read the peer's groups (SO_PEERGROUPS): %s", e)
+            return ()
+        return struct.unpack(f"{len(raw) // 4}I", raw)
+    return ()
 
 
 class Authorizer:
@@ -80,7 +93,7 @@ class Authorizer:
         """None when allowed, else the sentence the client is told."""
         if peer.uid in (0, os.getuid()):
             return None
-        if self.group_id is not None and self.group_id in peer.groups():
+        if self.group_id is not None and self.group_id in peer.groups:
             return None
         return (
             f"not authorized: {peer.name} (uid {peer.uid}) is not root and not in the "

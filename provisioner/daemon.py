@@ -31,6 +31,7 @@ from .roster import Roster
 from .roster import load as load_roster
 from .service import DeskService
 from .store import Store
+from .usb import UsbWatcher, list_yubikeys
 from .yubikey import find_by_serial, is_yubikey_reader, open_in_reader
 
 log = logging.getLogger("provisioner.daemon")
@@ -110,6 +111,7 @@ def run(config: Config) -> int:
         requeued,
         interrupted,
     )
+    usb = _watch_usb(service)
     notifier.ready(f"listening on {control.path}")
     watcher = ReaderWatcher(service.on_reader_event)
     # What a crash left is settled before any token is served (it may need a token).
@@ -136,6 +138,8 @@ def run(config: Config) -> int:
     control.close()
     service.stop(config.daemon.shutdown_timeout)
     watcher.stop()
+    if usb is not None:
+        usb.stop()
     store.audit("daemon", "stopped")
     store.close()
     notifier.close()
@@ -154,3 +158,22 @@ def _recover_then_watch(
     except Exception:  # noqa: BLE001 - the desk must still come up
         log.exception("recovery failed")
     watcher.start()
+
+
+def _watch_usb(service: DeskService) -> UsbWatcher | None:
+    """Keys without a CCID interface never show up in PC/SC: USB events tell about them."""
+
+    def scan(*_: object) -> None:
+        try:
+            tokens = list_yubikeys()
+        except ProvisionerError as e:
+            log.warning("USB: %s", e.one_line())
+            return
+        service.on_usb_tokens(
+            {(t.bus, t.address): t.describe() for t in tokens if not t.can_hold_totp}
+        )
+
+    watcher = UsbWatcher(scan)
+    started = watcher.start()  # before the first scan, so that nothing falls between
+    scan()
+    return watcher if started else None

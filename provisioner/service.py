@@ -130,6 +130,7 @@ class DeskService:
         self._notifier = notifier or Notifier({})
         self._recovery = recovery
         self._active: set[int] = set()
+        self._usb_reported: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
         self._present: dict[str, PresentToken] = {}
         self._readers: dict[str, bool] = {}
@@ -164,6 +165,22 @@ class DeskService:
         elif kind is ReaderEventKind.CARD_REMOVED:
             self.events.publish({"event": "token-removed", "reader": reader})
         self._update_status()
+
+    def on_usb_tokens(self, unsupported: dict[tuple[int, int], str]) -> None:
+        """USB keys that can never reach PC/SC (no CCID interface): said, not ignored.
+
+        ``unsupported`` maps (bus, address) to a sentence about each such key now plugged
+        in; each is reported once per plugging.
+        """
+        with self._lock:
+            fresh = {k: v for k, v in unsupported.items() if k not in self._usb_reported}
+            self._usb_reported = set(unsupported)
+        for (bus, address), detail in fresh.items():
+            log.warning("%s", detail)
+            self.store.audit("desk", "unsupported token", reason=detail)
+            self.events.publish(
+                {"event": "unsupported", "usb": f"{bus}-{address}", "detail": detail}
+            )
 
     def _start_worker(self, reader: str) -> None:
         if self._stopping.is_set():

@@ -81,6 +81,8 @@ class Daemon:
     proc: subprocess.Popen[str] | None = None
     notify: NotifyListener | None = None
     log: list[str] = field(default_factory=list)
+    #: A command the daemon runs under (umockdev-run -d ... --), for emulated USB.
+    wrapper: list[str] = field(default_factory=list)
 
     @property
     def socket_path(self) -> Path:
@@ -100,7 +102,7 @@ class Daemon:
         self.notify = NotifyListener(self.workdir / f"notify-{time.monotonic_ns()}.sock")
         env = self.env() | {"NOTIFY_SOCKET": str(self.notify.path), "WATCHDOG_USEC": "1000000"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "provisioner", "daemon"],
+            [*self.wrapper, sys.executable, "-m", "provisioner", "daemon"],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -185,6 +187,8 @@ def write_config(workdir: Path, extra: str = "", roster: str | None = None) -> P
         "[enrollment]\nmargin_seconds = 2\n"
         f'[daemon]\nstate_directory = "{workdir / "state"}"\n'
         f'socket = "{workdir / "run" / "control.sock"}"\n'
+        # An existing group stands in for provisioner-operators (the tests create none).
+        'operators_group = "users"\n'
         f"{roster_line}shutdown_timeout = 10\n" + extra
     )
     return config

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ACCOUNT, Daemon, arn, make_workdir, wait_for
+from harness import ACCOUNT, Daemon, arn, make_workdir, wait_for, write_config
 
 from provisioner.control import ControlClient
 from provisioner.emulator import Capability, EmulatedYubiKey, PcscStack
@@ -36,15 +36,7 @@ def desk(
 ) -> Iterator[Daemon]:
     for user in ("carol", "dave", "erin"):
         admin_iam.create_user(UserName=user)
-    config = workdir / "provisioner.toml"
-    roster = workdir / "roster.csv"
-    roster.write_text("serial,user\n40000001,carol\n40000002,dave\n")
-    config.write_text(
-        f'desk = "test-desk"\n'
-        f"[enrollment]\nmargin_seconds = 2\n"
-        f'[daemon]\nstate_directory = "{workdir / "state"}"\nsocket = "{workdir / "run" / "control.sock"}"\n'
-        f'roster = "{roster}"\nshutdown_timeout = 10\n'
-    )
+    config = write_config(workdir, roster="serial,user\n40000001,carol\n40000002,dave\n")
     d = Daemon(pcsc_stack, local_iam, admin_iam, workdir, config)
     d.start()
     yield d
@@ -163,13 +155,13 @@ def test_ctrl_c_on_enroll_withdraws_the_request(desk: Daemon) -> None:
     assert any(r["event"] == "cancelled" and r["user"] == "erin" for r in desk.history())
 
 
-def _as_nobody(path: Path) -> dict[str, Any]:
+def _as_nobody(path: Path, groups: tuple[int, ...] = ()) -> dict[str, Any]:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         try:
             os.close(read)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(65534)
             os.setuid(65534)
             with ControlClient(path) as client:
@@ -190,7 +182,7 @@ def test_an_unprivileged_user_is_refused_and_nothing_happens(desk: Daemon) -> No
     answer = _as_nobody(desk.socket_path)
     assert answer.get("refused") is True, answer
     assert "not authorized: nobody (uid 65534)" in answer["error"]
-    assert "provisioner-operators" in answer["error"]
+    assert "operators' group users" in answer["error"]
     assert desk.ask({"op": "queue"})["queue"] == []
     assert not any(r.get("user") == "mallory" for r in desk.history())
 
@@ -227,3 +219,32 @@ def test_hostile_control_lines_get_errors_and_the_daemon_keeps_serving(desk: Dae
             answer = json.loads(f.readline())
             assert answer["ok"] is False and answer["final"] is True and answer["error"]
     assert desk.ask({"op": "status"})["ok"] is True
+
+
+def test_a_member_of_the_operators_group_may_queue(desk: Daemon) -> None:
+    import grp
+
+    answer = _as_nobody(desk.socket_path, groups=(grp.getgrnam("users").gr_gid,))
+    assert answer.get("ok") is True, answer
+    assert [e["user"] for e in desk.ask({"op": "queue"})["queue"]] == ["mallory"]
+    assert any(r["event"] == "queued" and r["actor"] == "nobody" for r in desk.history())
+
+
+def test_a_fido_only_key_on_usb_is_reported_as_unable_to_hold_totp(
+    pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam: Any, workdir: Path
+) -> None:
+    # It never reaches PC/SC (no CCID interface): only the USB side can see it.
+    data = Path(__file__).parent / "data"
+    d = Daemon(pcsc_stack, local_iam, admin_iam, workdir, write_config(workdir))
+    d.wrapper = ["umockdev-run", "-d", str(data / "usb-root-hub.umockdev"),
+                 "-d", str(data / "security-key.umockdev"), "--"]
+    d.start()
+    try:
+        wait_for(lambda: any(r["event"] == "unsupported token" for r in d.history()),
+                 what="the security key reported")
+        [record] = [r for r in d.history() if r["event"] == "unsupported token"]
+        assert "1050:0120, FIDO only: no CCID interface" in record["reason"]
+        assert "cannot hold a TOTP credential" in record["reason"]
+        assert any("cannot hold a TOTP credential" in line for line in d.log)
+    finally:
+        assert d.stop() == 0
