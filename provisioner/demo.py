@@ -1,63 +1,127 @@
 """`provisioner demo`: the whole job on a laptop with no YubiKey and no AWS account.
 
 It starts the strict local IAM server (moto, made to check codes the way AWS does) and
-emulated YubiKeys, through the real pcscd when it can (root, pcscd and vpcd installed)
-and in-process otherwise; enrolls a few users with exactly the code `provisioner enroll`
-runs; proves each token works by logging in with a code computed on it; and shows one
-enrollment failing half-way and being rolled back.
+emulated YubiKeys, plugged into the real pcscd through vsmartcard's vpcd readers when it
+can (root, pcscd and vpcd installed: its own pcscd, or one already serving readers named
+like a YubiKey's) and in-process otherwise. It enrolls a few users with exactly the code
+`provisioner enroll` runs, proves each token works by logging in with a code computed on
+it, shows one enrollment failing half-way and being rolled back, and finally checks,
+rather than claims, that nothing is left half done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from .aws_iam import login_with_mfa
 from .cli import TerminalProgress
 from .config import Config
 from .desk import Desk
-from .emulator import EmulatedConnection, EmulatedYubiKey, PcscStack, PcscStackError
+from .emulator import (
+    DEFAULT_READER_NAME,
+    EmulatedConnection,
+    EmulatedYubiKey,
+    PcscStack,
+    PcscStackError,
+    VpcdCard,
+)
 from .errors import EnrollmentFailed, ProvisionerError
 from .local_iam import LocalIamServer
 from .model import EnrollmentResult
 from .yubikey import Pcsc, YubiKeyToken, open_token
 
 FIRST_SERIAL = 31_000_001
+VPCD_PORT = 35963
+
+
+class _Readers(Protocol):
+    @property
+    def reader_names(self) -> tuple[str, ...]: ...
+
+    def insert(self, key: EmulatedYubiKey, slot: int = 0) -> object: ...
+
+    def remove(self, slot: int = 0) -> None: ...
+
+
+class _AttachedReaders:
+    """vpcd readers of a pcscd that is already running (one pcscd per machine)."""
+
+    reader_names = (f"{DEFAULT_READER_NAME} 00 00", f"{DEFAULT_READER_NAME} 00 01")
+
+    def __init__(self, pcsc: Pcsc) -> None:
+        self._pcsc = pcsc
+        self._cards: dict[int, VpcdCard] = {}
+
+    @classmethod
+    def find(cls) -> _AttachedReaders | None:
+        try:
+            pcsc = Pcsc()
+        except ProvisionerError:
+            return None
+        names = {r.name for r in pcsc.readers()}
+        if not set(cls.reader_names) <= names:
+            pcsc.close()
+            return None
+        return cls(pcsc)
+
+    def insert(self, key: EmulatedYubiKey, slot: int = 0) -> object:
+        card = VpcdCard(key, port=VPCD_PORT + slot)
+        card.insert()
+        self._cards[slot] = card
+        self._wait(slot, present=True)
+        return card
+
+    def remove(self, slot: int = 0) -> None:
+        card = self._cards.pop(slot, None)
+        if card is not None:
+            card.remove()
+            self._wait(slot, present=False)
+
+    def _wait(self, slot: int, *, present: bool) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            states = {r.name: r.card_present for r in self._pcsc.readers()}
+            if states.get(self.reader_names[slot]) == present:
+                return
+            time.sleep(0.02)
+        raise PcscStackError(f"pcscd did not see the card change in {self.reader_names[slot]}")
+
+    def close(self) -> None:
+        for slot in list(self._cards):
+            self.remove(slot)
+        self._pcsc.close()
 
 
 class _Tokens:
-    """Plugs emulated keys in, through pcscd + vpcd or in-process."""
+    """Plugs emulated keys in: through pcscd + vpcd, or in-process."""
 
-    def __init__(self, stack: PcscStack | None) -> None:
-        self.stack = stack
-        self._pcsc = Pcsc() if stack else None
+    def __init__(self, readers: _Readers | None) -> None:
+        self.readers = readers
+        self._pcsc = Pcsc() if readers else None
 
     @property
     def how(self) -> str:
-        if self.stack:
-            return f"through pcscd, in the vpcd readers {', '.join(self.stack.reader_names)}"
+        if self.readers:
+            names = ", ".join(self.readers.reader_names)
+            return f"through pcscd, in the vpcd readers {names}"
         return "in-process (no pcscd)"
 
     @contextlib.contextmanager
-    def plugged(
-        self, key: EmulatedYubiKey, slot: int, password: str | None
-    ) -> Iterator[YubiKeyToken]:
-        if self.stack is None or self._pcsc is None:
-            with YubiKeyToken(
-                lambda: EmulatedConnection(key),
-                "in-process emulated YubiKey",
-                oath_password=password,
-            ) as token:
-                yield token
+    def plugged(self, key: EmulatedYubiKey, slot: int) -> Iterator[YubiKeyToken]:
+        if self.readers is None or self._pcsc is None:
+            with YubiKeyToken(lambda: EmulatedConnection(key), "in-process emulated YubiKey") as t:
+                yield t
             return
-        self.stack.insert(key, slot)
+        self.readers.insert(key, slot)
         try:
-            with open_token(self._pcsc, serial=key.serial, oath_password=password) as token:
+            with open_token(self._pcsc, serial=key.serial) as token:
                 yield token
         finally:
-            self.stack.remove(slot)
+            self.readers.remove(slot)
 
     def close(self) -> None:
         if self._pcsc is not None:
@@ -65,7 +129,7 @@ class _Tokens:
 
 
 @contextlib.contextmanager
-def _pcsc_stack(in_process: bool, out: TextIO) -> Iterator[PcscStack | None]:
+def _readers(in_process: bool, out: TextIO) -> Iterator[_Readers | None]:
     if in_process:
         yield None
         return
@@ -73,8 +137,16 @@ def _pcsc_stack(in_process: bool, out: TextIO) -> Iterator[PcscStack | None]:
     try:
         stack.start()
     except PcscStackError as e:
-        out.write(f"(no PC/SC stack: {e}; using in-process tokens instead)\n")
-        yield None
+        attached = _AttachedReaders.find()
+        if attached is None:
+            out.write(f"(no PC/SC stack: {e.args[0]}; using in-process tokens instead)\n")
+            yield None
+            return
+        out.write("(pcscd already runs with YubiKey-named vpcd readers: using them)\n")
+        try:
+            yield attached
+        finally:
+            attached.close()
         return
     try:
         yield stack
@@ -83,6 +155,9 @@ def _pcsc_stack(in_process: bool, out: TextIO) -> Iterator[PcscStack | None]:
 
 
 def run_demo(users: list[str], in_process: bool, out: TextIO) -> int:
+    if not users:
+        out.write("provisioner demo: no users given\n")
+        return 2
     out.write("provisioner demo: emulated YubiKeys, a local IAM server; no hardware, no AWS.\n")
     with LocalIamServer() as server:
         os.environ.update(server.aws_env())
@@ -90,8 +165,8 @@ def run_demo(users: list[str], in_process: bool, out: TextIO) -> int:
         for user in users:
             server.create_user(user)
         out.write(f"IAM users: {', '.join(users)}\n")
-        with _pcsc_stack(in_process, out) as stack:
-            tokens = _Tokens(stack)
+        with _readers(in_process, out) as readers:
+            tokens = _Tokens(readers)
             try:
                 return _enroll_all(server, tokens, users, out)
             finally:
@@ -99,78 +174,99 @@ def run_demo(users: list[str], in_process: bool, out: TextIO) -> int:
 
 
 def _enroll_all(server: LocalIamServer, tokens: _Tokens, users: list[str], out: TextIO) -> int:
-    config = Config(desk="demo-desk")
-    desk = Desk.from_config(config)
+    desk = Desk.from_config(Config(desk="demo-desk"))
     out.write(f"tokens are plugged in {tokens.how}\n")
-    results: list[EnrollmentResult] = []
+    results: list[tuple[EnrollmentResult, EmulatedYubiKey]] = []
     for i, user in enumerate(users):
         key = EmulatedYubiKey(serial=FIRST_SERIAL + i)
         out.write(f"\n== {user}: YubiKey {key.serial} plugged in\n")
-        progress = TerminalProgress(out, prefix="  ")
-        with tokens.plugged(key, i % 2, None) as token:
+        with tokens.plugged(key, i % 2) as token:
+            progress = TerminalProgress(out, prefix="  ")
             try:
                 result = desk.enrollment(progress).run(token, user)
             except ProvisionerError as e:
                 out.write(f"  FAILED: {e.one_line()}\n")
                 return 1
-            results.append(result)
+            results.append((result, key))
             out.write(f"  enrolled in {result.seconds * 1000:.0f} ms: {result.device_arn}\n")
             _show_server_check(server, result, out)
             _login(desk, token, result, out)
 
-    out.write("\n== what a failure looks like: IAM fails at EnableMFADevice for bob's second key\n")
-    _show_rollback(server, tokens, desk, users[min(1, len(users) - 1)], out)
-
-    out.write("\nsummary:\n")
-    for r in results:
-        out.write(
-            f"  {r.user:<10} token {r.token_serial}  {r.seconds * 1000:6.1f} ms  {r.device_arn}\n"
-        )
+    victim = users[min(1, len(users) - 1)]
     out.write(
-        "every token above holds its credential, every device is enabled, nothing else exists.\n"
+        f"\n== what a failure looks like: IAM fails at EnableMFADevice for {victim}'s second key\n"
     )
-    return 0
+    spare = _show_rollback(server, tokens, desk, victim, out)
+
+    return _summary(server, results, spare, out)
 
 
 def _show_server_check(server: LocalIamServer, result: EnrollmentResult, out: TextIO) -> None:
-    enable = [
+    attempts = [
         a
         for a in server.attempts()
-        if a.action == "EnableMFADevice" and a.serial == result.device_arn
+        if a.action == "EnableMFADevice" and a.serial == result.device_arn and a.accepted
     ]
-    if enable and enable[-1].accepted:
-        offset = enable[-1].step_offset
-        which = {0: "N-1 and N", 1: "N and N+1", -1: "N-2 and N-1"}.get(offset or 0, str(offset))
+    if attempts:
+        offset = attempts[-1].step_offset or 0
+        pair = {0: "N-1 and N", 1: "N and N+1", -1: "N-2 and N-1"}.get(offset, str(offset))
         out.write(
-            f"  IAM checked both codes against the seed it holds, at its own time: steps {which}\n"
+            f"  IAM checked both codes against the seed it holds, at its own time: steps {pair}\n"
         )
 
 
 def _login(desk: Desk, token: YubiKeyToken, result: EnrollmentResult, out: TextIO) -> None:
-    now = int(desk.clock.now())
-    code = token.calculate(result.credential_id, now)
+    code = token.calculate(result.credential_id, int(desk.clock.now()))
     expiry = login_with_mfa(result.device_arn, code)
     out.write(f"  login with a fresh code from the token: accepted (session until {expiry})\n")
 
 
 def _show_rollback(
     server: LocalIamServer, tokens: _Tokens, desk: Desk, user: str, out: TextIO
-) -> None:
+) -> EmulatedYubiKey:
     key = EmulatedYubiKey(serial=FIRST_SERIAL + 99)
     server.inject_fault(
         "EnableMFADevice", code="ServiceFailure", count=desk.config.iam.max_attempts
     )
-    progress = TerminalProgress(out, prefix="  ")
-    with tokens.plugged(key, 0, None) as token:
+    with tokens.plugged(key, 0) as token:
         try:
-            desk.enrollment(progress).run(token, user)
+            desk.enrollment(TerminalProgress(out, prefix="  ")).run(token, user)
         except EnrollmentFailed as e:
             out.write(f"  failed as expected: {e.one_line()}\n")
         else:
             out.write("  (the fault did not fire)\n")
     server.clear_faults()
-    left = [c.id for c in key.credentials()]
+    return key
+
+
+def _summary(
+    server: LocalIamServer,
+    results: list[tuple[EnrollmentResult, EmulatedYubiKey]],
+    spare: EmulatedYubiKey,
+    out: TextIO,
+) -> int:
+    out.write("\nsummary (checked, not assumed):\n")
+    devices = {d["serial"]: d["user"] for d in server.virtual_devices()}
+    problems: list[str] = []
+    for result, key in results:
+        on_token = result.credential_id in {c.id for c in key.credentials()}
+        assigned = devices.get(result.device_arn) == result.user
+        state = "ok" if on_token and assigned else "PROBLEM"
+        out.write(
+            f"  {result.user:<10} token {result.token_serial}  {result.seconds * 1000:6.1f} ms"
+            f"  credential on token: {'yes' if on_token else 'NO'}, device enabled: "
+            f"{'yes' if assigned else 'NO'}  {state}\n"
+        )
+        if state != "ok":
+            problems.append(result.user)
+    unassigned = [serial for serial, user in devices.items() if user is None]
+    leftover = [c.id for c in spare.credentials()]
     out.write(
-        f"  token {key.serial} now holds: {left or 'nothing'}; "
-        f"unassigned devices in IAM: {server.unassigned_devices() or 'none'}\n"
+        f"  unassigned virtual MFA devices: {len(unassigned)}; credentials left on the "
+        f"failed token {spare.serial}: {len(leftover)}\n"
     )
+    if problems or unassigned or leftover:
+        out.write("demo FAILED: something is half done (see above)\n")
+        return 1
+    out.write("every token holds its credential, every device is enabled, nothing else exists.\n")
+    return 0

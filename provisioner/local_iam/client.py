@@ -246,6 +246,18 @@ class LocalIamServer:
         """Calls received per Action so far (including those a fault answered)."""
         return {k: int(v) for k, v in self._control("GET", "calls")["calls"].items()}
 
+    def create_user(self, name: str) -> None:
+        """An IAM user to enroll (the demo's users; tests may use boto3 instead)."""
+        self._control("POST", "users", {"name": name})
+
+    def virtual_devices(self) -> list[dict[str, Any]]:
+        """Every virtual MFA device: its serial number and user (None: unassigned)."""
+        devices: list[dict[str, Any]] = self._control("GET", "devices")["devices"]
+        return devices
+
+    def unassigned_devices(self) -> list[str]:
+        return [d["serial"] for d in self.virtual_devices() if d["user"] is None]
+
     def reset(self) -> None:
         """Forget everything: moto's state, faults, attempts, counts, clock offset."""
         self._control("POST", "reset")

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from provisioner.local_iam.aws_errors import KNOWN_ERRORS, query_error_body
@@ -247,6 +247,16 @@ def _json_response(
     return [body]
 
 
+class Directory(Protocol):
+    """Setting up and looking at the stand-in's IAM state (for the demo and tests)."""
+
+    def create_user(self, name: str) -> None: ...
+
+    def virtual_devices(self) -> list[dict[str, Any]]:
+        """Serial number and user of every virtual device; never a seed."""
+        ...
+
+
 class ControlMiddleware:
     """Serve the control API, count calls, apply faults; pass the rest to moto.
 
@@ -254,10 +264,17 @@ class ControlMiddleware:
     it again to route and parse the call) sees it unchanged.
     """
 
-    def __init__(self, app: WsgiApp, state: ControlState, reset_moto: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        app: WsgiApp,
+        state: ControlState,
+        reset_moto: Callable[[], None],
+        directory: Directory | None = None,
+    ) -> None:
         self._app = app
         self._state = state
         self._reset_moto = reset_moto
+        self._directory = directory
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -352,6 +369,14 @@ class ControlMiddleware:
             return {"attempts": [asdict(a) for a in state.attempts.all()]}
         elif route == "calls" and method == "GET":
             return {"calls": state.calls.snapshot()}
+        elif route == "users" and method == "POST" and self._directory is not None:
+            name = _json_body(environ).get("name")
+            if not isinstance(name, str) or not name:
+                raise _ControlError("400 Bad Request", "'name' (an IAM user name) is required")
+            self._directory.create_user(name)
+            return {"created": name}
+        elif route == "devices" and method == "GET" and self._directory is not None:
+            return {"devices": self._directory.virtual_devices()}
         elif route == "reset" and method == "POST":
             self._reset_moto()
             state.reset()

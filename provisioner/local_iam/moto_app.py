@@ -8,6 +8,7 @@ is announced, so the first real call is as fast as the others.
 from __future__ import annotations
 
 import email.utils
+from typing import Any
 
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.iam.models import iam_backends
@@ -67,9 +68,26 @@ def _reset_moto() -> None:
     moto_api_backend.reset()
 
 
+class _MotoDirectory:
+    """The Directory of the control API, over moto's IAM backend."""
+
+    @staticmethod
+    def _backend() -> Any:
+        return iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+    def create_user(self, name: str) -> None:
+        self._backend().create_user("us-east-1", name)
+
+    def virtual_devices(self) -> list[dict[str, Any]]:
+        return [
+            {"serial": d.serial_number, "user": d.user.name if d.user else None}
+            for d in self._backend().virtual_mfa_devices.values()
+        ]
+
+
 def build_app(state: ControlState) -> ControlMiddleware:
     """Patch moto with the strict rules and wrap its dispatcher in the control layer."""
     strict.install(strict.StrictIamRules(state.clock, state.attempts))
     dispatcher = DomainDispatcherApplication(create_backend_app)
     _warm_up(dispatcher)
-    return ControlMiddleware(dispatcher, state, _reset_moto)
+    return ControlMiddleware(dispatcher, state, _reset_moto, _MotoDirectory())

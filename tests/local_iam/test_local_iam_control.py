@@ -192,3 +192,13 @@ def test_sigint_stops_the_server_cleanly_and_it_prints_one_line() -> None:
     assert process.returncode == 0
     assert out == ""  # exactly one line on stdout
     assert err == ""  # quiet without --verbose
+
+
+def test_users_and_devices_for_the_demo(iam_server: LocalIamServer, iam: Any) -> None:
+    iam_server.create_user("zed")
+    assert [u["UserName"] for u in iam.list_users()["Users"]] == ["zed"]
+    device = iam.create_virtual_mfa_device(VirtualMFADeviceName="d1")["VirtualMFADevice"]
+    serial = device["SerialNumber"]
+    assert iam_server.virtual_devices() == [{"serial": serial, "user": None}]
+    assert iam_server.unassigned_devices() == [serial]
+    assert device["Base32StringSeed"].decode() not in str(iam_server.virtual_devices())
