@@ -119,7 +119,7 @@ class ControlServer:
         self._sock.bind(str(path))
         # Anyone may connect and be told whether they may use the desk (SO_PEERCRED).
         path.chmod(0o666)
-        self._sock.listen(16)
+        self._sock.listen(socket.SOMAXCONN)
         self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
         self.clients = 0
 
@@ -224,8 +224,9 @@ class ControlClient:
     def __init__(self, path: Path, timeout: float | None = 5.0) -> None:
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._sock.settimeout(timeout)
+        # Blocking connect: with a timeout set, a full backlog fails at once (EAGAIN).
         self._sock.connect(str(path))
+        self._sock.settimeout(timeout)
         self._file = self._sock.makefile("rb")
 
     def close(self) -> None:
@@ -240,7 +241,10 @@ class ControlClient:
 
     def request(self, message: Message, *, timeout: float | None = 5.0) -> Iterator[Message]:
         self._sock.settimeout(timeout)
-        self._sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+        except BrokenPipeError:
+            pass  # refused before we spoke: the daemon's one line is still there to read
         while True:
             line = self._file.readline()
             if not line:

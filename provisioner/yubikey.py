@@ -10,6 +10,7 @@ into the project's TokenError tree.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -78,23 +79,36 @@ class PcscError(ConnectionError):
 
 
 class PcscConnection(SmartCardConnection):
-    """An exclusive PC/SC connection to the card in one reader."""
+    """An exclusive PC/SC connection to the card in one reader, with a context of its own.
 
-    def __init__(self, context: Any, reader: str) -> None:
+    Its own context, because pcscd keeps a vanished card's exclusive lock until the
+    context that held it is released (a disconnect alone does not free it), and the same
+    token must be reopened after it is put back.
+    """
+
+    def __init__(self, reader: str) -> None:
         self.reader = reader
         self._gone = False
-        hresult, self._card, protocol = scard.SCardConnect(
-            context,
+        self._card: Any = None
+        hresult, self._context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        if hresult != scard.SCARD_S_SUCCESS:
+            self._context = None
+            raise PcscError("reaching pcscd", hresult)
+        hresult, card, protocol = scard.SCardConnect(
+            self._context,
             reader,
             scard.SCARD_SHARE_EXCLUSIVE,
             scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
         )
         if hresult != scard.SCARD_S_SUCCESS:
+            self.close()
             raise PcscError(f"connecting to {reader}", hresult)
+        self._card = card
         t1 = protocol == scard.SCARD_PROTOCOL_T1
         self._pci = scard.SCARD_PCI_T1 if t1 else scard.SCARD_PCI_T0
         hresult, _name, _state, _proto, atr = scard.SCardStatus(self._card)
         if hresult != scard.SCARD_S_SUCCESS:
+            self._gone = True
             self.close()
             raise PcscError(f"reading the ATR in {reader}", hresult)
         # As ykman decides it: the ATR's second byte says USB (0xFx) or NFC.
@@ -116,14 +130,31 @@ class PcscConnection(SmartCardConnection):
             )
         return bytes(response[:-2]), response[-2] << 8 | response[-1]
 
+    def reconnect(self) -> None:
+        """Back to the card in this reader after it was removed and put back."""
+        hresult, protocol = scard.SCardReconnect(
+            self._card,
+            scard.SCARD_SHARE_EXCLUSIVE,
+            scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+            scard.SCARD_RESET_CARD,
+        )
+        if hresult != scard.SCARD_S_SUCCESS:
+            raise PcscError(f"reconnecting to {self.reader}", hresult)
+        self._gone = False
+        t1 = protocol == scard.SCARD_PROTOCOL_T1
+        self._pci = scard.SCARD_PCI_T1 if t1 else scard.SCARD_PCI_T0
+
     def close(self) -> None:
         if self._card is not None:
             # Reset: a validated (unlocked) OATH applet must not stay open for the next
-            # program. A card that is gone is left alone: resetting it only confuses the
-            # reader driver (vpcd then never reports the next card).
+            # program. A card that is gone is left alone: resetting or powering it down
+            # only confuses the reader driver (vpcd then never reports the next card).
             how = scard.SCARD_LEAVE_CARD if self._gone else scard.SCARD_RESET_CARD
             scard.SCardDisconnect(self._card, how)
             self._card = None
+        if self._context is not None:
+            scard.SCardReleaseContext(self._context)
+            self._context = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +209,7 @@ class Pcsc:
 
     def connect(self, reader: str) -> PcscConnection:
         try:
-            return PcscConnection(self._context, reader)
+            return PcscConnection(reader)
         except PcscError as e:
             if e.code == scard.SCARD_E_SHARING_VIOLATION:
                 raise TokenBusy(f"the card in {reader} is in use by another program") from e
@@ -207,6 +238,12 @@ def _translated(label: str, what: str) -> Iterator[None]:
         raise TokenCommandFailed(f"token {label} answered SW=0x{e.sw:04X} to {what}") from e
     except (BadResponseError, NotSupportedError, CommandError) as e:
         raise TokenCommandFailed(f"token {label} gave a bad answer to {what}: {e}") from e
+    except (ValueError, IndexError, KeyError, struct.error) as e:
+        # yubikit's TLV parsing raises these on malformed answers; the text is not shown
+        # (it could quote what the card sent).
+        raise TokenCommandFailed(
+            f"token {label} gave a bad answer to {what} ({type(e).__name__})"
+        ) from e
     except PcscError as e:
         if e.code in _NO_SERVICE:
             raise PcscUnavailable(f"pcscd stopped answering during {what}") from e
@@ -388,12 +425,28 @@ class YubiKeyToken:
         return True
 
     def reopen(self, timeout: float) -> None:
-        """Wait for this same token (by serial) to be plugged back in, and reopen it."""
-        self._drop_connection()
+        """Wait for this same token (by serial) to be plugged back in, and reopen it.
+
+        Over PC/SC the handle we hold is reconnected (SCardReconnect), the standard way
+        back to a card that was removed: a fresh connect would find the reader still
+        locked by the old exclusive handle.
+        """
+        self._oath = None
+        self._credentials = {}
+        old = self._connection
+        reconnect = getattr(old, "reconnect", None)
+        if reconnect is None:
+            self._drop_connection()
         deadline = self._monotonic() + timeout
         while True:
             try:
-                connection = self._connect()
+                if reconnect is not None:
+                    with _translated(self._reader, "reopen the card"):
+                        reconnect()
+                    connection = old
+                else:
+                    connection = self._connect()
+                assert connection is not None
                 info = self._read_info(connection)
             except (TokenRemoved, TokenNotFound, TokenBusy):
                 if self._monotonic() >= deadline:
@@ -403,7 +456,8 @@ class YubiKeyToken:
                 self._sleep(0.2)
                 continue
             if info.serial != self._info.serial:
-                connection.close()
+                if reconnect is None:
+                    connection.close()
                 raise TokenNotFound(
                     f"a different token ({info.label}) was inserted instead of {self.label}"
                 )

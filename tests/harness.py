@@ -3,6 +3,7 @@ test, the operator's CLI over the control socket, the state it leaves behind."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -167,6 +168,29 @@ class Daemon:
         return self.ask({"op": "history", "limit": 1000})["history"]  # type: ignore[no-any-return]
 
 
+
+
+def seed_forms(secret: bytes) -> list[str]:
+    """A seed as it could leak: base32 (AWS's form) with or without padding, any case; hex."""
+    b32 = base64.b32encode(secret).decode()
+    forms = {b32, b32.rstrip("="), b32.lower(), b32.rstrip("=").lower(), secret.hex(),
+             secret.hex().upper()}
+    return sorted(forms)
+
+
+def assert_no_seed(secrets: list[bytes], texts: list[str], files: list[Path]) -> None:
+    """No seed in any of ``texts`` (logs, output, messages) or ``files`` (raw bytes too)."""
+    assert secrets, "no secret to look for: the check would prove nothing"
+    blobs = {str(f): f.read_bytes() for f in files if f.is_file()}
+    for secret in secrets:
+        forms = seed_forms(secret)
+        for i, text in enumerate(texts):
+            for form in forms:
+                assert form not in text, f"a seed leaked into text #{i}"
+        for name, blob in blobs.items():
+            assert secret not in blob, f"a raw seed leaked into {name}"
+            for form in forms:
+                assert form.encode() not in blob, f"a seed leaked into {name}"
 
 
 def make_workdir() -> Path:

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from harness import ACCOUNT, Daemon, arn, make_workdir, wait_for, write_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from provisioner.control import ControlClient
 from provisioner.emulator import Capability, EmulatedYubiKey, PcscStack
@@ -95,6 +97,9 @@ def test_two_tokens_plugged_at_once_are_both_enrolled(desk: Daemon) -> None:
     desk.stack.insert(EmulatedYubiKey(serial=40000001), 0, wait=False)
     desk.stack.insert(EmulatedYubiKey(serial=40000002), 1, wait=False)
     wait_for(lambda: desk.devices_of("carol") and desk.devices_of("dave"), what="both enrolled")
+    # IAM lists a device a moment before the daemon has written its outcome
+    wait_for(lambda: len([r for r in desk.history() if r["event"] == "enrollment"]) == 2,
+             what="both outcomes recorded")
     outcomes = [r for r in desk.history() if r["event"] == "enrollment"]
     assert sorted((r["user"], r["outcome"]) for r in outcomes) == [
         ("carol", "enrolled"),
@@ -248,3 +253,83 @@ def test_a_fido_only_key_on_usb_is_reported_as_unable_to_hold_totp(
         assert any("cannot hold a TOTP credential" in line for line in d.log)
     finally:
         assert d.stop() == 0
+
+
+# --- hostile clients -----------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=10,
+)
+REQUESTS = st.one_of(
+    st.binary(max_size=300).map(lambda b: b.replace(b"\n", b" ")),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"op": st.sampled_from(["enroll", "status", "queue", "cancel", "history", "reconcile", "x"])},
+        optional={"user": JSON, "serial": JSON, "id": JSON, "limit": JSON, "since": JSON,
+                  "wait": st.just(False)},
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+def _one_answer(path: Path, line: bytes) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(line + b"\n")
+        answer = s.makefile("rb").readline()
+    assert answer, f"no answer to {line[:60]!r}"
+    value = json.loads(answer)
+    assert isinstance(value, dict)
+    return value
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=REQUESTS)
+def test_fuzzed_control_lines_always_get_an_answer(desk: Daemon, line: bytes) -> None:
+    answer = _one_answer(desk.socket_path, line)
+    assert "ok" in answer or "event" in answer
+
+
+def test_partial_frames_floods_and_the_daemon_keeps_serving(desk: Daemon) -> None:
+    # half a line, then the client vanishes
+    for _ in range(20):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(desk.socket_path))
+            s.sendall(b'{"op": "sta')
+    # a flood of clients at once
+    clients = []
+    for _ in range(200):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(desk.socket_path))  # blocking: waits while the backlog is full
+        s.settimeout(20)
+        s.sendall(b'{"op": "status"}\n')
+        clients.append(s)
+    answers = 0
+    for s in clients:
+        with s:
+            if json.loads(s.makefile("rb").readline())["ok"]:
+                answers += 1
+    assert answers == 200
+    # a flood of requests on one connection
+    with ControlClient(desk.socket_path) as client:
+        for _ in range(500):
+            assert client.call({"op": "queue"})["ok"] is True
+    assert desk.proc is not None and desk.proc.poll() is None
+    assert desk.ask({"op": "status"})["ok"] is True
+    assert desk.ask({"op": "queue"})["queue"] == [] or all(
+        e["state"] == "waiting" for e in desk.ask({"op": "queue"})["queue"])
+
+
+def test_the_daemon_process_cannot_be_dumped() -> None:
+    import subprocess
+    import sys
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import ctypes; from provisioner.daemon import no_core_dumps; "
+         "no_core_dumps(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert probe.stdout.strip() == "0"  # PR_GET_DUMPABLE

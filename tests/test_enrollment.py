@@ -436,3 +436,29 @@ def test_the_journal_records_the_rollback() -> None:
     facts = [f for f, _, _ in journal.facts]
     assert facts[-2:] == ["device deleted", "credential deleted"], facts
     assert "enabled" not in facts
+
+
+@pytest.mark.parametrize(
+    ("ins", "sw", "data", "fragment", "step"),
+    [
+        (0xA1, 0x9000, b"\x72\x05\x21ab", "gave a bad answer to list its OATH credentials", "check"),
+        (0xA4, 0x9000, b"\x79\x01", "gave a bad answer", "check"),  # SELECT OATH, short TLV
+        (0x01, 0x6F00, b"", "answered SW=0x6F00 to store credential", "program token"),
+        (0xA2, 0x6581, b"", "answered SW=0x6581 to compute a code", "enable"),
+    ],
+    ids=["garbled LIST", "garbled SELECT", "PUT 6F00", "CALCULATE 6581"],
+)
+def test_a_token_answering_nonsense_is_a_clear_error(
+    ins: int, sw: int, data: bytes, fragment: str, step: str
+) -> None:
+    desk = Desk()
+    p1 = 0x04 if ins == 0xA4 else None
+    # skip the Management SELECT (also A4) by opening first, then arming the fault
+    with desk.token() as token:
+        desk.key.fail_command(ins, sw, data=data, p1=p1)
+        with pytest.raises(EnrollmentFailed) as info:
+            Enrollment(desk.iam, desk.clock, desk.settings, desk.progress).run(token, "alice")
+    assert fragment in str(info.value)
+    assert info.value.step == step
+    assert info.value.leftovers == ()
+    desk.assert_nothing_left()

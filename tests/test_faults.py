@@ -8,6 +8,7 @@ no credential; the journal, the audit trail and IAM agree; the operator saw an o
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sqlite3
@@ -18,7 +19,15 @@ from typing import Any
 
 import boto3
 import pytest
-from harness import ACCOUNT, Daemon, arn, make_workdir, wait_for, write_config
+from harness import (
+    ACCOUNT,
+    Daemon,
+    arn,
+    assert_no_seed,
+    make_workdir,
+    wait_for,
+    write_config,
+)
 from yubikit.oath import OathSession
 
 from provisioner.emulator import EmulatedConnection, EmulatedYubiKey, PcscStack
@@ -89,7 +98,9 @@ def code_on_token(key: EmulatedYubiKey, credential_id: str, timestamp: float) ->
     return str(session.calculate_code(credential, int(timestamp)).value)
 
 
-def assert_consistent(d: Daemon, key: EmulatedYubiKey, user: str = USER) -> bool:
+def assert_consistent(
+    d: Daemon, key: EmulatedYubiKey, user: str = USER, *, output: tuple[str, ...] = ()
+) -> bool:
     """The invariants. Returns whether the user ended up enrolled."""
     unassigned = d.admin.list_virtual_mfa_devices(AssignmentStatus="Unassigned")
     assert [v["SerialNumber"] for v in unassigned["VirtualMFADevices"]] == []
@@ -111,8 +122,18 @@ def assert_consistent(d: Daemon, key: EmulatedYubiKey, user: str = USER) -> bool
     assert mine, "no enrollment record"
     assert all(r["outcome"] != "in progress" for r in mine), mine
     assert (mine[-1]["outcome"] == "enrolled") == enrolled, mine[-1]
-    audited = [r for r in d.history() if r["event"] == "enrollment" and r["serial"] == key.serial]
+    history = d.history()
+    audited = [r for r in history if r["event"] == "enrollment" and r["serial"] == key.serial]
     assert audited and audited[-1]["outcome"] == mine[-1]["outcome"]
+    # and no seed anywhere: the daemon's log, what the operator saw, the audit trail,
+    # every file of the state directory (the database, its WAL)
+    secrets = key.secrets_for_leak_checks()
+    if secrets:  # (a key pulled before the PUT never held one)
+        assert_no_seed(
+            secrets,
+            [*d.log, *output, json.dumps(history), json.dumps(mine)],
+            sorted((d.workdir / "state").iterdir()),
+        )
     return enrolled
 
 
@@ -159,7 +180,7 @@ def test_transient_iam_faults_end_in_success(desk: Daemon, case: tuple[str, dict
     assert code == 0, out + err
     assert f"enrolled {USER}" in out
     time.sleep(spec.get("delay", 0))  # a delayed first try lands late: let it, then look
-    assert assert_consistent(desk, key)
+    assert assert_consistent(desk, key, output=(out, err))
 
 
 @pytest.mark.parametrize("case", PERMANENT, ids=_id)
@@ -170,7 +191,7 @@ def test_permanent_iam_faults_fail_cleanly(desk: Daemon, case: tuple[str, dict[s
     code, out, err = enroll(desk, key)
     assert code == status, out + err
     assert "nothing left behind" in err
-    assert not assert_consistent(desk, key)
+    assert not assert_consistent(desk, key, output=(out, err))
 
 
 def test_a_failed_rollback_is_named_then_reconcile_settles_it(desk: Daemon) -> None:

@@ -51,8 +51,9 @@ fi
 mount --bind "$group" /etc/group
 mkdir -p /run/udev/rules.d
 cp "$rule" /run/udev/rules.d/70-provisioner.rules
-mount -t tmpfs tmpfs /tmp  # umockdev's testbed: gone with the namespace, whatever happens
+# Into the data directory first: it may itself live under /tmp (a checkout there).
 cd "$data"
+mount -t tmpfs tmpfs /tmp  # umockdev's testbed: gone with the namespace, whatever happens
 exec umockdev-run "$@" -- udevadm test --action="$action" "$syspath"
 """
 

@@ -103,6 +103,7 @@ class _FailRule:
     sw: int
     p1: int | None
     remaining: int
+    data: bytes = b""
 
     def matches(self, ins: int, p1: int) -> bool:
         return self.ins == ins and (self.p1 is None or self.p1 == p1)
@@ -299,6 +300,15 @@ class EmulatedYubiKey:
         with self._lock:
             return self._oath.credentials()
 
+    def secrets_for_leak_checks(self) -> list[bytes]:
+        """Every OATH secret this key ever stored, deleted ones included.
+
+        For tests that prove no seed leaked into logs, files or output: they search for
+        these bytes in every form. Never shown in a repr or a log.
+        """
+        with self._lock:
+            return list(self._oath.secrets_seen)
+
     @property
     def commands_since_power_on(self) -> int:
         return self._commands
@@ -336,16 +346,25 @@ class EmulatedYubiKey:
                 )
             self._stall = (at_command, seconds)
 
-    def fail_command(self, ins: int, sw: int, *, times: int = 1, p1: int | None = None) -> None:
-        """Answer `sw` (and no data) to the next `times` APDUs with this INS (and P1).
+    def fail_command(
+        self,
+        ins: int,
+        sw: int,
+        *,
+        times: int = 1,
+        p1: int | None = None,
+        data: bytes = b"",
+    ) -> None:
+        """Answer `data` + `sw` to the next `times` APDUs with this INS (and P1).
 
         The command is not executed. Use p1=0x04 to target SELECT rather than
-        CALCULATE_ALL (both INS A4).
+        CALCULATE_ALL (both INS A4). With `data` and SW 9000 this is a malformed answer
+        (bad TLVs) rather than a refusal.
         """
         if times < 1:
             raise ValueError("times must be at least 1")
         with self._lock:
-            self._fail_rules.append(_FailRule(ins, sw, p1, times))
+            self._fail_rules.append(_FailRule(ins, sw, p1, times, data))
 
     # --- APDU processing --------------------------------------------------------------
 
@@ -400,7 +419,7 @@ class EmulatedYubiKey:
                 rule.remaining -= 1
                 if rule.remaining == 0:
                     self._fail_rules.remove(rule)
-                return status(rule.sw)
+                return Response(rule.data, rule.sw)
         return None
 
     def _process(self, apdu: bytes) -> Response:

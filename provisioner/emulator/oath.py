@@ -179,6 +179,8 @@ class OathApplet:
         # Persistent (survives power cycles)
         self._salt = random(SALT_LENGTH)
         self._credentials: dict[bytes, _Credential] = {}
+        #: Every secret ever stored (deleted ones too), for the tests' leak checks only.
+        self.secrets_seen: list[bytes] = []
         self._access_key: _AccessKey | None = None
         # Volatile (per selection)
         self._unlocked = True
@@ -327,6 +329,7 @@ class OathApplet:
         if cred.name not in self._credentials and len(self._credentials) >= self.capacity:
             raise OathError(SW.NO_SPACE, "no space for another credential")
         self._credentials[cred.name] = cred
+        self.secrets_seen.append(cred.secret)
 
     def _delete(self, cmd: Command) -> bytes:
         _require_p1p2(cmd, 0, 0)
