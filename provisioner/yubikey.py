@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -482,18 +481,6 @@ class YubiKeyToken:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class TokenLocks:
-    """One session per card at a time within this process (PC/SC exclusivity covers others)."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-
-    def lock_for(self, reader: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(reader, threading.Lock())
 
 
 def describe(state: ReaderState) -> str:
