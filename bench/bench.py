@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 import boto3  # noqa: E402
 from harness import Daemon, make_workdir, wait_for, write_config  # noqa: E402
+from yubikit.core.smartcard import SmartCardConnection  # noqa: E402
 
 from provisioner.aws_iam import IamClient  # noqa: E402
 from provisioner.clock import AwsClock  # noqa: E402
@@ -64,15 +65,22 @@ class Trace:
     waited: float = 0.0
 
 
-class TimedConnection:
+class TimedConnection(SmartCardConnection):  # type: ignore[misc]
     """A SmartCardConnection that times each exchange (the card's round trips)."""
 
     def __init__(self, inner: Any, trace: Callable[[], Trace]) -> None:
         self._inner = inner
         self._trace = trace
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    @property
+    def transport(self) -> Any:
+        return self._inner.transport
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def reconnect(self) -> None:
+        self._inner.reconnect()
 
     def send_and_receive(self, apdu: bytes) -> tuple[bytes, int]:
         start = time.perf_counter()
