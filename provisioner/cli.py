@@ -365,10 +365,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
     from .desk import Desk
-    from .recovery import Recovery
     from .store import Store
-    from .yubikey import find_by_serial
-
     state = config.daemon.state_path() / "provisioner.db"
     if not state.exists():
         raise ConfigError(f"no desk state at {state}", hint="check daemon.state_directory")
@@ -376,15 +373,7 @@ def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
     desk = Desk.from_config(config)
     password = config.oath_password()
     try:
-        recovery = Recovery(
-            desk.iam,
-            store,
-            lambda eid: desk.enrollment(journal=store.journal(eid)),
-            lambda serial: find_by_serial(serial, oath_password=password),
-            device_path=config.iam.device_path,
-            desk=config.desk,
-        )
-        return recovery.run(
+        return desk.recovery(store, password).run(
             dry_run=args.dry_run, delete_orphans=not args.keep_orphans, all_desks=args.all_desks
         )
     finally:

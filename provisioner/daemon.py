@@ -32,7 +32,7 @@ from .roster import load as load_roster
 from .service import DeskService
 from .store import Store
 from .usb import UsbWatcher, list_yubikeys
-from .yubikey import find_by_serial, is_yubikey_reader, open_in_reader
+from .yubikey import is_yubikey_reader, open_in_reader
 
 log = logging.getLogger("provisioner.daemon")
 
@@ -76,14 +76,7 @@ def run(config: Config) -> int:
     password = config.oath_password()
 
     def recovery() -> Recovery:
-        return Recovery(
-            desk.iam,
-            store,
-            lambda eid: desk.enrollment(journal=store.journal(eid)),
-            lambda serial: find_by_serial(serial, oath_password=password),
-            device_path=config.iam.device_path,
-            desk=config.desk,
-        )
+        return desk.recovery(store, password)
 
     service = DeskService(
         desk,

@@ -14,6 +14,9 @@ from .clock import AwsClock
 from .config import Config
 from .enrollment import Enrollment
 from .ports import Journal, Progress
+from .recovery import Recovery
+from .store import Store
+from .yubikey import find_by_serial
 
 log = logging.getLogger("provisioner")
 
@@ -44,6 +47,17 @@ class Desk:
             read_timeout=config.iam.read_timeout,
         )
         return cls(config, clock, iam)
+
+    def recovery(self, store: Store, oath_password: str | None) -> Recovery:
+        """What settles unfinished enrollments, with the journal in ``store``."""
+        return Recovery(
+            self.iam,
+            store,
+            lambda eid: self.enrollment(journal=store.journal(eid)),
+            lambda serial: find_by_serial(serial, oath_password=oath_password),
+            device_path=self.config.iam.device_path,
+            desk=self.config.desk,
+        )
 
     def enrollment(
         self, progress: Progress | None = None, journal: Journal | None = None
