@@ -50,6 +50,7 @@ from provisioner.store import Store  # noqa: E402
 from provisioner.yubikey import Pcsc, YubiKeyToken  # noqa: E402
 
 RESULTS = HERE / "results"
+COMMANDS = {0xA4: "SELECT", 0x1D: "READ_CONFIG", 0xA1: "LIST", 0x01: "PUT", 0xA2: "CALCULATE"}
 
 
 # --- instruments ----------------------------------------------------------------------
@@ -60,6 +61,8 @@ class Trace:
     """What one enrollment spent where."""
 
     apdus: list[float] = field(default_factory=list)
+    #: the same times, by command (SELECT, READ_CONFIG, LIST, PUT, CALCULATE)
+    by_command: dict[str, list[float]] = field(default_factory=dict)
     iam: dict[str, list[float]] = field(default_factory=dict)
     journal: list[float] = field(default_factory=list)
     waited: float = 0.0
@@ -87,7 +90,11 @@ class TimedConnection(SmartCardConnection):  # type: ignore[misc]
         try:
             return self._inner.send_and_receive(apdu)  # type: ignore[no-any-return]
         finally:
-            self._trace().apdus.append(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            trace = self._trace()
+            trace.apdus.append(took)
+            name = COMMANDS.get(apdu[1], f"INS {apdu[1]:02X}") if len(apdu) > 1 else "?"
+            trace.by_command.setdefault(name, []).append(took)
 
 
 class TimedIam:
@@ -199,6 +206,13 @@ def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "apdus_per_enrollment": round(statistics.median([r["apdus"] for r in rows])),
         "apdu_median_ms": ms(statistics.median([a for r in rows for a in r["apdu_list"]])),
         "apdu_sum_median_ms": ms(statistics.median([r["apdu_sum"] for r in rows])),
+        "apdu_by_command": {
+            c: {"per_enrollment": round(statistics.median([len(r["by_command"].get(c, []))
+                                                           for r in rows])),
+                "median_ms": ms(statistics.median([x for r in rows
+                                                   for x in r["by_command"].get(c, [])]))}
+            for c in sorted({c for r in rows for c in r["by_command"]})
+        },
         "iam_calls_median_ms": {c: ms(statistics.median([x for r in rows for x in r["iam"].get(c, [])]))
                                 for c in iam_calls},
         "iam_calls_per_enrollment": round(statistics.median([r["iam_n"] for r in rows])),
@@ -216,6 +230,7 @@ def _row(total: float, steps: dict[str, float], trace: Trace, connect: float) ->
         "total": total + connect, "steps": {**steps, "card connect": connect},
         "waited": trace.waited, "connect": connect,
         "apdus": len(trace.apdus), "apdu_list": trace.apdus, "apdu_sum": sum(trace.apdus),
+        "by_command": trace.by_command,
         "iam": trace.iam, "iam_n": sum(len(v) for v in trace.iam.values()),
         "iam_sum": sum(sum(v) for v in trace.iam.values()),
         "journal_n": len(trace.journal), "journal_sum": sum(trace.journal),
@@ -265,9 +280,14 @@ def latency_in_process(bench: Bench, n: int) -> dict[str, Any]:
 
 # --- 3: throughput ----------------------------------------------------------------------
 
+#: Margin 0: a run that crosses the last seconds of a time step would otherwise wait for
+#: the next one, which is a latency property (measured in 1.), not a concurrency one.
+THROUGHPUT_SETTINGS = EnrollmentSettings(desk="bench", margin=0.0)
+
 
 def throughput_in_process(bench: Bench, workers: int, per_worker: int) -> dict[str, Any]:
     bench.clock.current = None
+    bench.settings = THROUGHPUT_SETTINGS
     errors: list[str] = []
 
     def work(w: int) -> None:
@@ -295,6 +315,7 @@ def throughput_in_process(bench: Bench, workers: int, per_worker: int) -> dict[s
 
 def throughput_pcsc(bench: Bench, stack: PcscStack, per_reader: int) -> dict[str, Any]:
     bench.clock.current = None
+    bench.settings = THROUGHPUT_SETTINGS
     enroll_time = [0.0, 0.0]
 
     def work(slot: int) -> None:

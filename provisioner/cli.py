@@ -322,24 +322,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from .audit import parse_since, render
+
     request: dict[str, Any] = {"op": "history", "limit": args.limit}
     if args.user:
         request["user"] = args.user
     if args.serial is not None:
         request["serial"] = args.serial
+    if args.since:
+        request["since"] = parse_since(args.since)
     answer = _ask(args, request)
-    records = answer.get("history") or []
-    if args.json:
-        print(json.dumps(records, indent=2))
-        return EXIT_OK
-    for r in records:
-        parts = [_when(r["at"]), r["actor"], r["event"]]
-        parts += [
-            f"{k}={r[k]}"
-            for k in ("user", "serial", "device_arn", "outcome", "reason")
-            if r.get(k) is not None
-        ]
-        print("  ".join(str(p) for p in parts))
+    print(render(answer.get("history") or [], "json" if args.json else args.format))
     return EXIT_OK
 
 
@@ -366,6 +359,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
     from .desk import Desk
     from .store import Store
+
     state = config.daemon.state_path() / "provisioner.db"
     if not state.exists():
         raise ConfigError(f"no desk state at {state}", hint="check daemon.state_directory")
@@ -577,7 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--limit", type=int, default=50, help="the last N records (default 50)")
     history.add_argument("--user", help="only records about this IAM user")
     history.add_argument("--serial", type=int, help="only records about this token")
-    history.add_argument("--json", action="store_true", help="machine-readable output")
+    history.add_argument(
+        "--since", help="only records since then: 24h, 7d, 30m, or 2026-11-01[T09:30] (UTC)"
+    )
+    history.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="output format"
+    )
+    history.add_argument("--json", action="store_true", help="the same as --format json")
     common(history)
     history.set_defaults(func=cmd_history)
     return parser

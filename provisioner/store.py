@@ -9,6 +9,7 @@ so after a crash the records say how far each enrollment got.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .audit import log_line
 from .ports import Fact
+
+audit_log = logging.getLogger("provisioner.audit")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -204,9 +208,7 @@ class Store:
     def link_entry(self, entry_id: int, enrollment_id: int) -> None:
         """The request's enrollment has started: from now on it is never served twice."""
         with self._tx() as db:
-            db.execute(
-                "UPDATE queue SET enrollment_id = ? WHERE id = ?", (enrollment_id, entry_id)
-            )
+            db.execute("UPDATE queue SET enrollment_id = ? WHERE id = ?", (enrollment_id, entry_id))
 
     def settle_taken(self) -> tuple[int, int]:
         """At start-up, the requests a killed daemon had taken: one whose enrollment had
@@ -215,8 +217,7 @@ class Store:
         Returns (requeued, interrupted)."""
         with self._tx() as db:
             requeued = db.execute(
-                "UPDATE queue SET state = 'waiting' WHERE state = 'taken' "
-                "AND enrollment_id IS NULL"
+                "UPDATE queue SET state = 'waiting' WHERE state = 'taken' AND enrollment_id IS NULL"
             ).rowcount
             interrupted = db.execute(
                 "UPDATE queue SET state = 'interrupted' WHERE state = 'taken'"
@@ -359,10 +360,26 @@ class Store:
         outcome: str | None = None,
         reason: str | None = None,
     ) -> None:
+        at = self._clock()
         db.execute(
             "INSERT INTO audit (at, actor, event, user, serial, device_arn, outcome, reason) "
             "VALUES (?,?,?,?,?,?,?,?)",
-            (self._clock(), actor, event, user, serial, device_arn, outcome, reason),
+            (at, actor, event, user, serial, device_arn, outcome, reason),
+        )
+        audit_log.info(
+            "%s",
+            log_line(
+                {
+                    "at": at,
+                    "actor": actor,
+                    "event": event,
+                    "user": user,
+                    "serial": serial,
+                    "device_arn": device_arn,
+                    "outcome": outcome,
+                    "reason": reason,
+                }
+            ),
         )
 
     def history(

@@ -4,6 +4,8 @@ IAM server, and the operator's CLI over the control socket."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -71,6 +73,14 @@ def test_operator_enrolls_bob_by_typing_then_plugging(desk: Daemon) -> None:
     assert desk.devices_of("bob") == [arn("bob", 40000009)]
     events = [(r["event"], r["user"]) for r in desk.history()]
     assert ("queued", "bob") in events and ("enrollment", "bob") in events
+    exported = desk.cli("history", "--user", "bob", "--since", "1h", "--format", "csv")
+    assert exported.returncode == 0, exported.stderr
+    rows = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert [(r["event"], r["outcome"]) for r in rows] == [("queued", ""), ("enrollment", "enrolled")]
+    assert rows[1]["device_arn"] == arn("bob", 40000009)
+    # and each record went to the daemon's log with stable key=value fields
+    assert any("audit " in line and "event=enrollment" in line and "user=bob" in line
+               and "outcome=enrolled" in line for line in desk.log)
 
 
 def test_a_rostered_token_is_enrolled_with_nobody_typing(desk: Daemon) -> None:
