@@ -252,6 +252,20 @@ class IamClient:
             AuthenticationCode2=code2,
         )
 
+    def resync_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None:
+        validation.user_name(user)
+        validation.serial_number(serial)
+        validation.auth_code(code1)
+        validation.auth_code(code2)
+        self._call(
+            "resync_mfa_device",
+            user,
+            UserName=user,
+            SerialNumber=serial,
+            AuthenticationCode1=code1,
+            AuthenticationCode2=code2,
+        )
+
     def deactivate_mfa_device(self, user: str, serial: str) -> None:
         validation.user_name(user)
         validation.serial_number(serial)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -336,6 +337,90 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _audit_here(config: Config, event: str, **fields: Any) -> None:
+    """A one-shot command's audit record: into the desk's trail when this user may write
+    it, and always to the log (key=value)."""
+    import pwd
+    import sqlite3
+
+    from .audit import log_line
+    from .store import Store
+
+    try:
+        actor = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        actor = f"uid {os.getuid()}"
+    path = config.daemon.state_path() / "provisioner.db"
+    if path.exists():
+        try:
+            store = Store(path)
+            try:
+                store.audit(actor, event, **fields)
+            finally:
+                store.close()
+            return
+        except (OSError, sqlite3.Error) as e:
+            log.warning("not recorded in the desk's audit trail at %s: %s", path, e)
+    log.warning("%s", log_line({"at": time.time(), "actor": actor, "event": event, **fields}))
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from .desk import Desk
+    from .lifecycle import Lifecycle
+    from .yubikey import find_by_serial
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    desk = Desk.from_config(config)
+    password = config.oath_password()
+    lifecycle = Lifecycle(desk.iam, desk.clock, config.enrollment_settings())
+    done = lifecycle.revoke(
+        args.user, args.serial, lambda serial: find_by_serial(serial, oath_password=password)
+    )
+    for line in done.actions:
+        print(line)
+    _audit_here(
+        config,
+        "revoked",
+        user=done.user,
+        serial=done.token_serial,
+        device_arn=done.device_arn,
+        outcome="revoked",
+        reason="; ".join(done.actions),
+    )
+    print(f"revoked {done.user}: {done.device_arn} (token {done.token_serial})")
+    return EXIT_OK
+
+
+def cmd_resync(args: argparse.Namespace) -> int:
+    from .desk import Desk
+    from .lifecycle import Lifecycle
+    from .yubikey import Pcsc, open_token
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    desk = Desk.from_config(config)
+    lifecycle = Lifecycle(
+        desk.iam, desk.clock, config.enrollment_settings(), TerminalProgress(sys.stdout)
+    )
+    with (
+        Pcsc() as pcsc,
+        open_token(
+            pcsc, reader=args.reader, serial=args.serial, oath_password=config.oath_password()
+        ) as token,
+    ):
+        device, first_step = lifecycle.resync(args.user, token)
+        serial = token.info.serial
+    _audit_here(
+        config, "resynced", user=args.user, serial=serial, device_arn=device, outcome="resynced"
+    )
+    print(
+        f"resynced {args.user}: {device} with the codes of time steps {first_step} and "
+        f"{first_step + 1} from token {serial}"
+    )
+    return EXIT_OK
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     request = {
         "op": "reconcile",
@@ -520,6 +605,37 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id", type=int, help="the request number (#N in provisioner queue)")
     common(cancel)
     cancel.set_defaults(func=cmd_cancel)
+
+    revoke = sub.add_parser(
+        "revoke",
+        help="deactivate and delete a user's token, and clear the token if it is plugged in",
+        description=(
+            "Deactivates the user's MFA device enrolled by provisioner, deletes the virtual "
+            "device, and removes its credential from the token if the token is plugged in "
+            "(otherwise says that it stays there). With several such devices, --serial says "
+            "which. Recorded in the audit trail."
+        ),
+    )
+    revoke.add_argument("--user", required=True, help="the IAM user")
+    revoke.add_argument("--serial", type=int, help="the token to revoke, if the user has several")
+    common(revoke)
+    revoke.set_defaults(func=cmd_revoke)
+
+    resync = sub.add_parser(
+        "resync",
+        help="resynchronize a user's device from the token plugged in (ResyncMFADevice)",
+        description=(
+            "Computes two consecutive codes with the credential on the user's token (plugged "
+            "in) for AWS's current time and sends them with ResyncMFADevice. Recorded in the "
+            "audit trail."
+        ),
+    )
+    resync.add_argument("--user", required=True, help="the IAM user")
+    which_token = resync.add_mutually_exclusive_group()
+    which_token.add_argument("--reader", help="the reader holding the token")
+    which_token.add_argument("--serial", type=int, help="the token's serial number")
+    common(resync)
+    resync.set_defaults(func=cmd_resync)
 
     reconcile = sub.add_parser(
         "reconcile",

@@ -338,26 +338,9 @@ class Enrollment:
     def _codes(
         self, token: TokenSession, credential: CredentialSpec, seed: Seed | None
     ) -> CodePair:
-        plan = plan_window(
-            self._clock.now(),
-            margin=self._settings.margin,
-            uncertainty=self._clock.uncertainty(),
+        return codes_on_token(
+            token, credential, seed, self._clock, self._settings.margin, self._progress
         )
-        if plan.wait > 0:
-            self._progress.notice(f"{plan.wait:.1f} s until the next time step: waiting for it")
-            self._clock.sleep(plan.wait)
-        if credential.touch:
-            self._progress.notice("touch the token now (twice: one touch per code)")
-        t1, t2 = plan.timestamps
-        first = token.calculate(credential.credential_id, t1)
-        second = token.calculate(credential.credential_id, t2)
-        if seed is not None and not (
-            codes_equal(first, code_at(seed, t1)) and codes_equal(second, code_at(seed, t2))
-        ):
-            raise CodeMismatch(
-                f"the codes computed on token {token.info.label} do not match the seed"
-            )
-        return CodePair(first, second, plan.first_step, plan.seconds_left)
 
     def _confirm(self, user: str, arn: str) -> None:
         """IAM is eventually consistent: give a fresh device a moment to show up."""
@@ -429,6 +412,33 @@ class Enrollment:
 
     def _timed(self, undo: _Undo, step: Step) -> _Timer:
         return _Timer(self._clock, undo.timings, step)
+
+
+def codes_on_token(
+    token: TokenSession,
+    credential: CredentialSpec,
+    seed: Seed | None,
+    clock: Clock,
+    margin: float,
+    progress: Progress,
+) -> CodePair:
+    """Two consecutive codes computed on the token at once, for steps N-1 and N of AWS's
+    clock (or N and N+1 after waiting out the end of a step); checked against the seed
+    when the desk still holds it."""
+    plan = plan_window(clock.now(), margin=margin, uncertainty=clock.uncertainty())
+    if plan.wait > 0:
+        progress.notice(f"{plan.wait:.1f} s until the next time step: waiting for it")
+        clock.sleep(plan.wait)
+    if credential.touch:
+        progress.notice("touch the token now (twice: one touch per code)")
+    t1, t2 = plan.timestamps
+    first = token.calculate(credential.credential_id, t1)
+    second = token.calculate(credential.credential_id, t2)
+    if seed is not None and not (
+        codes_equal(first, code_at(seed, t1)) and codes_equal(second, code_at(seed, t2))
+    ):
+        raise CodeMismatch(f"the codes computed on token {token.info.label} do not match the seed")
+    return CodePair(first, second, plan.first_step, plan.seconds_left)
 
 
 class _Timer:

@@ -65,6 +65,7 @@ class FakeIam:
         #: action -> a function called before the action; raise from it to inject a fault
         self.faults: dict[str, Callable[[], None]] = {}
         self.enabled_steps: list[int] = []
+        self.resynced: list[str] = []
 
     def _enter(self, action: str) -> None:
         self.calls.append(action)
@@ -121,6 +122,19 @@ class FakeIam:
                 device.user = user
                 self.users[user].append(serial)
                 self.enabled_steps.append(second - 1 - now)
+                return
+        raise InvalidAuthenticationCode("codes refused")
+
+    def resync_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None:
+        self._enter("resync_mfa_device")
+        device = self.devices.get(serial)
+        if device is None or device.user != user:
+            raise NoSuchEntity("not assigned to that user")
+        now = time_step(self.clock.now())
+        seed = Seed(device.seed)
+        for second in (now - 1, now, now + 1):
+            if code_at(seed, (second - 1) * 30) == code1 and code_at(seed, second * 30) == code2:
+                self.resynced.append(serial)
                 return
         raise InvalidAuthenticationCode("codes refused")
 

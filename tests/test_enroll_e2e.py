@@ -329,3 +329,23 @@ def test_tokens_lists_the_plugged_token(bench: Bench) -> None:
     assert run.code == 0, run.text
     assert f"YubiKey serial {SERIAL}, firmware 5.7.1" in run.out
     assert "00 01: empty" in run.out
+
+
+def test_resync_then_revoke_through_the_cli(bench: Bench) -> None:
+    key = bench.plug(EmulatedYubiKey(serial=SERIAL))
+    assert bench.enroll().code == 0
+    resync = bench.provisioner("resync", "--user", "alice", "--reader", bench.stack.reader_names[0])
+    assert resync.code == 0, resync.text
+    assert f"resynced alice: {ARN} with the codes of time steps" in resync.out
+    resyncs = [a for a in bench.iam.attempts() if a.action == "ResyncMFADevice"]
+    assert len(resyncs) == 1 and resyncs[0].accepted and resyncs[0].step_offset == 0
+    revoke = bench.provisioner("revoke", "--user", "alice")
+    assert revoke.code == 0, revoke.text
+    assert f"removed {CRED} from token {SERIAL}" in revoke.out
+    assert bench.devices_of("alice") == [] and bench.unassigned() == []
+    assert [c.id for c in key.credentials()] == []
+    # and it was audited (here: to the log, there being no desk state)
+    assert "event=revoked" in revoke.err and "user=alice" in revoke.err
+    again = bench.provisioner("revoke", "--user", "alice")
+    assert again.code == 4
+    assert "alice has no MFA device enrolled by provisioner" in again.err

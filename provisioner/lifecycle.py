@@ -1,0 +1,139 @@
+"""Day two: revoke a user's token, resync one that drifted.
+
+Both find the user's device through the tags the enrollment put on it (the tool, the
+token's serial), so they act only on devices this tool enrolled, and only on the token
+the operator means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from .clock import Clock
+from .enrollment import TOOL_TAG, EnrollmentSettings, codes_on_token
+from .errors import InvalidInput, NoSuchEntity, TokenError
+from .model import VirtualDevice
+from .ports import IamDirectory, NullProgress, Progress, TokenSession
+
+TokenFinder = Callable[[int], AbstractContextManager[TokenSession | None]]
+
+
+@dataclass(frozen=True)
+class Revoked:
+    user: str
+    device_arn: str
+    token_serial: int | None
+    credential_removed: bool
+    #: What happened, one line each, in the operator's words.
+    actions: tuple[str, ...]
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        iam: IamDirectory,
+        clock: Clock,
+        settings: EnrollmentSettings,
+        progress: Progress | None = None,
+    ) -> None:
+        self._iam = iam
+        self._clock = clock
+        self._settings = settings
+        self._progress = progress or NullProgress()
+
+    def devices_of(self, user: str, token_serial: int | None = None) -> list[VirtualDevice]:
+        """The user's MFA devices this tool enrolled; for one token if a serial is given."""
+        self._iam.user_arn(user)  # UserNotFound, said as such
+        assigned = set(self._iam.list_mfa_devices(user))
+        return [
+            d
+            for d in self._iam.list_virtual_mfa_devices(assigned=True)
+            if d.serial_number in assigned
+            and d.tag("provisioner:tool") == TOOL_TAG
+            and (token_serial is None or d.tag("provisioner:token-serial") == str(token_serial))
+        ]
+
+    def _the_device(self, user: str, token_serial: int | None) -> VirtualDevice:
+        found = self.devices_of(user, token_serial)
+        which = f" for token {token_serial}" if token_serial is not None else ""
+        if not found:
+            raise NoSuchEntity(
+                f"{user} has no MFA device enrolled by provisioner{which}",
+                hint=f"provisioner history --user {user} shows what was done",
+            )
+        if len(found) > 1:
+            tokens = ", ".join(str(d.tag("provisioner:token-serial")) for d in found)
+            raise InvalidInput(
+                f"{user} has {len(found)} MFA devices enrolled by provisioner (tokens {tokens})",
+                hint="say which with --serial",
+            )
+        return found[0]
+
+    def _credential_id(self, user: str, device: VirtualDevice) -> str:
+        account = device.serial_number.split(":")[4]
+        serial = device.tag("provisioner:token-serial")
+        token_serial = int(serial) if serial and serial.isdigit() else None
+        credential, _ = self._settings.names(user, account, token_serial)
+        return credential.credential_id
+
+    def revoke(self, user: str, token_serial: int | None, find_token: TokenFinder) -> Revoked:
+        """Deactivate the device, delete it, and remove its credential if the token is here.
+
+        ``find_token(serial)`` gives the token with that serial if it is plugged in.
+        """
+        device = self._the_device(user, token_serial)
+        arn = device.serial_number
+        serial_tag = device.tag("provisioner:token-serial")
+        actions = []
+        self._iam.deactivate_mfa_device(user, arn)
+        actions.append(f"deactivated {arn} for {user}")
+        self._iam.delete_virtual_mfa_device(arn)
+        actions.append(f"deleted {arn}")
+        credential = self._credential_id(user, device)
+        removed = False
+        present = False
+        if serial_tag and serial_tag.isdigit():
+            with find_token(int(serial_tag)) as token:
+                if token is not None:
+                    present = True
+                    try:
+                        removed = token.delete_credential(credential)
+                    except TokenError as e:
+                        actions.append(
+                            f"could not remove {credential} from token {serial_tag}: {e.one_line()}"
+                        )
+                    else:
+                        actions.append(
+                            f"removed {credential} from token {serial_tag}"
+                            if removed
+                            else f"token {serial_tag} held no {credential}"
+                        )
+        if not present:
+            actions.append(
+                f"{credential} stays on token {serial_tag} (not plugged in): it is useless now; "
+                "delete it with ykman oath accounts delete, or revoke with the token plugged in"
+            )
+        for line in actions:
+            self._progress.notice(line)
+        return Revoked(
+            user=user,
+            device_arn=arn,
+            token_serial=int(serial_tag) if serial_tag and serial_tag.isdigit() else None,
+            credential_removed=removed,
+            actions=tuple(actions),
+        )
+
+    def resync(self, user: str, token: TokenSession) -> tuple[str, int]:
+        """Two consecutive codes from the credential on the token, then ResyncMFADevice.
+        Returns the device and the first of the two time steps."""
+        device = self._the_device(user, token.info.serial)
+        account = device.serial_number.split(":")[4]
+        credential, _ = self._settings.names(user, account, token.info.serial)
+        token.oath_state()  # unlocks the applet if it has a password
+        codes = codes_on_token(
+            token, credential, None, self._clock, self._settings.margin, self._progress
+        )
+        self._iam.resync_mfa_device(user, device.serial_number, codes.first, codes.second)
+        return device.serial_number, codes.first_step

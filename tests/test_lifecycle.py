@@ -1,0 +1,134 @@
+"""Revoke and resync over the in-memory IAM and the emulated YubiKey (real yubikit)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+from fakes import FakeClock, FakeIam
+
+from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
+from provisioner.enrollment import Enrollment, EnrollmentSettings
+from provisioner.errors import InvalidAuthenticationCode, InvalidInput, NoSuchEntity, UserNotFound
+from provisioner.lifecycle import Lifecycle
+from provisioner.yubikey import YubiKeyToken
+
+CRED = "AWS:alice@123456789012"
+
+
+class World:
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.iam = FakeIam(self.clock, users=("alice", "bob"))
+        self.settings = EnrollmentSettings(desk="d")
+        self.keys = {s: EmulatedYubiKey(serial=s) for s in (1001, 1002)}
+
+    def token(self, serial: int) -> YubiKeyToken:
+        return YubiKeyToken(lambda: EmulatedConnection(self.keys[serial]), f"reader {serial}")
+
+    def enroll(self, user: str, serial: int) -> str:
+        with self.token(serial) as token:
+            return Enrollment(self.iam, self.clock, self.settings).run(token, user).device_arn
+
+    @contextlib.contextmanager
+    def plugged(self, *present: int) -> Iterator[object]:
+        """A token finder that sees only the ``present`` serials."""
+
+        @contextlib.contextmanager
+        def find(serial: int) -> Iterator[YubiKeyToken | None]:
+            if serial not in present:
+                yield None
+                return
+            with self.token(serial) as token:
+                yield token
+
+        yield find
+
+    def lifecycle(self) -> Lifecycle:
+        return Lifecycle(self.iam, self.clock, self.settings)
+
+    def creds(self, serial: int) -> list[str]:
+        return [c.id for c in self.keys[serial].credentials()]
+
+
+def test_revoke_with_the_token_plugged_in_removes_everything() -> None:
+    w = World()
+    arn = w.enroll("alice", 1001)
+    with w.plugged(1001) as find:
+        done = w.lifecycle().revoke("alice", None, find)
+    assert done.device_arn == arn and done.credential_removed
+    assert w.iam.users["alice"] == [] and w.iam.devices == {}
+    assert w.creds(1001) == []
+    assert done.actions[-1] == f"removed {CRED} from token 1001"
+
+
+def test_revoke_without_the_token_says_what_stays_on_it() -> None:
+    w = World()
+    w.enroll("alice", 1001)
+    with w.plugged() as find:
+        done = w.lifecycle().revoke("alice", 1001, find)
+    assert w.iam.devices == {} and not done.credential_removed
+    assert w.creds(1001) == [CRED]
+    assert "stays on token 1001 (not plugged in)" in done.actions[-1]
+
+
+def test_revoke_picks_the_token_by_serial_and_refuses_to_guess() -> None:
+    w = World()
+    w.settings = EnrollmentSettings(desk="d", account_name="{user}-{serial}")
+    first = w.enroll("alice", 1001)
+    second = w.enroll("alice", 1002)
+    with w.plugged(1001, 1002) as find, pytest.raises(InvalidInput) as info:
+        w.lifecycle().revoke("alice", None, find)
+    assert "tokens 1001, 1002" in info.value.message
+    with w.plugged(1001, 1002) as find:
+        w.lifecycle().revoke("alice", 1002, find)
+    assert w.creds(1001) == ["AWS:alice-1001"]  # the other token was not touched
+    assert w.iam.users["alice"] == [first] and second not in w.iam.devices
+
+
+def test_revoke_refuses_clearly_when_there_is_nothing() -> None:
+    w = World()
+    with w.plugged() as find, pytest.raises(NoSuchEntity) as info:
+        w.lifecycle().revoke("alice", None, find)
+    assert "alice has no MFA device enrolled by provisioner" in info.value.message
+    with w.plugged() as find, pytest.raises(UserNotFound):
+        w.lifecycle().revoke("mallory", None, find)
+    assert "deactivate_mfa_device" not in w.iam.calls
+
+
+def test_revoke_ignores_devices_the_tool_did_not_enroll() -> None:
+    w = World()
+    from provisioner.model import DeviceSpec
+
+    arn, _ = w.iam.create_virtual_mfa_device(DeviceSpec("by-hand", "/"))
+    w.iam.devices[arn].user = "alice"
+    w.iam.users["alice"].append(arn)
+    with w.plugged() as find, pytest.raises(NoSuchEntity):
+        w.lifecycle().revoke("alice", None, find)
+    assert arn in w.iam.devices
+
+
+def test_resync_uses_two_codes_from_the_token() -> None:
+    w = World()
+    arn = w.enroll("alice", 1001)
+    w.clock.time += 3 * 3600  # drifted? the token has no clock: only AWS's time matters
+    with w.token(1001) as token:
+        device, _ = w.lifecycle().resync("alice", token)
+    assert device == arn and w.iam.resynced == [arn]
+
+
+def test_resync_with_another_token_is_refused() -> None:
+    w = World()
+    w.enroll("alice", 1001)
+    with w.token(1002) as token, pytest.raises(NoSuchEntity) as info:
+        w.lifecycle().resync("alice", token)
+    assert "for token 1002" in info.value.message
+
+
+def test_resync_refused_codes_say_so() -> None:
+    w = World()
+    w.enroll("alice", 1001)
+    w.iam.fail("resync_mfa_device", InvalidAuthenticationCode("codes refused"))
+    with w.token(1001) as token, pytest.raises(InvalidAuthenticationCode):
+        w.lifecycle().resync("alice", token)
