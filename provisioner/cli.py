@@ -421,6 +421,46 @@ def cmd_resync(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_replace(args: argparse.Namespace) -> int:
+    from .desk import Desk
+    from .lifecycle import Lifecycle, replace
+    from .yubikey import Pcsc, find_by_serial, open_token
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    desk = Desk.from_config(config)
+    password = config.oath_password()
+    progress = TerminalProgress(sys.stdout)
+    lifecycle = Lifecycle(desk.iam, desk.clock, config.enrollment_settings())
+    with Pcsc() as pcsc, open_token(
+        pcsc, reader=args.reader, serial=args.serial, oath_password=password
+    ) as token:
+        done = replace(
+            lifecycle,
+            desk.enrollment(progress),
+            args.user,
+            token,
+            args.old_serial,
+            lambda serial: find_by_serial(serial, oath_password=password),
+        )
+    for line in done.revoked.actions:
+        print(line)
+    _audit_here(
+        config,
+        "replaced",
+        user=args.user,
+        serial=done.enrolled.token_serial,
+        device_arn=done.enrolled.device_arn,
+        outcome="replaced",
+        reason=f"token {done.revoked.token_serial} ({done.revoked.device_arn}) revoked",
+    )
+    print(
+        f"replaced {args.user}'s token {done.revoked.token_serial} with token "
+        f"{done.enrolled.token_serial}: {done.enrolled.device_arn}"
+    )
+    return EXIT_OK
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     request = {
         "op": "reconcile",
@@ -636,6 +676,24 @@ def build_parser() -> argparse.ArgumentParser:
     which_token.add_argument("--serial", type=int, help="the token's serial number")
     common(resync)
     resync.set_defaults(func=cmd_resync)
+
+    replace = sub.add_parser(
+        "replace",
+        help="enroll the new token plugged in, then revoke the user's old one",
+        description=(
+            "Enrolls the token plugged in for the user first, then revokes the user's other "
+            "token enrolled by provisioner (--old-serial if there are several), so the user "
+            "is never without MFA. If revoking fails the user keeps both, and the message "
+            "says what to run."
+        ),
+    )
+    replace.add_argument("--user", required=True, help="the IAM user")
+    new_token = replace.add_mutually_exclusive_group()
+    new_token.add_argument("--reader", help="the reader holding the new token")
+    new_token.add_argument("--serial", type=int, help="the new token's serial number")
+    replace.add_argument("--old-serial", type=int, help="the token to replace, if several")
+    common(replace)
+    replace.set_defaults(func=cmd_replace)
 
     reconcile = sub.add_parser(
         "reconcile",

@@ -12,9 +12,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from .clock import Clock
-from .enrollment import TOOL_TAG, EnrollmentSettings, codes_on_token
-from .errors import InvalidInput, NoSuchEntity, TokenError
-from .model import VirtualDevice
+from .enrollment import TOOL_TAG, Enrollment, EnrollmentSettings, codes_on_token
+from .errors import InvalidInput, NoSuchEntity, ProvisionerError, TokenError
+from .model import EnrollmentResult, VirtualDevice
 from .ports import IamDirectory, NullProgress, Progress, TokenSession
 
 TokenFinder = Callable[[int], AbstractContextManager[TokenSession | None]]
@@ -137,3 +137,57 @@ class Lifecycle:
         )
         self._iam.resync_mfa_device(user, device.serial_number, codes.first, codes.second)
         return device.serial_number, codes.first_step
+
+
+class ReplaceIncomplete(ProvisionerError):
+    """The new token works; the old device could not be revoked."""
+
+
+@dataclass(frozen=True)
+class Replaced:
+    enrolled: EnrollmentResult
+    revoked: Revoked
+
+
+def replace(
+    lifecycle: Lifecycle,
+    enrollment: Enrollment,
+    user: str,
+    new_token: TokenSession,
+    old_serial: int | None,
+    find_token: TokenFinder,
+) -> Replaced:
+    """Enroll the new token first, then revoke the old one: the user is never without MFA.
+
+    If the enrollment fails nothing changed (it rolls itself back). If the revocation
+    fails the user has both, and the error says so and what to run.
+    """
+    new_serial = new_token.info.serial
+    others = [
+        d
+        for d in lifecycle.devices_of(user)
+        if d.tag("provisioner:token-serial") != str(new_serial)
+        and (old_serial is None or d.tag("provisioner:token-serial") == str(old_serial))
+    ]
+    if not others:
+        raise NoSuchEntity(
+            f"{user} has no other token enrolled by provisioner to replace",
+            hint="enroll the new token with provisioner enroll",
+        )
+    if len(others) > 1:
+        tokens = ", ".join(str(d.tag("provisioner:token-serial")) for d in others)
+        raise InvalidInput(
+            f"{user} has several tokens ({tokens})", hint="say which with --old-serial"
+        )
+    old = others[0].tag("provisioner:token-serial")
+    old_token = int(old) if old and old.isdigit() else None
+    enrolled = enrollment.run(new_token, user)
+    try:
+        revoked = lifecycle.revoke(user, old_token, find_token)
+    except ProvisionerError as e:
+        raise ReplaceIncomplete(
+            f"{user} now has the new token {new_serial} ({enrolled.device_arn}) AND still the "
+            f"old device {others[0].serial_number}: revoking it failed: {e.message}",
+            hint=f"provisioner revoke --user {user} --serial {old}",
+        ) from e
+    return Replaced(enrolled, revoked)

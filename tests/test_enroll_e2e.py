@@ -349,3 +349,18 @@ def test_resync_then_revoke_through_the_cli(bench: Bench) -> None:
     again = bench.provisioner("revoke", "--user", "alice")
     assert again.code == 4
     assert "alice has no MFA device enrolled by provisioner" in again.err
+
+
+def test_replace_through_the_cli(bench: Bench) -> None:
+    old_key = bench.plug(EmulatedYubiKey(serial=SERIAL))
+    assert bench.enroll().code == 0
+    bench.stack.remove(0, wait=True)  # the old token is lost: not plugged in
+    new_key = bench.plug(EmulatedYubiKey(serial=SERIAL + 1), slot=1)
+    run = bench.provisioner("replace", "--user", "alice", "--reader", bench.stack.reader_names[1])
+    assert run.code == 0, run.text
+    new_arn = ARN.replace(str(SERIAL), str(SERIAL + 1))
+    assert f"replaced alice's token {SERIAL} with token {SERIAL + 1}: {new_arn}" in run.out
+    assert f"stays on token {SERIAL} (not plugged in)" in run.out
+    assert bench.devices_of("alice") == [new_arn] and bench.unassigned() == []
+    assert [c.id for c in new_key.credentials()] == [CRED]
+    assert [c.id for c in old_key.credentials()] == [CRED]  # useless now, and said so

@@ -132,3 +132,58 @@ def test_resync_refused_codes_say_so() -> None:
     w.iam.fail("resync_mfa_device", InvalidAuthenticationCode("codes refused"))
     with w.token(1001) as token, pytest.raises(InvalidAuthenticationCode):
         w.lifecycle().resync("alice", token)
+
+
+def _replace(w: World, old_serial: int | None = None):  # type: ignore[no-untyped-def]
+    from provisioner.lifecycle import replace
+
+    with w.token(1002) as token, w.plugged(1001) as find:
+        return replace(w.lifecycle(), Enrollment(w.iam, w.clock, w.settings), "alice", token,
+                       old_serial, find)
+
+
+def test_replace_enrolls_the_new_token_then_revokes_the_old() -> None:
+    w = World()
+    old = w.enroll("alice", 1001)
+    before = len(w.iam.calls)
+    done = _replace(w)
+    assert w.iam.users["alice"] == [done.enrolled.device_arn]
+    assert old not in w.iam.devices
+    assert w.creds(1001) == [] and w.creds(1002) == [CRED]
+    order = [c for c in w.iam.calls[before:]
+             if c in ("enable_mfa_device", "deactivate_mfa_device")]
+    assert order == ["enable_mfa_device", "deactivate_mfa_device"]  # never without MFA
+
+
+def test_replace_whose_second_half_fails_leaves_both_and_says_so() -> None:
+    from provisioner.errors import ServiceFailure
+    from provisioner.lifecycle import ReplaceIncomplete
+
+    w = World()
+    old = w.enroll("alice", 1001)
+    w.iam.fail("deactivate_mfa_device", ServiceFailure("IAM failed"))
+    with pytest.raises(ReplaceIncomplete) as info:
+        _replace(w)
+    assert "now has the new token 1002" in info.value.message
+    assert f"still the old device {old}" in info.value.message
+    assert "provisioner revoke --user alice --serial 1001" in info.value.one_line()
+    assert len(w.iam.users["alice"]) == 2  # both work: never without MFA
+
+
+def test_replace_whose_enrollment_fails_keeps_the_old_token() -> None:
+    from provisioner.errors import EnrollmentFailed
+
+    w = World()
+    old = w.enroll("alice", 1001)
+    w.iam.fail("enable_mfa_device", InvalidAuthenticationCode("codes refused"))
+    with pytest.raises(EnrollmentFailed):
+        _replace(w)
+    assert w.iam.users["alice"] == [old] and w.creds(1001) == [CRED] and w.creds(1002) == []
+
+
+def test_replace_needs_an_old_token() -> None:
+    w = World()
+    with pytest.raises(NoSuchEntity) as info:
+        _replace(w)
+    assert "no other token enrolled by provisioner to replace" in info.value.message
+    assert "create_virtual_mfa_device" not in w.iam.calls
