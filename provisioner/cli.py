@@ -366,15 +366,13 @@ def _audit_here(config: Config, event: str, **fields: Any) -> None:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     from .desk import Desk
-    from .lifecycle import Lifecycle
     from .yubikey import find_by_serial
 
     config = _config(args)
     setup_logging(config.log_level)
     desk = Desk.from_config(config)
     password = config.oath_password()
-    lifecycle = Lifecycle(desk.iam, desk.clock, config.enrollment_settings())
-    done = lifecycle.revoke(
+    done = desk.lifecycle().revoke(
         args.user, args.serial, lambda serial: find_by_serial(serial, oath_password=password)
     )
     for line in done.actions:
@@ -394,15 +392,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def cmd_resync(args: argparse.Namespace) -> int:
     from .desk import Desk
-    from .lifecycle import Lifecycle
     from .yubikey import Pcsc, open_token
 
     config = _config(args)
     setup_logging(config.log_level)
     desk = Desk.from_config(config)
-    lifecycle = Lifecycle(
-        desk.iam, desk.clock, config.enrollment_settings(), TerminalProgress(sys.stdout)
-    )
+    lifecycle = desk.lifecycle(TerminalProgress(sys.stdout))
     with (
         Pcsc() as pcsc,
         open_token(
@@ -423,7 +418,7 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
 def cmd_replace(args: argparse.Namespace) -> int:
     from .desk import Desk
-    from .lifecycle import Lifecycle, replace
+    from .lifecycle import replace
     from .yubikey import Pcsc, find_by_serial, open_token
 
     config = _config(args)
@@ -431,10 +426,11 @@ def cmd_replace(args: argparse.Namespace) -> int:
     desk = Desk.from_config(config)
     password = config.oath_password()
     progress = TerminalProgress(sys.stdout)
-    lifecycle = Lifecycle(desk.iam, desk.clock, config.enrollment_settings())
-    with Pcsc() as pcsc, open_token(
-        pcsc, reader=args.reader, serial=args.serial, oath_password=password
-    ) as token:
+    lifecycle = desk.lifecycle()
+    with (
+        Pcsc() as pcsc,
+        open_token(pcsc, reader=args.reader, serial=args.serial, oath_password=password) as token,
+    ):
         done = replace(
             lifecycle,
             desk.enrollment(progress),
@@ -535,6 +531,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 
+def token_choice(parser: argparse.ArgumentParser, which: str) -> None:
+    """--reader or --serial: how the operator names a token that is plugged in."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--reader", help=f"the reader holding {which} (its name, or part of it)")
+    group.add_argument("--serial", type=int, help=f"{which}'s serial number (printed on the key)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="provisioner",
@@ -575,9 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     enroll.add_argument("--user", required=True, help="the IAM user name (case-sensitive)")
-    which = enroll.add_mutually_exclusive_group()
-    which.add_argument("--reader", help="the reader holding the token (its name, or part of it)")
-    which.add_argument("--serial", type=int, help="the token's serial number (printed on the key)")
+    token_choice(enroll, "the token")
     enroll.add_argument(
         "--direct",
         action="store_true",
@@ -671,9 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     resync.add_argument("--user", required=True, help="the IAM user")
-    which_token = resync.add_mutually_exclusive_group()
-    which_token.add_argument("--reader", help="the reader holding the token")
-    which_token.add_argument("--serial", type=int, help="the token's serial number")
+    token_choice(resync, "the user's token")
     common(resync)
     resync.set_defaults(func=cmd_resync)
 
@@ -688,9 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     replace.add_argument("--user", required=True, help="the IAM user")
-    new_token = replace.add_mutually_exclusive_group()
-    new_token.add_argument("--reader", help="the reader holding the new token")
-    new_token.add_argument("--serial", type=int, help="the new token's serial number")
+    token_choice(replace, "the new token")
     replace.add_argument("--old-serial", type=int, help="the token to replace, if several")
     common(replace)
     replace.set_defaults(func=cmd_replace)

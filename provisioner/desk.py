@@ -13,6 +13,7 @@ from .aws_iam import IamClient
 from .clock import AwsClock
 from .config import Config
 from .enrollment import Enrollment
+from .lifecycle import Lifecycle
 from .ports import Journal, Progress
 from .recovery import Recovery
 from .store import Store
@@ -58,6 +59,10 @@ class Desk:
             device_path=self.config.iam.device_path,
             desk=self.config.desk,
         )
+
+    def lifecycle(self, progress: Progress | None = None) -> Lifecycle:
+        """Revoke, resync, replace: with the same settings the enrollments use."""
+        return Lifecycle(self.iam, self.clock, self.config.enrollment_settings(), progress)
 
     def enrollment(
         self, progress: Progress | None = None, journal: Journal | None = None
