@@ -289,6 +289,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Redraw the desk after each event the daemon sends; Ctrl-C ends it."""
+    import shutil
+
+    from .control import ControlClient
+    from .service import HEARTBEAT_SECONDS
+    from .watch import CLEAR, render
+
+    path = _config(args).daemon.socket_path()
+    if not daemon_reachable(path):
+        raise DaemonNotRunning(
+            f"the desk daemon is not running (no answer on {path})",
+            hint="systemctl start provisioner, or run provisioner daemon",
+        )
+    redraw = sys.stdout.isatty() and not args.once
+    try:
+        with ControlClient(path) as client:
+            # Several missed heartbeats in a row: the daemon is gone or wedged.
+            for update in client.request({"op": "watch"}, timeout=HEARTBEAT_SECONDS * 5):
+                if update.get("event") == "heartbeat":
+                    continue
+                if not update.get("ok"):
+                    raise DaemonRefused(
+                        str(update.get("error")), refused=bool(update.get("refused"))
+                    )
+                width = shutil.get_terminal_size().columns if redraw else 200
+                frame = "\n".join(render(update, now=time.time(), width=width))
+                sys.stdout.write(f"{CLEAR}{frame}\n" if redraw else f"{frame}\n\n")
+                sys.stdout.flush()
+                if args.once:
+                    return EXIT_OK
+    except (ConnectionError, OSError) as e:
+        raise DaemonNotRunning(
+            f"lost the desk daemon ({e})", hint="systemctl status provisioner"
+        ) from e
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
 def _print_queue(entries: list[dict[str, Any]]) -> None:
     if not entries:
         print("queue: empty")
@@ -630,6 +670,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     common(status)
     status.set_defaults(func=cmd_status)
+
+    watch = sub.add_parser(
+        "watch",
+        help="a live view of the desk: readers, tokens, queue, steps, last outcomes",
+        description=(
+            "Shows the readers, the tokens in them, the enrollments in progress with their "
+            "current step, the queue and the last outcomes, redrawn each time the daemon "
+            "reports an event (no polling). Ctrl-C ends it. When the output is not a "
+            "terminal, each update is printed after the previous one."
+        ),
+    )
+    watch.add_argument("--once", action="store_true", help="print the view once and exit")
+    common(watch)
+    watch.set_defaults(func=cmd_watch)
 
     queue = sub.add_parser(
         "queue",

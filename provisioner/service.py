@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,11 @@ from .yubikey import YubiKeyToken
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+#: How many finished enrollments the status keeps for `provisioner watch`.
+RECENT_OUTCOMES = 10
+#: A watching client hears from the daemon at least this often (it notices a dead daemon,
+#: and the daemon notices a client that went away).
+HEARTBEAT_SECONDS = 2.0
 TokenOpener = Callable[[str], AbstractContextManager[YubiKeyToken]]
 
 
@@ -136,6 +142,7 @@ class DeskService:
         self._readers: dict[str, bool] = {}
         self._workers: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
+        self._recent: deque[Event] = deque(maxlen=RECENT_OUTCOMES)
         self.pcsc_up = False
         self.started = time.time()
 
@@ -162,8 +169,10 @@ class DeskService:
                 self._present.pop(reader, None)
         if kind is ReaderEventKind.CARD_INSERTED and self._is_yubikey_reader(reader):
             self._start_worker(reader)
-        elif kind is ReaderEventKind.CARD_REMOVED:
+        if kind is ReaderEventKind.CARD_REMOVED:
             self.events.publish({"event": "token-removed", "reader": reader})
+        else:
+            self.events.publish({"event": kind.value, "reader": reader})
         self._update_status()
 
     def on_usb_tokens(self, unsupported: dict[tuple[int, int], str]) -> None:
@@ -369,6 +378,8 @@ class DeskService:
         if entry is not None:
             self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed", enrollment_id)
         self._set(reader, state=state)
+        with self._lock:
+            self._recent.appendleft({**base, "at": time.time(), **outcome})
         self.events.publish({**base, "event": "outcome", "final": True, **outcome})
 
     # --- requests from the control socket ---------------------------------------------
@@ -387,6 +398,8 @@ class DeskService:
             yield self._history(request)
         elif op == "reconcile":
             yield self._reconcile(request)
+        elif op == "watch":
+            yield from self._watch()
         else:
             yield {"ok": False, "final": True, "error": f"unknown op {op!r}"}
 
@@ -411,6 +424,8 @@ class DeskService:
             yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
             return
         entry = self.store.enqueue(user, peer_name, serial)
+        # No "queue" key: this is news for watchers, not for the follower of this entry.
+        self.events.publish({"event": "request-queued", "id": entry.id, "user": user})
         follow = request.get("wait", True)
         with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
             position = len(self.store.waiting())
@@ -447,6 +462,23 @@ class DeskService:
                 if not finished:
                     # The operator gave up (Ctrl-C): a request nobody waits for is cancelled.
                     self.store.cancel(entry.id, peer_name)
+
+    def _watch(self) -> Iterator[Event]:
+        """The desk's status now, then again after every event, until the client leaves.
+
+        Each update carries the event that caused it and the whole status, so a watcher
+        never has to rebuild the desk's state from events it may have missed.
+        """
+        with self.events.subscribe(lambda e: True) as inbox:
+            yield {"ok": True, "event": "update", "cause": None, **self.status()}
+            while not self._stopping.is_set():
+                try:
+                    cause = inbox.get(timeout=HEARTBEAT_SECONDS)
+                except queue.Empty:
+                    yield {"event": "heartbeat"}
+                    continue
+                yield {"ok": True, "event": "update", "cause": cause, **self.status()}
+        yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
 
     def _stopped(self, entry: QueueEntry) -> Event:
         still = self.store.queue_entry(entry.id)
@@ -529,6 +561,7 @@ class DeskService:
         with self._lock:
             tokens = [t.as_dict() for t in self._present.values()]
             readers = [{"name": n, "card_present": p} for n, p in sorted(self._readers.items())]
+            recent = list(self._recent)
         return {
             "daemon": {
                 "desk": self.desk.config.desk,
@@ -541,6 +574,7 @@ class DeskService:
             "tokens": tokens,
             "queue": [vars(e) for e in self.store.waiting()],
             "in_progress": [t for t in tokens if t["state"] == "enrolling"],
+            "recent": recent,
         }
 
     def _set(self, reader: str, **changes: Any) -> None:

@@ -76,11 +76,19 @@ def test_operator_enrolls_bob_by_typing_then_plugging(desk: Daemon) -> None:
     exported = desk.cli("history", "--user", "bob", "--since", "1h", "--format", "csv")
     assert exported.returncode == 0, exported.stderr
     rows = list(csv.DictReader(io.StringIO(exported.stdout)))
-    assert [(r["event"], r["outcome"]) for r in rows] == [("queued", ""), ("enrollment", "enrolled")]
+    assert [(r["event"], r["outcome"]) for r in rows] == [
+        ("queued", ""),
+        ("enrollment", "enrolled"),
+    ]
     assert rows[1]["device_arn"] == arn("bob", 40000009)
     # and each record went to the daemon's log with stable key=value fields
-    assert any("audit " in line and "event=enrollment" in line and "user=bob" in line
-               and "outcome=enrolled" in line for line in desk.log)
+    assert any(
+        "audit " in line
+        and "event=enrollment" in line
+        and "user=bob" in line
+        and "outcome=enrolled" in line
+        for line in desk.log
+    )
 
 
 def test_a_rostered_token_is_enrolled_with_nobody_typing(desk: Daemon) -> None:
@@ -108,8 +116,10 @@ def test_two_tokens_plugged_at_once_are_both_enrolled(desk: Daemon) -> None:
     desk.stack.insert(EmulatedYubiKey(serial=40000002), 1, wait=False)
     wait_for(lambda: desk.devices_of("carol") and desk.devices_of("dave"), what="both enrolled")
     # IAM lists a device a moment before the daemon has written its outcome
-    wait_for(lambda: len([r for r in desk.history() if r["event"] == "enrollment"]) == 2,
-             what="both outcomes recorded")
+    wait_for(
+        lambda: len([r for r in desk.history() if r["event"] == "enrollment"]) == 2,
+        what="both outcomes recorded",
+    )
     outcomes = [r for r in desk.history() if r["event"] == "enrollment"]
     assert sorted((r["user"], r["outcome"]) for r in outcomes) == [
         ("carol", "enrolled"),
@@ -251,12 +261,20 @@ def test_a_fido_only_key_on_usb_is_reported_as_unable_to_hold_totp(
     # It never reaches PC/SC (no CCID interface): only the USB side can see it.
     data = Path(__file__).parent / "data"
     d = Daemon(pcsc_stack, local_iam, admin_iam, workdir, write_config(workdir))
-    d.wrapper = ["umockdev-run", "-d", str(data / "usb-root-hub.umockdev"),
-                 "-d", str(data / "security-key.umockdev"), "--"]
+    d.wrapper = [
+        "umockdev-run",
+        "-d",
+        str(data / "usb-root-hub.umockdev"),
+        "-d",
+        str(data / "security-key.umockdev"),
+        "--",
+    ]
     d.start()
     try:
-        wait_for(lambda: any(r["event"] == "unsupported token" for r in d.history()),
-                 what="the security key reported")
+        wait_for(
+            lambda: any(r["event"] == "unsupported token" for r in d.history()),
+            what="the security key reported",
+        )
         [record] = [r for r in d.history() if r["event"] == "unsupported token"]
         assert "1050:0120, FIDO only: no CCID interface" in record["reason"]
         assert "cannot hold a TOTP credential" in record["reason"]
@@ -269,16 +287,28 @@ def test_a_fido_only_key_on_usb_is_reported_as_unable_to_hold_totp(
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=10,
 )
 REQUESTS = st.one_of(
     st.binary(max_size=300).map(lambda b: b.replace(b"\n", b" ")),
     JSON.map(lambda v: json.dumps(v).encode()),
     st.fixed_dictionaries(
-        {"op": st.sampled_from(["enroll", "status", "queue", "cancel", "history", "reconcile", "x"])},
-        optional={"user": JSON, "serial": JSON, "id": JSON, "limit": JSON, "since": JSON,
-                  "wait": st.just(False)},
+        {
+            "op": st.sampled_from(
+                ["enroll", "status", "queue", "cancel", "history", "reconcile", "x"]
+            )
+        },
+        optional={
+            "user": JSON,
+            "serial": JSON,
+            "id": JSON,
+            "limit": JSON,
+            "since": JSON,
+            "wait": st.just(False),
+        },
     ).map(lambda v: json.dumps(v).encode()),
 )
 
@@ -295,8 +325,9 @@ def _one_answer(path: Path, line: bytes) -> dict[str, Any]:
     return value
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(line=REQUESTS)
 def test_fuzzed_control_lines_always_get_an_answer(desk: Daemon, line: bytes) -> None:
     answer = _one_answer(desk.socket_path, line)
@@ -330,7 +361,8 @@ def test_partial_frames_floods_and_the_daemon_keeps_serving(desk: Daemon) -> Non
     assert desk.proc is not None and desk.proc.poll() is None
     assert desk.ask({"op": "status"})["ok"] is True
     assert desk.ask({"op": "queue"})["queue"] == [] or all(
-        e["state"] == "waiting" for e in desk.ask({"op": "queue"})["queue"])
+        e["state"] == "waiting" for e in desk.ask({"op": "queue"})["queue"]
+    )
 
 
 def test_the_daemon_process_cannot_be_dumped() -> None:
@@ -338,8 +370,97 @@ def test_the_daemon_process_cannot_be_dumped() -> None:
     import sys
 
     probe = subprocess.run(
-        [sys.executable, "-c", "import ctypes; from provisioner.daemon import no_core_dumps; "
-         "no_core_dumps(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import ctypes; from provisioner.daemon import no_core_dumps; "
+            "no_core_dumps(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert probe.stdout.strip() == "0"  # PR_GET_DUMPABLE
+
+
+def _terminal_reader(fd: int, screen: list[str]) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        screen.append(chunk.decode("utf-8", "replace"))
+
+
+def test_watch_redraws_the_desk_in_a_terminal_as_events_arrive(desk: Daemon) -> None:
+    import fcntl
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "provisioner", "watch"],
+        env=desk.env() | {"TERM": "xterm"},
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    output: list[str] = []
+    threading.Thread(target=_terminal_reader, args=(master, output), daemon=True).start()
+
+    def last_frame() -> str:
+        return "".join(output).rsplit("\x1b[H\x1b[2J", 1)[-1]
+
+    try:
+        wait_for(lambda: "last event: connected" in last_frame(), what="the first frame")
+        assert "queue: empty" in last_frame() and "last outcomes: none yet" in last_frame()
+        desk.cli("queue", "--user", "erin")
+        wait_for(lambda: "#1 erin on any token" in last_frame(), what="erin queued")
+        desk.stack.insert(EmulatedYubiKey(serial=40000011), 0)
+        wait_for(lambda: "erin on token 40000011: enrolled" in last_frame(), what="the outcome")
+        frames = "".join(output).split("\x1b[H\x1b[2J")
+        # Each step of the enrollment was drawn as it happened, not sampled.
+        steps = [
+            s
+            for s in (
+                "check",
+                "create device",
+                "program token",
+                "compute codes",
+                "enable",
+                "confirm",
+            )
+            if any(f"last event: {s} for erin" in f for f in frames)
+        ]
+        assert steps == [
+            "check",
+            "create device",
+            "program token",
+            "compute codes",
+            "enable",
+            "confirm",
+        ]
+        assert "queue: empty" in last_frame()
+        assert arn("erin", 40000011) in last_frame()
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=10)
+        os.close(master)
+    assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
+
+
+def test_watch_once_prints_one_view_and_exits(desk: Daemon) -> None:
+    desk.cli("queue", "--user", "erin", "--serial", "40000012")
+    done = desk.cli("watch", "--once")
+    assert done.returncode == 0, done.stderr
+    assert "#1 erin on token 40000012" in done.stdout
+    assert "\x1b[" not in done.stdout  # not a terminal: no escape codes

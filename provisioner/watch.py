@@ -1,0 +1,113 @@
+"""`provisioner watch`: the desk at a glance, drawn from the daemon's status updates.
+
+Pure: :func:`render` turns one update (the daemon's status plus the event that caused
+it) into the lines of a screen; the CLI owns the terminal. Nothing here is secret: the
+status never carries a seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: Clears a terminal and puts the cursor home, so each update redraws in place.
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def _clock(epoch: object) -> str:
+    if not isinstance(epoch, int | float):
+        return "--:--:--"
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
+
+
+def _token(serial: object) -> str:
+    return f"token {serial}" if serial is not None else "token ?"
+
+
+def _reader_line(reader: Mapping[str, Any], token: Mapping[str, Any] | None) -> str:
+    if token is None:
+        return f"  {reader['name']}: {'card present' if reader.get('card_present') else 'empty'}"
+    what = f"{_token(token.get('serial'))} {token.get('state', '?')}"
+    if token.get("user"):
+        what += f" for {token['user']}"
+    if token.get("state") == "enrolling" and token.get("step"):
+        what += f", step {token['step']}"
+    return f"  {reader['name']}: {what}"
+
+
+def _queue_line(entry: Mapping[str, Any]) -> str:
+    which = _token(entry["serial"]) if entry.get("serial") is not None else "any token"
+    return (
+        f"  #{entry['id']} {entry['user']} on {which}, asked by {entry.get('requested_by')} "
+        f"at {_clock(entry.get('requested_at'))}"
+    )
+
+
+def _outcome_line(outcome: Mapping[str, Any]) -> str:
+    line = (
+        f"  {_clock(outcome.get('at'))}  {outcome.get('user')} on "
+        f"{_token(outcome.get('serial'))}: {outcome.get('outcome')}"
+    )
+    seconds = outcome.get("seconds")
+    if isinstance(seconds, int | float):
+        line += f" in {seconds * 1000:.0f} ms"
+    if outcome.get("device_arn"):
+        line += f" ({outcome['device_arn']})"
+    elif outcome.get("detail") and not outcome.get("ok"):
+        line += f": {outcome['detail']}"
+    return line
+
+
+def describe_event(event: Mapping[str, Any] | None) -> str:
+    """One line about what just happened, in the operator's words."""
+    if not event:
+        return "connected"
+    kind = str(event.get("event", "?"))
+    who = f" for {event['user']}" if event.get("user") else ""
+    where = f" in {event['reader']}" if event.get("reader") else ""
+    if kind == "step":
+        return f"{event.get('step')}{who}: {event.get('detail', '')}".rstrip(": ")
+    if kind == "outcome":
+        return f"{event.get('outcome')}{who}"
+    if kind == "request-queued":
+        return f"request #{event.get('id')} queued{who}"
+    detail = f": {event['detail']}" if event.get("detail") else ""
+    return f"{kind}{who}{where}{detail}"
+
+
+def render(update: Mapping[str, Any], *, now: float, width: int = 100) -> list[str]:
+    """The screen for one status update, each line cut to ``width`` characters."""
+    daemon = update.get("daemon") or {}
+    readers: Sequence[Mapping[str, Any]] = update.get("readers") or []
+    tokens = {t["reader"]: t for t in update.get("tokens") or []}
+    queue: Sequence[Mapping[str, Any]] = update.get("queue") or []
+    in_progress: Sequence[Mapping[str, Any]] = update.get("in_progress") or []
+    recent: Sequence[Mapping[str, Any]] = update.get("recent") or []
+
+    lines = [
+        f"desk {daemon.get('desk', '?')} at {_clock(now)}: pcscd {daemon.get('pcsc', '?')}, "
+        f"IAM {daemon.get('iam', '?')}, roster of {daemon.get('roster', 0)}",
+        "",
+        f"readers ({len(readers)}):" if readers else "readers: none (is a YubiKey plugged in?)",
+        *(_reader_line(r, tokens.get(r["name"])) for r in readers),
+        "",
+        f"in progress ({len(in_progress)}):" if in_progress else "in progress: nothing",
+        *(
+            f"  {t.get('user')} on {_token(t.get('serial'))} in {t.get('reader')}: "
+            f"step {t.get('step') or '?'}"
+            for t in in_progress
+        ),
+        "",
+        f"queue ({len(queue)} waiting):" if queue else "queue: empty",
+        *(_queue_line(e) for e in queue),
+        "",
+        f"last outcomes ({len(recent)}):" if recent else "last outcomes: none yet",
+        *(_outcome_line(o) for o in recent),
+        "",
+        f"last event: {describe_event(update.get('cause'))}",
+    ]
+    return [line if len(line) <= width else line[: max(width - 1, 1)] + "…" for line in lines]
+
+
+__all__ = ["CLEAR", "describe_event", "render"]

@@ -1,0 +1,102 @@
+"""The live view's screen, rendered to text from status updates shaped as the daemon's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from provisioner.watch import describe_event, render
+
+NOW = 1_800_000_000.0
+
+
+def update(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "ok": True,
+        "event": "update",
+        "cause": None,
+        "daemon": {"desk": "front", "pcsc": "up", "iam": "http://127.0.0.1:5000", "roster": 2},
+        "readers": [
+            {"name": "Virtual PCD 00 00", "card_present": True},
+            {"name": "Virtual PCD 00 01", "card_present": False},
+        ],
+        "tokens": [
+            {
+                "reader": "Virtual PCD 00 00",
+                "serial": 1001,
+                "state": "enrolling",
+                "user": "alice",
+                "step": "program token",
+            }
+        ],
+        "queue": [
+            {"id": 7, "user": "bob", "serial": None, "requested_by": "root", "requested_at": NOW}
+        ],
+        "in_progress": [
+            {
+                "reader": "Virtual PCD 00 00",
+                "serial": 1001,
+                "user": "alice",
+                "step": "program token",
+            }
+        ],
+        "recent": [
+            {
+                "at": NOW,
+                "user": "carol",
+                "serial": 1002,
+                "ok": True,
+                "outcome": "enrolled",
+                "seconds": 0.0421,
+                "device_arn": "arn:aws:iam::123456789012:mfa/provisioner/carol-1002",
+            },
+            {
+                "at": NOW,
+                "user": "dave",
+                "serial": 1003,
+                "ok": False,
+                "outcome": "failed",
+                "detail": "token 1003 was removed during program token",
+            },
+        ],
+    }
+    return base | overrides
+
+
+def test_every_part_of_the_desk_is_on_the_screen() -> None:
+    screen = "\n".join(render(update(), now=NOW))
+    assert "desk front" in screen and "pcscd up" in screen and "roster of 2" in screen
+    assert "Virtual PCD 00 00: token 1001 enrolling for alice, step program token" in screen
+    assert "Virtual PCD 00 01: empty" in screen
+    assert "alice on token 1001 in Virtual PCD 00 00: step program token" in screen
+    assert "#7 bob on any token, asked by root" in screen
+    assert "carol on token 1002: enrolled in 42 ms (arn:aws:iam::123456789012:mfa/" in screen
+    assert "dave on token 1003: failed: token 1003 was removed during program token" in screen
+    assert screen.endswith("last event: connected")
+
+
+def test_an_idle_desk_says_so_rather_than_showing_empty_sections() -> None:
+    screen = render(update(readers=[], tokens=[], queue=[], in_progress=[], recent=[]), now=NOW)
+    assert "readers: none (is a YubiKey plugged in?)" in screen
+    assert "in progress: nothing" in screen
+    assert "queue: empty" in screen
+    assert "last outcomes: none yet" in screen
+
+
+def test_lines_are_cut_to_the_terminal_width() -> None:
+    screen = render(update(), now=NOW, width=40)
+    assert all(len(line) <= 40 for line in screen)
+    assert any(line.endswith("…") for line in screen)
+
+
+def test_the_event_that_caused_an_update_is_described() -> None:
+    step = {"event": "step", "step": "enable", "user": "alice", "detail": "EnableMFADevice"}
+    assert describe_event(step) == "enable for alice: EnableMFADevice"
+    assert describe_event({"event": "outcome", "outcome": "enrolled", "user": "bob"}) == (
+        "enrolled for bob"
+    )
+    assert describe_event({"event": "token-removed", "reader": "R"}) == "token-removed in R"
+    assert describe_event({"event": "request-queued", "id": 3, "user": "c"}) == (
+        "request #3 queued for c"
+    )
+    screen = render(update(cause=step), now=NOW)
+    assert screen[-1] == "last event: enable for alice: EnableMFADevice"
