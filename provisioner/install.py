@@ -167,7 +167,7 @@ def _create_users(root: Path) -> list[str]:
             raise InstallError(_failure("systemd-sysusers", result))
         output = (result.stdout + result.stderr).splitlines()
         created = [
-            "created" + line.strip()[len("Creating"):].rstrip(".")
+            "created" + line.strip()[len("Creating") :].rstrip(".")
             for line in output
             if line.startswith("Creating")
         ]
@@ -197,11 +197,22 @@ def _create_users_with_shadow_utils() -> list[str]:
     if result.returncode == 0:
         lines.append(f"user {SERVICE_USER} already exists")
         return lines
-    result = _run([
-        "useradd", "--system", "--gid", SERVICE_USER, "--home-dir", STATE_DIRECTORY,
-        "--no-create-home", "--shell", "/usr/sbin/nologin",
-        "--comment", "YubiKey enrollment desk daemon", SERVICE_USER,
-    ])
+    result = _run(
+        [
+            "useradd",
+            "--system",
+            "--gid",
+            SERVICE_USER,
+            "--home-dir",
+            STATE_DIRECTORY,
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "YubiKey enrollment desk daemon",
+            SERVICE_USER,
+        ]
+    )
     if result.returncode != 0:
         raise InstallError(_failure(f"useradd {SERVICE_USER}", result))
     lines.append(f"created user {SERVICE_USER}")
@@ -228,8 +239,11 @@ def reload_system() -> list[str]:
         lines.append("skipped systemctl daemon-reload: systemd not running")
     else:
         result = _run([systemctl, "daemon-reload"])
-        lines.append("systemctl daemon-reload" if result.returncode == 0
-                     else _failure("systemctl daemon-reload", result))
+        lines.append(
+            "systemctl daemon-reload"
+            if result.returncode == 0
+            else _failure("systemctl daemon-reload", result)
+        )
     udevadm = shutil.which("udevadm")
     if udevadm is None:
         lines.append("skipped udevadm control --reload: udevadm not found")
@@ -242,10 +256,20 @@ def reload_system() -> list[str]:
         else:
             lines.append("udevadm control --reload")
             # YubiKeys already plugged in get the new group and mode now.
-            result = _run([udevadm, "trigger", "--action=change", "--subsystem-match=usb",
-                           "--attr-match=idVendor=1050"])
-            lines.append("udevadm trigger (YubiKeys already plugged in)" if result.returncode == 0
-                         else _failure("udevadm trigger", result))
+            result = _run(
+                [
+                    udevadm,
+                    "trigger",
+                    "--action=change",
+                    "--subsystem-match=usb",
+                    "--attr-match=idVendor=1050",
+                ]
+            )
+            lines.append(
+                "udevadm trigger (YubiKeys already plugged in)"
+                if result.returncode == 0
+                else _failure("udevadm trigger", result)
+            )
     return lines
 
 

@@ -96,15 +96,13 @@ class UsbToken:
 
     @property
     def functions(self) -> str:
-        """"OTP+FIDO+CCID", "FIDO", ...: from the product id, else from the interfaces."""
+        """ "OTP+FIDO+CCID", "FIDO", ...: from the product id, else from the interfaces."""
         known = PRODUCT_FUNCTIONS.get(self.product_id)
         if known is not None:
             return known
         if self.has_ccid:
             return "CCID"
-        if self.interface_classes and all(
-            c == HID_INTERFACE_CLASS for c in self.interface_classes
-        ):
+        if self.interface_classes and all(c == HID_INTERFACE_CLASS for c in self.interface_classes):
             return "HID"
         return "unknown functions"
 
@@ -140,7 +138,9 @@ def list_yubikeys(backend: Any = None, *, sysfs: Path | None = SYSFS) -> list[Us
         except usb.core.USBError as e:  # unplugged while we looked, or unreadable
             log.warning(
                 "USB device %s:%s skipped: %s",
-                getattr(device, "bus", "?"), getattr(device, "address", "?"), e,
+                getattr(device, "bus", "?"),
+                getattr(device, "address", "?"),
+                e,
             )
     return sorted(tokens, key=lambda t: (t.bus, t.address))
 
