@@ -40,6 +40,7 @@ from .errors import (
     TemporarilyUnmodifiable,
     Throttled,
     UserNotFound,
+    failure_reason,
 )
 from .model import DeviceSpec, VirtualDevice
 from .secret import Seed
@@ -82,6 +83,10 @@ def guard_vendor_logging() -> None:
         log = logging.getLogger(name)
         if log.level < logging.INFO:
             log.setLevel(logging.INFO)
+
+
+#: Told of each IAM call: (AWS action name, retries botocore made, error code or None).
+CallObserver = Callable[[str, int, "str | None"], None]
 
 
 def translate(error: Exception, action: str, subject: str) -> ProvisionerError:
@@ -130,6 +135,7 @@ class IamClient:
         local_time: Callable[[], float] = time.time,
     ) -> None:
         guard_vendor_logging()
+        self._observers: list[CallObserver] = []
         self._clock = clock
         self._local_time = local_time
         try:
@@ -147,6 +153,14 @@ class IamClient:
         events = self._iam.meta.events
         events.register("before-call.iam", self._before_call)
         events.register("after-call.iam", self._after_call)
+
+    def observe_calls(self, observer: CallObserver) -> None:
+        """Tell ``observer`` about each call: its action, retries, and error code if any."""
+        self._observers.append(observer)
+
+    def _tell_observers(self, action: str, retries: int, error_code: str | None) -> None:
+        for observer in self._observers:
+            observer(action, retries, error_code)
 
     @property
     def endpoint_url(self) -> str:
@@ -181,8 +195,11 @@ class IamClient:
         except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
             error = translate(e, name, subject)
             logger.debug("IAM %s for %s failed: %s", name, subject, error.message)
+            retries = getattr(e, "response", {}).get("ResponseMetadata", {}).get("RetryAttempts")
+            self._tell_observers(name, int(retries or 0), failure_reason(error))
             raise error from e
         meta = result.get("ResponseMetadata", {})
+        self._tell_observers(name, int(meta.get("RetryAttempts") or 0), None)
         logger.debug(
             "IAM %s for %s: HTTP %s after %s retries",
             name,

@@ -6,6 +6,7 @@ with every key and its default is provisioner.toml.example.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import stat
@@ -68,6 +69,33 @@ class DaemonConfig:
     roster: str = ""
     #: Seconds SIGTERM waits for enrollments in progress to finish or roll back.
     shutdown_timeout: float = 30.0
+    #: "127.0.0.1:9464" serves Prometheus metrics there (loopback only); empty: off.
+    metrics_listen: str = ""
+
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of the metrics endpoint, None when off; raises ConfigError."""
+        if not self.metrics_listen:
+            return None
+        host, sep, port_text = self.metrics_listen.rpartition(":")
+        host = host.strip("[]")
+        try:
+            port = int(port_text)
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            sep = ""
+            port, loopback = 0, False
+        if not sep or not 0 < port < 65536:
+            raise ConfigError(
+                f"daemon.metrics_listen {self.metrics_listen!r} is not HOST:PORT",
+                hint='for example metrics_listen = "127.0.0.1:9464"',
+            )
+        if not loopback:
+            raise ConfigError(
+                f"daemon.metrics_listen {self.metrics_listen!r} is not a loopback address",
+                hint="the endpoint has no authentication: bind 127.0.0.1 and let a local "
+                "agent or an authenticating proxy forward it",
+            )
+        return host, port
 
     def state_path(self) -> Path:
         base = self.state_directory or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
@@ -206,6 +234,7 @@ def check(config: Config) -> None:
         raise ConfigError("enrollment.margin_seconds must be at least 0 and below 25")
     if config.iam.max_attempts < 1 or config.enrollment.enable_attempts < 1:
         raise ConfigError("iam.max_attempts and enrollment.enable_attempts must be at least 1")
+    config.daemon.metrics_address()
     # Render the templates once with sample values so typos fail at start, not mid-desk.
     try:
         config.enrollment_settings().names("user", "123456789012", 12345678)

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .control import Authorizer, ControlServer, Peer
@@ -33,6 +33,9 @@ from .service import DeskService
 from .store import Store
 from .usb import UsbWatcher, list_yubikeys
 from .yubikey import is_yubikey_reader, open_in_reader
+
+if TYPE_CHECKING:
+    from .metrics import MetricsEndpoint
 
 log = logging.getLogger("provisioner.daemon")
 
@@ -87,6 +90,7 @@ def run(config: Config) -> int:
         notifier=notifier,
         recovery=recovery,
     )
+    endpoint = _serve_metrics(config, desk, service)
     authorizer = Authorizer(config.daemon.operators_group)
 
     def handle(request: dict[str, Any], peer: Peer) -> Iterator[dict[str, Any]]:
@@ -133,10 +137,38 @@ def run(config: Config) -> int:
     watcher.stop()
     if usb is not None:
         usb.stop()
+    if endpoint is not None:
+        endpoint.close()
     store.audit("daemon", "stopped")
     store.close()
     notifier.close()
     return 0
+
+
+def _serve_metrics(config: Config, desk: Desk, service: DeskService) -> MetricsEndpoint | None:
+    """The Prometheus endpoint, when ``daemon.metrics_listen`` asks for one."""
+    address = config.daemon.metrics_address()
+    if address is None:
+        return None
+    from .metrics import DeskMetrics, MetricsEndpoint
+
+    metrics = DeskMetrics(
+        tokens_present=lambda: service.counts()["tokens"],
+        queue_length=lambda: service.counts()["queued"],
+        in_progress=lambda: service.counts()["running"],
+    )
+    service.events.listen(metrics.observe)
+    desk.iam.observe_calls(metrics.iam_call)
+    host, port = address
+    try:
+        endpoint = MetricsEndpoint(metrics, host, port)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot serve metrics on {config.daemon.metrics_listen}: {e.strerror}",
+            hint="another program has that port: choose another daemon.metrics_listen",
+        ) from e
+    log.info("metrics at http://%s:%d/metrics", host, endpoint.port)
+    return endpoint
 
 
 def _recover_then_watch(

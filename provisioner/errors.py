@@ -221,6 +221,16 @@ EXIT_IAM = 4
 EXIT_LEFTOVERS = 5
 
 
+def failure_reason(error: ProvisionerError) -> str:
+    """A short stable name for what stopped an enrollment (a metrics label): the AWS
+    error code for IAM errors, the error's class name otherwise."""
+    if isinstance(error, EnrollmentFailed):
+        return failure_reason(error.cause)
+    if isinstance(error, IamError):
+        return error.code
+    return type(error).__name__
+
+
 def exit_status(error: ProvisionerError) -> int:
     """The one mapping from errors to exit statuses (the CLI's, and the daemon's answers)."""
     if isinstance(error, EnrollmentFailed):

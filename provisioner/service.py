@@ -28,6 +28,7 @@ from .errors import (
     EnrollmentFailed,
     ProvisionerError,
     exit_status,
+    failure_reason,
 )
 from .model import Step
 from .notify import Notifier
@@ -75,6 +76,12 @@ class Events:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: list[tuple[Callable[[Event], bool], queue.Queue[Event]]] = []
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener`` with every event, in the publishing thread: it must be quick."""
+        with self._lock:
+            self._listeners.append(listener)
 
     @contextlib.contextmanager
     def subscribe(self, wants: Callable[[Event], bool]) -> Iterator[queue.Queue[Event]]:
@@ -91,6 +98,12 @@ class Events:
     def publish(self, event: Event) -> None:
         with self._lock:
             targets = [inbox for wants, inbox in self._subscribers if wants(event)]
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a metrics bug must not stop an enrollment
+                log.exception("event listener failed")
         for inbox in targets:
             inbox.put(event)
 
@@ -356,6 +369,7 @@ class DeskService:
             outcome = {
                 "ok": False,
                 "outcome": label,
+                "reason": failure_reason(e),
                 "detail": e.one_line(),
                 "exit": exit_status(e),
             }
@@ -576,6 +590,12 @@ class DeskService:
             "in_progress": [t for t in tokens if t["state"] == "enrolling"],
             "recent": recent,
         }
+
+    def counts(self) -> dict[str, int]:
+        """Tokens present, requests waiting, enrollments running (for the metrics)."""
+        with self._lock:
+            present, running = len(self._present), len(self._active)
+        return {"tokens": present, "queued": len(self.store.waiting()), "running": running}
 
     def _set(self, reader: str, **changes: Any) -> None:
         with self._lock:

@@ -464,3 +464,76 @@ def test_watch_once_prints_one_view_and_exits(desk: Daemon) -> None:
     assert done.returncode == 0, done.stderr
     assert "#1 erin on token 40000012" in done.stdout
     assert "\x1b[" not in done.stdout  # not a terminal: no escape codes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}"] = s.value
+    return samples
+
+
+def test_metrics_endpoint_counts_outcomes_steps_retries_and_tokens(
+    pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam: Any, workdir: Path
+) -> None:
+    port = _free_port()
+    config = write_config(workdir, extra=f'metrics_listen = "127.0.0.1:{port}"\n')
+    d = Daemon(pcsc_stack, local_iam, admin_iam, workdir, config)
+    d.start()
+    try:
+        before = _scrape(port)
+        assert before["provisioner_tokens_present{}"] == 0
+        assert before["provisioner_queue_length{}"] == 0
+        d.cli("queue", "--user", "alice", "--serial", "40000021")
+        d.cli("queue", "--user", "bob", "--serial", "40000022")
+        assert _scrape(port)["provisioner_queue_length{}"] == 2
+        # alice: one throttled CreateVirtualMFADevice that botocore retries, then success.
+        local_iam.inject_fault("CreateVirtualMFADevice", code="Throttling")
+        d.stack.insert(EmulatedYubiKey(serial=40000021), 0)
+        wait_for(lambda: d.devices_of("alice"), what="alice enrolled")
+        # bob: IAM refuses every pair of codes, so the enrollment fails and rolls back.
+        local_iam.inject_fault("EnableMFADevice", code="InvalidAuthenticationCode", count=10)
+        d.stack.insert(EmulatedYubiKey(serial=40000022), 1)
+        wait_for(
+            lambda: _scrape(port).get(
+                "provisioner_enrollments_total{outcome=failed,reason=InvalidAuthenticationCode}"
+            ),
+            what="bob's failure counted",
+        )
+        after = _scrape(port)
+        assert after["provisioner_enrollments_total{outcome=enrolled,reason=}"] == 1
+        assert after["provisioner_tokens_present{}"] == 2
+        assert after["provisioner_queue_length{}"] == 0
+        assert after["provisioner_enrollments_in_progress{}"] == 0
+        assert after["provisioner_iam_retries_total{action=CreateVirtualMFADevice}"] == 1
+        assert after["provisioner_iam_calls_total{action=EnableMFADevice,result=ok}"] == 1
+        refused = (
+            "provisioner_iam_calls_total{action=EnableMFADevice,result=InvalidAuthenticationCode}"
+        )
+        assert after[refused] >= 1
+        # Every step of alice's enrollment was timed; bob's rollback too.
+        for step in ("check", "create device", "program token", "compute codes", "enable"):
+            assert after[f"provisioner_enrollment_step_seconds_count{{step={step}}}"] >= 1
+        assert after["provisioner_enrollment_step_seconds_count{step=confirm}"] == 1
+        assert after["provisioner_enrollment_step_seconds_count{step=rollback}"] >= 1
+        assert not [k for k in after if "alice" in k or "bob" in k or "4000002" in k]
+    finally:
+        d.stop()
+        for slot in (0, 1):
+            pcsc_stack.remove(slot, wait=True)
+    with pytest.raises(OSError):
+        _scrape(port)  # the endpoint closed with the daemon
