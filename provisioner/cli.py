@@ -48,9 +48,12 @@ class DaemonNotRunning(ProvisionerError):
 
 
 class DaemonRefused(ProvisionerError):
-    def __init__(self, message: str, *, refused: bool) -> None:
+    """The daemon said no: to this user (``refused``), or to this request."""
+
+    def __init__(self, message: str, *, refused: bool, status: object = None) -> None:
         super().__init__(message)
         self.refused = refused
+        self.status = EXIT_REFUSED if refused else status if isinstance(status, int) else 1
 
 
 class TerminalProgress:
@@ -137,10 +140,21 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def enroll_via_daemon(socket_path: Path, user: str, serial: int | None, out: TextIO) -> int:
-    """Queue the user with the running daemon and follow the enrollment to its end."""
+def enroll_via_daemon(
+    socket_path: Path,
+    user: str,
+    serial: int | None,
+    out: TextIO,
+    *,
+    kind: str = "enroll",
+    old_serial: int | None = None,
+) -> int:
+    """Queue the user with the running daemon and follow the work to its end."""
+    request: dict[str, Any] = {"op": "enroll", "user": user, "serial": serial}
+    if kind != "enroll":
+        request |= {"kind": kind, "old_serial": old_serial}
     try:
-        return _follow_enrollment(socket_path, user, serial, out)
+        return _follow_enrollment(socket_path, request, out)
     except (ConnectionError, OSError) as e:
         out.flush()
         print(
@@ -151,12 +165,16 @@ def enroll_via_daemon(socket_path: Path, user: str, serial: int | None, out: Tex
         return 1
 
 
-def _follow_enrollment(socket_path: Path, user: str, serial: int | None, out: TextIO) -> int:
+def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) -> int:
     from .control import ControlClient
 
+    user = str(request["user"])
+    doing = {"resync": "resyncing", "replace": "replacing the token of"}.get(
+        str(request.get("kind")), "enrolling"
+    )
     start = time.monotonic()
     with ControlClient(socket_path, timeout=None) as client:
-        for event in client.request({"op": "enroll", "user": user, "serial": serial}, timeout=None):
+        for event in client.request(request, timeout=None):
             kind = event.get("event")
             elapsed = (time.monotonic() - start) * 1000
             if event.get("refused") or (event.get("final") and "error" in event):
@@ -166,9 +184,7 @@ def _follow_enrollment(socket_path: Path, user: str, serial: int | None, out: Te
                 out.write(f"{event['detail']}\n")
             elif kind == "enrolling":
                 start = time.monotonic()
-                out.write(
-                    f"token {event.get('serial')} in {event.get('reader')}: enrolling {user}\n"
-                )
+                out.write(f"token {event.get('serial')} in {event.get('reader')}: {doing} {user}\n")
             elif kind == "step":
                 out.write(f"{elapsed:7.1f} ms  {event['step']:<14} {event.get('detail', '')}\n")
             elif kind == "notice":
@@ -183,13 +199,15 @@ def _follow_enrollment(socket_path: Path, user: str, serial: int | None, out: Te
 def _print_outcome(event: dict[str, object], user: str, out: TextIO) -> int:
     status = event.get("exit", 1)
     code = status if isinstance(status, int) else 1
-    if event.get("outcome") == "enrolled":
+    if event.get("outcome") in ("enrolled", "replaced"):
         seconds = event.get("seconds")
         took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""
         out.write(
-            f"enrolled {user}: token {event.get('serial')} is MFA device "
+            f"{event['outcome']} {user}: token {event.get('serial')} is MFA device "
             f"{event.get('device_arn')}{took}\n"
         )
+    elif event.get("ok") and event.get("summary"):
+        out.write(f"{event['summary']}\n")
     elif event.get("ok"):
         out.write(f"nothing to do: {event.get('detail')}\n")
     else:
@@ -256,7 +274,11 @@ def _ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
     with ControlClient(path) as client:
         answer = client.call(request)
     if not answer.get("ok"):
-        raise DaemonRefused(str(answer.get("error")), refused=bool(answer.get("refused")))
+        raise DaemonRefused(
+            str(answer.get("error")),
+            refused=bool(answer.get("refused")),
+            status=answer.get("exit"),
+        )
     return answer
 
 
@@ -336,8 +358,9 @@ def _print_queue(entries: list[dict[str, Any]]) -> None:
     print("queue:")
     for e in entries:
         token = f" (token {e['serial']})" if e.get("serial") is not None else ""
+        kind = "" if e.get("kind", "enroll") == "enroll" else f"{e['kind']} "
         print(
-            f"  #{e['id']} {e['user']}{token}: {e['state']}, asked by {e['requested_by']} "
+            f"  #{e['id']} {kind}{e['user']}{token}: {e['state']}, asked by {e['requested_by']} "
             f"at {_when(e['requested_at'])}"
         )
 
@@ -410,6 +433,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log_level)
+    if not args.direct and daemon_reachable(config.daemon.socket_path()):
+        answer = _ask(args, {"op": "revoke", "user": args.user, "serial": args.serial})
+        for line in answer["actions"]:
+            print(line)
+        print(f"revoked {args.user}: {answer['device_arn']} (token {answer['serial']})")
+        return EXIT_OK
     desk = Desk.from_config(config)
     password = config.oath_password()
     done = desk.lifecycle().revoke(
@@ -436,6 +465,9 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log_level)
+    socket_path = config.daemon.socket_path()
+    if not args.direct and not args.reader and daemon_reachable(socket_path):
+        return enroll_via_daemon(socket_path, args.user, args.serial, sys.stdout, kind="resync")
     desk = Desk.from_config(config)
     lifecycle = desk.lifecycle(TerminalProgress(sys.stdout))
     with (
@@ -463,6 +495,16 @@ def cmd_replace(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log_level)
+    socket_path = config.daemon.socket_path()
+    if not args.direct and not args.reader and daemon_reachable(socket_path):
+        return enroll_via_daemon(
+            socket_path,
+            args.user,
+            args.serial,
+            sys.stdout,
+            kind="replace",
+            old_serial=args.old_serial,
+        )
     desk = Desk.from_config(config)
     password = config.oath_password()
     progress = TerminalProgress(sys.stdout)
@@ -708,11 +750,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Deactivates the user's MFA device enrolled by provisioner, deletes the virtual "
             "device, and removes its credential from the token if the token is plugged in "
             "(otherwise says that it stays there). With several such devices, --serial says "
-            "which. Recorded in the audit trail."
+            "which. Recorded in the audit trail. With the desk daemon running, the daemon "
+            "does it and takes the credential off the token as soon as the token is plugged "
+            "in at the desk (at once if it is in); --direct does it here instead."
         ),
     )
     revoke.add_argument("--user", required=True, help="the IAM user")
     revoke.add_argument("--serial", type=int, help="the token to revoke, if the user has several")
+    revoke.add_argument(
+        "--direct",
+        action="store_true",
+        help="revoke here even if the desk daemon is running (it must not hold the token)",
+    )
     common(revoke)
     revoke.set_defaults(func=cmd_revoke)
 
@@ -722,11 +771,18 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Computes two consecutive codes with the credential on the user's token (plugged "
             "in) for AWS's current time and sends them with ResyncMFADevice. Recorded in the "
-            "audit trail."
+            "audit trail. With the desk daemon running, the request is queued for the user's "
+            "token (--serial, or the one token provisioner enrolled for the user) and done "
+            "when it is plugged in, at once if it is in; --direct or --reader does it here."
         ),
     )
     resync.add_argument("--user", required=True, help="the IAM user")
     token_choice(resync, "the user's token")
+    resync.add_argument(
+        "--direct",
+        action="store_true",
+        help="resync here even if the desk daemon is running (it must not hold the token)",
+    )
     common(resync)
     resync.set_defaults(func=cmd_resync)
 
@@ -737,12 +793,19 @@ def build_parser() -> argparse.ArgumentParser:
             "Enrolls the token plugged in for the user first, then revokes the user's other "
             "token enrolled by provisioner (--old-serial if there are several), so the user "
             "is never without MFA. If revoking fails the user keeps both, and the message "
-            "says what to run."
+            "says what to run. With the desk daemon running, the request is queued for the "
+            "next token plugged in (or --serial's), and the old token's credential is removed "
+            "when that token is next plugged in at the desk; --direct or --reader does it here."
         ),
     )
     replace.add_argument("--user", required=True, help="the IAM user")
     token_choice(replace, "the new token")
     replace.add_argument("--old-serial", type=int, help="the token to replace, if several")
+    replace.add_argument(
+        "--direct",
+        action="store_true",
+        help="replace here even if the desk daemon is running (it must not hold the token)",
+    )
     common(replace)
     replace.set_defaults(func=cmd_replace)
 
@@ -817,7 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DaemonRefused as e:
         sys.stdout.flush()
         print(f"provisioner: {e.one_line()}", file=sys.stderr)
-        return EXIT_REFUSED if e.refused else 1
+        return e.status
     except ProvisionerError as e:
         sys.stdout.flush()
         print(f"provisioner: {e.one_line()}", file=sys.stderr)

@@ -18,6 +18,16 @@ from .model import EnrollmentResult, VirtualDevice
 from .ports import IamDirectory, NullProgress, Progress, TokenSession
 
 TokenFinder = Callable[[int], AbstractContextManager[TokenSession | None]]
+#: What becomes of a credential on a token that is not plugged in: (serial, credential id)
+#: -> a line for the operator.
+AbsentNote = Callable[[str, str], str]
+
+
+def _left_on_token(serial: str, credential: str) -> str:
+    return (
+        f"{credential} stays on token {serial} (not plugged in): it is useless now; "
+        "delete it with ykman oath accounts delete, or revoke with the token plugged in"
+    )
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,7 @@ class Revoked:
     user: str
     device_arn: str
     token_serial: int | None
+    credential_id: str
     credential_removed: bool
     #: What happened, one line each, in the operator's words.
     actions: tuple[str, ...]
@@ -78,10 +89,17 @@ class Lifecycle:
         credential, _ = self._settings.names(user, account, token_serial)
         return credential.credential_id
 
-    def revoke(self, user: str, token_serial: int | None, find_token: TokenFinder) -> Revoked:
+    def revoke(
+        self,
+        user: str,
+        token_serial: int | None,
+        find_token: TokenFinder,
+        absent: AbsentNote = _left_on_token,
+    ) -> Revoked:
         """Deactivate the device, delete it, and remove its credential if the token is here.
 
-        ``find_token(serial)`` gives the token with that serial if it is plugged in.
+        ``find_token(serial)`` gives the token with that serial if it is plugged in;
+        ``absent`` says what becomes of the credential when it is not.
         """
         device = self._the_device(user, token_serial)
         arn = device.serial_number
@@ -111,16 +129,14 @@ class Lifecycle:
                             else f"token {serial_tag} held no {credential}"
                         )
         if not present:
-            actions.append(
-                f"{credential} stays on token {serial_tag} (not plugged in): it is useless now; "
-                "delete it with ykman oath accounts delete, or revoke with the token plugged in"
-            )
+            actions.append(absent(serial_tag or "?", credential))
         for line in actions:
             self._progress.notice(line)
         return Revoked(
             user=user,
             device_arn=arn,
             token_serial=int(serial_tag) if serial_tag and serial_tag.isdigit() else None,
+            credential_id=credential,
             credential_removed=removed,
             actions=tuple(actions),
         )
@@ -142,6 +158,10 @@ class Lifecycle:
 class ReplaceIncomplete(ProvisionerError):
     """The new token works; the old device could not be revoked."""
 
+    def __init__(self, message: str, *, enrolled: EnrollmentResult, hint: str) -> None:
+        super().__init__(message, hint=hint)
+        self.enrolled = enrolled
+
 
 @dataclass(frozen=True)
 class Replaced:
@@ -156,6 +176,7 @@ def replace(
     new_token: TokenSession,
     old_serial: int | None,
     find_token: TokenFinder,
+    absent: AbsentNote = _left_on_token,
 ) -> Replaced:
     """Enroll the new token first, then revoke the old one: the user is never without MFA.
 
@@ -183,11 +204,12 @@ def replace(
     old_token = int(old) if old and old.isdigit() else None
     enrolled = enrollment.run(new_token, user)
     try:
-        revoked = lifecycle.revoke(user, old_token, find_token)
+        revoked = lifecycle.revoke(user, old_token, find_token, absent)
     except ProvisionerError as e:
         raise ReplaceIncomplete(
             f"{user} now has the new token {new_serial} ({enrolled.device_arn}) AND still the "
             f"old device {others[0].serial_number}: revoking it failed: {e.message}",
+            enrolled=enrolled,
             hint=f"provisioner revoke --user {user} --serial {old}",
         ) from e
     return Replaced(enrolled, revoked)

@@ -26,16 +26,19 @@ from .desk import Desk
 from .errors import (
     AlreadyEnrolled,
     EnrollmentFailed,
+    InvalidInput,
     ProvisionerError,
     exit_status,
     failure_reason,
 )
+from .lifecycle import ReplaceIncomplete, Revoked
+from .lifecycle import replace as replace_token
 from .model import Step
 from .notify import Notifier
 from .reader_watch import ReaderEvent, ReaderEventKind
 from .recovery import Recovery
 from .roster import Roster
-from .store import QueueEntry, Store
+from .store import KINDS, QueueEntry, Store
 from .yubikey import YubiKeyToken
 
 log = logging.getLogger(__name__)
@@ -108,16 +111,23 @@ class Events:
             inbox.put(event)
 
 
+@contextlib.contextmanager
+def _no_token_here(serial: int) -> Iterator[YubiKeyToken | None]:
+    """The daemon never opens a second token from inside a worker: a credential left on
+    a token is removed by the token's own worker (see DeskService._forget_on_token)."""
+    yield None
+
+
 class _Progress:
     """The enrollment's progress, into the store and out to the watchers."""
 
-    def __init__(self, service: DeskService, enrollment_id: int, base: Event) -> None:
+    def __init__(self, service: DeskService, enrollment_id: int | None, base: Event) -> None:
         self._service = service
         self._id = enrollment_id
         self._base = base
 
     def step(self, step: Step, detail: str) -> None:
-        if step is not Step.ROLLBACK:
+        if step is not Step.ROLLBACK and self._id is not None:
             self._service.store.record_step(self._id, step.value)
         self._service.note_step(self._base["reader"], step.value)
         self._service.events.publish(
@@ -268,7 +278,135 @@ class DeskService:
                 {"event": "ignored", "reader": reader, "serial": info.serial, "detail": detail}
             )
             return
-        self._enroll(reader, token, user, entry, source, actor)
+        if entry is not None and entry.kind == "resync":
+            self._resync(reader, token, entry)
+        else:
+            self._enroll(reader, token, user, entry, source, actor)
+
+    def _resync(self, reader: str, token: YubiKeyToken, entry: QueueEntry) -> None:
+        """Two codes from the user's credential on the token, then ResyncMFADevice."""
+        user, serial = entry.user, token.info.serial
+        base: Event = {
+            "reader": reader,
+            "serial": serial,
+            "user": user,
+            "queue": entry.id,
+            "kind": "resync",
+        }
+        self._set(reader, state="resyncing", user=user, step=Step.COMPUTE_CODES.value)
+        self.events.publish({**base, "event": "enrolling"})
+        outcome: Event
+        try:
+            device, first_step = self.desk.lifecycle(_Progress(self, None, base)).resync(
+                user, token
+            )
+        except ProvisionerError as e:
+            outcome = {
+                "ok": False,
+                "outcome": "resync failed",
+                "reason": failure_reason(e),
+                "detail": e.one_line(),
+                "exit": exit_status(e),
+            }
+            self.store.audit(
+                entry.requested_by,
+                "resync",
+                user=user,
+                serial=serial,
+                outcome="failed",
+                reason=e.one_line(),
+            )
+        else:
+            summary = (
+                f"resynced {user}: {device} with the codes of time steps {first_step} and "
+                f"{first_step + 1} from token {serial}"
+            )
+            outcome = {
+                "ok": True,
+                "outcome": "resynced",
+                "device_arn": device,
+                "summary": summary,
+                "exit": 0,
+            }
+            self.store.audit(
+                entry.requested_by,
+                "resync",
+                user=user,
+                serial=serial,
+                device_arn=device,
+                outcome="resynced",
+                reason=f"time steps {first_step} and {first_step + 1}",
+            )
+        self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed", None)
+        self._set(reader, state="enrolled" if outcome["ok"] else "failed")
+        with self._lock:
+            self._recent.appendleft({**base, "at": time.time(), **outcome})
+        self.events.publish({**base, "event": "outcome", "final": True, **outcome})
+
+    def _removed_when_seen(self, serial: str, credential: str) -> str:
+        return (
+            f"{credential} is removed from token {serial} by this desk as soon as the token "
+            "is plugged in here (now, if it is)"
+        )
+
+    def _forget_on_token(self, revoked: Revoked, actor: str) -> None:
+        """A revoked device's credential is taken off its token when the desk sees it:
+        now if it is plugged in and idle, else whenever it is plugged in."""
+        if revoked.token_serial is None or revoked.credential_removed:
+            return
+        self.store.add_token_cleanup(
+            revoked.token_serial,
+            revoked.credential_id,
+            None,
+            f"{revoked.user}'s device {revoked.device_arn} was revoked by {actor}",
+        )
+        with self._lock:
+            idle = [
+                t.reader
+                for t in self._present.values()
+                if t.serial == revoked.token_serial and t.state in ("idle", "enrolled", "failed")
+            ]
+        for reader in idle:
+            self._start_worker(reader)
+
+    def _revoke(self, request: Event, peer_name: str) -> Event:
+        from . import validation
+
+        user, serial = request.get("user"), request.get("serial")
+        if not isinstance(user, str) or (serial is not None and not isinstance(serial, int)):
+            return {"ok": False, "final": True, "error": "revoke needs a user name", "exit": 2}
+        try:
+            validation.user_name(user)
+            done = self.desk.lifecycle().revoke(
+                user, serial, _no_token_here, self._removed_when_seen
+            )
+        except ProvisionerError as e:
+            return {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
+        self.store.audit(
+            peer_name,
+            "revoked",
+            user=user,
+            serial=done.token_serial,
+            device_arn=done.device_arn,
+            outcome="revoked",
+            reason="; ".join(done.actions),
+        )
+        self._forget_on_token(done, peer_name)
+        event: Event = {
+            "event": "revoked",
+            "user": user,
+            "serial": done.token_serial,
+            "detail": f"{done.device_arn} revoked by {peer_name}",
+        }
+        self.events.publish(event)
+        return {
+            "ok": True,
+            "final": True,
+            "user": user,
+            "serial": done.token_serial,
+            "device_arn": done.device_arn,
+            "actions": list(done.actions),
+        }
 
     def _clean_token(self, reader: str, token: YubiKeyToken, serial: int) -> None:
         """Remove credentials whose devices are gone (left when the token was away)."""
@@ -346,11 +484,44 @@ class DeskService:
         self._set(reader, state="enrolling", user=user, step=Step.CHECK.value)
         self.events.publish({**base, "event": "enrolling"})
         outcome: Event
+        progress = _Progress(self, enrollment_id, base)
+        replacing = entry is not None and entry.kind == "replace"
         try:
-            enrollment = self.desk.enrollment(
-                _Progress(self, enrollment_id, base), self.store.journal(enrollment_id)
+            enrollment = self.desk.enrollment(progress, self.store.journal(enrollment_id))
+            if replacing:
+                assert entry is not None
+                done = replace_token(
+                    self.desk.lifecycle(progress),
+                    enrollment,
+                    user,
+                    token,
+                    entry.old_serial,
+                    _no_token_here,
+                    self._removed_when_seen,
+                )
+                self._forget_on_token(done.revoked, actor)
+                result = done.enrolled
+            else:
+                result = enrollment.run(token, user)
+        except ReplaceIncomplete as e:
+            self.store.finish_enrollment(
+                enrollment_id,
+                outcome="enrolled",
+                actor=actor,
+                device_arn=e.enrolled.device_arn,
+                reason=e.one_line(),
             )
-            result = enrollment.run(token, user)
+            outcome = {
+                "ok": False,
+                "outcome": "enrolled, old token NOT revoked",
+                "reason": failure_reason(e.__cause__)
+                if isinstance(e.__cause__, ProvisionerError)
+                else "ReplaceIncomplete",
+                "device_arn": e.enrolled.device_arn,
+                "detail": e.one_line(),
+                "exit": exit_status(e),
+            }
+            state = "enrolled"
         except AlreadyEnrolled as e:
             self.store.finish_enrollment(
                 enrollment_id, outcome="already enrolled", actor=actor, reason=e.message
@@ -380,7 +551,7 @@ class DeskService:
             )
             outcome = {
                 "ok": True,
-                "outcome": "enrolled",
+                "outcome": "replaced" if replacing else "enrolled",
                 "device_arn": result.device_arn,
                 "seconds": result.seconds,
                 "exit": 0,
@@ -414,6 +585,8 @@ class DeskService:
             yield self._reconcile(request)
         elif op == "watch":
             yield from self._watch()
+        elif op == "revoke":
+            yield self._revoke(request, peer_name)
         else:
             yield {"ok": False, "final": True, "error": f"unknown op {op!r}"}
 
@@ -421,7 +594,13 @@ class DeskService:
         from . import validation
 
         user, serial = request.get("user"), request.get("serial")
-        if not isinstance(user, str) or (serial is not None and not isinstance(serial, int)):
+        kind, old_serial = request.get("kind", "enroll"), request.get("old_serial")
+        if (
+            not isinstance(user, str)
+            or (serial is not None and not isinstance(serial, int))
+            or kind not in KINDS
+            or (old_serial is not None and not isinstance(old_serial, int))
+        ):
             yield {
                 "ok": False,
                 "final": True,
@@ -431,19 +610,22 @@ class DeskService:
             return
         try:
             validation.user_name(user)
+            if kind == "resync" and serial is None:
+                serial = self._the_users_token(user)
         except ProvisionerError as e:
-            yield {"ok": False, "final": True, "error": e.one_line(), "exit": 2}
+            yield {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
             return
         if self._stopping.is_set():
             yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
             return
-        entry = self.store.enqueue(user, peer_name, serial)
+        entry = self.store.enqueue(user, peer_name, serial, kind=kind, old_serial=old_serial)
         # No "queue" key: this is news for watchers, not for the follower of this entry.
         self.events.publish({"event": "request-queued", "id": entry.id, "user": user})
         follow = request.get("wait", True)
         with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
             position = len(self.store.waiting())
             which = f"token {serial}" if serial is not None else "a token"
+            what = {"enroll": "", "resync": " for a resync", "replace": " for a new token"}[kind]
             yield {
                 "ok": True,
                 "event": "queued",
@@ -451,11 +633,12 @@ class DeskService:
                 "user": user,
                 "position": position,
                 "final": not follow,
-                "detail": f"{user} is queued (#{entry.id}, position {position}): plug in {which}",
+                "detail": f"{user} is queued{what} (#{entry.id}, position {position}): "
+                f"plug in {which}",
             }
             if not follow:
                 return
-            self._offer_idle_tokens()
+            self._offer_idle_tokens(entry.serial)
             finished = False
             try:
                 while True:
@@ -494,6 +677,18 @@ class DeskService:
                 yield {"ok": True, "event": "update", "cause": cause, **self.status()}
         yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
 
+    def _the_users_token(self, user: str) -> int:
+        """The serial of the one token provisioner enrolled for ``user``."""
+        devices = self.desk.lifecycle().devices_of(user)
+        serials = sorted({str(d.tag("provisioner:token-serial")) for d in devices})
+        if len(serials) != 1 or not serials[0].isdigit():
+            what = "no token" if not serials else f"tokens {', '.join(serials)}"
+            raise InvalidInput(
+                f"{user} has {what} enrolled by provisioner",
+                hint="say which token with --serial" if serials else "enroll one first",
+            )
+        return int(serials[0])
+
     def _stopped(self, entry: QueueEntry) -> Event:
         still = self.store.queue_entry(entry.id)
         kept = still is not None and still.state == "waiting"
@@ -510,9 +705,16 @@ class DeskService:
             "exit": 1,
         }
 
-    def _offer_idle_tokens(self) -> None:
+    def _offer_idle_tokens(self, serial: int | None = None) -> None:
+        """Serve tokens already plugged in: idle ones, and for a request naming a token,
+        that token even after earlier work on it (a resync of the token just enrolled)."""
         with self._lock:
-            idle = [t.reader for t in self._present.values() if t.state == "idle"]
+            idle = [
+                t.reader
+                for t in self._present.values()
+                if t.state == "idle"
+                or (serial is not None and t.serial == serial and t.state in ("enrolled", "failed"))
+            ]
         for reader in idle:
             self._start_worker(reader)
 
@@ -587,7 +789,7 @@ class DeskService:
             "readers": readers,
             "tokens": tokens,
             "queue": [vars(e) for e in self.store.waiting()],
-            "in_progress": [t for t in tokens if t["state"] == "enrolling"],
+            "in_progress": [t for t in tokens if t["state"] in ("enrolling", "resyncing")],
             "recent": recent,
         }
 
@@ -609,11 +811,11 @@ class DeskService:
 
     def _update_status(self) -> None:
         with self._lock:
-            busy = [t for t in self._present.values() if t.state == "enrolling"]
+            busy = [t for t in self._present.values() if t.state in ("enrolling", "resyncing")]
             present = len(self._present)
         waiting = len(self.store.waiting())
         if busy:
-            text = "; ".join(f"enrolling {t.user} on token {t.serial} ({t.step})" for t in busy)
+            text = "; ".join(f"{t.state} {t.user} on token {t.serial} ({t.step})" for t in busy)
         else:
             text = f"idle: {present} token(s) present, {waiting} request(s) queued"
         if not self.pcsc_up:

@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS queue (
     requested_by TEXT NOT NULL,
     requested_at REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'waiting',   -- waiting, taken, done, failed, cancelled
-    enrollment_id INTEGER
+    enrollment_id INTEGER,
+    kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
+    old_serial INTEGER                       -- replace: the token to revoke, if given
 );
 CREATE TABLE IF NOT EXISTS enrollments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -79,6 +81,16 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
 
 
+#: What a queued request asks for, when its token is plugged in.
+KINDS = ("enroll", "resync", "replace")
+
+#: Columns added after the first release: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("queue", "kind", "TEXT NOT NULL DEFAULT 'enroll'"),
+    ("queue", "old_serial", "INTEGER"),
+)
+
+
 @dataclass(frozen=True)
 class QueueEntry:
     id: int
@@ -87,6 +99,8 @@ class QueueEntry:
     requested_by: str
     requested_at: float
     state: str
+    kind: str = "enroll"
+    old_serial: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
         path.chmod(0o640)
+
+    def _add_missing_columns(self) -> None:
+        """A state file from an earlier version gets the columns it lacks (queue, journal
+        and audit trail are kept)."""
+        for table, column, declaration in _ADDED_COLUMNS:
+            present = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -137,13 +160,25 @@ class Store:
 
     # --- queue ------------------------------------------------------------------------
 
-    def enqueue(self, user: str, requested_by: str, serial: int | None = None) -> QueueEntry:
+    def enqueue(
+        self,
+        user: str,
+        requested_by: str,
+        serial: int | None = None,
+        *,
+        kind: str = "enroll",
+        old_serial: int | None = None,
+    ) -> QueueEntry:
+        if kind not in KINDS:
+            raise ValueError(f"unknown request kind {kind!r}")
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO queue (user, serial, requested_by, requested_at) VALUES (?,?,?,?)",
-                (user, serial, requested_by, self._clock()),
+                "INSERT INTO queue (user, serial, requested_by, requested_at, kind, old_serial) "
+                "VALUES (?,?,?,?,?,?)",
+                (user, serial, requested_by, self._clock(), kind, old_serial),
             )
-            self._audit(db, requested_by, "queued", user=user, serial=serial)
+            reason = None if kind == "enroll" else kind
+            self._audit(db, requested_by, "queued", user=user, serial=serial, reason=reason)
             row = db.execute("SELECT * FROM queue WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _entry(row)
 
@@ -446,4 +481,6 @@ def _entry(row: sqlite3.Row) -> QueueEntry:
         requested_by=row["requested_by"],
         requested_at=row["requested_at"],
         state=row["state"],
+        kind=row["kind"],
+        old_serial=row["old_serial"],
     )

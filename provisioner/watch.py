@@ -31,15 +31,16 @@ def _reader_line(reader: Mapping[str, Any], token: Mapping[str, Any] | None) -> 
     what = f"{_token(token.get('serial'))} {token.get('state', '?')}"
     if token.get("user"):
         what += f" for {token['user']}"
-    if token.get("state") == "enrolling" and token.get("step"):
+    if token.get("state") in ("enrolling", "resyncing") and token.get("step"):
         what += f", step {token['step']}"
     return f"  {reader['name']}: {what}"
 
 
 def _queue_line(entry: Mapping[str, Any]) -> str:
     which = _token(entry["serial"]) if entry.get("serial") is not None else "any token"
+    kind = "" if entry.get("kind", "enroll") == "enroll" else f"{entry['kind']} "
     return (
-        f"  #{entry['id']} {entry['user']} on {which}, asked by {entry.get('requested_by')} "
+        f"  #{entry['id']} {kind}{entry['user']} on {which}, asked by {entry.get('requested_by')} "
         f"at {_clock(entry.get('requested_at'))}"
     )
 

@@ -537,3 +537,101 @@ def test_metrics_endpoint_counts_outcomes_steps_retries_and_tokens(
             pcsc_stack.remove(slot, wait=True)
     with pytest.raises(OSError):
         _scrape(port)  # the endpoint closed with the daemon
+
+
+# --- revoke, resync and replace through the running daemon ----------------------------
+
+
+def _enroll_erin(desk: Daemon, key: EmulatedYubiKey, slot: int = 0) -> None:
+    desk.cli("queue", "--user", "erin", "--serial", str(key.serial))
+    desk.stack.insert(key, slot)
+    wait_for(lambda: desk.devices_of("erin") == [arn("erin", key.serial)], what="erin enrolled")
+    wait_for(lambda: desk.ask({"op": "status"})["tokens"][0]["state"] == "enrolled")
+
+
+def test_revoke_through_the_daemon_clears_the_token_that_is_plugged_in(desk: Daemon) -> None:
+    key = EmulatedYubiKey(serial=40000031)
+    _enroll_erin(desk, key)
+    assert key.credentials()
+    done = desk.cli("revoke", "--user", "erin")
+    assert done.returncode == 0, done.stderr
+    assert f"revoked erin: {arn('erin', 40000031)} (token 40000031)" in done.stdout
+    assert desk.devices_of("erin") == []
+    assert not desk.iam.virtual_devices()
+    wait_for(lambda: not key.credentials(), what="the credential taken off the token")
+    revoked = [r for r in desk.history() if r["event"] == "revoked"]
+    assert revoked and revoked[0]["user"] == "erin" and revoked[0]["actor"] == "root"
+
+
+def test_revoke_through_the_daemon_clears_an_absent_token_when_it_comes_back(
+    desk: Daemon,
+) -> None:
+    key = EmulatedYubiKey(serial=40000032)
+    _enroll_erin(desk, key)
+    desk.stack.remove(0, wait=True)
+    done = desk.cli("revoke", "--user", "erin")
+    assert done.returncode == 0, done.stderr
+    assert "as soon as the token is plugged in here" in done.stdout
+    assert desk.devices_of("erin") == [] and key.credentials()
+    desk.stack.insert(key, 1)
+    wait_for(lambda: not key.credentials(), what="the credential taken off on its return")
+
+
+def test_revoke_through_the_daemon_refuses_a_user_without_a_token(desk: Daemon) -> None:
+    done = desk.cli("revoke", "--user", "erin")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "erin has no MFA device enrolled by provisioner" in done.stderr
+
+
+def test_resync_through_the_daemon_uses_the_token_already_plugged_in(desk: Daemon) -> None:
+    key = EmulatedYubiKey(serial=40000033)
+    _enroll_erin(desk, key)
+    done = desk.cli("resync", "--user", "erin")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "erin is queued for a resync" in done.stdout and "plug in token 40000033" in done.stdout
+    assert f"resynced erin: {arn('erin', 40000033)} with the codes of time steps" in done.stdout
+    resyncs = [a for a in desk.iam.attempts() if a.action == "ResyncMFADevice"]
+    assert [a.accepted for a in resyncs] == [True]
+    assert ("resync", "resynced") in [(r["event"], r["outcome"]) for r in desk.history()]
+
+
+def test_replace_through_the_daemon_enrolls_the_new_token_then_revokes_the_old(
+    desk: Daemon,
+) -> None:
+    old, new = EmulatedYubiKey(serial=40000034), EmulatedYubiKey(serial=40000035)
+    _enroll_erin(desk, old)
+    desk.stack.remove(0, wait=True)
+    proc = desk.cli_background("replace", "--user", "erin")
+    assert proc.stdout is not None
+    assert "erin is queued for a new token" in proc.stdout.readline()
+    desk.stack.insert(new, 0)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    assert f"replaced erin: token 40000035 is MFA device {arn('erin', 40000035)}" in out
+    assert desk.devices_of("erin") == [arn("erin", 40000035)]
+    assert [d["serial"] for d in desk.iam.virtual_devices()] == [arn("erin", 40000035)]
+    desk.stack.insert(old, 1)  # the old token comes back: its credential goes
+    wait_for(lambda: not old.credentials(), what="the old token cleared")
+    assert new.credentials()
+
+
+def test_replace_whose_revocation_fails_leaves_the_user_with_both_and_says_what_to_run(
+    desk: Daemon,
+) -> None:
+    old, new = EmulatedYubiKey(serial=40000036), EmulatedYubiKey(serial=40000037)
+    _enroll_erin(desk, old)
+    desk.stack.remove(0, wait=True)
+    desk.iam.inject_fault("DeactivateMFADevice", code="ServiceFailure", count=20)
+    proc = desk.cli_background("replace", "--user", "erin")
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    desk.stack.insert(new, 0)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    assert "now has the new token 40000037" in err and "AND still the old device" in err
+    assert "provisioner revoke --user erin --serial 40000036" in err
+    assert sorted(desk.devices_of("erin")) == [arn("erin", 40000036), arn("erin", 40000037)]
+    assert old.credentials() and new.credentials()
+    desk.iam.clear_faults()
+    assert desk.cli("revoke", "--user", "erin", "--serial", "40000036").returncode == 0
+    assert desk.devices_of("erin") == [arn("erin", 40000037)]

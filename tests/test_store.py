@@ -1,0 +1,55 @@
+"""The state file across versions: a queue written before request kinds existed."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from provisioner.store import Store
+
+FIRST_RELEASE_QUEUE = """
+CREATE TABLE queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    serial INTEGER,
+    requested_by TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting',
+    enrollment_id INTEGER
+);
+INSERT INTO queue (user, serial, requested_by, requested_at) VALUES ('alice', 7, 'root', 1.0);
+"""
+
+
+def test_a_queue_from_the_first_release_keeps_its_requests_as_enrollments(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "provisioner.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(FIRST_RELEASE_QUEUE)
+    store = Store(path)
+    try:
+        (entry,) = store.waiting()
+        assert (entry.user, entry.serial, entry.kind, entry.old_serial) == (
+            "alice",
+            7,
+            "enroll",
+            None,
+        )
+        later = store.enqueue("bob", "root", 8, kind="replace", old_serial=6)
+        assert (later.kind, later.old_serial) == ("replace", 6)
+    finally:
+        store.close()
+    Store(path).close()  # a second opening finds nothing to add
+
+
+def test_an_unknown_kind_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path / "provisioner.db")
+    try:
+        with pytest.raises(ValueError, match="unknown request kind"):
+            store.enqueue("alice", "root", kind="format")
+        assert store.waiting() == []
+    finally:
+        store.close()
