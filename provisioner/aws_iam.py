@@ -5,14 +5,16 @@ Standard boto3 configuration (credential chain, profile, region, ``AWS_ENDPOINT_
 are sent, and every botocore exception translated into the IamError tree. Each answer's
 ``Date`` header feeds the AwsClock, so codes are computed for AWS's time, not ours.
 The seed is taken out of the CreateVirtualMFADevice answer, together with the QR code
-that encodes it, and handed on only as a Seed.
+that encodes it, and handed on only as a Seed. An AccessDenied names the permission the
+desk's principal lacks (``permissions.py`` lists those it needs).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -43,6 +45,7 @@ from .errors import (
     failure_reason,
 )
 from .model import DeviceSpec, VirtualDevice
+from .permissions import CallerIdentity, Decision, Evaluation
 from .secret import Seed
 
 logger = logging.getLogger(__name__)
@@ -89,7 +92,13 @@ def guard_vendor_logging() -> None:
 CallObserver = Callable[[str, int, "str | None"], None]
 
 
-def translate(error: Exception, action: str, subject: str) -> ProvisionerError:
+# "User: arn:... is not authorized to perform: iam:EnableMFADevice on resource: ..."
+_PERFORM = re.compile(r"\bperform: ([A-Za-z0-9-]+:[A-Za-z0-9*]+)")
+
+
+def translate(
+    error: Exception, action: str, subject: str, service: str = "iam"
+) -> ProvisionerError:
     """One botocore exception -> one IamError that says what was being done to whom."""
     if isinstance(error, bce.ClientError):
         err = error.response.get("Error", {})
@@ -97,6 +106,8 @@ def translate(error: Exception, action: str, subject: str) -> ProvisionerError:
         text = str(err.get("Message", "")).strip()
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         cls = _BY_CODE.get(code)
+        if cls is AccessDenied:
+            return _access_denied(action, subject, service, code, text)
         if cls is None:
             cls = ServiceFailure if status >= 500 else IamError
         message = f"IAM refused {action} for {subject}: {code}" + (f": {text}" if text else "")
@@ -117,6 +128,26 @@ def translate(error: Exception, action: str, subject: str) -> ProvisionerError:
             f"no usable answer from IAM to {action} for {subject}: {type(error).__name__}"
         )
     return IamUnavailable(f"IAM call {action} for {subject} failed: {type(error).__name__}")
+
+
+def _access_denied(action: str, subject: str, service: str, code: str, text: str) -> AccessDenied:
+    """Name the missing permission: AWS's own words if it said them, else the IAM action
+    called (an IAM API name is its permission's name). STS's AccessDenied for a login is
+    a refused MFA code, not a permission."""
+    found = _PERFORM.search(text)
+    permission = found.group(1) if found else (f"iam:{action}" if service == "iam" else None)
+    detail = f"{code}: {text}" if text else code
+    if permission is None:
+        return AccessDenied(
+            f"{service.upper()} refused {action} for {subject}: {detail}", code=code
+        )
+    return AccessDenied(
+        f"IAM refused {action} for {subject}: the desk's AWS principal lacks {permission} "
+        f"({detail})",
+        code=code,
+        permission=permission,
+        hint=f"grant the desk's AWS principal {permission}, as docs/iam-policy.json does",
+    )
 
 
 class IamClient:
@@ -150,6 +181,10 @@ class IamClient:
             user_agent_extra="provisioner",
         )
         self._iam = session.client("iam", endpoint_url=endpoint_url or None, config=config)
+        # STS (who the desk is) through boto3's own endpoint resolution: AWS_ENDPOINT_URL_STS
+        # or AWS_ENDPOINT_URL, else AWS. Made on first use; enrollments never need it.
+        self._session, self._config = session, config
+        self._sts: Any = None
         events = self._iam.meta.events
         events.register("before-call.iam", self._before_call)
         events.register("after-call.iam", self._after_call)
@@ -195,7 +230,8 @@ class IamClient:
         except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
             error = translate(e, name, subject)
             logger.debug("IAM %s for %s failed: %s", name, subject, error.message)
-            retries = getattr(e, "response", {}).get("ResponseMetadata", {}).get("RetryAttempts")
+            response = getattr(e, "response", None) or {}  # None when no answer came
+            retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
             self._tell_observers(name, int(retries or 0), failure_reason(error))
             raise error from e
         meta = result.get("ResponseMetadata", {})
@@ -315,6 +351,79 @@ class IamClient:
                 return devices
             marker = page.get("Marker")
 
+    # --- the desk's own principal ------------------------------------------------------
+
+    def caller_identity(self) -> CallerIdentity:
+        """Who these credentials are (STS GetCallerIdentity: no permission needed)."""
+        if self._sts is None:
+            self._sts = self._session.client("sts", config=self._config)
+        try:
+            answer = self._sts.get_caller_identity()
+        except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
+            raise translate(e, "GetCallerIdentity", "the desk's credentials", "sts") from e
+        return CallerIdentity(
+            account=str(answer["Account"]), arn=str(answer["Arn"]), user_id=str(answer["UserId"])
+        )
+
+    def simulate(self, principal_arn: str, checks: Iterable[tuple[str, str]]) -> list[Evaluation]:
+        """IAM's policy simulator on each (action, resource) for ``principal_arn``, in order.
+
+        One SimulatePrincipalPolicy per distinct resource (the simulator crosses every
+        action with every resource it is given), pages followed.
+        """
+        wanted = [(str(action), str(resource)) for action, resource in checks]
+        by_resource: dict[str, list[str]] = {}
+        for action, resource in wanted:
+            actions = by_resource.setdefault(resource, [])
+            if action not in actions:
+                actions.append(action)
+        decisions: dict[tuple[str, str], Decision] = {}
+        for resource, actions in by_resource.items():
+            for result in self._simulate_on(principal_arn, actions, resource):
+                key = (str(result.get("EvalActionName", "")).lower(), resource)
+                decisions[key] = _decision_on(result, resource)
+        evaluations = []
+        for action, resource in wanted:
+            decision = decisions.get((action.lower(), resource))
+            if decision is None:
+                raise IamUnavailable(
+                    f"IAM's policy simulator said nothing about {action} on {resource}"
+                )
+            evaluations.append(Evaluation(action, resource, decision))
+        return evaluations
+
+    def _simulate_on(
+        self, principal_arn: str, actions: list[str], resource: str
+    ) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        marker: str | None = None
+        while True:
+            params: dict[str, Any] = {"PolicySourceArn": principal_arn, "ActionNames": actions}
+            if resource != "*":  # "*" is the simulator's default
+                params["ResourceArns"] = [resource]
+            if marker:
+                params["Marker"] = marker
+            page = self._call("simulate_principal_policy", principal_arn, **params)
+            results.extend(page.get("EvaluationResults", []))
+            if not page.get("IsTruncated"):
+                return results
+            marker = page.get("Marker")
+
+
+def _decision_on(result: dict[str, Any], resource: str) -> Decision:
+    """The decision for ``resource``: its own entry if the simulator gave per-resource
+    results, else the (then single-resource) top-level one."""
+    value = result.get("EvalDecision")
+    for specific in result.get("ResourceSpecificResults") or []:
+        if specific.get("EvalResourceName") == resource:
+            value = specific.get("EvalResourceDecision")
+    try:
+        return Decision(str(value))
+    except ValueError:
+        raise IamUnavailable(
+            f"IAM's policy simulator answered an unknown decision {value!r}"
+        ) from None
+
 
 def login_with_mfa(serial: str, code: str, *, profile: str | None = None) -> str:
     """STS GetSessionToken with an MFA code: the proof that AWS accepts codes of the token.
@@ -334,5 +443,5 @@ def login_with_mfa(serial: str, code: str, *, profile: str | None = None) -> str
     try:
         answer = sts.get_session_token(SerialNumber=serial, TokenCode=code, DurationSeconds=900)
     except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
-        raise translate(e, "GetSessionToken", serial) from e
+        raise translate(e, "GetSessionToken", serial, "sts") from e
     return str(answer["Credentials"]["Expiration"])

@@ -150,8 +150,24 @@ class ServiceFailure(IamError):
 
 
 class AccessDenied(IamError):
+    """The desk's AWS principal may not do this; ``permission`` names what it lacks."""
+
     code = "AccessDenied"
     hint = "the desk's AWS principal lacks a permission: see docs/iam-policy.json"
+    #: The missing permission ("iam:EnableMFADevice"), when known.
+    permission: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        hint: str | None = None,
+        permission: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code, hint=hint)
+        if permission is not None:
+            self.permission = permission
 
 
 class DeleteConflict(IamError):

@@ -8,6 +8,7 @@ from provisioner.aws_iam import IamClient
 from provisioner.clock import AwsClock
 from provisioner.errors import (
     AccessDenied,
+    AwsCredentialsMissing,
     ConcurrentModification,
     DeleteConflict,
     IamError,
@@ -23,6 +24,7 @@ from provisioner.errors import (
 )
 from provisioner.local_iam import LocalIamServer
 from provisioner.model import DeviceSpec
+from provisioner.permissions import Decision
 from provisioner.totp import code_at, time_step
 
 pytestmark = pytest.mark.iam_server
@@ -150,3 +152,145 @@ def test_the_clock_follows_iam_date_headers(local_iam: LocalIamServer) -> None:
     assert offset.low <= 125.0 <= offset.high
     assert offset.uncertainty <= 0.6
     assert skews and skews[0] == pytest.approx(125.0, abs=1.0)
+
+
+# --- who the desk is, what it may do ------------------------------------------------------
+
+
+def _as_principal(
+    local_iam: LocalIamServer, monkeypatch: pytest.MonkeyPatch, name: str, statements: list
+) -> str:
+    """A principal holding ``statements``, enforcement on, this process signing as it."""
+    principal = local_iam.create_principal(name, {"Version": "2012-10-17", "Statement": statements})
+    local_iam.set_auth_enforced(True)
+    for key, value in principal.credentials_env().items():
+        monkeypatch.setenv(key, value)
+    return principal.arn
+
+
+@pytest.fixture
+def enforced(local_iam: LocalIamServer):  # type: ignore[no-untyped-def]
+    yield local_iam
+    local_iam.set_auth_enforced(False)
+
+
+def test_caller_identity_names_the_desks_principal(
+    enforced: LocalIamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GetCallerIdentity needs no permission: this principal may only list groups.
+    arn = _as_principal(
+        enforced,
+        monkeypatch,
+        "desk",
+        [{"Effect": "Allow", "Action": "iam:ListGroups", "Resource": "*"}],
+    )
+    iam, _ = client()
+    me = iam.caller_identity()
+    assert (me.account, me.arn, me.principal_arn) == ("123456789012", arn, arn)
+    assert me.user_id
+
+
+def test_caller_identity_without_valid_credentials_says_so(
+    enforced: LocalIamServer,
+) -> None:
+    enforced.set_auth_enforced(True)  # the dummy key is no principal's
+    iam, _ = client()
+    with pytest.raises(AwsCredentialsMissing) as info:
+        iam.caller_identity()
+    assert "GetCallerIdentity" in info.value.message
+
+
+def test_simulate_answers_each_check_in_order(
+    enforced: LocalIamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = "arn:aws:iam::123456789012:user/alice"
+    devices = "arn:aws:iam::123456789012:mfa/provisioner/*"
+    arn = _as_principal(
+        enforced,
+        monkeypatch,
+        "desk",
+        [
+            {"Effect": "Allow", "Action": "iam:SimulatePrincipalPolicy", "Resource": "*"},
+            {"Effect": "Allow", "Action": ["iam:GetUser", "iam:EnableMFADevice"], "Resource": user},
+            {"Effect": "Allow", "Action": "iam:CreateVirtualMFADevice", "Resource": devices},
+            {"Effect": "Deny", "Action": "iam:EnableMFADevice", "Resource": "*"},
+        ],
+    )
+    iam, _ = client()
+    wanted = [
+        ("iam:GetUser", user),
+        ("iam:CreateVirtualMFADevice", devices),
+        ("iam:EnableMFADevice", user),
+        ("iam:ListVirtualMFADevices", "*"),
+        ("iam:GetUser", devices),
+    ]
+    evaluations = iam.simulate(arn, wanted)
+    assert [(e.action, e.resource) for e in evaluations] == wanted
+    assert [e.decision for e in evaluations] == [
+        Decision.ALLOWED,
+        Decision.ALLOWED,
+        Decision.EXPLICIT_DENY,
+        Decision.IMPLICIT_DENY,
+        Decision.IMPLICIT_DENY,
+    ]
+    assert [e.allowed for e in evaluations] == [True, True, False, False, False]
+    assert enforced.call_counts()["SimulatePrincipalPolicy"] == 3  # one per resource
+
+
+def test_simulate_follows_pages(local_iam: LocalIamServer) -> None:
+    arn = local_iam.create_principal(
+        "desk",
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "iam:*", "Resource": "*"}],
+        },
+    ).arn
+    iam, _ = client()
+    wanted = [(f"iam:Made{i}Up", "*") for i in range(130)]  # IAM pages at 100
+    evaluations = iam.simulate(arn, wanted)
+    assert len(evaluations) == 130 and all(e.allowed for e in evaluations)
+    assert local_iam.call_counts()["SimulatePrincipalPolicy"] == 2
+
+
+def test_access_denied_names_the_missing_permission(
+    enforced: LocalIamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _as_principal(
+        enforced,
+        monkeypatch,
+        "desk",
+        [{"Effect": "Allow", "Action": "iam:GetUser", "Resource": "*"}],
+    )
+    iam, _ = client()
+    assert iam.user_arn("alice").endswith(":user/alice")
+    with pytest.raises(AccessDenied) as info:
+        iam.list_mfa_devices("alice")
+    error = info.value
+    assert error.permission == "iam:ListMFADevices" and error.code == "AccessDenied"
+    assert "lacks iam:ListMFADevices" in error.message
+    assert "on resource: arn:aws:iam::123456789012:user/alice" in error.message
+    assert error.hint is not None and "iam:ListMFADevices" in error.hint
+    assert "docs/iam-policy.json" in error.hint
+    with pytest.raises(AccessDenied) as tagged:
+        iam.create_virtual_mfa_device(DeviceSpec("t", "/provisioner/", (("k", "v"),)))
+    assert tagged.value.permission == "iam:CreateVirtualMFADevice"
+
+
+def test_access_denied_without_aws_words_names_the_action_called(
+    local_iam: LocalIamServer,
+) -> None:
+    iam, _ = client()
+    local_iam.inject_fault("DeactivateMFADevice", code="AccessDenied", message="Access denied")
+    with pytest.raises(AccessDenied) as info:
+        iam.deactivate_mfa_device("alice", "arn:aws:iam::123456789012:mfa/provisioner/x")
+    assert info.value.permission == "iam:DeactivateMFADevice"
+    assert "lacks iam:DeactivateMFADevice (AccessDenied: Access denied)" in info.value.message
+
+
+def test_a_refused_login_is_no_missing_permission(local_iam: LocalIamServer) -> None:
+    from provisioner.aws_iam import login_with_mfa
+
+    with pytest.raises(AccessDenied) as info:
+        login_with_mfa("arn:aws:iam::123456789012:mfa/provisioner/nothing", "123456")
+    assert info.value.permission is None
+    assert info.value.message.startswith("STS refused GetSessionToken")

@@ -14,14 +14,24 @@ Tag/Untag/ListMFADeviceTags and ResyncMFADevice exist; ListVirtualMFADevices nev
 returns seeds. STS GetSessionToken with SerialNumber/TokenCode checks the code (steps
 N-1..N+1, no reuse of a step already used for a login) against an assigned device.
 
-Limitation: moto does not know who calls. With the dummy credentials the caller is the
-account, so any assigned device passes the login check; only when the call is signed
-with an access key created for an IAM user must the device be that user's.
+Authorization (``authorization.py``) is off by default: with the dummy credentials the
+caller is the account and may do anything, and any assigned device passes the login
+check. Turned on (``set_auth_enforced``), every call must be signed with the key of a
+principal (``create_principal``: an IAM user with one policy) and allowed by its
+policies on the resource AWS judges it on; SimulatePrincipalPolicy evaluates the same
+policies. When the call is signed with an IAM user's key, the login device must be that
+user's, enforced or not.
 
 Importing this package is cheap: it exposes the subprocess client only; moto is
 imported by the server process, never here.
 """
 
-from provisioner.local_iam.client import Attempt, LocalIamError, LocalIamServer, aws_env
+from provisioner.local_iam.client import (
+    Attempt,
+    LocalIamError,
+    LocalIamServer,
+    Principal,
+    aws_env,
+)
 
-__all__ = ["Attempt", "LocalIamError", "LocalIamServer", "aws_env"]
+__all__ = ["Attempt", "LocalIamError", "LocalIamServer", "Principal", "aws_env"]

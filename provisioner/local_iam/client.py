@@ -22,7 +22,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
@@ -61,6 +62,23 @@ class Attempt:
     reason: str | None
     step_offset: int | None
     server_time: float
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An IAM user of the stand-in with one inline policy, and its access key."""
+
+    user_name: str
+    arn: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+    def credentials_env(self) -> dict[str, str]:
+        """AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for boto3 to call as this user."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
 
 
 def aws_env(endpoint_url: str, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -258,8 +276,28 @@ class LocalIamServer:
     def unassigned_devices(self) -> list[str]:
         return [d["serial"] for d in self.virtual_devices() if d["user"] is None]
 
+    def create_principal(
+        self, name: str, policy: Mapping[str, Any] | str, *, path: str = "/"
+    ) -> Principal:
+        """An IAM user holding ``policy`` (a document) inline, with an access key.
+
+        Its calls are judged by that policy once enforcement is on.
+        """
+        spec = {"name": name, "policy": dict(policy) if isinstance(policy, Mapping) else policy}
+        created = self._control("POST", "principals", spec | {"path": path})["principal"]
+        return Principal(**{k: str(v) for k, v in created.items()})
+
+    def set_auth_enforced(self, enforced: bool) -> None:
+        """On: every IAM/STS call must be signed with a principal's key and allowed by its
+        policies, as in AWS. Off (the default, and after reset): any credentials do anything."""
+        self._control("PUT", "auth", {"enforced": enforced})
+
+    def auth_enforced(self) -> bool:
+        return bool(self._control("GET", "auth")["enforced"])
+
     def reset(self) -> None:
-        """Forget everything: moto's state, faults, attempts, counts, clock offset."""
+        """Forget everything: moto's state, faults, attempts, counts, clock offset,
+        principals; authorization is no longer enforced."""
         self._control("POST", "reset")
 
     # -- internals ---------------------------------------------------------------------

@@ -13,8 +13,13 @@ Control endpoints (JSON over HTTP, under a prefix no AWS call uses):
 * ``GET|PUT /_local_iam/clock``: read ``{"offset", "time", "step"}``, set ``{"offset"}``.
 * ``GET /_local_iam/attempts``: enable/resync/login attempts, oldest first.
 * ``GET /_local_iam/calls``: calls received per Action (faulted ones included).
-* ``POST /_local_iam/reset``: moto's state and all of the above (``/moto-api/reset``
-  resets both too).
+* ``POST /_local_iam/principals``: an IAM user holding one inline policy
+  (``{"name", "policy", "path"}``) and an access key for it.
+* ``GET|PUT /_local_iam/auth``: read or set ``{"enforced"}``. Off (the default), any
+  credentials do anything, as moto's dummy ones do; on, every IAM and STS call must be
+  signed with a key of a principal and allowed by its policies (``authorization.py``).
+* ``POST /_local_iam/reset``: moto's state and all of the above, enforcement off again
+  (``/moto-api/reset`` resets both too).
 """
 
 from __future__ import annotations
@@ -196,6 +201,23 @@ class FaultBook:
             return cleared
 
 
+class AuthSwitch:
+    """Whether calls must be signed by a known key and allowed by its policies."""
+
+    def __init__(self) -> None:
+        self._on = threading.Event()
+
+    @property
+    def enforced(self) -> bool:
+        return self._on.is_set()
+
+    def set(self, enforced: bool) -> None:
+        if enforced:
+            self._on.set()
+        else:
+            self._on.clear()
+
+
 class CallCounter:
     """Calls received per Action, so a test can prove that nothing was sent."""
 
@@ -224,16 +246,18 @@ class ControlState:
     attempts: AttemptLog
     faults: FaultBook
     calls: CallCounter
+    auth: AuthSwitch
 
     @classmethod
     def fresh(cls) -> ControlState:
-        return cls(ServerClock(), AttemptLog(), FaultBook(), CallCounter())
+        return cls(ServerClock(), AttemptLog(), FaultBook(), CallCounter(), AuthSwitch())
 
     def reset(self) -> None:
         self.clock.set_offset(0.0)
         self.attempts.clear()
         self.faults.clear()
         self.calls.clear()
+        self.auth.set(False)  # the next test starts with moto's dummy credentials again
 
 
 def _json_response(
@@ -254,6 +278,11 @@ class Directory(Protocol):
 
     def virtual_devices(self) -> list[dict[str, Any]]:
         """Serial number and user of every virtual device; never a seed."""
+        ...
+
+    def create_principal(self, name: str, policy: str, path: str) -> dict[str, str]:
+        """An IAM user with ``policy`` inline and an access key: ``user_name``, ``arn``,
+        ``access_key_id``, ``secret_access_key``. ValueError if IAM would refuse it."""
         ...
 
 
@@ -287,6 +316,9 @@ class ControlMiddleware:
         if action is None:
             return self._app(environ, start_response)
         self._state.calls.count(action)
+        if self._state.auth.enforced and not _is_signed(environ):
+            # moto would route an unsigned call to S3; AWS refuses it.
+            return _refuse_unsigned(environ, start_response)
         fault = self._state.faults.take(action)
         if fault is None:
             return self._app(environ, start_response)
@@ -377,6 +409,16 @@ class ControlMiddleware:
             return {"created": name}
         elif route == "devices" and method == "GET" and self._directory is not None:
             return {"devices": self._directory.virtual_devices()}
+        elif route == "principals" and method == "POST" and self._directory is not None:
+            return {"principal": self._create_principal(_json_body(environ))}
+        elif route == "auth":
+            if method == "PUT":
+                enforced = _json_body(environ).get("enforced")
+                if not isinstance(enforced, bool):
+                    raise _ControlError("400 Bad Request", "'enforced' (true or false) is required")
+                state.auth.set(enforced)
+            if method in ("GET", "PUT"):
+                return {"enforced": state.auth.enforced}
         elif route == "reset" and method == "POST":
             self._reset_moto()
             state.reset()
@@ -384,6 +426,22 @@ class ControlMiddleware:
         else:
             raise _ControlError("404 Not Found", f"no control endpoint {route!r}")
         raise _ControlError("405 Method Not Allowed", f"{method} not allowed on {route!r}")
+
+    def _create_principal(self, spec: dict[str, Any]) -> dict[str, str]:
+        assert self._directory is not None
+        name, policy, path = spec.get("name"), spec.get("policy"), spec.get("path", "/")
+        if not isinstance(name, str) or not name:
+            raise _ControlError("400 Bad Request", "'name' (an IAM user name) is required")
+        if isinstance(policy, dict):
+            policy = json.dumps(policy)
+        if not isinstance(policy, str) or not policy:
+            raise _ControlError("400 Bad Request", "'policy' (a policy document) is required")
+        if not isinstance(path, str) or not (path.startswith("/") and path.endswith("/")):
+            raise _ControlError("400 Bad Request", "'path' must begin and end with /")
+        try:
+            return self._directory.create_principal(name, policy, path)
+        except ValueError as error:  # moto refused it: a bad name or policy, or a duplicate
+            raise _ControlError("400 Bad Request", str(error)) from None
 
 
 class _ControlError(Exception):
@@ -413,6 +471,23 @@ def _action_of(environ: dict[str, Any], body: bytes) -> str | None:
             return actions[0]
     actions = parse_qs(environ.get("QUERY_STRING", "")).get("Action")
     return actions[0] if actions else None
+
+
+def _is_signed(environ: dict[str, Any]) -> bool:
+    return "AWS4-HMAC-SHA256" in environ.get("HTTP_AUTHORIZATION", "")
+
+
+def _refuse_unsigned(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+    body = query_error_body(
+        "MissingAuthenticationToken",
+        "Request is missing Authentication Token",
+        status=403,
+        service=_service_of(environ),
+    )
+    start_response(
+        "403 Forbidden", [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
 
 
 def _service_of(environ: dict[str, Any]) -> str:

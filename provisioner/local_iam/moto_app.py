@@ -11,6 +11,7 @@ import email.utils
 from typing import Any
 
 from moto.core.models import DEFAULT_ACCOUNT_ID
+from moto.iam.exceptions import IAMException
 from moto.iam.models import iam_backends
 from moto.moto_api._internal.models import moto_api_backend
 from moto.moto_server.werkzeug_app import (
@@ -20,7 +21,7 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.test import Client
 
-from provisioner.local_iam import strict
+from provisioner.local_iam import authorization, strict
 from provisioner.local_iam.control import ControlMiddleware, ControlState, ServerClock
 
 # Only the services the product talks to are warmed up; moto routes any other.
@@ -84,10 +85,30 @@ class _MotoDirectory:
             for d in self._backend().virtual_mfa_devices.values()
         ]
 
+    def create_principal(self, name: str, policy: str, path: str) -> dict[str, str]:
+        backend = self._backend()
+        try:
+            user = backend.create_user("us-east-1", name, path)
+            try:
+                backend.put_user_policy(name, "provisioner-principal", policy)
+            except IAMException:
+                backend.delete_user(name)
+                raise
+            key = backend.create_access_key(name)
+        except IAMException as error:
+            raise ValueError(f"{error.code}: {error.message}") from None
+        return {
+            "user_name": user.name,
+            "arn": user.arn,
+            "access_key_id": key.access_key_id,
+            "secret_access_key": key.secret_access_key,
+        }
+
 
 def build_app(state: ControlState) -> ControlMiddleware:
     """Patch moto with the strict rules and wrap its dispatcher in the control layer."""
     strict.install(strict.StrictIamRules(state.clock, state.attempts))
+    authorization.install(state.auth)
     dispatcher = DomainDispatcherApplication(create_backend_app)
     _warm_up(dispatcher)
     return ControlMiddleware(dispatcher, state, _reset_moto, _MotoDirectory())

@@ -145,7 +145,7 @@ def _user_shape(user: User) -> dict[str, Any]:
     }
 
 
-def _paginate(
+def paginate(
     items: list[Any], marker: str | None, max_items: int | None
 ) -> tuple[list[Any], str | None]:
     """IAM's Marker/MaxItems paging over a stable list; the marker is an index."""
@@ -242,7 +242,7 @@ class StrictIamRules:
                 if tags:
                     entry["Tags"] = tags
                 entries.append(entry)
-        return _paginate(entries, marker, max_items)
+        return paginate(entries, marker, max_items)
 
     # -- enable / resync / deactivate --------------------------------------------------
 
@@ -356,7 +356,7 @@ class StrictIamRules:
         with self._lock:
             self._virtual_device(backend, serial)
             tags = backend.tagger.list_tags_for_resource(serial)["Tags"]
-        return _paginate(sorted(tags, key=lambda t: t["Key"]), marker, max_items)
+        return paginate(sorted(tags, key=lambda t: t["Key"]), marker, max_items)
 
     # -- users -----------------------------------------------------------------------
 
@@ -635,4 +635,4 @@ def _iam_handlers(rules: StrictIamRules) -> dict[str, Callable[[IamResponse], Ac
     return {handler.__name__: handler for handler in handlers}
 
 
-__all__ = ["InvalidAuthenticationCode", "StrictIamRules", "install", "new_seed"]
+__all__ = ["InvalidAuthenticationCode", "StrictIamRules", "install", "new_seed", "paginate"]
