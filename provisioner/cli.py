@@ -311,6 +311,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+    from .desk import Desk
+    from .usb import list_yubikeys
+
+    config = _config(args)
+
+    def iam() -> tuple[Any, Any]:
+        desk = Desk.from_config(config)
+        return desk.iam, desk.clock
+
+    findings = doctor.run(
+        config, iam=iam, list_usb=list_yubikeys, root=Path(args.root), sample_user=args.user
+    )
+    if args.json:
+        print(json.dumps([vars(f) for f in findings], indent=2))
+    else:
+        for finding in findings:
+            print(finding.line())
+    failed = [f for f in findings if f.status is doctor.Status.FAIL]
+    if failed and not args.json:
+        print(f"{len(failed)} check(s) failed", file=sys.stderr)
+    return 1 if failed else EXIT_OK
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     """Redraw the desk after each event the daemon sends; Ctrl-C ends it."""
     import shutil
@@ -712,6 +737,30 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     common(status)
     status.set_defaults(func=cmd_status)
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="check this desk: pcscd, readers, cards, libusb, install, AWS access, clock",
+        description=(
+            "One line per check, OK or FAIL with the fix (SKIP when a check it depends on "
+            "failed): pcscd reachable and not refused by polkit; PC/SC readers visible; no "
+            "card held by another program (scdaemon, OpenSC); libusb available to pyusb; "
+            "the udev rule and the systemd unit installed; the state directory writable; "
+            "AWS credentials valid (GetCallerIdentity); every IAM action the desk needs "
+            "allowed for that principal (SimulatePrincipalPolicy); the clock against AWS's. "
+            "Checks as the user who runs it: sudo -u provisioner provisioner doctor checks "
+            "the daemon's user. Exits 1 when any check fails."
+        ),
+    )
+    doctor.add_argument(
+        "--user", help="simulate the user permissions on this IAM user (default: a sample name)"
+    )
+    doctor.add_argument(
+        "--root", default="/", help="look for the unit and the rule under this directory"
+    )
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    common(doctor)
+    doctor.set_defaults(func=cmd_doctor)
 
     watch = sub.add_parser(
         "watch",
