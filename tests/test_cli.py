@@ -1,3 +1,6 @@
+import argparse
+from pathlib import Path
+
 import pytest
 
 from provisioner.cli import EXIT_CODES_HELP, build_parser, exit_code, main
@@ -53,6 +56,27 @@ def test_help_teaches_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("enroll", "tokens", "demo"):
         assert command in text
     assert "exit status" in text and "AWS_ENDPOINT_URL_IAM" in text
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_command_is_listed_in_help_described_and_in_the_readme(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    commands = _commands()
+    assert {"revoke", "resync", "replace", "doctor", "watch", "history"} <= set(commands)
+    for name, sub in commands.items():
+        assert f"    {name} " in listing, name
+        assert sub.description, f"{name} --help has no description"
+        assert f"provisioner {name}" in readme, f"the README never shows provisioner {name}"
 
 
 def test_enroll_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
