@@ -733,7 +733,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(daemon)
     daemon.set_defaults(func=cmd_daemon)
 
-    status = sub.add_parser("status", help="the daemon, readers, tokens present, work in progress")
+    status = sub.add_parser(
+        "status",
+        help="the daemon, readers, tokens present, work in progress",
+        description=(
+            "Asks the desk daemon once: its desk, pcscd and IAM, each reader and the token in "
+            "it (its state, user and step), and the queue. provisioner watch shows the same "
+            "live."
+        ),
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     common(status)
     status.set_defaults(func=cmd_status)
@@ -787,7 +795,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(queue)
     queue.set_defaults(func=cmd_queue)
 
-    cancel = sub.add_parser("cancel", help="cancel a waiting request by its number")
+    cancel = sub.add_parser(
+        "cancel",
+        help="cancel a waiting request by its number",
+        description=(
+            "Withdraws a request that is still waiting for its token (#N in provisioner "
+            "queue); one whose token is already being served runs to its end. Recorded in "
+            "the audit trail."
+        ),
+    )
     cancel.add_argument("id", type=int, help="the request number (#N in provisioner queue)")
     common(cancel)
     cancel.set_defaults(func=cmd_cancel)
@@ -904,7 +920,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.set_defaults(func=cmd_install)
 
-    history = sub.add_parser("history", help="the audit trail: who asked, what was done")
+    history = sub.add_parser(
+        "history",
+        help="the audit trail: who asked, what was done",
+        description=(
+            "The desk's audit trail, newest last: requests, enrollments with their outcome "
+            "and device, revocations, resyncs, cleaned tokens, daemon starts and stops. "
+            "Filter by --user, --serial and --since; export with --format json or csv. The "
+            "same records go to the journal as key=value lines (logger provisioner.audit)."
+        ),
+        epilog="examples:\n  provisioner history --since 24h\n"
+        "  provisioner history --user bob --since 2026-11-01 --format csv > bob.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     history.add_argument("--limit", type=int, default=50, help="the last N records (default 50)")
     history.add_argument("--user", help="only records about this IAM user")
     history.add_argument("--serial", type=int, help="only records about this token")

@@ -1,4 +1,5 @@
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ def test_every_command_is_listed_in_help_described_and_in_the_readme(
     commands = _commands()
     assert {"revoke", "resync", "replace", "doctor", "watch", "history"} <= set(commands)
     for name, sub in commands.items():
-        assert f"    {name} " in listing, name
+        assert re.search(rf"^    {name}\b", listing, re.MULTILINE), name
         assert sub.description, f"{name} --help has no description"
         assert f"provisioner {name}" in readme, f"the README never shows provisioner {name}"
 
