@@ -173,14 +173,18 @@ class Bench:
         self.server.create_user(name)
         return name
 
-    def enroll(self, token: YubiKeyToken, user: str, trace: Trace) -> tuple[float, dict[str, float]]:
+    def enroll(
+        self, token: YubiKeyToken, user: str, trace: Trace
+    ) -> tuple[float, dict[str, float]]:
         eid = self.store.start_enrollment(user, token.info.serial, "bench", "bench")
         journal = TimedJournal(self.store.journal(eid), trace)
-        enrollment = Enrollment(TimedIam(self.iam, self.trace), self.clock, self.settings,
-                                journal=journal)
+        enrollment = Enrollment(
+            TimedIam(self.iam, self.trace), self.clock, self.settings, journal=journal
+        )
         result = enrollment.run(token, user)
-        self.store.finish_enrollment(eid, outcome="enrolled", actor="bench",
-                                     device_arn=result.device_arn)
+        self.store.finish_enrollment(
+            eid, outcome="enrolled", actor="bench", device_arn=result.device_arn
+        )
         steps: dict[str, float] = {}
         for t in result.timings:
             steps[t.step.value] = steps.get(t.step.value, 0.0) + t.seconds
@@ -200,40 +204,57 @@ def _summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "without_step_wait_median_ms": ms(statistics.median(active)),
         "without_step_wait_p95_ms": ms(pct(active, 0.95)),
         "waited_for_next_step": sum(1 for r in rows if r["waited"] > 0),
-        "steps_median_ms": {s: ms(statistics.median([r["steps"].get(s, 0.0) for r in rows]))
-                            for s in steps},
+        "steps_median_ms": {
+            s: ms(statistics.median([r["steps"].get(s, 0.0) for r in rows])) for s in steps
+        },
         "card_connect_median_ms": ms(statistics.median([r["connect"] for r in rows])),
         "apdus_per_enrollment": round(statistics.median([r["apdus"] for r in rows])),
         "apdu_median_ms": ms(statistics.median([a for r in rows for a in r["apdu_list"]])),
         "apdu_sum_median_ms": ms(statistics.median([r["apdu_sum"] for r in rows])),
         "apdu_by_command": {
-            c: {"per_enrollment": round(statistics.median([len(r["by_command"].get(c, []))
-                                                           for r in rows])),
-                "median_ms": ms(statistics.median([x for r in rows
-                                                   for x in r["by_command"].get(c, [])]))}
+            c: {
+                "per_enrollment": round(
+                    statistics.median([len(r["by_command"].get(c, [])) for r in rows])
+                ),
+                "median_ms": ms(
+                    statistics.median([x for r in rows for x in r["by_command"].get(c, [])])
+                ),
+            }
             for c in sorted({c for r in rows for c in r["by_command"]})
         },
-        "iam_calls_median_ms": {c: ms(statistics.median([x for r in rows for x in r["iam"].get(c, [])]))
-                                for c in iam_calls},
+        "iam_calls_median_ms": {
+            c: ms(statistics.median([x for r in rows for x in r["iam"].get(c, [])]))
+            for c in iam_calls
+        },
         "iam_calls_per_enrollment": round(statistics.median([r["iam_n"] for r in rows])),
         "iam_sum_median_ms": ms(statistics.median([r["iam_sum"] for r in rows])),
         "journal_writes_per_enrollment": round(statistics.median([r["journal_n"] for r in rows])),
         "journal_sum_median_ms": ms(statistics.median([r["journal_sum"] for r in rows])),
         "round_trips_median_ms": ms(statistics.median(round_trips)),
-        "ratio_to_round_trips_median": round(statistics.median(
-            [(r["total"] - r["waited"]) / (r["apdu_sum"] + r["iam_sum"]) for r in rows]), 2),
+        "ratio_to_round_trips_median": round(
+            statistics.median(
+                [(r["total"] - r["waited"]) / (r["apdu_sum"] + r["iam_sum"]) for r in rows]
+            ),
+            2,
+        ),
     }
 
 
 def _row(total: float, steps: dict[str, float], trace: Trace, connect: float) -> dict[str, Any]:
     return {
-        "total": total + connect, "steps": {**steps, "card connect": connect},
-        "waited": trace.waited, "connect": connect,
-        "apdus": len(trace.apdus), "apdu_list": trace.apdus, "apdu_sum": sum(trace.apdus),
+        "total": total + connect,
+        "steps": {**steps, "card connect": connect},
+        "waited": trace.waited,
+        "connect": connect,
+        "apdus": len(trace.apdus),
+        "apdu_list": trace.apdus,
+        "apdu_sum": sum(trace.apdus),
         "by_command": trace.by_command,
-        "iam": trace.iam, "iam_n": sum(len(v) for v in trace.iam.values()),
+        "iam": trace.iam,
+        "iam_n": sum(len(v) for v in trace.iam.values()),
         "iam_sum": sum(sum(v) for v in trace.iam.values()),
-        "journal_n": len(trace.journal), "journal_sum": sum(trace.journal),
+        "journal_n": len(trace.journal),
+        "journal_sum": sum(trace.journal),
     }
 
 
@@ -269,8 +290,9 @@ def latency_in_process(bench: Bench, n: int) -> dict[str, Any]:
         trace = bench.local.trace = Trace()
         bench.clock.current = trace
         start = time.perf_counter()
-        token = YubiKeyToken(lambda key=key: TimedConnection(EmulatedConnection(key), bench.trace),
-                             "in-process")
+        token = YubiKeyToken(
+            lambda key=key: TimedConnection(EmulatedConnection(key), bench.trace), "in-process"
+        )
         connect = time.perf_counter() - start
         with token:
             total, steps = bench.enroll(token, user, trace)
@@ -296,7 +318,9 @@ def throughput_in_process(bench: Bench, workers: int, per_worker: int) -> dict[s
             user = bench.new_user()
             bench.local.trace = Trace()
             try:
-                with YubiKeyToken(lambda key=key: EmulatedConnection(key), f"in-process {w}") as token:
+                with YubiKeyToken(
+                    lambda key=key: EmulatedConnection(key), f"in-process {w}"
+                ) as token:
                     bench.enroll(token, user, bench.local.trace)
             except Exception as e:  # noqa: BLE001
                 errors.append(repr(e))
@@ -309,8 +333,13 @@ def throughput_in_process(bench: Bench, workers: int, per_worker: int) -> dict[s
         t.join()
     wall = time.perf_counter() - start
     done = workers * per_worker - len(errors)
-    return {"workers": workers, "enrollments": done, "errors": len(errors),
-            "seconds": round(wall, 2), "per_minute": round(done / wall * 60)}
+    return {
+        "workers": workers,
+        "enrollments": done,
+        "errors": len(errors),
+        "seconds": round(wall, 2),
+        "per_minute": round(done / wall * 60),
+    }
 
 
 def throughput_pcsc(bench: Bench, stack: PcscStack, per_reader: int) -> dict[str, Any]:
@@ -341,9 +370,13 @@ def throughput_pcsc(bench: Bench, stack: PcscStack, per_reader: int) -> dict[str
         t.join()
     wall = time.perf_counter() - start
     done = 2 * per_reader
-    return {"readers": 2, "enrollments": done, "seconds_wall": round(wall, 2),
-            "per_minute_including_plugging": round(done / wall * 60),
-            "per_minute_token_present": round(done / (max(enroll_time)) * 60)}
+    return {
+        "readers": 2,
+        "enrollments": done,
+        "seconds_wall": round(wall, 2),
+        "per_minute_including_plugging": round(done / wall * 60),
+        "per_minute_token_present": round(done / (max(enroll_time)) * 60),
+    }
 
 
 # --- 4: the daemon ----------------------------------------------------------------------
@@ -361,10 +394,16 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def daemon_figures(stack: PcscStack, server: LocalIamServer, idle_seconds: float,
-                   starts: int) -> dict[str, Any]:
-    admin = boto3.client("iam", endpoint_url=server.endpoint_url, region_name="us-east-1",
-                         aws_access_key_id="testing", aws_secret_access_key="testing")
+def daemon_figures(
+    stack: PcscStack, server: LocalIamServer, idle_seconds: float, starts: int
+) -> dict[str, Any]:
+    admin = boto3.client(
+        "iam",
+        endpoint_url=server.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     ready: list[float] = []
     for _ in range(starts):
         workdir = make_workdir()
@@ -408,8 +447,13 @@ def baseline(stack: PcscStack, server: LocalIamServer, runs: int) -> dict[str, A
     """What people script today: ykman adds the credential and reads codes; boto3 enables."""
     ykman = str(Path(sys.executable).with_name("ykman"))
     reader = stack.reader_names[0]
-    iam = boto3.client("iam", endpoint_url=server.endpoint_url, region_name="us-east-1",
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    iam = boto3.client(
+        "iam",
+        endpoint_url=server.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     times = []
     for i in range(runs):
         stack.insert(EmulatedYubiKey(serial=85_000_000 + i), 0)
@@ -417,63 +461,90 @@ def baseline(stack: PcscStack, server: LocalIamServer, runs: int) -> dict[str, A
         server.create_user(user)
         start = time.perf_counter()
         device = iam.create_virtual_mfa_device(VirtualMFADeviceName=f"{user}-script")[
-            "VirtualMFADevice"]
+            "VirtualMFADevice"
+        ]
         seed = device["Base32StringSeed"].decode()
-        subprocess.run([ykman, "--reader", reader, "oath", "accounts", "add", "-f",
-                        f"AWS:{user}", seed], check=True, capture_output=True)
+        subprocess.run(
+            [ykman, "--reader", reader, "oath", "accounts", "add", "-f", f"AWS:{user}", seed],
+            check=True,
+            capture_output=True,
+        )
 
         def code(user: str = user) -> str:
-            out = subprocess.run([ykman, "--reader", reader, "oath", "accounts", "code",
-                                  "-s", f"AWS:{user}"], check=True, capture_output=True,
-                                 text=True).stdout
+            out = subprocess.run(
+                [ykman, "--reader", reader, "oath", "accounts", "code", "-s", f"AWS:{user}"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             return out.strip()
 
         first = code()
         time.sleep(30 - time.time() % 30 + 0.2)  # the script waits for the next period
         second = code()
-        iam.enable_mfa_device(UserName=user, SerialNumber=device["SerialNumber"],
-                              AuthenticationCode1=first, AuthenticationCode2=second)
+        iam.enable_mfa_device(
+            UserName=user,
+            SerialNumber=device["SerialNumber"],
+            AuthenticationCode1=first,
+            AuthenticationCode2=second,
+        )
         times.append(time.perf_counter() - start)
         del seed
         stack.remove(0, wait=True)
-    return {"runs": runs, "median_s": round(statistics.median(times), 2),
-            "min_s": round(min(times), 2), "max_s": round(max(times), 2)}
+    return {
+        "runs": runs,
+        "median_s": round(statistics.median(times), 2),
+        "min_s": round(min(times), 2),
+        "max_s": round(max(times), 2),
+    }
 
 
 # --- main -----------------------------------------------------------------------------------
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")
     args = parser.parse_args()
     n = 10 if args.quick else 60
     RESULTS.mkdir(exist_ok=True)
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                    "host": socket.gethostname(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                        time.gmtime())},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "host": socket.gethostname(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        },
     }
-    with PcscStack(busy_timeout=90) as stack, LocalIamServer() as server, \
-            tempfile.TemporaryDirectory() as state:
+    with (
+        PcscStack(busy_timeout=90) as stack,
+        LocalIamServer() as server,
+        tempfile.TemporaryDirectory() as state,
+    ):
         bench = Bench(server, Path(state))
         print("latency through pcscd ...", flush=True)
         results["latency_pcsc"] = latency_pcsc(bench, stack, n)
         print("latency in-process ...", flush=True)
         results["latency_in_process"] = latency_in_process(bench, n)
         print("throughput ...", flush=True)
-        results["throughput_pcsc_two_readers"] = throughput_pcsc(bench, stack, 5 if args.quick else 20)
+        results["throughput_pcsc_two_readers"] = throughput_pcsc(
+            bench, stack, 5 if args.quick else 20
+        )
         results["throughput_in_process"] = [
-            throughput_in_process(bench, w, 5 if args.quick else 20) for w in (1, 2, 4, 8, 16)]
+            throughput_in_process(bench, w, 5 if args.quick else 20) for w in (1, 2, 4, 8, 16)
+        ]
         print("daemon ...", flush=True)
-        results["daemon"] = daemon_figures(stack, server, 10 if args.quick else 60,
-                                           3 if args.quick else 10)
+        results["daemon"] = daemon_figures(
+            stack, server, 10 if args.quick else 60, 3 if args.quick else 10
+        )
         print("baseline ...", flush=True)
         results["baseline_script"] = baseline(stack, server, 1 if args.quick else 2)
     ours = results["latency_pcsc"]["total_median_ms"] / 1000
     results["baseline_script"]["ratio_to_ours_median"] = round(
-        results["baseline_script"]["median_s"] / ours)
+        results["baseline_script"]["median_s"] / ours
+    )
     text = json.dumps(results, indent=2)
     (RESULTS / "latest.json").write_text(text + "\n")
     print(text)

@@ -40,19 +40,34 @@ FIRST_SERIAL = 70_000_000
 #: fault name -> (how to arm it, whether the enrollment must still succeed)
 FAULTS: dict[str, tuple[Any, bool]] = {
     "none": (lambda iam, key: None, True),
-    "throttled create": (lambda iam, key: iam.inject_fault("CreateVirtualMFADevice",
-                                                           code="Throttling"), True),
-    "500 on enable": (lambda iam, key: iam.inject_fault("EnableMFADevice",
-                                                        code="ServiceFailure"), True),
+    "throttled create": (
+        lambda iam, key: iam.inject_fault("CreateVirtualMFADevice", code="Throttling"),
+        True,
+    ),
+    "500 on enable": (
+        lambda iam, key: iam.inject_fault("EnableMFADevice", code="ServiceFailure"),
+        True,
+    ),
     "dropped enable": (lambda iam, key: iam.inject_fault("EnableMFADevice", kind="drop"), True),
-    "late create": (lambda iam, key: iam.inject_fault("CreateVirtualMFADevice", kind="delay",
-                                                      delay=1.3), True),
-    "codes refused": (lambda iam, key: iam.inject_fault("EnableMFADevice",
-                                                        code="InvalidAuthenticationCode"), False),
+    "late create": (
+        lambda iam, key: iam.inject_fault("CreateVirtualMFADevice", kind="delay", delay=1.3),
+        True,
+    ),
+    "codes refused": (
+        lambda iam, key: iam.inject_fault("EnableMFADevice", code="InvalidAuthenticationCode"),
+        False,
+    ),
     "token pulled": (lambda iam, key: key.schedule_pull(6), False),
 }
-WEIGHTS = {"none": 66, "throttled create": 6, "500 on enable": 6, "dropped enable": 5,
-           "late create": 4, "codes refused": 7, "token pulled": 6}
+WEIGHTS = {
+    "none": 66,
+    "throttled create": 6,
+    "500 on enable": 6,
+    "dropped enable": 5,
+    "late create": 4,
+    "codes refused": 7,
+    "token pulled": 6,
+}
 
 
 @dataclass
@@ -84,13 +99,21 @@ def run(enrollments: int, seed: int, stack: PcscStack, iam: LocalIamServer) -> R
     for user in users:
         iam.create_user(user)
     roster = "serial,user\n" + "".join(
-        f"{FIRST_SERIAL + i},{user}\n" for i, user in enumerate(users))
+        f"{FIRST_SERIAL + i},{user}\n" for i, user in enumerate(users)
+    )
     workdir = make_workdir()
-    config = write_config(workdir, roster=roster,
-                          extra="[token]\nreinsert_timeout = 0.5\n"
-                                "[iam]\nread_timeout = 1.0\nmax_attempts = 3\n")
-    admin = boto3.client("iam", endpoint_url=iam.endpoint_url, region_name="us-east-1",
-                         aws_access_key_id="testing", aws_secret_access_key="testing")
+    config = write_config(
+        workdir,
+        roster=roster,
+        extra="[token]\nreinsert_timeout = 0.5\n[iam]\nread_timeout = 1.0\nmax_attempts = 3\n",
+    )
+    admin = boto3.client(
+        "iam",
+        endpoint_url=iam.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     daemon = Daemon(stack, iam, admin, workdir, config)
     daemon.start()
     try:
@@ -101,8 +124,15 @@ def run(enrollments: int, seed: int, stack: PcscStack, iam: LocalIamServer) -> R
     return report
 
 
-def _drive(daemon: Daemon, stack: PcscStack, iam: LocalIamServer, rng: random.Random,
-           report: Report, users: list[str], db: Path) -> None:
+def _drive(
+    daemon: Daemon,
+    stack: PcscStack,
+    iam: LocalIamServer,
+    rng: random.Random,
+    report: Report,
+    users: list[str],
+    db: Path,
+) -> None:
     assert daemon.proc is not None
     enrollments = len(users)
     expected: dict[int, tuple[str, bool, EmulatedYubiKey]] = {}
@@ -117,8 +147,11 @@ def _drive(daemon: Daemon, stack: PcscStack, iam: LocalIamServer, rng: random.Ra
         arm(iam, key)
         slot = i % 2
         stack.insert(key, slot)
-        wait_for(lambda s=serial: _outcome(db, s) is not None, timeout=30,
-                 what=f"the outcome for token {serial}")
+        wait_for(
+            lambda s=serial: _outcome(db, s) is not None,
+            timeout=30,
+            what=f"the outcome for token {serial}",
+        )
         iam.clear_faults()
         stack.remove(slot)
         expected[serial] = (user, succeeds, key)
@@ -136,8 +169,11 @@ def _drive(daemon: Daemon, stack: PcscStack, iam: LocalIamServer, rng: random.Ra
         user, _ok, key = expected[serial]
         attempts = _attempts(db, serial)
         stack.insert(key, 0)
-        wait_for(lambda s=serial, a=attempts: _attempts(db, s) > a and _outcome(db, s),
-                 timeout=30, what=f"token {serial} retried")
+        wait_for(
+            lambda s=serial, a=attempts: _attempts(db, s) > a and _outcome(db, s),
+            timeout=30,
+            what=f"token {serial} retried",
+        )
         stack.remove(0)
         expected[serial] = (user, True, key)
         report.retried += 1
@@ -147,8 +183,8 @@ def _drive(daemon: Daemon, stack: PcscStack, iam: LocalIamServer, rng: random.Ra
 def _outcome(db: Path, serial: int) -> str | None:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         row = conn.execute(
-            "SELECT outcome FROM enrollments WHERE serial = ? ORDER BY id DESC LIMIT 1",
-            (serial,)).fetchone()
+            "SELECT outcome FROM enrollments WHERE serial = ? ORDER BY id DESC LIMIT 1", (serial,)
+        ).fetchone()
     if row is None or row[0] == "in progress":
         return None
     return str(row[0])
@@ -156,13 +192,15 @@ def _outcome(db: Path, serial: int) -> str | None:
 
 def _attempts(db: Path, serial: int) -> int:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        row = conn.execute("SELECT COUNT(*) FROM enrollments WHERE serial = ?",
-                           (serial,)).fetchone()
+        row = conn.execute(
+            "SELECT COUNT(*) FROM enrollments WHERE serial = ?", (serial,)
+        ).fetchone()
     return int(row[0])
 
 
-def _account(report: Report, admin: Any, db: Path,
-             expected: dict[int, tuple[str, bool, EmulatedYubiKey]]) -> None:
+def _account(
+    report: Report, admin: Any, db: Path, expected: dict[int, tuple[str, bool, EmulatedYubiKey]]
+) -> None:
     assigned: dict[str, str] = {}
     paginator = admin.get_paginator("list_virtual_mfa_devices")
     for page in paginator.paginate(AssignmentStatus="Any"):
@@ -190,8 +228,9 @@ def _account(report: Report, admin: Any, db: Path,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--enrollments", type=int, default=500)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", type=Path, help="also write the report here")

@@ -168,13 +168,17 @@ class Daemon:
         return self.ask({"op": "history", "limit": 1000})["history"]  # type: ignore[no-any-return]
 
 
-
-
 def seed_forms(secret: bytes) -> list[str]:
     """A seed as it could leak: base32 (AWS's form) with or without padding, any case; hex."""
     b32 = base64.b32encode(secret).decode()
-    forms = {b32, b32.rstrip("="), b32.lower(), b32.rstrip("=").lower(), secret.hex(),
-             secret.hex().upper()}
+    forms = {
+        b32,
+        b32.rstrip("="),
+        b32.lower(),
+        b32.rstrip("=").lower(),
+        secret.hex(),
+        secret.hex().upper(),
+    }
     return sorted(forms)
 
 

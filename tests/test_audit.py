@@ -11,9 +11,15 @@ from provisioner.errors import InvalidInput
 from provisioner.store import Store
 
 RECORD = {
-    "id": 1, "at": 1_800_000_000.0, "actor": "root", "event": "enrollment", "user": "alice",
-    "serial": 12345678, "device_arn": "arn:aws:iam::123456789012:mfa/provisioner/a.b",
-    "outcome": "failed", "reason": "IAM refused EnableMFADevice: InvalidAuthenticationCode",
+    "id": 1,
+    "at": 1_800_000_000.0,
+    "actor": "root",
+    "event": "enrollment",
+    "user": "alice",
+    "serial": 12345678,
+    "device_arn": "arn:aws:iam::123456789012:mfa/provisioner/a.b",
+    "outcome": "failed",
+    "reason": "IAM refused EnableMFADevice: InvalidAuthenticationCode",
 }
 
 
@@ -27,19 +33,27 @@ def test_log_line_has_stable_keys_and_quotes_what_needs_it() -> None:
     assert "user=" not in log_line({**RECORD, "user": None})
 
 
-def test_every_audit_record_goes_to_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_every_audit_record_goes_to_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = Store(tmp_path / "s.db", clock=lambda: 1_800_000_000.0)
     with caplog.at_level(logging.INFO, logger="provisioner.audit"):
         store.enqueue("bob", "root")
     assert [r.getMessage() for r in caplog.records] == [
-        "audit at=2027-01-15T08:00:00Z actor=root event=queued user=bob"]
+        "audit at=2027-01-15T08:00:00Z actor=root event=queued user=bob"
+    ]
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("24h", 1000_000 - 86400), ("7d", 1000_000 - 7 * 86400), ("30m", 1000_000 - 1800),
-     ("2026-11-01", 1_793_491_200.0), ("2026-11-01T09:30", 1_793_525_400.0),
-     ("2026-11-01T09:30+01:00", 1_793_521_800.0)],
+    [
+        ("24h", 1000_000 - 86400),
+        ("7d", 1000_000 - 7 * 86400),
+        ("30m", 1000_000 - 1800),
+        ("2026-11-01", 1_793_491_200.0),
+        ("2026-11-01T09:30", 1_793_525_400.0),
+        ("2026-11-01T09:30+01:00", 1_793_521_800.0),
+    ],
 )
 def test_since(text: str, expected: float) -> None:
     assert parse_since(text, now=1000_000) == expected
@@ -56,11 +70,27 @@ def test_formats() -> None:
     assert parsed[0]["at"] == "2027-01-15T08:00:00Z" and parsed[1]["user"] == "bob"
     table = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
     assert table[0]["reason"] == RECORD["reason"] and table[1]["reason"] == ""
-    assert list(table[0]) == ["at", "actor", "event", "user", "serial", "device_arn",
-                              "outcome", "reason"]
+    assert list(table[0]) == [
+        "at",
+        "actor",
+        "event",
+        "user",
+        "serial",
+        "device_arn",
+        "outcome",
+        "reason",
+    ]
     text = render(rows, "table").splitlines()
-    assert text[0].split() == ["at", "actor", "event", "user", "serial", "device_arn",
-                               "outcome", "reason"]
+    assert text[0].split() == [
+        "at",
+        "actor",
+        "event",
+        "user",
+        "serial",
+        "device_arn",
+        "outcome",
+        "reason",
+    ]
     assert "alice" in text[1] and "bob" in text[2]
     with pytest.raises(InvalidInput):
         render(rows, "xml")

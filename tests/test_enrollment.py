@@ -441,7 +441,13 @@ def test_the_journal_records_the_rollback() -> None:
 @pytest.mark.parametrize(
     ("ins", "sw", "data", "fragment", "step"),
     [
-        (0xA1, 0x9000, b"\x72\x05\x21ab", "gave a bad answer to list its OATH credentials", "check"),
+        (
+            0xA1,
+            0x9000,
+            b"\x72\x05\x21ab",
+            "gave a bad answer to list its OATH credentials",
+            "check",
+        ),
         (0xA4, 0x9000, b"\x79\x01", "gave a bad answer", "check"),  # SELECT OATH, short TLV
         (0x01, 0x6F00, b"", "answered SW=0x6F00 to store credential", "program token"),
         (0xA2, 0x6581, b"", "answered SW=0x6581 to compute a code", "enable"),

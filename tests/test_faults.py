@@ -57,8 +57,13 @@ def daemon(pcsc_stack: PcscStack, iam_server: LocalIamServer, workdir: Path) -> 
         workdir,
         extra="[token]\nreinsert_timeout = 1\n[iam]\nread_timeout = 1.0\nmax_attempts = 3\n",
     )
-    admin = boto3.client("iam", endpoint_url=iam_server.endpoint_url, region_name="us-east-1",
-                         aws_access_key_id="testing", aws_secret_access_key="testing")
+    admin = boto3.client(
+        "iam",
+        endpoint_url=iam_server.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     d = Daemon(pcsc_stack, iam_server, admin, workdir, config)
     d.start()
     yield d
@@ -112,8 +117,13 @@ def assert_consistent(
         assert devices == [arn(user, key.serial)]  # type: ignore[arg-type]
         assert credential in on_token
         # the device works: a fresh code computed on the token logs in
-        sts = boto3.client("sts", endpoint_url=d.iam.endpoint_url, region_name="us-east-1",
-                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        sts = boto3.client(
+            "sts",
+            endpoint_url=d.iam.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         code = code_on_token(key, credential, d.iam.server_time())
         sts.get_session_token(SerialNumber=devices[0], TokenCode=code)
     else:
@@ -172,7 +182,9 @@ def _id(case: tuple[Any, ...]) -> str:
 
 
 @pytest.mark.parametrize("case", TRANSIENT, ids=_id)
-def test_transient_iam_faults_end_in_success(desk: Daemon, case: tuple[str, dict[str, Any]]) -> None:
+def test_transient_iam_faults_end_in_success(
+    desk: Daemon, case: tuple[str, dict[str, Any]]
+) -> None:
     action, spec = case
     desk.iam.inject_fault(action, **spec)
     key = new_key()
@@ -184,7 +196,9 @@ def test_transient_iam_faults_end_in_success(desk: Daemon, case: tuple[str, dict
 
 
 @pytest.mark.parametrize("case", PERMANENT, ids=_id)
-def test_permanent_iam_faults_fail_cleanly(desk: Daemon, case: tuple[str, dict[str, Any], int]) -> None:
+def test_permanent_iam_faults_fail_cleanly(
+    desk: Daemon, case: tuple[str, dict[str, Any], int]
+) -> None:
     action, spec, status = case
     desk.iam.inject_fault(action, **spec)
     key = new_key()
@@ -238,8 +252,10 @@ def test_token_pulled_at_each_command(desk: Daemon, k: int) -> None:
     # the operator plugs it in again later: a credential left behind is removed then
     desk.stack.remove(0, wait=True)
     desk.stack.insert(key, 0)
-    wait_for(lambda: any(t["state"] == "idle" for t in desk.ask({"op": "status"})["tokens"]),
-             what="the token seen again")
+    wait_for(
+        lambda: any(t["state"] == "idle" for t in desk.ask({"op": "status"})["tokens"]),
+        what="the token seen again",
+    )
     assert not assert_consistent(desk, key)
 
 
@@ -265,7 +281,9 @@ KILL_POINTS = [
 
 @pytest.mark.parametrize("token_back", [True, False], ids=["token left in", "token taken out"])
 @pytest.mark.parametrize("point", KILL_POINTS, ids=[p[0] for p in KILL_POINTS])
-def test_sigkill_between_steps_then_restart(desk: Daemon, point: tuple[str, Any], token_back: bool) -> None:
+def test_sigkill_between_steps_then_restart(
+    desk: Daemon, point: tuple[str, Any], token_back: bool
+) -> None:
     _, arm = point
     key = new_key()
     arm(desk, key)
@@ -273,7 +291,9 @@ def test_sigkill_between_steps_then_restart(desk: Daemon, point: tuple[str, Any]
     assert proc.stdout is not None
     proc.stdout.readline()
     desk.stack.insert(key, 0)
-    wait_for(lambda: any(r["serial"] == key.serial for r in records(desk)), what="enrollment started")
+    wait_for(
+        lambda: any(r["serial"] == key.serial for r in records(desk)), what="enrollment started"
+    )
     time.sleep(1.0)  # inside the stalled step
     assert desk.proc is not None
     desk.proc.send_signal(signal.SIGKILL)
@@ -288,8 +308,10 @@ def test_sigkill_between_steps_then_restart(desk: Daemon, point: tuple[str, Any]
     wait_for(lambda: all(r["outcome"] != "in progress" for r in records(desk)), what="recovered")
     if not token_back:
         desk.stack.insert(key, 0)
-        wait_for(lambda: any(t["state"] == "idle" for t in desk.ask({"op": "status"})["tokens"]),
-                 what="the token seen again")
+        wait_for(
+            lambda: any(t["state"] == "idle" for t in desk.ask({"op": "status"})["tokens"]),
+            what="the token seen again",
+        )
     enrolled = assert_consistent(desk, key)
     if token_back and point[0] in ("at first calculate", "at enable"):
         assert enrolled  # the credential on the token finished the enrollment

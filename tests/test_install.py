@@ -55,8 +55,14 @@ def test_install_puts_every_file_in_place(tmp_path: Path) -> None:
 def test_install_creates_the_user_and_groups_with_sysusers(tmp_path: Path) -> None:
     assert shutil.which("systemd-sysusers"), "systemd-sysusers is part of Debian's systemd"
     lines = install(tmp_path, COMMAND)
-    passwd = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc/passwd").read_text().splitlines()}
-    groups = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc/group").read_text().splitlines()}
+    passwd = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/passwd").read_text().splitlines()
+    }
+    groups = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/group").read_text().splitlines()
+    }
     assert set(groups) >= {"provisioner", "provisioner-operators"}
     user = passwd["provisioner"]
     assert user[3] == groups["provisioner"][2]  # primary group provisioner
@@ -111,7 +117,9 @@ def test_the_command_must_be_absolute(tmp_path: Path, command: str) -> None:
     assert not (tmp_path / UNIT).exists()
 
 
-@pytest.mark.parametrize("command", ["/root/.local/bin/provisioner", "/home/ann/venv/bin/provisioner"])
+@pytest.mark.parametrize(
+    "command", ["/root/.local/bin/provisioner", "/home/ann/venv/bin/provisioner"]
+)
 def test_a_command_in_a_home_directory_is_refused(tmp_path: Path, command: str) -> None:
     with pytest.raises(ConfigError, match="ProtectHome") as caught:
         install(tmp_path, command)
@@ -127,7 +135,9 @@ def test_without_a_command_it_finds_its_own(tmp_path: Path) -> None:
     assert os.access(command, os.X_OK)
 
 
-def test_without_sysusers_an_image_is_told_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_sysusers_an_image_is_told_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     lines = install(tmp_path / "root", COMMAND)
     assert any(line.startswith("skipped creating the users") for line in lines), lines
@@ -207,6 +217,8 @@ def test_the_installed_unit_verifies_clean(tmp_path: Path) -> None:
     install(tmp_path, command)
     result = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / UNIT)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")

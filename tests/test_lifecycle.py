@@ -138,8 +138,9 @@ def _replace(w: World, old_serial: int | None = None):  # type: ignore[no-untype
     from provisioner.lifecycle import replace
 
     with w.token(1002) as token, w.plugged(1001) as find:
-        return replace(w.lifecycle(), Enrollment(w.iam, w.clock, w.settings), "alice", token,
-                       old_serial, find)
+        return replace(
+            w.lifecycle(), Enrollment(w.iam, w.clock, w.settings), "alice", token, old_serial, find
+        )
 
 
 def test_replace_enrolls_the_new_token_then_revokes_the_old() -> None:
@@ -150,8 +151,7 @@ def test_replace_enrolls_the_new_token_then_revokes_the_old() -> None:
     assert w.iam.users["alice"] == [done.enrolled.device_arn]
     assert old not in w.iam.devices
     assert w.creds(1001) == [] and w.creds(1002) == [CRED]
-    order = [c for c in w.iam.calls[before:]
-             if c in ("enable_mfa_device", "deactivate_mfa_device")]
+    order = [c for c in w.iam.calls[before:] if c in ("enable_mfa_device", "deactivate_mfa_device")]
     assert order == ["enable_mfa_device", "deactivate_mfa_device"]  # never without MFA
 
 

@@ -71,7 +71,9 @@ def runnable_unit(tmp_path: Path) -> Path:
 def exposure(unit: Path, *extra: str) -> tuple[float, subprocess.CompletedProcess[str]]:
     result = subprocess.run(
         [analyze(), "security", "--offline=true", "--no-pager", *extra, str(unit)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert found, f"no exposure level in:\n{result.stdout}{result.stderr}"
@@ -160,7 +162,10 @@ def test_stop_leaves_time_to_finish_or_roll_back() -> None:
 
 def test_only_the_socket_families_it_needs() -> None:
     assert set(one("RestrictAddressFamilies").split()) == {
-        "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"
+        "AF_UNIX",
+        "AF_INET",
+        "AF_INET6",
+        "AF_NETLINK",
     }
 
 
@@ -175,7 +180,8 @@ def test_sandbox_keeps_what_the_control_socket_needs() -> None:
 
 def test_sysusers_declares_the_user_and_both_groups() -> None:
     entries = [
-        line.split() for line in SYSUSERS.read_text().splitlines()
+        line.split()
+        for line in SYSUSERS.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     kinds = {(e[0], e[1]) for e in entries}
@@ -213,9 +219,21 @@ def write_execute_mappings(code: str, tmp_path: Path) -> list[str]:
     assert strace, "strace is missing (Debian package strace)"
     log = tmp_path / "trace"
     result = subprocess.run(
-        [strace, "-f", "-qq", "-e", "trace=mmap,mprotect,pkey_mprotect", "-o", str(log),
-         sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=120,
+        [
+            strace,
+            "-f",
+            "-qq",
+            "-e",
+            "trace=mmap,mprotect,pkey_mprotect",
+            "-o",
+            str(log),
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     found = []

@@ -62,7 +62,12 @@ def umockdev_descriptors(name: str) -> bytes:
 
 class FakeUsbDevice:
     def __init__(
-        self, raw: bytes, *, bus: int, address: int, strings: dict[int, str] | None = None,
+        self,
+        raw: bytes,
+        *,
+        bus: int,
+        address: int,
+        strings: dict[int, str] | None = None,
         open_error: int | None = None,
     ) -> None:
         self.strings = strings or {}
@@ -78,38 +83,75 @@ class FakeUsbDevice:
             if kind == 1:
                 f = struct.unpack("<BBHBBBBHHHBBBB", body)
                 self.descriptor = SimpleNamespace(
-                    bLength=f[0], bDescriptorType=f[1], bcdUSB=f[2], bDeviceClass=f[3],
-                    bDeviceSubClass=f[4], bDeviceProtocol=f[5], bMaxPacketSize0=f[6],
-                    idVendor=f[7], idProduct=f[8], bcdDevice=f[9], iManufacturer=f[10],
-                    iProduct=f[11], iSerialNumber=f[12], bNumConfigurations=f[13],
-                    bus=bus, address=address, port_number=address - 1,
-                    port_numbers=(address - 1,), speed=2,
+                    bLength=f[0],
+                    bDescriptorType=f[1],
+                    bcdUSB=f[2],
+                    bDeviceClass=f[3],
+                    bDeviceSubClass=f[4],
+                    bDeviceProtocol=f[5],
+                    bMaxPacketSize0=f[6],
+                    idVendor=f[7],
+                    idProduct=f[8],
+                    bcdDevice=f[9],
+                    iManufacturer=f[10],
+                    iProduct=f[11],
+                    iSerialNumber=f[12],
+                    bNumConfigurations=f[13],
+                    bus=bus,
+                    address=address,
+                    port_number=address - 1,
+                    port_numbers=(address - 1,),
+                    speed=2,
                 )
             elif kind == 2:
                 f = struct.unpack("<BBHBBBBB", body)
-                self.configurations.append(SimpleNamespace(
-                    bLength=f[0], bDescriptorType=f[1], wTotalLength=f[2], bNumInterfaces=f[3],
-                    bConfigurationValue=f[4], iConfiguration=f[5], bmAttributes=f[6],
-                    bMaxPower=f[7], extra_descriptors=b"",
-                ))
+                self.configurations.append(
+                    SimpleNamespace(
+                        bLength=f[0],
+                        bDescriptorType=f[1],
+                        wTotalLength=f[2],
+                        bNumInterfaces=f[3],
+                        bConfigurationValue=f[4],
+                        iConfiguration=f[5],
+                        bmAttributes=f[6],
+                        bMaxPower=f[7],
+                        extra_descriptors=b"",
+                    )
+                )
                 self.interfaces.append({})
                 self.endpoints.append({})
             elif kind == 4:
                 f = struct.unpack("<BBBBBBBBB", body)
                 interface = SimpleNamespace(
-                    bLength=f[0], bDescriptorType=f[1], bInterfaceNumber=f[2],
-                    bAlternateSetting=f[3], bNumEndpoints=f[4], bInterfaceClass=f[5],
-                    bInterfaceSubClass=f[6], bInterfaceProtocol=f[7], iInterface=f[8],
+                    bLength=f[0],
+                    bDescriptorType=f[1],
+                    bInterfaceNumber=f[2],
+                    bAlternateSetting=f[3],
+                    bNumEndpoints=f[4],
+                    bInterfaceClass=f[5],
+                    bInterfaceSubClass=f[6],
+                    bInterfaceProtocol=f[7],
+                    iInterface=f[8],
                     extra_descriptors=b"",
                 )
                 self.interfaces[-1][(f[2], f[3])] = interface
                 self.endpoints[-1][(f[2], f[3])] = []
             elif kind == 5 and interface is not None:
                 f = struct.unpack("<BBBBHB", body)
-                self.endpoints[-1][(interface.bInterfaceNumber, interface.bAlternateSetting)].append(
-                    SimpleNamespace(bLength=f[0], bDescriptorType=f[1], bEndpointAddress=f[2],
-                                    bmAttributes=f[3], wMaxPacketSize=f[4], bInterval=f[5],
-                                    bRefresh=0, bSynchAddress=0, extra_descriptors=b"")
+                self.endpoints[-1][
+                    (interface.bInterfaceNumber, interface.bAlternateSetting)
+                ].append(
+                    SimpleNamespace(
+                        bLength=f[0],
+                        bDescriptorType=f[1],
+                        bEndpointAddress=f[2],
+                        bmAttributes=f[3],
+                        wMaxPacketSize=f[4],
+                        bInterval=f[5],
+                        bRefresh=0,
+                        bSynchAddress=0,
+                        extra_descriptors=b"",
+                    )
                 )
             offset += length
 
@@ -138,7 +180,9 @@ class DescriptorBackend(usb.backend.IBackend):  # type: ignore[misc]
             raise IndexError(key)
         return dev.interfaces[config][key]
 
-    def get_endpoint_descriptor(self, dev: FakeUsbDevice, ep: int, intf: int, alt: int, config: int) -> Any:
+    def get_endpoint_descriptor(
+        self, dev: FakeUsbDevice, ep: int, intf: int, alt: int, config: int
+    ) -> Any:
         numbers = sorted({n for n, _ in dev.interfaces[config]})
         return dev.endpoints[config][(numbers[intf], alt)][ep]
 
@@ -155,8 +199,14 @@ class DescriptorBackend(usb.backend.IBackend):  # type: ignore[misc]
         return int(dev_handle.configurations[0].bConfigurationValue)
 
     def ctrl_transfer(
-        self, dev_handle: FakeUsbDevice, bmRequestType: int, bRequest: int, wValue: int,
-        wIndex: int, data: Any, timeout: int,
+        self,
+        dev_handle: FakeUsbDevice,
+        bmRequestType: int,
+        bRequest: int,
+        wValue: int,
+        wIndex: int,
+        data: Any,
+        timeout: int,
     ) -> int:
         assert (bmRequestType, bRequest, wValue >> 8) == (0x80, 6, 3), "only GET_DESCRIPTOR(string)"
         index = wValue & 0xFF
@@ -196,13 +246,19 @@ def fake_sysfs(root: Path, name: str, **attributes: str | int) -> Path:
 
 
 def test_a_yubikey_5_has_a_ccid_interface_and_strings_come_from_sysfs(tmp_path: Path) -> None:
-    sysfs = fake_sysfs(tmp_path, "1-1", busnum=1, devnum=2, bConfigurationValue=1,
-                       product="YubiKey OTP+FIDO+CCID")
+    sysfs = fake_sysfs(
+        tmp_path, "1-1", busnum=1, devnum=2, bConfigurationValue=1, product="YubiKey OTP+FIDO+CCID"
+    )
     backend = DescriptorBackend(yubikey5())
     [token] = list_yubikeys(backend, sysfs=sysfs)
     assert token == UsbToken(
-        bus=1, address=2, vendor_id=0x1050, product_id=0x0407,
-        product="YubiKey OTP+FIDO+CCID", serial=None, has_ccid=True,
+        bus=1,
+        address=2,
+        vendor_id=0x1050,
+        product_id=0x0407,
+        product="YubiKey OTP+FIDO+CCID",
+        serial=None,
+        has_ccid=True,
         interface_classes=(0x03, 0x03, 0x0B),
     )
     assert token.can_hold_totp
@@ -227,7 +283,9 @@ def test_a_security_key_cannot_hold_a_totp_credential() -> None:
 def test_a_fido_only_key_without_readable_strings_is_still_described() -> None:
     raw = bytearray(umockdev_descriptors("security-key"))
     raw[10:12] = (0x0402).to_bytes(2, "little")  # newer FIDO-only keys reuse 0402
-    backend = DescriptorBackend(FakeUsbDevice(bytes(raw), bus=3, address=9, open_error=errno.EACCES))
+    backend = DescriptorBackend(
+        FakeUsbDevice(bytes(raw), bus=3, address=9, open_error=errno.EACCES)
+    )
     [token] = list_yubikeys(backend, sysfs=None)
     assert token.product is None and token.serial is None  # permission denied: no crash
     assert token.describe() == (
@@ -238,7 +296,9 @@ def test_a_fido_only_key_without_readable_strings_is_still_described() -> None:
 def test_alternate_settings_do_not_count_as_interfaces() -> None:
     # An alternate setting 1 of the CCID interface (2), after the configuration.
     alternate = bytes([9, 4, 2, 1, 0, 0x0B, 0, 0, 0])
-    backend = DescriptorBackend(FakeUsbDevice(umockdev_descriptors("yubikey5") + alternate, bus=1, address=2))
+    backend = DescriptorBackend(
+        FakeUsbDevice(umockdev_descriptors("yubikey5") + alternate, bus=1, address=2)
+    )
     [token] = list_yubikeys(backend, sysfs=None)
     assert token.interface_classes == (0x03, 0x03, 0x0B)
 
@@ -274,7 +334,9 @@ def test_without_libusb_the_error_says_what_to_install(monkeypatch: pytest.Monke
 
 def kernel_message(action: str, devpath: str, **props: str) -> bytes:
     fields = {"ACTION": action, "DEVPATH": devpath, "SUBSYSTEM": "usb", **props}
-    return f"{action}@{devpath}\0".encode() + b"".join(f"{k}={v}\0".encode() for k, v in fields.items())
+    return f"{action}@{devpath}\0".encode() + b"".join(
+        f"{k}={v}\0".encode() for k, v in fields.items()
+    )
 
 
 def libudev_message(action: str, devpath: str, **props: str) -> bytes:
@@ -285,7 +347,9 @@ def libudev_message(action: str, devpath: str, **props: str) -> bytes:
 
 
 def test_kernel_uevents_are_parsed() -> None:
-    event = parse_uevent(kernel_message("add", f"{HUB}/1-1", DEVTYPE="usb_device", PRODUCT="1050/407/543"))
+    event = parse_uevent(
+        kernel_message("add", f"{HUB}/1-1", DEVTYPE="usb_device", PRODUCT="1050/407/543")
+    )
     assert event is not None
     assert (event.action, event.devpath) == ("add", f"{HUB}/1-1")
     assert event.properties["PRODUCT"] == "1050/407/543"
@@ -294,17 +358,27 @@ def test_kernel_uevents_are_parsed() -> None:
 def test_libudev_messages_are_parsed() -> None:
     event = parse_uevent(libudev_message("remove", f"{HUB}/1-2", DEVTYPE="usb_device"))
     assert event is not None
-    assert (event.action, event.devpath, event.properties["DEVTYPE"]) == ("remove", f"{HUB}/1-2", "usb_device")
+    assert (event.action, event.devpath, event.properties["DEVTYPE"]) == (
+        "remove",
+        f"{HUB}/1-2",
+        "usb_device",
+    )
 
 
-@pytest.mark.parametrize("data", [
-    b"",
-    b"libudev\0short",
-    libudev_message("add", "/x").replace(b"\xfe\xed\xca\xfe", b"\0\0\0\0"),  # wrong magic
-    b"libudev\0" + b"\xfe\xed\xca\xfe" + struct.pack("=III", 40, 4000, 10) + bytes(16),  # out of bounds
-    b"no at sign here\0ACTION=add\0DEVPATH=/x\0",
-    b"add@/devices/x\0SUBSYSTEM=usb\0",  # no ACTION/DEVPATH
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"libudev\0short",
+        libudev_message("add", "/x").replace(b"\xfe\xed\xca\xfe", b"\0\0\0\0"),  # wrong magic
+        b"libudev\0"
+        + b"\xfe\xed\xca\xfe"
+        + struct.pack("=III", 40, 4000, 10)
+        + bytes(16),  # out of bounds
+        b"no at sign here\0ACTION=add\0DEVPATH=/x\0",
+        b"add@/devices/x\0SUBSYSTEM=usb\0",  # no ACTION/DEVPATH
+    ],
+)
 def test_anything_else_is_not_an_event(data: bytes) -> None:
     assert parse_uevent(data) is None
 
@@ -370,10 +444,18 @@ def child_env(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_umockdev_yubikeys_are_listed_by_libusb(tmp_path: Path) -> None:
     result = subprocess.run(
-        [umockdev_tool("umockdev-run"),
-         *device_args("usb-root-hub", "yubikey5", "security-key", "keyboard"),
-         "--", sys.executable, "-c", LIST_CHILD],
-        capture_output=True, text=True, timeout=60, env=child_env(tmp_path),
+        [
+            umockdev_tool("umockdev-run"),
+            *device_args("usb-root-hub", "yubikey5", "security-key", "keyboard"),
+            "--",
+            sys.executable,
+            "-c",
+            LIST_CHILD,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     tokens = {t["product_id"]: t for t in json.loads(result.stdout)}
@@ -393,9 +475,18 @@ def test_umockdev_yubikeys_are_listed_by_libusb(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_umockdev_without_yubikeys_nothing_is_listed(tmp_path: Path) -> None:
     result = subprocess.run(
-        [umockdev_tool("umockdev-run"), *device_args("usb-root-hub", "keyboard"),
-         "--", sys.executable, "-c", LIST_CHILD],
-        capture_output=True, text=True, timeout=60, env=child_env(tmp_path),
+        [
+            umockdev_tool("umockdev-run"),
+            *device_args("usb-root-hub", "keyboard"),
+            "--",
+            sys.executable,
+            "-c",
+            LIST_CHILD,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
@@ -462,11 +553,16 @@ print(json.dumps({"events": log, "stop_seconds": time.monotonic() - started,
 def system_gi_path() -> str:
     """Where Debian's python3-gi lives; the venv is not a system-site-packages one."""
     probe = subprocess.run(
-        ["/usr/bin/python3", "-c",
-         "import sys, os, gi; print(sys.version_info[:2] == tuple(map(int, sys.argv[1].split('.'))));"
-         "print(os.path.dirname(os.path.dirname(gi.__file__)))",
-         f"{sys.version_info.major}.{sys.version_info.minor}"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "/usr/bin/python3",
+            "-c",
+            "import sys, os, gi; print(sys.version_info[:2] == tuple(map(int, sys.argv[1].split('.'))));"
+            "print(os.path.dirname(os.path.dirname(gi.__file__)))",
+            f"{sys.version_info.major}.{sys.version_info.minor}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert probe.returncode == 0, (
         "umockdev's GObject bindings are missing: install the Debian packages python3-gi and "
@@ -479,11 +575,17 @@ def system_gi_path() -> str:
 
 @pytest.mark.slow
 def test_umockdev_hotplug_reaches_the_watcher(tmp_path: Path) -> None:
-    code = HOTPLUG_CHILD.replace("GI_PATH", repr(system_gi_path())).replace(
-        "{DATA}", str(DATA)).replace("HUB", repr(f"/sys{HUB}"))
+    code = (
+        HOTPLUG_CHILD.replace("GI_PATH", repr(system_gi_path()))
+        .replace("{DATA}", str(DATA))
+        .replace("HUB", repr(f"/sys{HUB}"))
+    )
     result = subprocess.run(
         [umockdev_tool("umockdev-wrapper"), sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=60, env=child_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -515,7 +617,11 @@ def test_a_failing_handler_does_not_end_the_watch(caplog: pytest.LogCaptureFixtu
     try:
         with caplog.at_level(logging.ERROR, logger="provisioner.usb"):
             for n in (1, 2):
-                theirs.send(libudev_message("add", f"{HUB}/1-{n}", DEVTYPE="usb_device", PRODUCT="1050/407/543"))
+                theirs.send(
+                    libudev_message(
+                        "add", f"{HUB}/1-{n}", DEVTYPE="usb_device", PRODUCT="1050/407/543"
+                    )
+                )
             assert done.wait(5)
     finally:
         watcher.stop()
