@@ -37,7 +37,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import boto3  # noqa: E402
 from harness import Daemon, make_workdir, wait_for, write_config  # noqa: E402
 from yubikit.core.smartcard import SmartCardConnection  # noqa: E402
 
@@ -397,13 +396,7 @@ def rss_mib(pid: int) -> float:
 def daemon_figures(
     stack: PcscStack, server: LocalIamServer, idle_seconds: float, starts: int
 ) -> dict[str, Any]:
-    admin = boto3.client(
-        "iam",
-        endpoint_url=server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    admin = server.admin_client("iam")
     ready: list[float] = []
     for _ in range(starts):
         workdir = make_workdir()
@@ -447,13 +440,7 @@ def baseline(stack: PcscStack, server: LocalIamServer, runs: int) -> dict[str, A
     """What people script today: ykman adds the credential and reads codes; boto3 enables."""
     ykman = str(Path(sys.executable).with_name("ykman"))
     reader = stack.reader_names[0]
-    iam = boto3.client(
-        "iam",
-        endpoint_url=server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    iam = server.admin_client("iam")
     times = []
     for i in range(runs):
         stack.insert(EmulatedYubiKey(serial=85_000_000 + i), 0)

@@ -29,7 +29,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import boto3  # noqa: E402
 from harness import ACCOUNT, Daemon, make_workdir, wait_for, write_config  # noqa: E402
 
 from provisioner.emulator import EmulatedYubiKey, PcscStack  # noqa: E402
@@ -107,13 +106,7 @@ def run(enrollments: int, seed: int, stack: PcscStack, iam: LocalIamServer) -> R
         roster=roster,
         extra="[token]\nreinsert_timeout = 0.5\n[iam]\nread_timeout = 1.0\nmax_attempts = 3\n",
     )
-    admin = boto3.client(
-        "iam",
-        endpoint_url=iam.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    admin = iam.admin_client("iam")
     daemon = Daemon(stack, iam, admin, workdir, config)
     daemon.start()
     try:

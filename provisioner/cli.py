@@ -645,6 +645,15 @@ def token_choice(parser: argparse.ArgumentParser, which: str) -> None:
     group.add_argument("--serial", type=int, help=f"{which}'s serial number (printed on the key)")
 
 
+def direct_choice(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--direct: do it in this command even though the desk daemon runs."""
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help=f"{verb} here even if the desk daemon is running (it must not hold the token)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="provisioner",
@@ -686,11 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enroll.add_argument("--user", required=True, help="the IAM user name (case-sensitive)")
     token_choice(enroll, "the token")
-    enroll.add_argument(
-        "--direct",
-        action="store_true",
-        help="enroll here even if the desk daemon is running (it must not hold the token)",
-    )
+    direct_choice(enroll, "enroll")
     enroll.add_argument("--profile", help="AWS profile to use (default: the boto3 chain)")
     common(enroll)
     enroll.set_defaults(func=cmd_enroll)
@@ -822,11 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     revoke.add_argument("--user", required=True, help="the IAM user")
     revoke.add_argument("--serial", type=int, help="the token to revoke, if the user has several")
-    revoke.add_argument(
-        "--direct",
-        action="store_true",
-        help="revoke here even if the desk daemon is running (it must not hold the token)",
-    )
+    direct_choice(revoke, "revoke")
     common(revoke)
     revoke.set_defaults(func=cmd_revoke)
 
@@ -843,11 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resync.add_argument("--user", required=True, help="the IAM user")
     token_choice(resync, "the user's token")
-    resync.add_argument(
-        "--direct",
-        action="store_true",
-        help="resync here even if the desk daemon is running (it must not hold the token)",
-    )
+    direct_choice(resync, "resync")
     common(resync)
     resync.set_defaults(func=cmd_resync)
 
@@ -866,11 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     replace.add_argument("--user", required=True, help="the IAM user")
     token_choice(replace, "the new token")
     replace.add_argument("--old-serial", type=int, help="the token to replace, if several")
-    replace.add_argument(
-        "--direct",
-        action="store_true",
-        help="replace here even if the desk daemon is running (it must not hold the token)",
-    )
+    direct_choice(replace, "replace")
     common(replace)
     replace.set_defaults(func=cmd_replace)
 

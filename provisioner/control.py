@@ -259,14 +259,20 @@ class ControlClient:
         return answers[-1]
 
 
-def daemon_reachable(path: Path) -> bool:
-    """True when a daemon answers on ``path`` (a stale socket file is not a daemon)."""
+def socket_answers(path: Path, timeout: float = 1.0) -> bool:
+    """True when something accepts a connection on the Unix socket ``path`` (a stale
+    socket file accepts none)."""
     if not path.exists():
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
+            s.settimeout(timeout)
             s.connect(str(path))
     except OSError:
         return False
     return True
+
+
+def daemon_reachable(path: Path) -> bool:
+    """True when a daemon answers on ``path``."""
+    return socket_answers(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import shlex
-import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from . import install
 from .aws_iam import IamClient
 from .clock import AwsClock
 from .config import Config
+from .control import socket_answers
 from .errors import AccessDenied, ProvisionerError, TokenBusy, TokenRemoved
 from .permissions import POLICY_FILE, checks, missing, policy_source_arn
 from .yubikey import Pcsc
@@ -73,23 +73,13 @@ def pcscd_socket() -> Path:
     return Path(os.environ.get("PCSCLITE_CSOCK_NAME") or PCSCD_SOCKET)
 
 
-def _socket_answers(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(2.0)
-            s.connect(str(path))
-    except OSError:
-        return False
-    return True
-
-
 def check_pcscd(open_pcsc: Callable[[], Pcsc]) -> tuple[Finding, Pcsc | None]:
     name = "pcscd"
     path = pcscd_socket()
     try:
         pcsc = open_pcsc()
     except ProvisionerError as e:
-        if _socket_answers(path):
+        if socket_answers(path, timeout=2.0):
             # The socket accepts us but pcscd hangs up: its polkit rule said no.
             return (
                 fail(

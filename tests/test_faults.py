@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from harness import (
     ACCOUNT,
@@ -57,13 +56,7 @@ def daemon(pcsc_stack: PcscStack, iam_server: LocalIamServer, workdir: Path) -> 
         workdir,
         extra="[token]\nreinsert_timeout = 1\n[iam]\nread_timeout = 1.0\nmax_attempts = 3\n",
     )
-    admin = boto3.client(
-        "iam",
-        endpoint_url=iam_server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    admin = iam_server.admin_client("iam")
     d = Daemon(pcsc_stack, iam_server, admin, workdir, config)
     d.start()
     yield d
@@ -117,13 +110,7 @@ def assert_consistent(
         assert devices == [arn(user, key.serial)]  # type: ignore[arg-type]
         assert credential in on_token
         # the device works: a fresh code computed on the token logs in
-        sts = boto3.client(
-            "sts",
-            endpoint_url=d.iam.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        sts = d.iam.admin_client("sts")
         code = code_on_token(key, credential, d.iam.server_time())
         sts.get_session_token(SerialNumber=devices[0], TokenCode=code)
     else:

@@ -168,13 +168,7 @@ class Desk:
         self.settings = EnrollmentSettings(desk=DESK, margin=1.0)
         self.store = Store(tmp_path / "state.db")
         self.state_file = tmp_path / "state.db"
-        admin = boto3.client(
-            "iam",
-            endpoint_url=server.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        admin = server.admin_client("iam")
         self.principal: Principal = server.create_principal("provisioner-desk", document)
         self.bob_device = self._interrupted_enrollment(admin)
         admin.create_virtual_mfa_device(

@@ -276,6 +276,19 @@ class LocalIamServer:
     def unassigned_devices(self) -> list[str]:
         return [d["serial"] for d in self.virtual_devices() if d["user"] is None]
 
+    def admin_client(self, service: str = "iam") -> Any:
+        """A boto3 client of ``service`` (iam, sts) at this server, with the dummy
+        credentials: an administrator while authorization is not enforced."""
+        import boto3  # only the tests and the benchmarks call this
+
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=DEFAULT_REGION,
+            aws_access_key_id=DUMMY_ACCESS_KEY_ID,
+            aws_secret_access_key=DUMMY_SECRET_ACCESS_KEY,
+        )
+
     def create_principal(
         self, name: str, policy: Mapping[str, Any] | str, *, path: str = "/"
     ) -> Principal:
