@@ -422,7 +422,9 @@ def daemon_figures(
     idle_token = (cpu_seconds(d.proc.pid) - before) / idle_seconds * 100
     stack.remove(0, wait=True)
     d.stop()
+    metrics = metrics_figures(stack, server, admin)
     return {
+        **metrics,
         "start_to_ready_median_ms": ms(statistics.median(ready)),
         "start_to_ready_max_ms": ms(max(ready)),
         "note": "start to READY=1 includes the Python interpreter and imports",
@@ -430,6 +432,34 @@ def daemon_figures(
         "idle_cpu_percent_token_present": round(idle_token, 3),
         "idle_seconds": idle_seconds,
         "rss_idle_mib": rss_idle,
+    }
+
+
+def metrics_figures(stack: PcscStack, server: LocalIamServer, admin: Any) -> dict[str, Any]:
+    """The Prometheus endpoint's cost: memory with it on, and how long a scrape takes."""
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workdir = make_workdir()
+    config = write_config(workdir, extra=f'metrics_listen = "127.0.0.1:{port}"\n')
+    d = Daemon(stack, server, admin, workdir, config)
+    d.start()
+    assert d.proc is not None
+    scrapes = []
+    for _ in range(50):
+        start = time.perf_counter()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            answer.read()
+        scrapes.append(time.perf_counter() - start)
+    time.sleep(1)
+    rss = rss_mib(d.proc.pid)
+    d.stop()
+    return {
+        "rss_idle_mib_with_metrics": rss,
+        "metrics_scrape_median_ms": ms(statistics.median(scrapes)),
+        "metrics_scrape_max_ms": ms(max(scrapes)),
     }
 
 
