@@ -337,11 +337,7 @@ class DeskService:
                 outcome="resynced",
                 reason=f"time steps {first_step} and {first_step + 1}",
             )
-        self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed", None)
-        self._set(reader, state="enrolled" if outcome["ok"] else "failed")
-        with self._lock:
-            self._recent.appendleft({**base, "at": time.time(), **outcome})
-        self.events.publish({**base, "event": "outcome", "final": True, **outcome})
+        self._conclude(reader, base, outcome, "enrolled" if outcome["ok"] else "failed", entry)
 
     def _removed_when_seen(self, serial: str, credential: str) -> str:
         return (
@@ -560,6 +556,19 @@ class DeskService:
         self._schedule_cleanup(enrollment_id, serial)
         with self._lock:
             self._active.discard(enrollment_id)
+        self._conclude(reader, base, outcome, state, entry, enrollment_id)
+
+    def _conclude(
+        self,
+        reader: str,
+        base: Event,
+        outcome: Event,
+        state: str,
+        entry: QueueEntry | None,
+        enrollment_id: int | None = None,
+    ) -> None:
+        """The end of a token's work: the request closed, the token's state, the outcome
+        kept for the live view and told to whoever follows it."""
         if entry is not None:
             self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed", enrollment_id)
         self._set(reader, state=state)
