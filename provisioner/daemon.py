@@ -13,6 +13,7 @@ import ctypes
 import faulthandler
 import logging
 import os
+import select
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -60,17 +61,7 @@ def run(config: Config) -> int:
     # `kill -USR1` writes every thread's stack to the journal: for a desk that seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     notifier = Notifier()
-    stop = threading.Event()
-    reload = threading.Event()
-
-    wake = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        (reload if signum == signal.SIGHUP else stop).set()
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+    signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
     state_dir = config.daemon.state_path()
     store = Store(state_dir / "provisioner.db")
@@ -117,11 +108,11 @@ def run(config: Config) -> int:
     ).start()
 
     interval = notifier.watchdog_interval
-    while not stop.is_set():
-        wake.wait(interval)
-        wake.clear()
-        if reload.is_set():
-            reload.clear()
+    stopping = False
+    while not stopping:
+        received = signals.wait(interval)
+        stopping = signal.SIGTERM in received or signal.SIGINT in received
+        if signal.SIGHUP in received and not stopping:
             try:
                 service.reload_roster(_roster(config))
                 log.info("roster reloaded")
@@ -142,7 +133,46 @@ def run(config: Config) -> int:
     store.audit("daemon", "stopped")
     store.close()
     notifier.close()
+    signals.close()
     return 0
+
+
+class SignalPipe:
+    """Signals as bytes on a pipe (signal.set_wakeup_fd), read by the main loop.
+
+    The handlers do nothing else. A handler runs in the main thread between two bytecodes,
+    possibly while that thread holds a lock: setting a threading.Event there (as this
+    daemon once did) can wait forever for the lock of the Event the main thread is
+    waiting on. A pipe takes no lock.
+    """
+
+    def __init__(self, signums: tuple[signal.Signals, ...]) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for signum in signums:
+            signal.signal(signum, _noted_on_the_pipe)
+
+    def wait(self, timeout: float | None) -> set[int]:
+        """The signals received since the last call, waiting up to ``timeout`` for one."""
+        select.select([self._read], [], [], timeout)
+        received: set[int] = set()
+        while True:
+            try:
+                chunk = os.read(self._read, 512)
+            except BlockingIOError:
+                return received
+            if not chunk:
+                return received
+            received.update(chunk)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _noted_on_the_pipe(_signum: int, _frame: FrameType | None) -> None:
+    """Nothing to do: set_wakeup_fd has written the signal's number to the pipe."""
 
 
 def _serve_metrics(config: Config, desk: Desk, service: DeskService) -> MetricsEndpoint | None:
