@@ -13,12 +13,10 @@ import ctypes
 import faulthandler
 import logging
 import os
-import select
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
@@ -31,6 +29,7 @@ from .recovery import Recovery
 from .roster import Roster
 from .roster import load as load_roster
 from .service import DeskService
+from .signals import SignalPipe
 from .store import Store
 from .usb import UsbWatcher, list_yubikeys
 from .yubikey import is_yubikey_reader, open_in_reader
@@ -135,44 +134,6 @@ def run(config: Config) -> int:
     notifier.close()
     signals.close()
     return 0
-
-
-class SignalPipe:
-    """Signals as bytes on a pipe (signal.set_wakeup_fd), read by the main loop.
-
-    The handlers do nothing else. A handler runs in the main thread between two bytecodes,
-    possibly while that thread holds a lock: setting a threading.Event there (as this
-    daemon once did) can wait forever for the lock of the Event the main thread is
-    waiting on. A pipe takes no lock.
-    """
-
-    def __init__(self, signums: tuple[signal.Signals, ...]) -> None:
-        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        for signum in signums:
-            signal.signal(signum, _noted_on_the_pipe)
-
-    def wait(self, timeout: float | None) -> set[int]:
-        """The signals received since the last call, waiting up to ``timeout`` for one."""
-        select.select([self._read], [], [], timeout)
-        received: set[int] = set()
-        while True:
-            try:
-                chunk = os.read(self._read, 512)
-            except BlockingIOError:
-                return received
-            if not chunk:
-                return received
-            received.update(chunk)
-
-    def close(self) -> None:
-        signal.set_wakeup_fd(-1)
-        os.close(self._read)
-        os.close(self._write)
-
-
-def _noted_on_the_pipe(_signum: int, _frame: FrameType | None) -> None:
-    """Nothing to do: set_wakeup_fd has written the signal's number to the pipe."""
 
 
 def _serve_metrics(config: Config, desk: Desk, service: DeskService) -> MetricsEndpoint | None:

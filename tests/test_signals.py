@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from provisioner.daemon import SignalPipe
+from provisioner.signals import SignalPipe
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 from contextlib import ExitStack
 
+from ..signals import SignalPipe
 from .card import DEFAULT_FIRMWARE, DEFAULT_SERIAL, EmulatedYubiKey
 from .errors import EmulatorError
 from .management import Capability, FormFactor, default_capabilities
@@ -135,15 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signals = SignalPipe((signal.SIGTERM,))
     try:
         with ExitStack() as stack:
             if args.start_pcscd:
                 stack.enter_context(PcscStack())
             card = VpcdCard(key, port=args.port, host=args.host)
             stack.callback(card.remove)
-            _serve(card, stop)
+            _serve(card, signals)
     except KeyboardInterrupt:
         pass
     except EmulatorError as e:
@@ -152,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _serve(card: VpcdCard, stop: threading.Event) -> None:
+def _serve(card: VpcdCard, signals: SignalPipe) -> None:
     """Keep the card inserted; wait for pcscd when it is not (re)started yet."""
     waiting_said = False
-    while not stop.is_set():
+    while True:
         if not card.inserted:
             try:
                 card.insert()
@@ -165,7 +164,8 @@ def _serve(card: VpcdCard, stop: threading.Event) -> None:
                 if not waiting_said:
                     logger.warning("%s; retrying every second", e)
                     waiting_said = True
-        stop.wait(1.0)
+        if signals.wait(1.0):
+            return
 
 
 if __name__ == "__main__":

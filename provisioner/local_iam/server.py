@@ -17,7 +17,8 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from types import FrameType
+
+from provisioner.signals import SignalPipe
 
 LISTENING_PREFIX = "local-iam listening on "
 
@@ -93,13 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except OSError as error:
         raise SystemExit(f"local-iam: cannot listen on {args.host}:{args.port}: {error}") from None
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals = SignalPipe((signal.SIGTERM, signal.SIGINT))
 
     serving = threading.Thread(
         # A short poll interval keeps shutdown (and so SIGTERM) quick.
@@ -115,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # From now on fd 1 is stderr: a parent that read the line may stop reading stdout.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     _log.info("serving; SIGTERM or SIGINT stops")
-    while not stop.wait(timeout=1.0):
+    while not signals.wait(None):
         pass
     server.shutdown()
     server.server_close()
