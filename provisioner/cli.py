@@ -55,6 +55,13 @@ class DaemonRefused(ProvisionerError):
         self.refused = refused
         self.status = EXIT_REFUSED if refused else status if isinstance(status, int) else 1
 
+    @classmethod
+    def answered(cls, answer: dict[str, Any]) -> DaemonRefused:
+        """From the daemon's final answer saying no."""
+        return cls(
+            str(answer.get("error")), refused=bool(answer.get("refused")), status=answer.get("exit")
+        )
+
 
 class TerminalProgress:
     """Progress lines as the enrollment goes: elapsed time, step, what happened."""
@@ -264,22 +271,22 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def _ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
     from .control import ControlClient
 
-    config = _config(args)
-    path = config.daemon.socket_path()
+    with ControlClient(_running_daemon(args)) as client:
+        answer = client.call(request)
+    if not answer.get("ok"):
+        raise DaemonRefused.answered(answer)
+    return answer
+
+
+def _running_daemon(args: argparse.Namespace) -> Path:
+    """The control socket of the desk daemon, which must be answering on it."""
+    path = _config(args).daemon.socket_path()
     if not daemon_reachable(path):
         raise DaemonNotRunning(
             f"the desk daemon is not running (no answer on {path})",
             hint="systemctl start provisioner, or run provisioner daemon",
         )
-    with ControlClient(path) as client:
-        answer = client.call(request)
-    if not answer.get("ok"):
-        raise DaemonRefused(
-            str(answer.get("error")),
-            refused=bool(answer.get("refused")),
-            status=answer.get("exit"),
-        )
-    return answer
+    return path
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -344,12 +351,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from .service import HEARTBEAT_SECONDS
     from .watch import CLEAR, render
 
-    path = _config(args).daemon.socket_path()
-    if not daemon_reachable(path):
-        raise DaemonNotRunning(
-            f"the desk daemon is not running (no answer on {path})",
-            hint="systemctl start provisioner, or run provisioner daemon",
-        )
+    path = _running_daemon(args)
     redraw = sys.stdout.isatty() and not args.once
     try:
         with ControlClient(path) as client:
@@ -358,9 +360,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 if update.get("event") == "heartbeat":
                     continue
                 if not update.get("ok"):
-                    raise DaemonRefused(
-                        str(update.get("error")), refused=bool(update.get("refused"))
-                    )
+                    raise DaemonRefused.answered(update)
                 width = shutil.get_terminal_size().columns if redraw else 200
                 frame = "\n".join(render(update, now=time.time(), width=width))
                 sys.stdout.write(f"{CLEAR}{frame}\n" if redraw else f"{frame}\n\n")
