@@ -39,6 +39,10 @@ class InvalidInput(ProvisionerError):
     """A value was refused before anything was sent (botocore checks no patterns)."""
 
 
+class NotPermitted(ProvisionerError):
+    """This user may not read or write the desk's state (its audit trail) from here."""
+
+
 # --- the token -------------------------------------------------------------------------
 
 
@@ -235,6 +239,7 @@ EXIT_USAGE = 2
 EXIT_TOKEN = 3
 EXIT_IAM = 4
 EXIT_LEFTOVERS = 5
+EXIT_REFUSED = 6
 
 
 def failure_reason(error: ProvisionerError) -> str:
@@ -255,6 +260,8 @@ def exit_status(error: ProvisionerError) -> int:
         return exit_status(error.cause) if error.step == "check" else EXIT_FAILED
     if isinstance(error, (ConfigError, InvalidInput)):
         return EXIT_USAGE
+    if isinstance(error, NotPermitted):
+        return EXIT_REFUSED
     if isinstance(error, TokenError):
         return EXIT_TOKEN
     if isinstance(error, IamError):

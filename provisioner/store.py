@@ -1,6 +1,9 @@
 """The daemon's state in SQLite: the queue, one record per enrollment, the audit trail.
 
 It lives in the systemd StateDirectory (/var/lib/provisioner) and survives restarts.
+Nobody but its owner and group may read it (0640, in a 0750 directory): the queue names
+users. Each enrollment record names its owner, the process doing it (ownership.py), so
+that recovery never takes a running enrollment for a crash's leftover.
 The audit trail is append-only, enforced by the database itself (triggers refuse UPDATE
 and DELETE). Nothing secret is ever stored: users, serials, ARNs, steps and outcomes.
 Every write is its own transaction, flushed (synchronous=FULL) before the call returns,
@@ -10,6 +13,7 @@ so after a crash the records say how far each enrollment got.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -18,8 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .audit import log_line
+from .errors import ProvisionerError
+from .ownership import FILE_MODE, Owner, prepare_directory, private_file
 from .ports import Fact
 
 audit_log = logging.getLogger("provisioner.audit")
@@ -52,7 +59,9 @@ CREATE TABLE IF NOT EXISTS enrollments (
     credential_id TEXT,
     device_state TEXT NOT NULL DEFAULT 'none',      -- none, maybe, created, maybe enabled,
                                                     -- enabled, confirmed, deleted
-    credential_state TEXT NOT NULL DEFAULT 'none'   -- none, maybe, written, deleted
+    credential_state TEXT NOT NULL DEFAULT 'none',  -- none, maybe, written, deleted
+    owner TEXT,                        -- the owning process's token (ownership.py)
+    owner_pid INTEGER                  -- its pid, for the operator
 );
 CREATE TABLE IF NOT EXISTS token_cleanups (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -84,10 +93,17 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 #: What a queued request asks for, when its token is plugged in.
 KINDS = ("enroll", "resync", "replace")
 
+#: The database's name in the state directory.
+STATE_FILE = "provisioner.db"
+#: At least this umask while SQLite may create files: nothing of the state for others.
+PRIVATE_UMASK = 0o027
+
 #: Columns added after the first release: (table, column, declaration).
 _ADDED_COLUMNS = (
     ("queue", "kind", "TEXT NOT NULL DEFAULT 'enroll'"),
     ("queue", "old_serial", "INTEGER"),
+    ("enrollments", "owner", "TEXT"),
+    ("enrollments", "owner_pid", "INTEGER"),
 )
 
 
@@ -120,20 +136,45 @@ class AuditRecord:
 
 
 class Store:
-    """Thread-safe access to the state database (one connection, one lock)."""
+    """Thread-safe access to the state database (one connection, one lock).
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    ``owner``: the process whose enrollments this store records (None: records without
+    an owner, as before owners existed). ``read_only``: open an existing database to read
+    it (SQLite's mode=ro), creating and changing nothing.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], float] = time.time,
+        *,
+        owner: Owner | None = None,
+        read_only: bool = False,
+    ) -> None:
         self.path = path
         self._clock = clock
+        self._owner = owner
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._add_missing_columns()
-        path.chmod(0o640)
+        if read_only:
+            self._db = _open_read_only(path)
+            self._db.row_factory = sqlite3.Row
+            return
+        prepare_directory(path.parent)
+        # Made 0640 before SQLite opens it: SQLite gives its -wal and -shm files the
+        # database's mode (and, as root, its owner).
+        private_file(path)
+        old = os.umask(PRIVATE_UMASK)
+        os.umask(old | PRIVATE_UMASK)
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+        finally:
+            os.umask(old)
+        _tighten(path)
 
     def _add_missing_columns(self) -> None:
         """A state file from an earlier version gets the columns it lacks (queue, journal
@@ -261,14 +302,60 @@ class Store:
 
     # --- enrollments ------------------------------------------------------------------
 
-    def start_enrollment(self, user: str, serial: int | None, reader: str, source: str) -> int:
+    def start_enrollment(
+        self,
+        user: str,
+        serial: int | None,
+        reader: str,
+        source: str,
+        *,
+        owner: Owner | None = None,
+    ) -> int:
+        """A new record, owned by ``owner`` (default: this store's owner)."""
+        owner = owner or self._owner
         with self._tx() as db:
             cur = db.execute(
-                "INSERT INTO enrollments (user, serial, reader, source, started_at, step) "
-                "VALUES (?,?,?,?,?, 'check')",
-                (user, serial, reader, source, self._clock()),
+                "INSERT INTO enrollments (user, serial, reader, source, started_at, step, "
+                "owner, owner_pid) VALUES (?,?,?,?,?, 'check', ?,?)",
+                (
+                    user,
+                    serial,
+                    reader,
+                    source,
+                    self._clock(),
+                    owner.token if owner else None,
+                    owner.pid if owner else None,
+                ),
             )
             return int(cur.lastrowid or 0)
+
+    def claim_enrollment(
+        self, enrollment_id: int, previous: str | None, owner: Owner | None = None
+    ) -> bool:
+        """Take an unfinished record over from ``previous`` (an owner that has ended), for
+        ``owner`` (default: this store's). False if someone else took it first."""
+        owner = owner or self._owner
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE enrollments SET owner = ?, owner_pid = ? "
+                "WHERE id = ? AND finished_at IS NULL AND owner IS ?",
+                (
+                    owner.token if owner else None,
+                    owner.pid if owner else None,
+                    enrollment_id,
+                    previous,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def release_enrollment(self, enrollment_id: int) -> None:
+        """Hand an unfinished record this store's owner took over back: nobody owns it."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE enrollments SET owner = NULL, owner_pid = NULL "
+                "WHERE id = ? AND finished_at IS NULL AND owner IS ?",
+                (enrollment_id, self._owner.token if self._owner else None),
+            )
 
     def record_step(self, enrollment_id: int, step: str, device_arn: str | None = None) -> None:
         with self._tx() as db:
@@ -383,6 +470,35 @@ class Store:
         with self._tx() as db:
             self._audit(db, actor, event, **fields)
 
+    def audit_resync(
+        self,
+        actor: str,
+        user: str,
+        serial: int | None,
+        outcome: tuple[str, int] | ProvisionerError,
+    ) -> None:
+        """A resync's record: ``outcome`` is (device, first time step) or what failed."""
+        if isinstance(outcome, ProvisionerError):
+            self.audit(
+                actor,
+                "resync",
+                user=user,
+                serial=serial,
+                outcome="failed",
+                reason=outcome.one_line(),
+            )
+            return
+        device, first_step = outcome
+        self.audit(
+            actor,
+            "resync",
+            user=user,
+            serial=serial,
+            device_arn=device,
+            outcome="resynced",
+            reason=f"time steps {first_step} and {first_step + 1}",
+        )
+
     def _audit(
         self,
         db: sqlite3.Connection,
@@ -471,6 +587,35 @@ class StoreJournal:
         self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
     ) -> None:
         self._store.record_fact(self._id, fact, device_arn=device_arn, credential_id=credential_id)
+
+
+def _tighten(path: Path) -> None:
+    """A state file made by an earlier version (0644): 0640, when it is ours to change."""
+    for name in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        try:
+            st = name.stat()
+            if st.st_uid == os.geteuid() and st.st_mode & 0o777 != FILE_MODE:
+                name.chmod(FILE_MODE)
+        except FileNotFoundError:
+            continue
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """The database, read-only. A reader who may not write the directory cannot make the
+    -wal and -shm files SQLite wants; when there is no -wal (no writer has it open, the
+    last one to close folded it in) the file alone is the whole state, read as immutable."""
+    uri = f"file:{quote(str(path))}?mode=ro"
+    db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        db.close()
+        if path.with_name(f"{path.name}-wal").exists():
+            raise
+        db = sqlite3.connect(
+            f"{uri}&immutable=1", uri=True, check_same_thread=False, isolation_level=None
+        )
+    return db
 
 
 def _entry(row: sqlite3.Row) -> QueueEntry:

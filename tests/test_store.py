@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -53,3 +54,22 @@ def test_an_unknown_kind_is_refused(tmp_path: Path) -> None:
         assert store.waiting() == []
     finally:
         store.close()
+
+
+def test_a_fresh_state_is_private_under_a_permissive_umask(tmp_path: Path) -> None:
+    """The queue holds user names: neither the database nor its WAL and shared-memory
+    files, nor the directory listing them, may be readable by others."""
+    state = tmp_path / "state"
+    old = os.umask(0o022)
+    try:
+        store = Store(state / "provisioner.db")
+        try:
+            store.enqueue("alice", "root")  # a user name in the WAL now
+            modes = {p.name: p.stat().st_mode & 0o777 for p in state.iterdir()}
+        finally:
+            store.close()
+    finally:
+        os.umask(old)
+    assert set(modes) == {"provisioner.db", "provisioner.db-wal", "provisioner.db-shm"}
+    assert modes == dict.fromkeys(modes, 0o640)
+    assert state.stat().st_mode & 0o777 == 0o750
