@@ -71,6 +71,9 @@ class DaemonConfig:
     shutdown_timeout: float = 30.0
     #: "127.0.0.1:9464" serves Prometheus metrics there (loopback only); empty: off.
     metrics_listen: str = ""
+    #: Seconds an unassigned device of this desk must have existed (by its creation-time
+    #: tag) before the orphan sweep deletes it: younger, an enrollment may be enabling it.
+    orphan_min_age: float = 600.0
 
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint, None when off; raises ConfigError."""

@@ -14,6 +14,7 @@ from .clock import AwsClock
 from .config import Config
 from .enrollment import Enrollment
 from .lifecycle import Lifecycle
+from .ownership import alive
 from .ports import Journal, Progress
 from .recovery import Recovery
 from .store import Store
@@ -50,7 +51,8 @@ class Desk:
         return cls(config, clock, iam)
 
     def recovery(self, store: Store, oath_password: str | None) -> Recovery:
-        """What settles unfinished enrollments, with the journal in ``store``."""
+        """What settles unfinished enrollments, with the journal in ``store``; their
+        owners' locks live beside it."""
         return Recovery(
             self.iam,
             store,
@@ -58,6 +60,9 @@ class Desk:
             lambda serial: find_by_serial(serial, oath_password=oath_password),
             device_path=self.config.iam.device_path,
             desk=self.config.desk,
+            owner_alive=lambda owner: alive(store.path.parent, owner),
+            now=self.clock.now,
+            min_age=self.config.daemon.orphan_min_age,
         )
 
     def lifecycle(self, progress: Progress | None = None) -> Lifecycle:

@@ -10,6 +10,8 @@ The seed lives in memory from "create device" until this function returns.
 
 from __future__ import annotations
 
+import calendar
+import time
 from dataclasses import dataclass, field
 
 from . import validation
@@ -39,6 +41,7 @@ from .model import (
     EnrollmentResult,
     Step,
     StepTiming,
+    VirtualDevice,
 )
 from .ports import (
     Fact,
@@ -54,6 +57,25 @@ from .secret import Seed
 from .totp import code_at, codes_equal, plan_window
 
 TOOL_TAG = "provisioner"
+#: When the desk created the device (IAM reports no creation time for a virtual device):
+#: the orphan sweep leaves young devices to the enrollment that may still be using them.
+CREATED_TAG = "provisioner:created"
+_CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def created_tag(epoch: float) -> str:
+    return time.strftime(_CREATED_FORMAT, time.gmtime(epoch))
+
+
+def created_at(device: VirtualDevice) -> float | None:
+    """When the desk created ``device``, from its tag; None if it does not say."""
+    value = device.tag(CREATED_TAG)
+    if value is None:
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(value, _CREATED_FORMAT)))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -76,9 +98,10 @@ class EnrollmentSettings:
     reinsert_timeout: float = 60.0
 
     def names(
-        self, user: str, account: str, serial: int | None
+        self, user: str, account: str, serial: int | None, created: float | None = None
     ) -> tuple[CredentialSpec, DeviceSpec]:
-        """The credential and device for this user and token, from the templates."""
+        """The credential and device for this user and token, from the templates; the
+        device tagged with ``created`` (epoch seconds), when given."""
         values = {
             "user": user,
             "account": account,
@@ -95,6 +118,7 @@ class EnrollmentSettings:
             ("provisioner:user", user),
             ("provisioner:token-serial", values["serial"]),
             ("provisioner:desk", self.desk),
+            *(((CREATED_TAG, created_tag(created)),) if created is not None else ()),
             *self.extra_tags,
         )
         device = DeviceSpec(
@@ -239,7 +263,9 @@ class Enrollment:
         oath = token.oath_state()
         account = self._iam.user_arn(user).split(":")[4]
         devices = self._iam.list_mfa_devices(user)
-        credential, device = self._settings.names(user, account, info.serial)
+        credential, device = self._settings.names(
+            user, account, info.serial, created=self._clock.now()
+        )
         arn = f"arn:aws:iam::{account}:mfa{device.path}{device.name}"
         on_token = credential.credential_id in oath.credential_ids
         if arn in devices and on_token:

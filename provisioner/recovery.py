@@ -1,6 +1,9 @@
 """Recovery after a crash, and `provisioner reconcile`: every token and device accounted for.
 
-The journal says, for every enrollment that did not finish, what may exist. For each:
+The journal says, for every enrollment that did not finish, what may exist. A record
+whose owner (the process doing it: the daemon, a one-shot `provisioner enroll`) still
+runs is not a leftover: it is left alone, and so is its device. Any other is taken over
+(so that two recoveries never settle the one record) and settled:
 
 - enabled in IAM (the user lists the device): it worked; recorded as done.
 - a device created but not enabled: if the token holding its credential is present, the
@@ -10,8 +13,10 @@ The journal says, for every enrollment that did not finish, what may exist. For 
   token is present, else the next time the token is seen.
 
 Then the sweep: unassigned virtual devices under the desk's path carrying the tool's tag
-(left by whatever cause: a killed one-shot `enroll`, another desk's crash) are listed
-and, unless told not to, deleted. By default only this desk's; ``all_desks`` widens it.
+(left by whatever cause: a process killed before it recorded its enrollment, another
+desk's crash) are listed and, unless told not to, deleted. By default only this desk's;
+``all_desks`` widens it. A device younger than ``min_age`` (by the creation time the desk
+tags it with; IAM keeps none) is kept: an enrollment elsewhere may be about to enable it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .enrollment import TOOL_TAG, Enrollment
+from .enrollment import TOOL_TAG, Enrollment, created_at
 from .errors import NoSuchEntity, ProvisionerError
 from .model import VirtualDevice
 from .ports import Fact, IamDirectory, TokenSession
@@ -55,6 +60,10 @@ class RecoveryStore(Protocol):
         self, serial: int, credential_id: str, enrollment_id: int | None, reason: str
     ) -> None: ...
 
+    def claim_enrollment(self, enrollment_id: int, previous: str | None) -> bool: ...
+
+    def release_enrollment(self, enrollment_id: int) -> None: ...
+
     def audit(self, actor: str, event: str, **fields: Any) -> None: ...
 
 
@@ -64,6 +73,8 @@ class Action:
 
     text: str
     enrollment_id: int | None = None
+    #: False for what was left alone on purpose: said, not audited.
+    done: bool = True
 
 
 _MAY_EXIST = {"maybe", "created", "maybe enabled", "enabled", "confirmed"}
@@ -80,6 +91,9 @@ class Recovery:
         *,
         device_path: str,
         desk: str,
+        owner_alive: Callable[[str], bool] = lambda owner: False,
+        now: Callable[[], float] | None = None,
+        min_age: float = 0.0,
     ) -> None:
         self._iam = iam
         self._store = store
@@ -87,6 +101,9 @@ class Recovery:
         self._find_token = find_token
         self._path = device_path
         self._desk = desk
+        self._owner_alive = owner_alive
+        self._now = now
+        self._min_age = min_age
 
     def run(
         self,
@@ -97,19 +114,33 @@ class Recovery:
         busy: frozenset[int] = frozenset(),
     ) -> list[Action]:
         """Recover every unfinished enrollment, then sweep orphans. ``busy`` names the
-        enrollments in progress right now (in a running daemon): never touched."""
+        enrollments in progress right now (in a running daemon): never touched, nor is
+        any whose owner runs."""
         actions: list[Action] = []
         busy_arns: set[str] = set()
         for record in self._store.unfinished_enrollments():
-            if record["id"] in busy:
+            owner = record.get("owner")
+            running = record["id"] in busy or (owner is not None and self._owner_alive(owner))
+            if not running and not dry_run:
+                # Taken over before anything is done: another recovery now leaves it alone.
+                running = not self._store.claim_enrollment(int(record["id"]), owner)
+            if running:
                 if record.get("device_arn"):
                     busy_arns.add(str(record["device_arn"]))
+                if record["id"] not in busy:
+                    actions.append(_left_alone(record))
                 continue
-            actions.extend(self._recover(record, dry_run))
+            try:
+                actions.extend(self._recover(record, dry_run))
+            except BaseException:
+                if not dry_run:  # unsettled: handed back for the next recovery to take
+                    self._store.release_enrollment(int(record["id"]))
+                raise
         actions.extend(self._sweep(dry_run, delete_orphans, all_desks, frozenset(busy_arns)))
         if not dry_run:
             for action in actions:
-                self._store.audit("reconcile", "recovered", reason=action.text)
+                if action.done:
+                    self._store.audit("reconcile", "recovered", reason=action.text)
         return actions
 
     # --- one unfinished enrollment ------------------------------------------------------
@@ -246,6 +277,17 @@ class Recovery:
                 f"{device.tag('provisioner:user')} on token "
                 f"{device.tag('provisioner:token-serial')}, desk {device.tag('provisioner:desk')}"
             )
+            age = self._age(device)
+            if age is not None and age < self._min_age:
+                actions.append(
+                    Action(
+                        f"orphaned device {device.serial_number} ({who}): kept, created "
+                        f"{age:.0f} s ago (younger than {self._min_age:.0f} s: it may still be "
+                        "enrolling)",
+                        done=False,
+                    )
+                )
+                continue
             if dry_run or not delete:
                 verb = "would delete" if dry_run and delete else "kept"
                 actions.append(Action(f"orphaned device {device.serial_number} ({who}): {verb}"))
@@ -263,3 +305,22 @@ class Recovery:
                 continue
             actions.append(Action(f"deleted orphaned device {device.serial_number} ({who})"))
         return actions
+
+    def _age(self, device: VirtualDevice) -> float | None:
+        """Seconds since the device was created, if it says when (devices made before
+        the desk tagged them with it do not: they count as old)."""
+        created = created_at(device)
+        if created is None or self._now is None:
+            return None
+        return max(0.0, self._now() - created)
+
+
+def _left_alone(record: dict[str, Any]) -> Action:
+    pid = record.get("owner_pid")
+    where = f"in process {pid}" if pid is not None else "in the desk daemon"
+    return Action(
+        f"enrollment #{record['id']} of {record['user']} on token {record['serial']}: "
+        f"in progress {where}; left alone",
+        int(record["id"]),
+        done=False,
+    )

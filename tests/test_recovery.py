@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,9 @@ from fakes import ACCOUNT, FakeClock, FakeIam
 
 from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
 from provisioner.enrollment import Enrollment, EnrollmentSettings
+from provisioner.errors import IamUnavailable
 from provisioner.model import CredentialSpec, DeviceSpec
+from provisioner.ownership import Owner, alive
 from provisioner.ports import Fact
 from provisioner.recovery import Recovery
 from provisioner.store import Store
@@ -31,6 +35,7 @@ TAGS = (
 
 class World:
     def __init__(self, tmp_path: Path) -> None:
+        self.state = tmp_path
         self.clock = FakeClock()
         self.iam = FakeIam(self.clock, users=("alice",))
         self.store = Store(tmp_path / "state.db")
@@ -46,7 +51,7 @@ class World:
         with YubiKeyToken(lambda: EmulatedConnection(self.key), "reader") as token:
             yield token
 
-    def recovery(self) -> Recovery:
+    def recovery(self, min_age: float = 600.0) -> Recovery:
         return Recovery(
             self.iam,
             self.store,
@@ -56,13 +61,22 @@ class World:
             self.find_token,
             device_path="/provisioner/",
             desk="desk-1",
+            owner_alive=lambda token: alive(self.state, token),
+            now=self.clock.now,
+            min_age=min_age,
         )
 
     def crashed_after(
-        self, *facts: Fact, create: bool = True, write: bool = True, enable: bool = False
+        self,
+        *facts: Fact,
+        create: bool = True,
+        write: bool = True,
+        enable: bool = False,
+        owner: Owner | None = None,
     ) -> int:
-        """An enrollment record as a killed daemon leaves it, and the world to match."""
-        eid = self.store.start_enrollment("alice", SERIAL, "reader", "roster")
+        """An enrollment record as a killed daemon leaves it, and the world to match (or,
+        with a live ``owner``, as an enrollment still running leaves it)."""
+        eid = self.store.start_enrollment("alice", SERIAL, "reader", "roster", owner=owner)
         journal = self.store.journal(eid)
         seed = None
         if create:
@@ -198,3 +212,98 @@ def test_orphans_can_be_listed_and_kept(world: World) -> None:
     dry = world.recovery().run(dry_run=True)
     assert dry[0].text.endswith(": would delete")
     assert mine in world.iam.devices
+
+
+def _created(epoch: float) -> tuple[str, str]:
+    return ("provisioner:created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch)))
+
+
+def test_an_enrollment_whose_owner_runs_is_left_alone_and_said_so(world: World) -> None:
+    with Owner.claim(world.state) as owner:
+        eid = world.crashed_after(*UP_TO_WRITTEN, owner=owner)
+        world.clock.time += 3600  # its device is old: only its owner's lock keeps it
+        dry = world.recovery().run(dry_run=True)
+        done = world.recovery().run()
+        assert world.outcome(eid) == "in progress"
+        assert ARN in world.iam.devices and world.iam.users["alice"] == []
+        assert world.credentials() == [CRED]
+        expected = (
+            f"enrollment #{eid} of alice on token {SERIAL}: in progress in process "
+            f"{os.getpid()}; left alone"
+        )
+        assert [a.text for a in dry] == [expected]
+        assert [a.text for a in done] == [expected]
+        assert world.store.history(user="alice") == []  # nothing was done: nothing audited
+    # Its owner is gone (as a killed one would be): now it is what a crash left.
+    world.recovery().run()
+    assert world.outcome(eid) == "enrolled"
+    assert world.iam.users["alice"] == [ARN]
+
+
+def test_an_owner_that_ended_without_finishing_its_record_is_recovered(world: World) -> None:
+    with Owner.claim(world.state) as owner:
+        pass
+    eid = world.crashed_after(Fact.DEVICE_REQUESTED, Fact.DEVICE_CREATED, owner=owner, write=False)
+    world.recovery().run()
+    assert world.outcome(eid) == "rolled back"
+    assert world.iam.devices == {}
+
+
+def test_a_record_another_recovery_took_is_left_to_it(world: World) -> None:
+    eid = world.crashed_after(*UP_TO_WRITTEN)
+    with Owner.claim(world.state) as other:
+        assert world.store.claim_enrollment(eid, None, other)
+        actions = world.recovery().run()
+        assert world.outcome(eid) == "in progress"
+        assert actions[0].text.endswith(f"in progress in process {os.getpid()}; left alone")
+        assert not world.store.claim_enrollment(eid, None, other)  # not twice
+
+
+def test_young_orphans_are_kept_old_and_untimed_ones_deleted(world: World) -> None:
+    now = world.clock.now()
+
+    def device(name: str, *extra: tuple[str, str]) -> str:
+        return world.iam.create_virtual_mfa_device(
+            DeviceSpec(name, "/provisioner/", (*TAGS, *extra))
+        )[0]
+
+    young = device("young", _created(now - 599))
+    old = device("old", _created(now - 601))
+    device("untimed")  # from before devices carried their creation time
+    device("garbled", ("provisioner:created", "yesterday"))
+    actions = world.recovery(min_age=600).run()
+    assert sorted(world.iam.devices) == [young]
+    assert f"deleted orphaned device {old} (alice on token {SERIAL}, desk desk-1)" in [
+        a.text for a in actions
+    ]
+    assert (
+        f"orphaned device {young} (alice on token {SERIAL}, desk desk-1): kept, created "
+        "599 s ago (younger than 600 s: it may still be enrolling)"
+    ) in [a.text for a in actions]
+    world.clock.time += 2
+    world.recovery(min_age=600).run()
+    assert world.iam.devices == {}
+
+
+def test_an_enrollment_tags_its_device_with_its_creation_time(world: World) -> None:
+    created = world.clock.now()  # the fake clock moves only when the enrollment sleeps
+    with YubiKeyToken(lambda: EmulatedConnection(world.key), "reader") as token:
+        result = Enrollment(world.iam, world.clock, world.settings).run(token, "alice")
+    tags = dict(world.iam.devices[result.device_arn].tags)
+    assert tags["provisioner:created"] == _created(created)[1]
+
+
+def test_a_record_whose_recovery_failed_half_way_is_handed_back_for_the_next(
+    world: World,
+) -> None:
+    """The daemon takes a record over and IAM fails mid-way: `provisioner reconcile`
+    through that same (running) daemon must still be able to settle it later."""
+    eid = world.crashed_after(*UP_TO_WRITTEN)
+    with Owner.claim(world.state) as daemon:
+        world.store = Store(world.state / "state.db", owner=daemon)
+        world.iam.fail("list_mfa_devices", IamUnavailable("IAM is unreachable"))
+        with pytest.raises(IamUnavailable):
+            world.recovery().run()
+        assert world.outcome(eid) == "in progress"
+        world.recovery().run()
+        assert world.outcome(eid) == "enrolled"
