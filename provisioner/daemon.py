@@ -24,13 +24,14 @@ from .control import Authorizer, ControlServer, Peer
 from .desk import Desk
 from .errors import ConfigError, ProvisionerError
 from .notify import Notifier
+from .ownership import DaemonLock, Owner
 from .reader_watch import ReaderWatcher
 from .recovery import Recovery
 from .roster import Roster
 from .roster import load as load_roster
 from .service import DeskService
 from .signals import SignalPipe
-from .store import Store
+from .store import STATE_FILE, Store
 from .usb import UsbWatcher, list_yubikeys
 from .yubikey import is_yubikey_reader, open_in_reader
 
@@ -63,7 +64,10 @@ def run(config: Config) -> int:
     signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
     state_dir = config.daemon.state_path()
-    store = Store(state_dir / "provisioner.db")
+    # Before anything touches the state: a second daemon on it refuses (exit 2).
+    lock = DaemonLock.acquire(state_dir)
+    owner = Owner.claim(state_dir)
+    store = Store(state_dir / STATE_FILE, owner=owner)
     requeued, interrupted = store.settle_taken()
     desk = Desk.from_config(config)
     password = config.oath_password()
@@ -131,6 +135,8 @@ def run(config: Config) -> int:
         endpoint.close()
     store.audit("daemon", "stopped")
     store.close()
+    owner.release()
+    lock.release()
     notifier.close()
     signals.close()
     return 0
