@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from .errors import (
     exit_status,
 )
 from .model import EnrollmentResult, Step
+from .store import STATE_FILE
 
 log = logging.getLogger("provisioner")
 
@@ -114,6 +114,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
+    from . import direct
     from .desk import Desk
     from .yubikey import Pcsc, open_token
 
@@ -130,7 +131,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     progress = TerminalProgress(out)
     out.write(f"enrolling {args.user} (IAM at {desk.iam.endpoint_url}, desk {config.desk})\n")
     password = config.oath_password()
-    with Pcsc() as pcsc:
+    # Recorded in the desk's state before anything exists in IAM (recovery and the orphan
+    # sweep leave it alone while this runs), and in its audit trail.
+    with direct.desk_state(config) as state, Pcsc() as pcsc:
         with open_token(
             pcsc,
             reader=config.token.reader or None,
@@ -139,7 +142,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         ) as token:
             progress.restart()
             try:
-                result = desk.enrollment(progress).run(token, args.user)
+                result = direct.enroll(state, desk, token, args.user, progress)
             except AlreadyEnrolled as e:
                 out.write(f"nothing to do: {e.message}\n")
                 return EXIT_OK
@@ -411,6 +414,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    from . import direct
     from .audit import parse_since, render
 
     request: dict[str, Any] = {"op": "history", "limit": args.limit}
@@ -420,39 +424,28 @@ def cmd_history(args: argparse.Namespace) -> int:
         request["serial"] = args.serial
     if args.since:
         request["since"] = parse_since(args.since)
-    answer = _ask(args, request)
-    print(render(answer.get("history") or [], "json" if args.json else args.format))
+    config = _config(args)
+    if daemon_reachable(config.daemon.socket_path()):
+        records = _ask(args, request).get("history") or []
+    else:
+        # No daemon answers: the trail itself, read-only, with the same filters.
+        found = direct.history(
+            config,
+            limit=args.limit,
+            user=request.get("user"),
+            serial=request.get("serial"),
+            since=request.get("since"),
+        )
+        if found is None:
+            where = config.daemon.state_path() / STATE_FILE
+            print(f"provisioner: no audit trail at {where} yet", file=sys.stderr)
+        records = found or []
+    print(render(records, "json" if args.json else args.format))
     return EXIT_OK
 
 
-def _audit_here(config: Config, event: str, **fields: Any) -> None:
-    """A one-shot command's audit record: into the desk's trail when this user may write
-    it, and always to the log (key=value)."""
-    import pwd
-    import sqlite3
-
-    from .audit import log_line
-    from .store import Store
-
-    try:
-        actor = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        actor = f"uid {os.getuid()}"
-    path = config.daemon.state_path() / "provisioner.db"
-    if path.exists():
-        try:
-            store = Store(path)
-            try:
-                store.audit(actor, event, **fields)
-            finally:
-                store.close()
-            return
-        except (OSError, sqlite3.Error) as e:
-            log.warning("not recorded in the desk's audit trail at %s: %s", path, e)
-    log.warning("%s", log_line({"at": time.time(), "actor": actor, "event": event, **fields}))
-
-
 def cmd_revoke(args: argparse.Namespace) -> int:
+    from . import direct
     from .desk import Desk
     from .yubikey import find_by_serial
 
@@ -466,25 +459,22 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         return EXIT_OK
     desk = Desk.from_config(config)
     password = config.oath_password()
-    done = desk.lifecycle().revoke(
-        args.user, args.serial, lambda serial: find_by_serial(serial, oath_password=password)
-    )
+    with direct.desk_state(config) as state:
+        done = direct.revoke(
+            state,
+            desk,
+            args.user,
+            args.serial,
+            lambda serial: find_by_serial(serial, oath_password=password),
+        )
     for line in done.actions:
         print(line)
-    _audit_here(
-        config,
-        "revoked",
-        user=done.user,
-        serial=done.token_serial,
-        device_arn=done.device_arn,
-        outcome="revoked",
-        reason="; ".join(done.actions),
-    )
     print(f"revoked {done.user}: {done.device_arn} (token {done.token_serial})")
     return EXIT_OK
 
 
 def cmd_resync(args: argparse.Namespace) -> int:
+    from . import direct
     from .desk import Desk
     from .yubikey import Pcsc, open_token
 
@@ -494,18 +484,17 @@ def cmd_resync(args: argparse.Namespace) -> int:
     if not args.direct and not args.reader and daemon_reachable(socket_path):
         return enroll_via_daemon(socket_path, args.user, args.serial, sys.stdout, kind="resync")
     desk = Desk.from_config(config)
-    lifecycle = desk.lifecycle(TerminalProgress(sys.stdout))
     with (
+        direct.desk_state(config) as state,
         Pcsc() as pcsc,
         open_token(
             pcsc, reader=args.reader, serial=args.serial, oath_password=config.oath_password()
         ) as token,
     ):
-        device, first_step = lifecycle.resync(args.user, token)
+        device, first_step = direct.resync(
+            state, desk, token, args.user, TerminalProgress(sys.stdout)
+        )
         serial = token.info.serial
-    _audit_here(
-        config, "resynced", user=args.user, serial=serial, device_arn=device, outcome="resynced"
-    )
     print(
         f"resynced {args.user}: {device} with the codes of time steps {first_step} and "
         f"{first_step + 1} from token {serial}"
@@ -514,8 +503,8 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
 
 def cmd_replace(args: argparse.Namespace) -> int:
+    from . import direct
     from .desk import Desk
-    from .lifecycle import replace
     from .yubikey import Pcsc, find_by_serial, open_token
 
     config = _config(args)
@@ -533,30 +522,22 @@ def cmd_replace(args: argparse.Namespace) -> int:
     desk = Desk.from_config(config)
     password = config.oath_password()
     progress = TerminalProgress(sys.stdout)
-    lifecycle = desk.lifecycle()
     with (
+        direct.desk_state(config) as state,
         Pcsc() as pcsc,
         open_token(pcsc, reader=args.reader, serial=args.serial, oath_password=password) as token,
     ):
-        done = replace(
-            lifecycle,
-            desk.enrollment(progress),
-            args.user,
+        done = direct.replace(
+            state,
+            desk,
             token,
+            args.user,
             args.old_serial,
             lambda serial: find_by_serial(serial, oath_password=password),
+            progress,
         )
     for line in done.revoked.actions:
         print(line)
-    _audit_here(
-        config,
-        "replaced",
-        user=args.user,
-        serial=done.enrolled.token_serial,
-        device_arn=done.enrolled.device_arn,
-        outcome="replaced",
-        reason=f"token {done.revoked.token_serial} ({done.revoked.device_arn}) revoked",
-    )
     print(
         f"replaced {args.user}'s token {done.revoked.token_serial} with token "
         f"{done.enrolled.token_serial}: {done.enrolled.device_arn}"
@@ -585,21 +566,20 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
+    from . import direct
     from .desk import Desk
-    from .store import Store
 
-    state = config.daemon.state_path() / "provisioner.db"
+    state = config.daemon.state_path() / STATE_FILE
     if not state.exists():
         raise ConfigError(f"no desk state at {state}", hint="check daemon.state_directory")
-    store = Store(state)
     desk = Desk.from_config(config)
     password = config.oath_password()
-    try:
-        return desk.recovery(store, password).run(
+    # Records it takes over are its own while it settles them: a daemon starting meanwhile
+    # (or another reconcile) leaves them alone.
+    with direct.desk_state(config) as here:
+        return desk.recovery(here.store, password).run(
             dry_run=args.dry_run, delete_orphans=not args.keep_orphans, all_desks=args.all_desks
         )
-    finally:
-        store.close()
 
 
 def cmd_install(args: argparse.Namespace) -> int:

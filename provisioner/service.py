@@ -308,14 +308,7 @@ class DeskService:
                 "detail": e.one_line(),
                 "exit": exit_status(e),
             }
-            self.store.audit(
-                entry.requested_by,
-                "resync",
-                user=user,
-                serial=serial,
-                outcome="failed",
-                reason=e.one_line(),
-            )
+            self.store.audit_resync(entry.requested_by, user, serial, e)
         else:
             summary = (
                 f"resynced {user}: {device} with the codes of time steps {first_step} and "
@@ -328,15 +321,7 @@ class DeskService:
                 "summary": summary,
                 "exit": 0,
             }
-            self.store.audit(
-                entry.requested_by,
-                "resync",
-                user=user,
-                serial=serial,
-                device_arn=device,
-                outcome="resynced",
-                reason=f"time steps {first_step} and {first_step + 1}",
-            )
+            self.store.audit_resync(entry.requested_by, user, serial, (device, first_step))
         self._conclude(reader, base, outcome, "enrolled" if outcome["ok"] else "failed", entry)
 
     def _removed_when_seen(self, serial: str, credential: str) -> str:

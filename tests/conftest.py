@@ -5,10 +5,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+import shutil  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402
+from harness import make_workdir  # noqa: E402
 
 from provisioner.emulator import PcscStack  # noqa: E402
 from provisioner.local_iam import LocalIamServer  # noqa: E402
@@ -22,6 +24,14 @@ def pcsc_stack() -> Iterator[PcscStack]:
     """
     with PcscStack(busy_timeout=90) as stack:
         yield stack
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory for a desk's files that an unprivileged client can reach."""
+    path = make_workdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

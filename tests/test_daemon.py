@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ACCOUNT, Daemon, arn, make_workdir, wait_for, write_config
+from harness import ACCOUNT, Daemon, arn, wait_for, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,13 +25,6 @@ from provisioner.local_iam import LocalIamServer
 from provisioner.model import Step
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.iam_server, pytest.mark.slow]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = make_workdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

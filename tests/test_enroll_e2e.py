@@ -4,10 +4,12 @@ holding emulated YubiKeys, the real boto3 against the strict local IAM server.""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +111,12 @@ def bench(
     pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam, tmp_path: Path
 ) -> Iterator[Bench]:  # type: ignore[no-untyped-def]
     config = tmp_path / "provisioner.toml"
+    # The desk's state (the one-shot commands record their work there) and socket (no
+    # daemon answers on it) of its own, never the machine's.
     config.write_text(
         'desk = "test-desk"\n[enrollment]\nmargin_seconds = 2\n[token]\nreinsert_timeout = 10\n'
+        f'[daemon]\nstate_directory = "{tmp_path / "state"}"\n'
+        f'socket = "{tmp_path / "run" / "control.sock"}"\n'
     )
     b = Bench(pcsc_stack, local_iam, admin_iam, config)
     yield b
@@ -344,7 +350,7 @@ def test_resync_then_revoke_through_the_cli(bench: Bench) -> None:
     assert f"removed {CRED} from token {SERIAL}" in revoke.out
     assert bench.devices_of("alice") == [] and bench.unassigned() == []
     assert [c.id for c in key.credentials()] == []
-    # and it was audited (here: to the log, there being no desk state)
+    # and it was audited: to the log, and in the desk's trail
     assert "event=revoked" in revoke.err and "user=alice" in revoke.err
     again = bench.provisioner("revoke", "--user", "alice")
     assert again.code == 4
@@ -364,3 +370,49 @@ def test_replace_through_the_cli(bench: Bench) -> None:
     assert bench.devices_of("alice") == [new_arn] and bench.unassigned() == []
     assert [c.id for c in new_key.credentials()] == [CRED]
     assert [c.id for c in old_key.credentials()] == [CRED]  # useless now, and said so
+
+
+def test_enroll_resync_revoke_with_no_daemon_then_history(bench: Bench, tmp_path: Path) -> None:
+    """Issue 10.18 as a new user tried it: the daemon never ran here, yet every one-shot
+    operation is in the desk's trail, and history reads it without the daemon."""
+    bench.plug(EmulatedYubiKey(serial=SERIAL))
+    assert not (tmp_path / "state").exists()
+    assert bench.enroll().code == 0
+    reader = bench.stack.reader_names[0]
+    assert bench.provisioner("resync", "--user", "alice", "--reader", reader).code == 0
+    assert bench.provisioner("revoke", "--user", "alice").code == 0
+    run = bench.provisioner("history", "--format", "json")
+    assert run.code == 0, run.text
+    records = [(r["event"], r["user"], r["serial"], r["outcome"]) for r in json.loads(run.out)]
+    assert records == [
+        ("enrollment", "alice", SERIAL, "enrolled"),
+        ("resync", "alice", SERIAL, "resynced"),
+        ("revoked", "alice", SERIAL, "revoked"),
+    ]
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_one_shot_enroll_parked_at_enable_survives_reconcile(
+    bench: Bench, tmp_path: Path
+) -> None:
+    """Issue 10.2 as it happened: `provisioner reconcile` (or a daemon starting) while a
+    one-shot `provisioner enroll` waits on EnableMFADevice must not delete its device."""
+    from provisioner.store import Store
+
+    Store(tmp_path / "state" / "provisioner.db").close()  # the desk's daemon ran here once
+    bench.plug(EmulatedYubiKey(serial=SERIAL))
+    bench.iam.inject_fault("EnableMFADevice", kind="delay", delay=12.0)
+    enrolling = threading.Thread(target=lambda: outcome.append(bench.enroll()))
+    outcome: list[Run] = []
+    enrolling.start()
+    deadline = time.monotonic() + 30
+    while not bench.iam.call_counts().get("EnableMFADevice") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert bench.iam.call_counts().get("EnableMFADevice"), "the enrollment never reached enable"
+    reconcile = bench.provisioner("reconcile")
+    assert enrolling.is_alive(), "reconcile must have run while EnableMFADevice was parked"
+    enrolling.join(60)
+    assert reconcile.code == 0, reconcile.text
+    assert "left alone" in reconcile.out and "deleted" not in reconcile.out
+    assert outcome[0].code == 0, outcome[0].text
+    assert bench.devices_of("alice") == [ARN]
