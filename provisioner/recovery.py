@@ -16,7 +16,8 @@ Then the sweep: unassigned virtual devices under the desk's path carrying the to
 (left by whatever cause: a process killed before it recorded its enrollment, another
 desk's crash) are listed and, unless told not to, deleted. By default only this desk's;
 ``all_desks`` widens it. A device younger than ``min_age`` (by the creation time the desk
-tags it with; IAM keeps none) is kept: an enrollment elsewhere may be about to enable it.
+tags it with; IAM keeps none) is kept: an enrollment elsewhere may be about to enable it,
+unless an ended enrollment here says it left that device behind (a failed rollback).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class RecoveryStore(Protocol):
     def claim_enrollment(self, enrollment_id: int, previous: str | None) -> bool: ...
 
     def release_enrollment(self, enrollment_id: int) -> None: ...
+
+    def left_behind(self) -> set[str]: ...
 
     def audit(self, actor: str, event: str, **fields: Any) -> None: ...
 
@@ -272,13 +275,15 @@ class Recovery:
         self, dry_run: bool, delete: bool, all_desks: bool, busy: frozenset[str]
     ) -> list[Action]:
         actions = []
+        left_behind = self._store.left_behind()
         for device in self.orphans(all_desks, busy):
             who = (
                 f"{device.tag('provisioner:user')} on token "
                 f"{device.tag('provisioner:token-serial')}, desk {device.tag('provisioner:desk')}"
             )
             age = self._age(device)
-            if age is not None and age < self._min_age:
+            known = device.serial_number in left_behind
+            if age is not None and age < self._min_age and not known:
                 actions.append(
                     Action(
                         f"orphaned device {device.serial_number} ({who}): kept, created "

@@ -457,6 +457,17 @@ class Store:
                 reason=f"{row['credential_id']}: {row['reason']}",
             )
 
+    def left_behind(self) -> set[str]:
+        """Devices that ended enrollments (not enrolled) may have left in IAM: a rollback
+        that could not delete its device."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_arn FROM enrollments WHERE finished_at IS NOT NULL "
+                "AND outcome NOT IN ('enrolled', 'already enrolled') AND device_arn IS NOT NULL "
+                "AND device_state IN ('maybe', 'created', 'maybe enabled', 'enabled')"
+            ).fetchall()
+        return {str(r["device_arn"]) for r in rows}
+
     def unfinished_enrollments(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(

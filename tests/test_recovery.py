@@ -307,3 +307,24 @@ def test_a_record_whose_recovery_failed_half_way_is_handed_back_for_the_next(
         assert world.outcome(eid) == "in progress"
         world.recovery().run()
         assert world.outcome(eid) == "enrolled"
+
+
+def test_a_young_device_its_own_finished_record_left_behind_is_swept_at_once(
+    world: World,
+) -> None:
+    """A rollback that could not delete its device says so and names `reconcile`: that
+    device is known to be a leftover (its enrollment has ended), young or not."""
+    young = (*TAGS, _created(world.clock.now() - 5))
+    arn = world.iam.create_virtual_mfa_device(DeviceSpec(NAME, "/provisioner/", young))[0]
+    kept = world.iam.create_virtual_mfa_device(DeviceSpec("other", "/provisioner/", young))[0]
+    eid = world.store.start_enrollment("alice", SERIAL, "reader", "roster")
+    world.store.record_fact(eid, Fact.DEVICE_REQUESTED, device_arn=arn)
+    world.store.record_fact(eid, Fact.DEVICE_CREATED)
+    world.store.finish_enrollment(
+        eid, outcome="failed, NOT rolled back", actor="root", reason="delete refused"
+    )
+    actions = world.recovery(min_age=600).run()
+    assert sorted(world.iam.devices) == [kept]
+    assert f"deleted orphaned device {arn} (alice on token {SERIAL}, desk desk-1)" in [
+        a.text for a in actions
+    ]
