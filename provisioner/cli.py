@@ -34,7 +34,8 @@ exit status:
   3  a token or PC/SC problem (nothing was changed in IAM)
   4  an IAM problem (refused, unreachable, no credentials)
   5  failed AND something could not be undone: the message lists it
-  6  the desk daemon refused: you are not root or in its operators' group
+  6  refused: you are not root or in the desk daemon's operators' group, or (with no
+     daemon) may not read or write the desk's audit trail
 """
 
 EXIT_REFUSED = 6
@@ -900,7 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
             "The desk's audit trail, newest last: requests, enrollments with their outcome "
             "and device, revocations, resyncs, cleaned tokens, daemon starts and stops. "
             "Filter by --user, --serial and --since; export with --format json or csv. The "
-            "same records go to the journal as key=value lines (logger provisioner.audit)."
+            "same records go to the journal as key=value lines (logger provisioner.audit). "
+            "Asks the desk daemon; with none running, reads the trail itself, read-only."
         ),
         epilog="examples:\n  provisioner history --since 24h\n"
         "  provisioner history --user bob --since 2026-11-01 --format csv > bob.csv",
