@@ -29,6 +29,7 @@ from provisioner.control import (
     ControlServer,
     Message,
     Peer,
+    daemon_reachable,
     may_use_desk,
 )
 from provisioner.desk import Desk
@@ -453,6 +454,8 @@ def test_a_full_backlog_is_a_one_line_error_not_a_hang(tmp_path: Path) -> None:
             waiting.append(s)
         with pytest.raises(DaemonUnresponsive):
             ControlClient(path, timeout=1, connect_timeout=0.3)
+        # busy is not absent: enroll must not fall back to opening the token itself
+        assert daemon_reachable(path)
     finally:
         for s in waiting:
             s.close()
