@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, make_workdir, wait_for
+from harness import Daemon, NotifyListener, make_workdir, wait_for
 
 from provisioner.local_iam import LocalIamServer
 
@@ -124,6 +124,23 @@ def test_the_watchdog_is_not_fed_while_the_control_socket_cannot_accept(
     assert d.proc is not None and d.notify is not None
     notify = d.notify
     pid = d.proc.pid
+    try:
+        after = _deaf_then_back(d, notify, pid)
+        wait_for(
+            lambda: any(m.get("WATCHDOG") == "1" for m in notify.messages[after:]),
+            what="the watchdog fed again",
+        )
+        assert d.ask({"op": "status"})["ok"] is True
+        assert any("cannot accept" in line and "Too many open files" in line for line in d.log)
+        assert not any("Traceback" in line for line in d.log)
+    finally:
+        if d.proc.poll() is None:  # never leave a daemon behind, even when failing
+            assert d.stop() == 0
+
+
+def _deaf_then_back(d: Daemon, notify: NotifyListener, pid: int) -> int:
+    """Starve the daemon of descriptors until it says its socket cannot accept; check that
+    no ping follows; give them back. The index of the message that said it."""
     held: list[socket.socket] = []
     before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     try:
@@ -136,24 +153,18 @@ def test_the_watchdog_is_not_fed_while_the_control_socket_cannot_accept(
             s.connect(str(d.socket_path))
             held.append(s)
 
-        def deaf() -> int | None:
-            for i, m in enumerate(list(notify.messages)):
-                if "cannot accept" in m.get("STATUS", ""):
-                    return i
-            return None
+        def deaf() -> list[int]:
+            return [
+                i
+                for i, m in enumerate(list(notify.messages))
+                if "cannot accept" in m.get("STATUS", "")
+            ]
 
-        index = wait_for(deaf, what="STATUS saying the control socket cannot accept")
+        [index, *_] = wait_for(deaf, what="STATUS saying the control socket cannot accept")
         time.sleep(2.0)  # four pings' worth: none may come while it stays deaf
         assert not [m for m in notify.messages[index:] if m.get("WATCHDOG") == "1"]
+        return index
     finally:
         for s in held:
             s.close()
         resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
-    wait_for(
-        lambda: any(m.get("WATCHDOG") == "1" for m in notify.messages[index:]),
-        what="the watchdog fed again",
-    )
-    assert d.ask({"op": "status"})["ok"] is True
-    assert any("cannot accept" in line and "Too many open files" in line for line in d.log)
-    assert not any("Traceback" in line for line in d.log)
-    assert d.stop() == 0
