@@ -275,8 +275,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def _ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
     from .control import ControlClient
 
-    with ControlClient(_running_daemon(args)) as client:
-        answer = client.call(request)
+    path = _running_daemon(args)
+    try:
+        with ControlClient(path) as client:
+            answer = client.call(request)
+    except (ConnectionError, FileNotFoundError) as e:  # it stopped while we talked
+        raise DaemonNotRunning(
+            f"lost the desk daemon on {path} ({e})", hint="systemctl status provisioner"
+        ) from e
     if not answer.get("ok"):
         raise DaemonRefused.answered(answer)
     return answer

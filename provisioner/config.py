@@ -74,6 +74,11 @@ class DaemonConfig:
     #: Seconds an unassigned device of this desk must have existed (by its creation-time
     #: tag) before the orphan sweep deletes it: younger, an enrollment may be enabling it.
     orphan_min_age: float = 600.0
+    #: Clients the control socket serves at once; one more is told so and closed.
+    max_clients: int = 64
+    #: Seconds a control client may stay without sending a request line (one following
+    #: an enrollment or watching is being sent events: not idle).
+    client_idle_timeout: float = 30.0
 
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint, None when off; raises ConfigError."""
@@ -238,6 +243,10 @@ def check(config: Config) -> None:
     if config.iam.max_attempts < 1 or config.enrollment.enable_attempts < 1:
         raise ConfigError("iam.max_attempts and enrollment.enable_attempts must be at least 1")
     config.daemon.metrics_address()
+    if config.daemon.max_clients < 1:
+        raise ConfigError("daemon.max_clients must be at least 1")
+    if not 0 < config.daemon.client_idle_timeout <= 86400:  # also refuses inf and nan
+        raise ConfigError("daemon.client_idle_timeout must be above 0 and at most 86400")
     # Render the templates once with sample values so typos fail at start, not mid-desk.
     try:
         config.enrollment_settings().names("user", "123456789012", 12345678)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
-from .control import Authorizer, ControlServer, Peer
+from .control import DEAF_AFTER, Authorizer, ControlServer, Peer
 from .desk import Desk
 from .errors import ConfigError, ProvisionerError
 from .notify import Notifier
@@ -90,7 +90,16 @@ def run(config: Config) -> int:
     def handle(request: dict[str, Any], peer: Peer) -> Iterator[dict[str, Any]]:
         return service.handle(request, peer.name)
 
-    control = ControlServer(config.daemon.socket_path(), authorizer, handle)
+    interval = notifier.watchdog_interval
+    control = ControlServer(
+        config.daemon.socket_path(),
+        authorizer,
+        handle,
+        max_clients=config.daemon.max_clients,
+        idle_timeout=config.daemon.client_idle_timeout,
+        # Deaf for a whole watchdog timeout: no more pings, so systemd restarts it.
+        deaf_after=2 * interval if interval is not None else DEAF_AFTER,
+    )
     control.start()
     store.audit("daemon", "started", reason=f"desk {config.desk}, pid {os.getpid()}")
     log.info(
@@ -110,8 +119,8 @@ def run(config: Config) -> int:
         target=_recover_then_watch, args=(recovery, watcher, notifier), name="recovery", daemon=True
     ).start()
 
-    interval = notifier.watchdog_interval
     stopping = False
+    trouble: str | None = None
     while not stopping:
         received = signals.wait(interval)
         stopping = signal.SIGTERM in received or signal.SIGINT in received
@@ -121,7 +130,9 @@ def run(config: Config) -> int:
                 log.info("roster reloaded")
             except ConfigError as e:
                 log.error("roster not reloaded, keeping the old one: %s", e.one_line())
-        if interval is not None and service.healthy() and watcher.alive:
+        trouble = _control_trouble(control, notifier, trouble)
+        # Fed only while the desk can be reached and sees its readers.
+        if interval is not None and service.healthy() and watcher.alive and trouble is None:
             notifier.watchdog()
 
     log.info("stopping: letting enrollments in progress finish or roll back")
@@ -140,6 +151,19 @@ def run(config: Config) -> int:
     notifier.close()
     signals.close()
     return 0
+
+
+def _control_trouble(control: ControlServer, notifier: Notifier, before: str | None) -> str | None:
+    """What keeps the control socket from serving now (None: nothing), said once when it
+    starts and when it ends."""
+    trouble = control.trouble()
+    if trouble != before:
+        if trouble is not None:
+            log.error("%s; the watchdog is not fed until it serves again", trouble)
+            notifier.status(trouble)
+        else:
+            log.warning("the control socket serves again")
+    return trouble
 
 
 def _serve_metrics(config: Config, desk: Desk, service: DeskService) -> MetricsEndpoint | None:

@@ -231,6 +231,13 @@ class AlreadyEnrolled(ProvisionerError):
     """Nothing to do: the user already has this token as a working MFA device."""
 
 
+class DaemonUnresponsive(ProvisionerError):
+    """The desk daemon's socket is there but nothing answered in time (exit status 1, as
+    for a daemon that is not running: the request may or may not have been taken)."""
+
+    hint = "the daemon is overloaded or stuck: systemctl status provisioner; its journal says why"
+
+
 # --- exit status ---------------------------------------------------------------------------
 
 EXIT_OK = 0

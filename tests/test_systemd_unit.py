@@ -148,6 +148,15 @@ def test_own_user_and_directories() -> None:
     assert int(SERVICE.get("RuntimeDirectoryMode", ["0755"])[0], 8) & 0o005 == 0o005
 
 
+def test_enough_descriptors_for_the_control_sockets_clients() -> None:
+    # Each control client holds one descriptor; the desk needs others (pcscd, IAM, SQLite,
+    # netlink). The default soft limit (1024) ran out under 1100 idle clients.
+    example = tomllib.loads((REPO / "provisioner.toml.example").read_text())
+    soft = int(one("LimitNOFILE").split(":")[0])
+    assert soft >= 4096
+    assert soft >= 8 * example["daemon"]["max_clients"]
+
+
 def test_no_core_dumps_and_logs_to_the_journal() -> None:
     assert one("LimitCORE") == "0"
     assert SERVICE.get("StandardError", ["journal"]) == ["journal"]
