@@ -17,6 +17,7 @@ from .config import DEFAULT_PATH, ENV_PATH, Config, load, override
 from .control import daemon_reachable
 from .errors import (
     EXIT_OK,
+    EXIT_REFUSED,
     AlreadyEnrolled,
     ConfigError,
     ProvisionerError,
@@ -34,10 +35,9 @@ exit status:
   3  a token or PC/SC problem (nothing was changed in IAM)
   4  an IAM problem (refused, unreachable, no credentials)
   5  failed AND something could not be undone: the message lists it
-  6  the desk daemon refused: you are not root or in its operators' group
+  6  the desk daemon refused: you are not root or in its operators' group, or its
+     queue is full
 """
-
-EXIT_REFUSED = 6
 
 
 exit_code = exit_status
@@ -314,7 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if token["state"] == "enrolling" and token.get("step"):
                 what += f" (step {token['step']})"
         print(f"  {reader['name']}: {what}")
-    _print_queue(answer.get("queue") or [])
+    _print_queue(answer.get("queue") or [], answer.get("queue_total"))
     return EXIT_OK
 
 
@@ -376,7 +376,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_queue(entries: list[dict[str, Any]]) -> None:
+def _print_queue(entries: list[dict[str, Any]], total: object = None) -> None:
+    """The first requests the daemon sent, and how many more wait (``total``)."""
     if not entries:
         print("queue: empty")
         return
@@ -388,6 +389,8 @@ def _print_queue(entries: list[dict[str, Any]]) -> None:
             f"  #{e['id']} {kind}{e['user']}{token}: {e['state']}, asked by {e['requested_by']} "
             f"at {_when(e['requested_at'])}"
         )
+    if isinstance(total, int) and total > len(entries):
+        print(f"  ... and {total - len(entries)} more")
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -398,7 +401,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
         print(answer.get("detail"))
         return EXIT_OK
     answer = _ask(args, {"op": "queue"})
-    _print_queue(answer.get("queue") or [])
+    _print_queue(answer.get("queue") or [], answer.get("queue_total"))
     return EXIT_OK
 
 

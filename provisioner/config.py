@@ -71,6 +71,8 @@ class DaemonConfig:
     shutdown_timeout: float = 30.0
     #: "127.0.0.1:9464" serves Prometheus metrics there (loopback only); empty: off.
     metrics_listen: str = ""
+    #: Requests that may wait at once; one more is refused (exit status 6).
+    max_queue: int = 1000
 
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint, None when off; raises ConfigError."""
@@ -234,6 +236,8 @@ def check(config: Config) -> None:
         raise ConfigError("enrollment.margin_seconds must be at least 0 and below 25")
     if config.iam.max_attempts < 1 or config.enrollment.enable_attempts < 1:
         raise ConfigError("iam.max_attempts and enrollment.enable_attempts must be at least 1")
+    if config.daemon.max_queue < 1:
+        raise ConfigError("daemon.max_queue must be at least 1")
     config.daemon.metrics_address()
     # Render the templates once with sample values so typos fail at start, not mid-desk.
     try:

@@ -227,6 +227,15 @@ class AlreadyEnrolled(ProvisionerError):
     """Nothing to do: the user already has this token as a working MFA device."""
 
 
+class QueueFull(ProvisionerError):
+    """The desk refuses a request: as many are waiting as daemon.max_queue allows."""
+
+    hint = (
+        "cancel requests nobody needs (provisioner queue, provisioner cancel N), "
+        "or raise daemon.max_queue"
+    )
+
+
 # --- exit status ---------------------------------------------------------------------------
 
 EXIT_OK = 0
@@ -235,6 +244,7 @@ EXIT_USAGE = 2
 EXIT_TOKEN = 3
 EXIT_IAM = 4
 EXIT_LEFTOVERS = 5
+EXIT_REFUSED = 6
 
 
 def failure_reason(error: ProvisionerError) -> str:
@@ -255,6 +265,8 @@ def exit_status(error: ProvisionerError) -> int:
         return exit_status(error.cause) if error.step == "check" else EXIT_FAILED
     if isinstance(error, (ConfigError, InvalidInput)):
         return EXIT_USAGE
+    if isinstance(error, QueueFull):
+        return EXIT_REFUSED
     if isinstance(error, TokenError):
         return EXIT_TOKEN
     if isinstance(error, IamError):

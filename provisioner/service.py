@@ -49,6 +49,8 @@ RECENT_OUTCOMES = 10
 #: A watching client hears from the daemon at least this often (it notices a dead daemon,
 #: and the daemon notices a client that went away).
 HEARTBEAT_SECONDS = 2.0
+#: How many queue entries `status`, `queue` and `watch` carry (with the total count).
+QUEUE_SHOWN = 50
 TokenOpener = Callable[[str], AbstractContextManager[YubiKeyToken]]
 
 
@@ -585,7 +587,7 @@ class DeskService:
         elif op == "status":
             yield {"ok": True, "final": True, **self.status()}
         elif op == "queue":
-            yield {"ok": True, "final": True, "queue": [vars(e) for e in self.store.waiting()]}
+            yield {"ok": True, "final": True, **self._queue_view()}
         elif op == "cancel":
             yield self._cancel(request, peer_name)
         elif op == "history":
@@ -627,12 +629,24 @@ class DeskService:
         if self._stopping.is_set():
             yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
             return
-        entry = self.store.enqueue(user, peer_name, serial, kind=kind, old_serial=old_serial)
+        try:
+            entry = self.store.enqueue(
+                user,
+                peer_name,
+                serial,
+                kind=kind,
+                old_serial=old_serial,
+                limit=self.desk.config.daemon.max_queue,
+            )
+        except ProvisionerError as e:
+            log.warning("refused a request for %s from %s: %s", user, peer_name, e.message)
+            yield {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
+            return
         # No "queue" key: this is news for watchers, not for the follower of this entry.
         self.events.publish({"event": "request-queued", "id": entry.id, "user": user})
         follow = request.get("wait", True)
         with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
-            position = len(self.store.waiting())
+            position = self.store.queue_length(up_to=entry.id)
             which = f"token {serial}" if serial is not None else "a token"
             what = {"enroll": "", "resync": " for a resync", "replace": " for a new token"}[kind]
             yield {
@@ -797,16 +811,24 @@ class DeskService:
             },
             "readers": readers,
             "tokens": tokens,
-            "queue": [vars(e) for e in self.store.waiting()],
+            **self._queue_view(),
             "in_progress": [t for t in tokens if t["state"] in ("enrolling", "resyncing")],
             "recent": recent,
+        }
+
+    def _queue_view(self) -> Event:
+        """The first requests of the queue and how many there are: an answer that stays
+        small however long the queue (the CLI says "and N more")."""
+        return {
+            "queue": [vars(e) for e in self.store.waiting(limit=QUEUE_SHOWN)],
+            "queue_total": self.store.queue_length(),
         }
 
     def counts(self) -> dict[str, int]:
         """Tokens present, requests waiting, enrollments running (for the metrics)."""
         with self._lock:
             present, running = len(self._present), len(self._active)
-        return {"tokens": present, "queued": len(self.store.waiting()), "running": running}
+        return {"tokens": present, "queued": self.store.queue_length(), "running": running}
 
     def _set(self, reader: str, **changes: Any) -> None:
         with self._lock:
@@ -822,7 +844,7 @@ class DeskService:
         with self._lock:
             busy = [t for t in self._present.values() if t.state in ("enrolling", "resyncing")]
             present = len(self._present)
-        waiting = len(self.store.waiting())
+        waiting = self.store.queue_length()
         if busy:
             text = "; ".join(f"{t.state} {t.user} on token {t.serial} ({t.step})" for t in busy)
         else:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .audit import log_line
+from .errors import QueueFull
 from .ports import Fact
 
 audit_log = logging.getLogger("provisioner.audit")
@@ -36,6 +37,7 @@ CREATE TABLE IF NOT EXISTS queue (
     kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
     old_serial INTEGER                       -- replace: the token to revoke, if given
 );
+CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
 CREATE TABLE IF NOT EXISTS enrollments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     user TEXT NOT NULL,
@@ -89,6 +91,9 @@ _ADDED_COLUMNS = (
     ("queue", "kind", "TEXT NOT NULL DEFAULT 'enroll'"),
     ("queue", "old_serial", "INTEGER"),
 )
+
+#: The states of a request that counts against the queue's bound.
+_OPEN = "state IN ('waiting', 'taken')"
 
 
 @dataclass(frozen=True)
@@ -168,10 +173,19 @@ class Store:
         *,
         kind: str = "enroll",
         old_serial: int | None = None,
+        limit: int | None = None,
     ) -> QueueEntry:
+        """A new request; QueueFull when ``limit`` requests are already open."""
         if kind not in KINDS:
             raise ValueError(f"unknown request kind {kind!r}")
         with self._tx() as db:
+            if limit is not None:
+                (open_now,) = db.execute(f"SELECT COUNT(*) FROM queue WHERE {_OPEN}").fetchone()  # noqa: S608 - a fixed clause
+                if open_now >= limit:
+                    raise QueueFull(
+                        f"the desk's queue is full: {open_now} requests are waiting "
+                        f"(daemon.max_queue = {limit})"
+                    )
             cur = db.execute(
                 "INSERT INTO queue (user, serial, requested_by, requested_at, kind, old_serial) "
                 "VALUES (?,?,?,?,?,?)",
@@ -182,12 +196,23 @@ class Store:
             row = db.execute("SELECT * FROM queue WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _entry(row)
 
-    def waiting(self) -> list[QueueEntry]:
+    def waiting(self, limit: int | None = None) -> list[QueueEntry]:
+        """The open requests, oldest first (the first ``limit`` of them, if given)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM queue WHERE state IN ('waiting', 'taken') ORDER BY id"
+                f"SELECT * FROM queue WHERE {_OPEN} ORDER BY id LIMIT ?",  # noqa: S608 - a fixed clause
+                (-1 if limit is None else limit,),
             ).fetchall()
         return [_entry(r) for r in rows]
+
+    def queue_length(self, up_to: int | None = None) -> int:
+        """How many requests are open (those up to request #``up_to``, if given)."""
+        with self._lock:
+            (count,) = self._db.execute(
+                f"SELECT COUNT(*) FROM queue WHERE {_OPEN} AND (? IS NULL OR id <= ?)",  # noqa: S608 - a fixed clause
+                (up_to, up_to),
+            ).fetchone()
+        return int(count)
 
     def queue_entry(self, entry_id: int) -> QueueEntry | None:
         with self._lock:

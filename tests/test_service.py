@@ -1,0 +1,186 @@
+"""Who gets a token, in-process: the desk service over a real SQLite store, the in-memory
+IAM and emulated YubiKeys (the real yubikit code), reader events sent by the test."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes import ACCOUNT, FakeClock, FakeIam
+
+from provisioner.config import Config, DaemonConfig, parse
+from provisioner.desk import Desk
+from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
+from provisioner.errors import ConfigError, QueueFull
+from provisioner.reader_watch import ReaderEvent, ReaderEventKind
+from provisioner.roster import Roster
+from provisioner.service import DeskService
+from provisioner.store import Store
+from provisioner.watch import render
+from provisioner.yubikey import YubiKeyToken
+
+USERS = ("alice", "bob", "dave", "erin", "y1", "y2")
+
+
+def arn(user: str, serial: int) -> str:
+    return f"arn:aws:iam::{ACCOUNT}:mfa/provisioner/{user}.yubikey.{serial}"
+
+
+class Iam(FakeIam):
+    endpoint_url = "https://iam.example"
+
+
+class Bench:
+    """One desk: its service, its store, the keys in its readers (a reader name -> key)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        roster: dict[int, str] | None = None,
+        max_queue: int = 1000,
+    ) -> None:
+        self.clock = FakeClock()
+        self.iam = Iam(self.clock, users=USERS)
+        self.store = Store(path / "provisioner.db")
+        self.keys: dict[str, EmulatedYubiKey] = {}
+        self.opened: list[str] = []
+        config = Config(desk="test-desk", daemon=DaemonConfig(max_queue=max_queue))
+        self.service = DeskService(
+            Desk(config, self.clock, self.iam),  # type: ignore[arg-type]
+            self.store,
+            open_token=self.open,
+            is_yubikey_reader=lambda reader: True,
+            roster=Roster(roster, "test") if roster is not None else None,
+        )
+
+    @contextlib.contextmanager
+    def open(self, reader: str) -> Iterator[YubiKeyToken]:
+        self.opened.append(reader)
+        key = self.keys[reader]
+        with YubiKeyToken(lambda: EmulatedConnection(key), reader) as token:
+            yield token
+
+    def plug(self, reader: str, key: EmulatedYubiKey) -> None:
+        self.keys[reader] = key
+        self.service.on_reader_event(ReaderEvent(ReaderEventKind.CARD_INSERTED, reader))
+
+    def pull(self, reader: str) -> None:
+        self.service.on_reader_event(ReaderEvent(ReaderEventKind.CARD_REMOVED, reader))
+
+    def settle(self) -> None:
+        """Every worker has finished."""
+        while True:
+            workers = [w for w in list(self.service._workers.values()) if w.is_alive()]
+            if not workers:
+                return
+            for worker in workers:
+                worker.join(30)
+                assert not worker.is_alive(), f"{worker.name} still running"
+
+    def ask(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        answers = list(self.service.handle(request, "root"))
+        self.settle()
+        return answers
+
+    def queue(self, user: str, serial: int | None = None) -> dict[str, Any]:
+        (answer,) = self.ask({"op": "enroll", "user": user, "serial": serial, "wait": False})
+        return answer
+
+    def token(self, reader: str) -> dict[str, Any]:
+        (token,) = [t for t in self.service.status()["tokens"] if t["reader"] == reader]
+        return token
+
+    def waiting(self) -> list[str]:
+        return [e.user for e in self.store.waiting()]
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.store.history(limit=1000) if r.event == event]
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Iterator[Bench]:
+    b = Bench(tmp_path)
+    yield b
+    b.service.stop(5)
+    b.store.close()
+
+
+# --- issue 10.17: a bounded queue, a status that stays small --------------------------
+
+
+def test_the_queue_refuses_a_request_past_its_bound_with_one_line(tmp_path: Path) -> None:
+    b = Bench(tmp_path, max_queue=3)
+    try:
+        for user in ("alice", "bob", "dave"):
+            assert b.queue(user)["ok"]
+        refused = b.ask({"op": "enroll", "user": "erin", "wait": False})
+        assert refused == [
+            {
+                "ok": False,
+                "final": True,
+                "error": "the desk's queue is full: 3 requests are waiting (daemon.max_queue "
+                "= 3) (cancel requests nobody needs (provisioner queue, provisioner cancel N), "
+                "or raise daemon.max_queue)",
+                "exit": 6,
+            }
+        ]
+        assert b.waiting() == ["alice", "bob", "dave"]
+        b.ask({"op": "cancel", "id": 1})
+        assert b.queue("erin")["ok"]
+    finally:
+        b.service.stop(5)
+        b.store.close()
+
+
+def test_the_store_counts_only_waiting_requests_against_the_bound(tmp_path: Path) -> None:
+    store = Store(tmp_path / "provisioner.db")
+    try:
+        first = store.enqueue("alice", "root", limit=2)
+        store.enqueue("bob", "root", limit=2)
+        with pytest.raises(QueueFull, match="2 requests are waiting"):
+            store.enqueue("dave", "root", limit=2)
+        store.finish_entry(first.id, "done", None)
+        store.enqueue("dave", "root", limit=2)
+        assert store.queue_length() == 2
+    finally:
+        store.close()
+
+
+def test_status_lists_the_first_entries_and_counts_them_all(bench: Bench) -> None:
+    for i in range(60):
+        bench.store.enqueue("alice", "root", 50000000 + i)
+    status = bench.service.status()
+    assert len(status["queue"]) == 50 and status["queue_total"] == 60
+    assert status["queue"][0]["serial"] == 50000000
+    (listing,) = bench.ask({"op": "queue"})
+    assert len(listing["queue"]) == 50 and listing["queue_total"] == 60
+    screen = render(status, now=0.0)
+    assert "queue (60 waiting):" in screen
+    assert "  … and 10 more" in screen
+
+
+def test_the_cli_listing_says_how_many_more_wait(capsys: pytest.CaptureFixture[str]) -> None:
+    from provisioner.cli import _print_queue
+
+    entry = {
+        "id": 1,
+        "user": "alice",
+        "serial": None,
+        "state": "waiting",
+        "requested_by": "root",
+        "requested_at": 0.0,
+    }
+    _print_queue([entry], total=11)
+    out = capsys.readouterr().out
+    assert "#1 alice: waiting" in out and "and 10 more" in out
+
+
+def test_the_queue_bound_is_a_configuration_key() -> None:
+    assert Config().daemon.max_queue == 1000
+    assert parse("[daemon]\nmax_queue = 20\n", "test").daemon.max_queue == 20
+    with pytest.raises(ConfigError, match="daemon.max_queue must be at least 1"):
+        parse("[daemon]\nmax_queue = 0\n", "test")
