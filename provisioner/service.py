@@ -629,6 +629,7 @@ class DeskService:
         if self._stopping.is_set():
             yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
             return
+        follow = bool(request.get("wait", True))
         try:
             entry = self.store.enqueue(
                 user,
@@ -636,6 +637,7 @@ class DeskService:
                 serial,
                 kind=kind,
                 old_serial=old_serial,
+                followed=follow,
                 limit=self.desk.config.daemon.max_queue,
             )
         except ProvisionerError as e:
@@ -644,7 +646,6 @@ class DeskService:
             return
         # No "queue" key: this is news for watchers, not for the follower of this entry.
         self.events.publish({"event": "request-queued", "id": entry.id, "user": user})
-        follow = request.get("wait", True)
         with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
             position = self.store.queue_length(up_to=entry.id)
             which = f"token {serial}" if serial is not None else "a token"
@@ -713,11 +714,13 @@ class DeskService:
         return int(serials[0])
 
     def _stopped(self, entry: QueueEntry) -> Event:
-        still = self.store.queue_entry(entry.id)
-        kept = still is not None and still.state == "waiting"
+        """The daemon stops while a client follows a request: a request still waiting
+        goes with its client (a restart would withdraw it anyway), and it is said."""
+        withdrawn = self.store.withdraw(entry.id)
         detail = (
-            f"the daemon is stopping; {entry.user} stays queued (#{entry.id}) for when it is back"
-            if kept
+            f"the daemon is stopping: request #{entry.id} for {entry.user} is withdrawn; "
+            "run the command again once the daemon is back"
+            if withdrawn is not None
             else "the daemon is stopping"
         )
         return {

@@ -32,10 +32,12 @@ CREATE TABLE IF NOT EXISTS queue (
     serial INTEGER,                    -- only this token, if given
     requested_by TEXT NOT NULL,
     requested_at REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'waiting',   -- waiting, taken, done, failed, cancelled
+    state TEXT NOT NULL DEFAULT 'waiting',   -- waiting, taken, done, failed, cancelled,
+                                             -- interrupted, withdrawn
     enrollment_id INTEGER,
     kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
-    old_serial INTEGER                       -- replace: the token to revoke, if given
+    old_serial INTEGER,                      -- replace: the token to revoke, if given
+    followed INTEGER NOT NULL DEFAULT 0      -- 1: a client waits on it (enroll, not queue)
 );
 CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
 CREATE TABLE IF NOT EXISTS enrollments (
@@ -90,6 +92,7 @@ KINDS = ("enroll", "resync", "replace")
 _ADDED_COLUMNS = (
     ("queue", "kind", "TEXT NOT NULL DEFAULT 'enroll'"),
     ("queue", "old_serial", "INTEGER"),
+    ("queue", "followed", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 #: The states of a request that counts against the queue's bound.
@@ -106,6 +109,9 @@ class QueueEntry:
     state: str
     kind: str = "enroll"
     old_serial: int | None = None
+    #: A client follows it to its end (`provisioner enroll`, not `queue`): when that
+    #: client is gone for good (a daemon restart), so is the request.
+    followed: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ class Store:
         *,
         kind: str = "enroll",
         old_serial: int | None = None,
+        followed: bool = False,
         limit: int | None = None,
     ) -> QueueEntry:
         """A new request; QueueFull when ``limit`` requests are already open."""
@@ -187,9 +194,9 @@ class Store:
                         f"(daemon.max_queue = {limit})"
                     )
             cur = db.execute(
-                "INSERT INTO queue (user, serial, requested_by, requested_at, kind, old_serial) "
-                "VALUES (?,?,?,?,?,?)",
-                (user, serial, requested_by, self._clock(), kind, old_serial),
+                "INSERT INTO queue (user, serial, requested_by, requested_at, kind, old_serial, "
+                "followed) VALUES (?,?,?,?,?,?,?)",
+                (user, serial, requested_by, self._clock(), kind, old_serial, int(followed)),
             )
             reason = None if kind == "enroll" else kind
             self._audit(db, requested_by, "queued", user=user, serial=serial, reason=reason)
@@ -255,15 +262,32 @@ class Store:
             )
 
     def cancel(self, entry_id: int, actor: str) -> QueueEntry | None:
+        return self._close_waiting(entry_id, "cancelled", actor)
+
+    def withdraw(self, entry_id: int) -> QueueEntry | None:
+        """Close a waiting request whose client left with the daemon."""
+        return self._close_waiting(entry_id, "withdrawn", "daemon")
+
+    def _close_waiting(self, entry_id: int, state: str, actor: str) -> QueueEntry | None:
         with self._tx() as db:
             row = db.execute(
                 "SELECT * FROM queue WHERE id = ? AND state = 'waiting'", (entry_id,)
             ).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE queue SET state = 'cancelled' WHERE id = ?", (entry_id,))
-            self._audit(db, actor, "cancelled", user=row["user"], serial=row["serial"])
+            self._close(db, row, state, actor)
         return _entry(row)
+
+    def _close(self, db: sqlite3.Connection, row: sqlite3.Row, state: str, actor: str) -> None:
+        """The request ends unserved, audited as ``state`` (cancelled, withdrawn)."""
+        db.execute("UPDATE queue SET state = ? WHERE id = ?", (state, row["id"]))
+        reason = None
+        if state == "withdrawn":
+            reason = (
+                f"request #{row['id']} was followed by {row['requested_by']}, whose command "
+                "ended when the daemon stopped"
+            )
+        self._audit(db, actor, state, user=row["user"], serial=row["serial"], reason=reason)
 
     def link_entry(self, entry_id: int, enrollment_id: int) -> None:
         """The request's enrollment has started: from now on it is never served twice."""
@@ -271,11 +295,21 @@ class Store:
             db.execute("UPDATE queue SET enrollment_id = ? WHERE id = ?", (enrollment_id, entry_id))
 
     def settle_taken(self) -> tuple[int, int]:
-        """At start-up, the requests a killed daemon had taken: one whose enrollment had
-        started is closed as interrupted (recovery settles the enrollment, the history
-        tells the outcome); one whose enrollment had not started waits again.
+        """At start-up, the requests a stopped daemon left open.
+
+        A request a client followed is withdrawn (that client left with the daemon: its
+        operator was told the request failed, and it must not take a token now), unless
+        its enrollment had started. A taken request whose enrollment had started is
+        closed as interrupted (recovery settles the enrollment, the history tells the
+        outcome); one whose enrollment had not started waits again.
         Returns (requeued, interrupted)."""
         with self._tx() as db:
+            orphans = db.execute(
+                "SELECT * FROM queue WHERE followed = 1 AND enrollment_id IS NULL "
+                "AND state IN ('waiting', 'taken') ORDER BY id"
+            ).fetchall()
+            for row in orphans:
+                self._close(db, row, "withdrawn", "daemon")
             requeued = db.execute(
                 "UPDATE queue SET state = 'waiting' WHERE state = 'taken' AND enrollment_id IS NULL"
             ).rowcount
@@ -508,4 +542,5 @@ def _entry(row: sqlite3.Row) -> QueueEntry:
         state=row["state"],
         kind=row["kind"],
         old_serial=row["old_serial"],
+        followed=bool(row["followed"]),
     )

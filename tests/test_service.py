@@ -4,6 +4,10 @@ IAM and emulated YubiKeys (the real yubikit code), reader events sent by the tes
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,3 +188,78 @@ def test_the_queue_bound_is_a_configuration_key() -> None:
     assert parse("[daemon]\nmax_queue = 20\n", "test").daemon.max_queue == 20
     with pytest.raises(ConfigError, match="daemon.max_queue must be at least 1"):
         parse("[daemon]\nmax_queue = 0\n", "test")
+
+
+# --- issue 10.7: a request whose follower is gone does not outlive a restart -----------
+
+_CRASHING_DAEMON = """
+import os, signal, sys
+from provisioner.config import Config
+from provisioner.desk import Desk
+from provisioner.service import DeskService
+from provisioner.store import Store
+from pathlib import Path
+
+store = Store(Path(sys.argv[1]))
+service = DeskService(
+    Desk(Config(desk="test-desk"), None, None), store,
+    open_token=None, is_yubikey_reader=lambda r: True,
+)
+for _ in service.handle({"op": "enroll", "user": "y2", "wait": False}, "root"):
+    pass
+followed = service.handle({"op": "enroll", "user": "y1"}, "root")
+print(next(followed)["detail"], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_followed_request_is_withdrawn_when_the_daemon_comes_back(tmp_path: Path) -> None:
+    path = tmp_path / "provisioner.db"
+    crashed = subprocess.run(
+        [sys.executable, "-c", _CRASHING_DAEMON, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert "y1 is queued (#2" in crashed.stdout
+    store = Store(path)
+    try:
+        store.settle_taken()  # what the daemon does at start-up
+        assert [(e.user, e.followed) for e in store.waiting()] == [("y2", False)]
+        (withdrawn,) = [r for r in store.history() if r.event == "withdrawn"]
+        assert (withdrawn.user, withdrawn.actor) == ("y1", "daemon")
+        assert "followed by root" in (withdrawn.reason or "")
+        assert store.queue_entry(2).state == "withdrawn"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_a_request_followed_through_a_clean_stop_is_withdrawn_and_the_client_told(
+    bench: Bench,
+) -> None:
+    follow = bench.service.handle({"op": "enroll", "user": "y1"}, "root")
+    assert next(follow)["event"] == "queued"
+    bench.service.stop(1)
+    answers = list(follow)
+    assert answers[-1]["final"] and answers[-1]["exit"] == 1
+    assert "request #1 for y1 is withdrawn" in answers[-1]["detail"]
+    assert bench.waiting() == []
+    assert [r["user"] for r in bench.events("withdrawn")] == ["y1"]
+
+
+def test_fire_and_forget_requests_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "provisioner.db"
+    store = Store(path)
+    store.enqueue("y2", "root")
+    store.enqueue("y1", "root", followed=True)
+    taken = store.take_next(None)
+    assert taken is not None and taken.user == "y2"
+    store.close()
+    store = Store(path)
+    try:
+        assert store.settle_taken() == (1, 0)
+        assert [e.user for e in store.waiting()] == ["y2"]
+    finally:
+        store.close()
