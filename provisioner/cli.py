@@ -308,7 +308,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if token is None:
             what = "card present" if reader["card_present"] else "empty"
         else:
-            what = f"token {token['serial']}: {token['state']}"
+            serial = token["serial"] if token.get("serial") is not None else "?"
+            what = f"token {serial}: {token.get('detail') or token['state']}"
             if token.get("user"):
                 what += f" for {token['user']}"
             if token["state"] == "enrolling" and token.get("step"):

@@ -28,6 +28,7 @@ from .errors import (
     EnrollmentFailed,
     InvalidInput,
     ProvisionerError,
+    TokenError,
     exit_status,
     failure_reason,
 )
@@ -63,6 +64,8 @@ class PresentToken:
     state: str = "identifying"  # identifying, enrolling, enrolled, idle, unsupported, failed
     user: str | None = None
     step: str | None = None
+    #: Why it is in that state, in a sentence (who holds it, why it was left alone).
+    detail: str | None = None
     since: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,7 +75,23 @@ class PresentToken:
             "state": self.state,
             "user": self.user,
             "step": self.step,
+            "detail": self.detail,
         }
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """Whom a token serves: a user (by a request, or by the roster), or nobody and why."""
+
+    user: str | None
+    entry: QueueEntry | None = None
+    source: str = ""
+    actor: str = ""
+    why_not: str | None = None
+
+    @classmethod
+    def of(cls, entry: QueueEntry) -> _Claim:
+        return cls(entry.user, entry, f"queue:{entry.id}", entry.requested_by)
 
 
 class Events:
@@ -248,7 +267,7 @@ class DeskService:
 
     def _serve(self, reader: str, token: YubiKeyToken) -> None:
         info = token.info
-        self._set(reader, serial=info.serial)
+        self._set(reader, serial=info.serial, state="identifying", detail=None)
         self.events.publish(
             {
                 "event": "token",
@@ -270,20 +289,23 @@ class DeskService:
             return
         if info.serial is not None:
             self._clean_token(reader, token, info.serial)
-        user, entry, source, actor = self._claim(info.serial)
-        if user is None:
-            detail = f"token {info.label} plugged in with nobody queued or rostered: left untouched"
+        claim = self._claim(token)
+        if claim.user is None:
+            detail = (
+                claim.why_not
+                or f"token {info.label} plugged in with nobody queued or rostered: left untouched"
+            )
             log.info("%s", detail)
-            self._set(reader, state="idle")
+            self._set(reader, state="idle", detail=claim.why_not)
             self.store.audit("desk", "ignored token", serial=info.serial, reason=detail)
             self.events.publish(
                 {"event": "ignored", "reader": reader, "serial": info.serial, "detail": detail}
             )
             return
-        if entry is not None and entry.kind == "resync":
-            self._resync(reader, token, entry)
+        if claim.entry is not None and claim.entry.kind == "resync":
+            self._resync(reader, token, claim.entry)
         else:
-            self._enroll(reader, token, user, entry, source, actor)
+            self._enroll(reader, token, claim.user, claim.entry, claim.source, claim.actor)
 
     def _resync(self, reader: str, token: YubiKeyToken, entry: QueueEntry) -> None:
         """Two codes from the user's credential on the token, then ResyncMFADevice."""
@@ -443,19 +465,56 @@ class DeskService:
                 serial, record["credential_id"], enrollment_id, "the enrollment was rolled back"
             )
 
-    def _claim(self, serial: int | None) -> tuple[str | None, QueueEntry | None, str, str]:
-        """A request for this very token, else the roster's user, else the oldest request."""
-        entry = self.store.take_next(serial)
-        if entry is not None and entry.serial is not None:
-            return entry.user, entry, f"queue:{entry.id}", entry.requested_by
+    def _claim(self, token: YubiKeyToken) -> _Claim:
+        """A request for this very token, else the roster's user (through that user's
+        request for any token, if one waits: it is served, not left for the next token),
+        else the oldest request for any token that this token may serve."""
+        serial = token.info.serial
+        entry = self.store.take_next(serial, users=())
+        if entry is not None:
+            return _Claim.of(entry)
         rostered = self.roster.user_for(serial) if self.roster else None
         if rostered is not None:
-            if entry is not None:
-                self.store.release_entry(entry.id)
-            return rostered, None, "roster", "roster"
-        if entry is None:
-            return None, None, "", ""
-        return entry.user, entry, f"queue:{entry.id}", entry.requested_by
+            entry = self.store.take_next(None, users=(rostered,))
+            return (
+                _Claim.of(entry)
+                if entry is not None
+                else _Claim(rostered, None, "roster", "roster")
+            )
+        users, why_not = self._who_may_take(token)
+        entry = self.store.take_next(None, users=users)
+        return _Claim.of(entry) if entry is not None else _Claim(None, why_not=why_not)
+
+    def _who_may_take(self, token: YubiKeyToken) -> tuple[frozenset[str] | None, str | None]:
+        """Whose requests for any token this token may serve: anyone's when it holds none
+        of this desk's credentials (named as token.issuer and token.account_name name
+        them); only its owner's enrollment when they are all one user's; nobody's when
+        they are several users', unattributable, or cannot be read. With the reason."""
+        info = token.info
+        if info.serial is not None:
+            ask = f"queue a request for it with --serial {info.serial}"
+        else:
+            ask = "its serial is hidden: enroll it with provisioner enroll --direct"
+        try:
+            credential_ids = token.oath_state().credential_ids
+        except TokenError as e:
+            return frozenset(), (
+                f"token {info.label} was not read ({e.one_line()}): requests for any token "
+                f"leave it alone; {ask}"
+            )
+        settings = self.desk.config.enrollment_settings()
+        owners = settings.credential_owners(credential_ids, info.serial)
+        if not owners:
+            return None, None
+        users = set(owners.values())
+        holds = ", ".join(f"{user or 'an unnamed user'} ({cid})" for cid, user in owners.items())
+        why_not = (
+            f"token {info.label} holds this desk's credential of {holds}: requests for any "
+            f"token leave it alone; {ask}"
+        )
+        if len(users) == 1 and None not in users:
+            return frozenset(u for u in users if u is not None), why_not
+        return frozenset(), why_not
 
     def _enroll(
         self,
@@ -648,6 +707,9 @@ class DeskService:
         self.events.publish({"event": "request-queued", "id": entry.id, "user": user})
         with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
             position = self.store.queue_length(up_to=entry.id)
+            # Tokens already plugged in are offered at once (in the usual order: the new
+            # request is not necessarily the one served), followed or not.
+            self._offer_idle_tokens(entry.serial)
             which = f"token {serial}" if serial is not None else "a token"
             what = {"enroll": "", "resync": " for a resync", "replace": " for a new token"}[kind]
             yield {
@@ -662,7 +724,6 @@ class DeskService:
             }
             if not follow:
                 return
-            self._offer_idle_tokens(entry.serial)
             finished = False
             try:
                 while True:

@@ -9,11 +9,12 @@ so after a crash the records say how far each enrollment got.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,8 +227,12 @@ class Store:
             row = self._db.execute("SELECT * FROM queue WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None
 
-    def take_next(self, serial: int | None) -> QueueEntry | None:
-        """The oldest waiting request this token may serve (one for its serial first)."""
+    def take_next(
+        self, serial: int | None, *, users: Collection[str] | None = None
+    ) -> QueueEntry | None:
+        """The oldest waiting request this token may serve: one for its serial first, else
+        one for any token; when ``users`` is given, only an enrollment (not a replace) of
+        one of them, none if it is empty."""
         with self._tx() as db:
             row = None
             if serial is not None:
@@ -236,10 +241,17 @@ class Store:
                     "ORDER BY id LIMIT 1",
                     (serial,),
                 ).fetchone()
-            if row is None:
+            if row is None and users is None:
                 row = db.execute(
                     "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
                     "ORDER BY id LIMIT 1"
+                ).fetchone()
+            elif row is None and users:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
+                    "AND kind = 'enroll' AND user IN (SELECT value FROM json_each(?)) "
+                    "ORDER BY id LIMIT 1",
+                    (json.dumps(sorted(users)),),
                 ).fetchone()
             if row is None:
                 return None
@@ -252,13 +264,6 @@ class Store:
             db.execute(
                 "UPDATE queue SET state = ?, enrollment_id = ? WHERE id = ?",
                 (state, enrollment_id, entry_id),
-            )
-
-    def release_entry(self, entry_id: int) -> None:
-        """Put a taken request back at its place (the token could not be used)."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE queue SET state = 'waiting' WHERE id = ? AND state = 'taken'", (entry_id,)
             )
 
     def cancel(self, entry_id: int, actor: str) -> QueueEntry | None:

@@ -29,6 +29,8 @@ def _reader_line(reader: Mapping[str, Any], token: Mapping[str, Any] | None) -> 
     if token is None:
         return f"  {reader['name']}: {'card present' if reader.get('card_present') else 'empty'}"
     what = f"{_token(token.get('serial'))} {token.get('state', '?')}"
+    if token.get("detail"):
+        what = f"{_token(token.get('serial'))}: {token['detail']}"
     if token.get("user"):
         what += f" for {token['user']}"
     if token.get("state") in ("enrolling", "resyncing") and token.get("step"):

@@ -19,8 +19,10 @@ from provisioner.config import Config, DaemonConfig, parse
 from provisioner.desk import Desk
 from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
 from provisioner.errors import ConfigError, QueueFull
+from provisioner.model import CredentialSpec
 from provisioner.reader_watch import ReaderEvent, ReaderEventKind
 from provisioner.roster import Roster
+from provisioner.secret import Seed
 from provisioner.service import DeskService
 from provisioner.store import Store
 from provisioner.watch import render
@@ -261,5 +263,150 @@ def test_fire_and_forget_requests_survive_a_restart(tmp_path: Path) -> None:
     try:
         assert store.settle_taken() == (1, 0)
         assert [e.user for e in store.waiting()] == ["y2"]
+    finally:
+        store.close()
+
+
+def holding(serial: int, *credentials: str) -> EmulatedYubiKey:
+    """A key that already holds TOTP credentials of these ids."""
+    key = EmulatedYubiKey(serial=serial)
+    with YubiKeyToken(lambda: EmulatedConnection(key), "setup") as token:
+        for credential in credentials:
+            issuer, _, account = credential.partition(":")
+            token.put_credential(CredentialSpec(issuer, account), Seed(os.urandom(20)))
+    return key
+
+
+# --- issue 10.6: a new request is offered the idle tokens at once ----------------------
+
+
+def test_queueing_without_waiting_serves_an_idle_token_at_once(bench: Bench) -> None:
+    bench.plug("r0", EmulatedYubiKey(serial=40000007))
+    bench.settle()
+    assert bench.token("r0")["state"] == "idle"
+    answer = bench.queue("y1")
+    assert answer["ok"] and answer["final"]
+    assert bench.iam.users["y1"] == [arn("y1", 40000007)]
+    assert bench.waiting() == []
+    assert bench.token("r0")["state"] == "enrolled"
+
+
+def test_a_request_for_a_serial_takes_its_idle_token_before_any_token_requests(
+    bench: Bench,
+) -> None:
+    bench.plug("r0", holding(40000008, f"AWS:dave@{ACCOUNT}"))
+    bench.settle()
+    bench.queue("erin")  # any token: this one holds dave's credential, so it waits
+    bench.queue("alice", 40000008)
+    assert bench.iam.users["alice"] == [arn("alice", 40000008)]
+    assert bench.waiting() == ["erin"]
+
+
+# --- issue 10.8: "any token" takes only a token blank of this desk's credentials -------
+
+
+def test_an_any_token_request_leaves_a_token_with_another_users_credential_alone(
+    bench: Bench,
+) -> None:
+    bench.queue("erin")
+    key = holding(40000009, f"AWS:dave@{ACCOUNT}")
+    bench.plug("r0", key)
+    bench.settle()
+    assert bench.iam.users["erin"] == []
+    assert [c.id for c in key.credentials()] == [f"AWS:dave@{ACCOUNT}"]
+    assert bench.waiting() == ["erin"]
+    token = bench.token("r0")
+    assert token["state"] == "idle"
+    assert "dave" in token["detail"] and "--serial 40000009" in token["detail"]
+    reports = [r for r in bench.events("ignored token") if "dave" in (r["reason"] or "")]
+    assert reports and reports[-1]["serial"] == 40000009
+
+
+def test_the_owner_of_the_desk_credential_may_take_the_token_for_any_token(
+    bench: Bench,
+) -> None:
+    key = EmulatedYubiKey(serial=40000010)
+    bench.plug("r0", key)
+    bench.settle()
+    bench.queue("dave", 40000010)
+    assert bench.iam.users["dave"] == [arn("dave", 40000010)]
+    bench.pull("r0")
+    bench.queue("erin")  # any token: dave's credential is on it
+    bench.plug("r0", key)
+    bench.settle()
+    assert bench.waiting() == ["erin"]
+    bench.queue("dave")  # any token, and it is his: reported as done, not enrolled twice
+    assert bench.waiting() == ["erin"]
+    assert bench.service.status()["recent"][0]["outcome"] == "already enrolled"
+    assert bench.iam.users["dave"] == [arn("dave", 40000010)]
+
+
+def test_credentials_not_named_like_this_desks_do_not_make_a_token_taken(bench: Bench) -> None:
+    bench.queue("erin")
+    key = holding(40000011, "GitHub:erin@example.com", "AWS:erin-personal")
+    bench.plug("r0", key)
+    bench.settle()
+    assert bench.iam.users["erin"] == [arn("erin", 40000011)]
+
+
+def test_a_token_rostered_for_the_user_serves_that_users_any_token_request(
+    tmp_path: Path,
+) -> None:
+    b = Bench(tmp_path, roster={40000012: "dave"})
+    try:
+        b.queue("dave")
+        b.plug("r0", holding(40000012, f"AWS:erin@{ACCOUNT}"))
+        b.settle()
+        assert b.iam.users["dave"] == [arn("dave", 40000012)]
+        assert b.waiting() == []  # his request was served, not left to take the next token
+        assert b.store.queue_entry(1).state == "done"  # type: ignore[union-attr]
+    finally:
+        b.service.stop(5)
+        b.store.close()
+
+
+def test_desk_credentials_are_recognised_by_the_configured_naming() -> None:
+    settings = Config(desk="front").enrollment_settings()
+    owners = settings.credential_owners(
+        [
+            f"AWS:dave@{ACCOUNT}",
+            "AWS:a.b+c=d,e@f-g@999999999999",
+            "AWS:dave",
+            "GitHub:dave@example.com",
+            f"aws:dave@{ACCOUNT}",
+        ],
+        serial=7,
+    )
+    assert owners == {
+        f"AWS:dave@{ACCOUNT}": "dave",
+        "AWS:a.b+c=d,e@f-g@999999999999": "a.b+c=d,e@f-g",
+    }
+    named = parse(
+        'desk = "front"\n[token]\nissuer = "{desk}"\naccount_name = "{user}/{serial}"\n', "test"
+    ).enrollment_settings()
+    assert named.credential_owners(["front:x/7", "front:x/8", "back:x/7"], serial=7) == {
+        "front:x/7": "x"
+    }
+    assert named.credential_owners(["front:x/noserial"], serial=None) == {"front:x/noserial": "x"}
+    anonymous = parse('[token]\naccount_name = "desk-{account}"\n', "test").enrollment_settings()
+    assert anonymous.credential_owners([f"AWS:desk-{ACCOUNT}", "AWS:desk-1"], serial=7) == {
+        f"AWS:desk-{ACCOUNT}": None
+    }
+
+
+def test_a_token_kept_for_its_owner_serves_his_enrollment_not_his_replace(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "provisioner.db")
+    try:
+        store.enqueue("dave", "root", kind="replace")
+        store.enqueue("erin", "root")
+        assert store.take_next(None, users=("dave",)) is None
+        assert store.take_next(None, users=()) is None
+        store.enqueue("dave", "root")
+        taken = store.take_next(None, users=("dave",))
+        assert taken is not None and (taken.id, taken.kind) == (3, "enroll")
+        any_token = store.take_next(None)
+        assert any_token is not None and any_token.id == 1
     finally:
         store.close()
