@@ -3,10 +3,12 @@
 Reader events come in (a card inserted or removed); each inserted YubiKey gets a worker
 thread of its own, so tokens on a hub are enrolled in parallel, each card used by one
 worker only. The worker identifies the token and finds its user: a request queued for
-this serial, else the roster's entry, else the oldest request queued for any token. A
-token nobody asked for is reported and left untouched (and used as soon as someone
-queues a user). Progress goes to the store (the step reached, the audit trail) and to
-the clients watching (an operator's `provisioner enroll`).
+this serial, else the roster's entry, else the oldest request queued for any token that
+this token may serve (one blank of this desk's credentials, or holding only the
+requester's own). A token nobody asked for is reported and left untouched (and offered
+to each new request). A token another program holds is tried again, with a growing pause,
+while it stays plugged in. Progress goes to the store (the step reached, the audit trail)
+and to the clients watching (an operator's `provisioner enroll`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from .desk import Desk
 from .errors import (
@@ -28,6 +30,7 @@ from .errors import (
     EnrollmentFailed,
     InvalidInput,
     ProvisionerError,
+    TokenBusy,
     TokenError,
     exit_status,
     failure_reason,
@@ -53,6 +56,42 @@ HEARTBEAT_SECONDS = 2.0
 #: How many queue entries `status`, `queue` and `watch` carry (with the total count).
 QUEUE_SHOWN = 50
 TokenOpener = Callable[[str], AbstractContextManager[YubiKeyToken]]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Pauses between tries at a token another program holds: growing, bounded."""
+
+    first: float = 0.5
+    factor: float = 2.0
+    cap: float = 10.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.first
+        while True:
+            yield min(delay, self.cap)
+            delay *= self.factor
+
+
+def retry_while_busy(
+    attempt: Callable[[], T],
+    *,
+    backoff: Backoff,
+    pause: Callable[[float], bool],
+    on_busy: Callable[[TokenBusy, float], None],
+) -> T | None:
+    """``attempt()`` until it stops raising TokenBusy. After each refusal ``on_busy`` is
+    told, then ``pause(delay)`` waits; it returns False when trying again is no use (the
+    token was pulled, the daemon is stopping), and then so does this (None)."""
+    for delay in backoff.delays():
+        try:
+            return attempt()
+        except TokenBusy as e:
+            on_busy(e, delay)
+            if not pause(delay):
+                return None
+    raise AssertionError("unreachable")  # pragma: no cover - the delays never end
 
 
 @dataclass
@@ -61,7 +100,8 @@ class PresentToken:
 
     reader: str
     serial: int | None = None
-    state: str = "identifying"  # identifying, enrolling, enrolled, idle, unsupported, failed
+    # identifying, held, enrolling, resyncing, enrolled, idle, unsupported, failed
+    state: str = "identifying"
     user: str | None = None
     step: str | None = None
     #: Why it is in that state, in a sentence (who holds it, why it was left alone).
@@ -170,6 +210,8 @@ class DeskService:
         roster: Roster | None = None,
         notifier: Notifier | None = None,
         recovery: Callable[[], Recovery] | None = None,
+        card_holders: Callable[[], list[str]] = list,
+        backoff: Backoff = Backoff(),
     ) -> None:
         self.desk = desk
         self.store = store
@@ -179,9 +221,14 @@ class DeskService:
         self._is_yubikey_reader = is_yubikey_reader
         self._notifier = notifier or Notifier({})
         self._recovery = recovery
+        #: 'name (pid N)' of running programs known to hold cards (doctor's suspects).
+        self._card_holders = card_holders
+        self._backoff = backoff
         self._active: set[int] = set()
         self._usb_reported: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
+        #: Notified on every card change and on stop: wakes the tries at a held token.
+        self._changed = threading.Condition(self._lock)
         self._present: dict[str, PresentToken] = {}
         self._readers: dict[str, bool] = {}
         self._workers: dict[str, threading.Thread] = {}
@@ -211,6 +258,7 @@ class DeskService:
             elif kind is ReaderEventKind.CARD_REMOVED:
                 self._readers[reader] = False
                 self._present.pop(reader, None)
+            self._changed.notify_all()
         if kind is ReaderEventKind.CARD_INSERTED and self._is_yubikey_reader(reader):
             self._start_worker(reader)
         if kind is ReaderEventKind.CARD_REMOVED:
@@ -253,17 +301,65 @@ class DeskService:
 
     def _serve_token(self, reader: str) -> None:
         try:
-            with self._open_token(reader) as token:
-                self._serve(reader, token)
+            with contextlib.ExitStack() as opened:
+                token = retry_while_busy(
+                    lambda: opened.enter_context(self._open_token(reader)),
+                    backoff=self._backoff,
+                    pause=lambda seconds: self._still_in(reader, seconds),
+                    on_busy=lambda e, delay: self._held(reader),
+                )
+                if token is not None:
+                    self._serve(reader, token)
         except ProvisionerError as e:
             log.warning("token in %s: %s", reader, e.one_line())
-            self._set(reader, state="failed")
+            self._set(reader, state="failed", detail=e.one_line())
             self.events.publish({"event": "token-error", "reader": reader, "detail": e.one_line()})
         except Exception:  # noqa: BLE001 - one token's bug must not stop the desk
             log.exception("serving the token in %s failed", reader)
             self._set(reader, state="failed")
         finally:
             self._update_status()
+
+    def _held(self, reader: str) -> None:
+        """Another program has the card: said (naming the likely holder, as `doctor`
+        does) when first seen and whenever the suspects change."""
+        suspects = self._card_holders()
+        # The unit's ProtectProc=invisible hides other users' programs from the daemon.
+        who = (
+            f" ({', '.join(suspects)} running)"
+            if suspects
+            else " (provisioner doctor, run as the operator, names it)"
+        )
+        detail = (
+            f"held by another program{who}; tried again until it lets go or the token is pulled out"
+        )
+        with self._lock:
+            before = self._present.get(reader) or PresentToken(reader)
+            self._present[reader] = replace(before, state="held", detail=detail)
+        if before.detail == detail:
+            return
+        if before.state != "held":
+            log.warning("the card in %s is %s", reader, detail)
+            self.store.audit("desk", "held token", reason=f"{reader}: {detail}")
+        self.events.publish({"event": "token-held", "reader": reader, "detail": detail})
+        self._update_status()
+
+    def _still_in(self, reader: str, seconds: float) -> bool:
+        """Wait ``seconds`` (less if the card is pulled or the daemon stops); True when
+        the card is still in its reader and the daemon running: worth trying again."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._stopping.is_set() or not self._readers.get(reader, False),
+                timeout=seconds,
+            )
+            if self._stopping.is_set() or not self._readers.get(reader, False):
+                # Deregistered under the lock: a card put back from now on gets a worker.
+                if self._workers.get(reader) is threading.current_thread():
+                    del self._workers[reader]
+                return False
+            # Pulled and put back while we waited: it is in again, still to be served.
+            self._present.setdefault(reader, PresentToken(reader, state="held"))
+            return True
 
     def _serve(self, reader: str, token: YubiKeyToken) -> None:
         info = token.info
@@ -926,6 +1022,8 @@ class DeskService:
     def stop(self, timeout: float) -> None:
         """No new work; let enrollments in progress finish or roll back, within ``timeout``."""
         self._stopping.set()
+        with self._changed:
+            self._changed.notify_all()
         deadline = time.monotonic() + timeout
         with self._lock:
             workers = list(self._workers.values())

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,17 +19,19 @@ from fakes import ACCOUNT, FakeClock, FakeIam
 from provisioner.config import Config, DaemonConfig, parse
 from provisioner.desk import Desk
 from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
-from provisioner.errors import ConfigError, QueueFull
+from provisioner.errors import ConfigError, QueueFull, TokenBusy
 from provisioner.model import CredentialSpec
 from provisioner.reader_watch import ReaderEvent, ReaderEventKind
 from provisioner.roster import Roster
 from provisioner.secret import Seed
-from provisioner.service import DeskService
+from provisioner.service import Backoff, DeskService, retry_while_busy
 from provisioner.store import Store
 from provisioner.watch import render
 from provisioner.yubikey import YubiKeyToken
 
 USERS = ("alice", "bob", "dave", "erin", "y1", "y2")
+#: Tries at a held token in quick succession: the tests wait for outcomes, not time.
+QUICK = Backoff(first=0.01, factor=2.0, cap=0.02)
 
 
 def arn(user: str, serial: int) -> str:
@@ -48,12 +51,16 @@ class Bench:
         *,
         roster: dict[int, str] | None = None,
         max_queue: int = 1000,
+        holders: tuple[str, ...] = (),
+        backoff: Backoff = QUICK,
     ) -> None:
         self.clock = FakeClock()
         self.iam = Iam(self.clock, users=USERS)
         self.store = Store(path / "provisioner.db")
         self.keys: dict[str, EmulatedYubiKey] = {}
+        self.held: set[str] = set()
         self.opened: list[str] = []
+        self.busy_seen = threading.Event()
         config = Config(desk="test-desk", daemon=DaemonConfig(max_queue=max_queue))
         self.service = DeskService(
             Desk(config, self.clock, self.iam),  # type: ignore[arg-type]
@@ -61,11 +68,16 @@ class Bench:
             open_token=self.open,
             is_yubikey_reader=lambda reader: True,
             roster=Roster(roster, "test") if roster is not None else None,
+            card_holders=lambda: list(holders),
+            backoff=backoff,
         )
 
     @contextlib.contextmanager
     def open(self, reader: str) -> Iterator[YubiKeyToken]:
         self.opened.append(reader)
+        if reader in self.held:
+            self.busy_seen.set()
+            raise TokenBusy(f"the card in {reader} is in use by another program")
         key = self.keys[reader]
         with YubiKeyToken(lambda: EmulatedConnection(key), reader) as token:
             yield token
@@ -410,3 +422,110 @@ def test_a_token_kept_for_its_owner_serves_his_enrollment_not_his_replace(
         assert any_token is not None and any_token.id == 1
     finally:
         store.close()
+
+
+# --- issue 10.5: a token held by another program is tried again while it is in -----------
+
+
+def test_backoff_doubles_from_half_a_second_to_ten() -> None:
+    delays = Backoff().delays()
+    assert [next(delays) for _ in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+
+
+def test_retry_while_busy_tries_again_after_each_pause_until_it_opens() -> None:
+    outcomes: list[object] = [TokenBusy("held"), TokenBusy("held"), TokenBusy("held"), "token"]
+    paused: list[float] = []
+    told: list[float] = []
+
+    def attempt() -> str:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return str(outcome)
+
+    def pause(seconds: float) -> bool:
+        paused.append(seconds)
+        return True
+
+    got = retry_while_busy(
+        attempt, backoff=Backoff(), pause=pause, on_busy=lambda e, delay: told.append(delay)
+    )
+    assert got == "token"
+    assert paused == told == [0.5, 1.0, 2.0]
+
+
+def test_retry_while_busy_gives_up_when_the_pause_says_the_token_is_gone() -> None:
+    attempts = []
+
+    def attempt() -> str:
+        attempts.append(1)
+        raise TokenBusy("held")
+
+    pauses = iter([True, True, False])
+    got = retry_while_busy(
+        attempt, backoff=Backoff(), pause=lambda s: next(pauses), on_busy=lambda e, d: None
+    )
+    assert got is None
+    assert len(attempts) == 3
+
+
+def test_a_held_token_is_said_with_its_holder_and_served_once_released(tmp_path: Path) -> None:
+    b = Bench(tmp_path, holders=("scdaemon (pid 4242)",))
+    try:
+        b.queue("erin")
+        b.held.add("r0")
+        with b.service.events.subscribe(lambda e: e.get("event") == "token-held") as said:
+            b.plug("r0", EmulatedYubiKey(serial=40000013))
+            said.get(timeout=10)
+        token = b.token("r0")
+        assert token["state"] == "held"
+        assert "held by another program (scdaemon (pid 4242) running)" in token["detail"]
+        assert b.waiting() == ["erin"]
+        assert any(r["serial"] is None for r in b.events("held token"))
+        b.held.discard("r0")
+        b.settle()
+        assert b.iam.users["erin"] == [arn("erin", 40000013)]
+        assert b.opened.count("r0") >= 2
+    finally:
+        b.service.stop(5)
+        b.store.close()
+
+
+@pytest.fixture
+def patient(tmp_path: Path) -> Iterator[Bench]:
+    """A desk whose next try at a held token is an hour away."""
+    b = Bench(tmp_path, backoff=Backoff(first=3600.0))
+    yield b
+    b.service.stop(5)
+    b.store.close()
+
+
+def test_a_held_token_is_no_longer_tried_once_it_is_pulled(patient: Bench) -> None:
+    bench = patient
+    bench.held.add("r0")
+    with bench.service.events.subscribe(lambda e: e.get("event") == "token-held") as said:
+        bench.plug("r0", EmulatedYubiKey(serial=40000014))
+        detail = said.get(timeout=10)["detail"]
+    # No suspect visible to the daemon (other users' programs are hidden from it).
+    assert detail.startswith("held by another program (provisioner doctor, run as the")
+    (worker,) = bench.service._workers.values()
+    bench.pull("r0")
+    worker.join(30)  # woken by the pull, not an hour later
+    assert not worker.is_alive()
+    tries = len(bench.opened)
+    assert bench.service.status()["tokens"] == []
+    bench.held.discard("r0")
+    bench.plug("r0", bench.keys["r0"])  # plugged in again, now free: served at once
+    bench.settle()
+    assert len(bench.opened) == tries + 1
+    assert bench.token("r0")["state"] == "idle"
+
+
+def test_a_held_token_is_no_longer_tried_once_the_daemon_stops(patient: Bench) -> None:
+    bench = patient
+    bench.held.add("r0")
+    bench.plug("r0", EmulatedYubiKey(serial=40000015))
+    assert bench.busy_seen.wait(10)
+    (worker,) = bench.service._workers.values()
+    bench.service.stop(30)  # its pause ends at once, not an hour later
+    assert not worker.is_alive()
