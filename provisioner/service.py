@@ -585,7 +585,7 @@ class DeskService:
         """Whose requests for any token this token may serve: anyone's when it holds none
         of this desk's credentials (named as token.issuer and token.account_name name
         them); only its owner's enrollment when they are all one user's; nobody's when
-        they are several users', unattributable, or cannot be read. With the reason."""
+        they are several users' or name none. With the reason."""
         info = token.info
         if info.serial is not None:
             ask = f"queue a request for it with --serial {info.serial}"
@@ -593,11 +593,10 @@ class DeskService:
             ask = "its serial is hidden: enroll it with provisioner enroll --direct"
         try:
             credential_ids = token.oath_state().credential_ids
-        except TokenError as e:
-            return frozenset(), (
-                f"token {info.label} was not read ({e.one_line()}): requests for any token "
-                f"leave it alone; {ask}"
-            )
+        except TokenError:
+            # Unreadable (locked, pulled): the enrollment's check fails on it before
+            # anything is written, and says why to the request's operator.
+            return None, None
         settings = self.desk.config.enrollment_settings()
         owners = settings.credential_owners(credential_ids, info.serial)
         if not owners:

@@ -353,6 +353,27 @@ def test_the_owner_of_the_desk_credential_may_take_the_token_for_any_token(
     assert bench.iam.users["dave"] == [arn("dave", 40000010)]
 
 
+def test_the_look_before_claiming_adds_no_command_to_the_enrollment(bench: Bench) -> None:
+    bench.queue("erin")
+    key = EmulatedYubiKey(serial=40000016)
+    bench.plug("r0", key)
+    bench.settle()
+    assert bench.iam.users["erin"] == [arn("erin", 40000016)]
+    # The flow the fault tests pull the token in: SELECT and READ_CONFIG (management),
+    # SELECT and one LIST (OATH), PUT, two CALCULATEs.
+    assert [r.ins for r in key.history] == [0xA4, 0x1D, 0xA4, 0xA1, 0x01, 0xA2, 0xA2]
+
+
+def test_an_unreadable_token_is_left_to_the_enrollment_to_refuse(bench: Bench) -> None:
+    bench.queue("erin")
+    key = EmulatedYubiKey(serial=40000017, oath_password="not-configured")
+    bench.plug("r0", key)
+    bench.settle()
+    (outcome,) = bench.service.status()["recent"]
+    assert outcome["outcome"] == "failed" and "password" in outcome["detail"]
+    assert bench.iam.devices == {}
+
+
 def test_credentials_not_named_like_this_desks_do_not_make_a_token_taken(bench: Bench) -> None:
     bench.queue("erin")
     key = holding(40000011, "GitHub:erin@example.com", "AWS:erin-personal")
