@@ -387,10 +387,8 @@ class DeskService:
             self._clean_token(reader, token, info.serial)
         claim = self._claim(token)
         if claim.user is None:
-            detail = (
-                claim.why_not
-                or f"token {info.label} plugged in with nobody queued or rostered: left untouched"
-            )
+            why = claim.why_not or "plugged in with nobody queued or rostered: left untouched"
+            detail = f"token {info.label} {why}"
             log.info("%s", detail)
             self._set(reader, state="idle", detail=claim.why_not)
             self.store.audit("desk", "ignored token", serial=info.serial, reason=detail)
@@ -604,8 +602,7 @@ class DeskService:
         users = set(owners.values())
         holds = ", ".join(f"{user or 'an unnamed user'} ({cid})" for cid, user in owners.items())
         why_not = (
-            f"token {info.label} holds this desk's credential of {holds}: requests for any "
-            f"token leave it alone; {ask}"
+            f"holds this desk's credential of {holds}: left alone by requests for any token; {ask}"
         )
         if len(users) == 1 and None not in users:
             return frozenset(u for u in users if u is not None), why_not

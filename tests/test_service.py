@@ -332,6 +332,8 @@ def test_an_any_token_request_leaves_a_token_with_another_users_credential_alone
     assert "dave" in token["detail"] and "--serial 40000009" in token["detail"]
     reports = [r for r in bench.events("ignored token") if "dave" in (r["reason"] or "")]
     assert reports and reports[-1]["serial"] == 40000009
+    screen = "\n".join(render(bench.service.status(), now=0.0, width=300))
+    assert f"token 40000009: holds this desk's credential of dave (AWS:dave@{ACCOUNT})" in screen
 
 
 def test_the_owner_of_the_desk_credential_may_take_the_token_for_any_token(
