@@ -16,6 +16,7 @@ from .config import DEFAULT_PATH, ENV_PATH, Config, load, override
 from .control import daemon_reachable
 from .errors import (
     EXIT_OK,
+    EXIT_REFUSED,
     AlreadyEnrolled,
     ConfigError,
     ProvisionerError,
@@ -34,11 +35,9 @@ exit status:
   3  a token or PC/SC problem (nothing was changed in IAM)
   4  an IAM problem (refused, unreachable, no credentials)
   5  failed AND something could not be undone: the message lists it
-  6  refused: you are not root or in the desk daemon's operators' group, or (with no
-     daemon) may not read or write the desk's audit trail
+  6  refused: you are not root or in the desk daemon's operators' group, its queue is
+     full, or (with no daemon) you may not read or write the desk's audit trail
 """
-
-EXIT_REFUSED = 6
 
 
 exit_code = exit_status
@@ -318,13 +317,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         if token is None:
             what = "card present" if reader["card_present"] else "empty"
         else:
-            what = f"token {token['serial']}: {token['state']}"
+            serial = token["serial"] if token.get("serial") is not None else "?"
+            what = f"token {serial}: {token.get('detail') or token['state']}"
             if token.get("user"):
                 what += f" for {token['user']}"
             if token["state"] == "enrolling" and token.get("step"):
                 what += f" (step {token['step']})"
         print(f"  {reader['name']}: {what}")
-    _print_queue(answer.get("queue") or [])
+    _print_queue(answer.get("queue") or [], answer.get("queue_total"))
     return EXIT_OK
 
 
@@ -386,7 +386,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_queue(entries: list[dict[str, Any]]) -> None:
+def _print_queue(entries: list[dict[str, Any]], total: object = None) -> None:
+    """The first requests the daemon sent, and how many more wait (``total``)."""
     if not entries:
         print("queue: empty")
         return
@@ -398,6 +399,8 @@ def _print_queue(entries: list[dict[str, Any]]) -> None:
             f"  #{e['id']} {kind}{e['user']}{token}: {e['state']}, asked by {e['requested_by']} "
             f"at {_when(e['requested_at'])}"
         )
+    if isinstance(total, int) and total > len(entries):
+        print(f"  ... and {total - len(entries)} more")
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -408,7 +411,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
         print(answer.get("detail"))
         return EXIT_OK
     answer = _ask(args, {"op": "queue"})
-    _print_queue(answer.get("queue") or [])
+    _print_queue(answer.get("queue") or [], answer.get("queue_total"))
     return EXIT_OK
 
 

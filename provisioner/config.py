@@ -79,6 +79,8 @@ class DaemonConfig:
     #: Seconds a control client may stay without sending a request line (one following
     #: an enrollment or watching is being sent events: not idle).
     client_idle_timeout: float = 30.0
+    #: Requests that may wait at once; one more is refused (exit status 6).
+    max_queue: int = 1000
 
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint, None when off; raises ConfigError."""
@@ -242,6 +244,8 @@ def check(config: Config) -> None:
         raise ConfigError("enrollment.margin_seconds must be at least 0 and below 25")
     if config.iam.max_attempts < 1 or config.enrollment.enable_attempts < 1:
         raise ConfigError("iam.max_attempts and enrollment.enable_attempts must be at least 1")
+    if config.daemon.max_queue < 1:
+        raise ConfigError("daemon.max_queue must be at least 1")
     config.daemon.metrics_address()
     if config.daemon.max_clients < 1:
         raise ConfigError("daemon.max_clients must be at least 1")

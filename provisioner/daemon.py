@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .control import DEAF_AFTER, Authorizer, ControlServer, Peer
 from .desk import Desk
+from .doctor import card_holders
 from .errors import ConfigError, ProvisionerError
 from .notify import Notifier
 from .ownership import DaemonLock, Owner
@@ -83,6 +84,7 @@ def run(config: Config) -> int:
         roster=_roster(config),
         notifier=notifier,
         recovery=recovery,
+        card_holders=card_holders,
     )
     endpoint = _serve_metrics(config, desk, service)
     authorizer = Authorizer(config.daemon.operators_group)

@@ -138,6 +138,12 @@ def _running(names: Sequence[str], proc: Path = Path("/proc")) -> list[str]:
     return sorted(found)
 
 
+def card_holders(proc: Path = Path("/proc")) -> list[str]:
+    """The running programs known to take a YubiKey's card for themselves, 'name (pid
+    N)': the likely holders of a card that cannot be opened (PC/SC does not say whose)."""
+    return _running(CARD_HOLDERS, proc)
+
+
 def check_cards_free(pcsc: Pcsc | None, holders: Callable[[], list[str]] = lambda: []) -> Finding:
     """Each card in a YubiKey reader can be opened exclusively, as an enrollment does."""
     name = "cards"
@@ -314,7 +320,7 @@ def run(
     findings.append(pcscd)
     try:
         findings.append(check_readers(pcsc))
-        findings.append(check_cards_free(pcsc, lambda: _running(CARD_HOLDERS)))
+        findings.append(check_cards_free(pcsc, card_holders))
     finally:
         if pcsc is not None:
             pcsc.close()

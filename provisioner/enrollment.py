@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import calendar
 import time
+import re
+import string
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import validation
@@ -127,6 +130,48 @@ class EnrollmentSettings:
             tags=validation.tags(tags),
         )
         return credential, device
+
+    def credential_owners(
+        self, credential_ids: Iterable[str], serial: int | None
+    ) -> dict[str, str | None]:
+        """The credentials among ``credential_ids`` (on token ``serial``) named as this
+        desk names its own, each with the user it names (None when the templates name
+        none): what makes a token not blank for this desk."""
+        pattern = self._credential_pattern(serial)
+        found: dict[str, str | None] = {}
+        for credential_id in credential_ids:
+            match = pattern.fullmatch(credential_id)
+            if match is not None:
+                found[credential_id] = match.groupdict().get("user")
+        return found
+
+    def _credential_pattern(self, serial: int | None) -> re.Pattern[str]:
+        """The issuer and account templates as a pattern: {user} captured as an IAM user
+        name, {account} as twelve digits, {serial} and {desk} as this token's and desk's."""
+        known = {"serial": str(serial) if serial is not None else "noserial", "desk": self.desk}
+        user_seen = False
+
+        def pattern(template: str) -> str:
+            nonlocal user_seen
+            parts = []
+            for literal, name, spec, conversion in string.Formatter().parse(template):
+                parts.append(re.escape(literal))
+                if name is None:
+                    continue
+                if spec or conversion:
+                    parts.append(".*?")
+                elif name == "user":
+                    parts.append("(?P=user)" if user_seen else r"(?P<user>[\w+=,.@-]{1,64})")
+                    user_seen = True
+                elif name == "account":
+                    parts.append("[0-9]{12}")
+                else:
+                    parts.append(re.escape(known[name]) if name in known else ".*?")
+            return "".join(parts)
+
+        issuer = pattern(self.issuer)
+        account = pattern(self.account_name)
+        return re.compile(f"{issuer}:{account}" if self.issuer else account, re.ASCII)
 
 
 @dataclass

@@ -238,6 +238,15 @@ class DaemonUnresponsive(ProvisionerError):
     hint = "the daemon is overloaded or stuck: systemctl status provisioner; its journal says why"
 
 
+class QueueFull(ProvisionerError):
+    """The desk refuses a request: as many are waiting as daemon.max_queue allows."""
+
+    hint = (
+        "cancel requests nobody needs (provisioner queue, provisioner cancel N), "
+        "or raise daemon.max_queue"
+    )
+
+
 # --- exit status ---------------------------------------------------------------------------
 
 EXIT_OK = 0
@@ -267,7 +276,7 @@ def exit_status(error: ProvisionerError) -> int:
         return exit_status(error.cause) if error.step == "check" else EXIT_FAILED
     if isinstance(error, (ConfigError, InvalidInput)):
         return EXIT_USAGE
-    if isinstance(error, NotPermitted):
+    if isinstance(error, (NotPermitted, QueueFull)):
         return EXIT_REFUSED
     if isinstance(error, TokenError):
         return EXIT_TOKEN

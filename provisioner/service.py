@@ -3,10 +3,12 @@
 Reader events come in (a card inserted or removed); each inserted YubiKey gets a worker
 thread of its own, so tokens on a hub are enrolled in parallel, each card used by one
 worker only. The worker identifies the token and finds its user: a request queued for
-this serial, else the roster's entry, else the oldest request queued for any token. A
-token nobody asked for is reported and left untouched (and used as soon as someone
-queues a user). Progress goes to the store (the step reached, the audit trail) and to
-the clients watching (an operator's `provisioner enroll`).
+this serial, else the roster's entry, else the oldest request queued for any token that
+this token may serve (one blank of this desk's credentials, or holding only the
+requester's own). A token nobody asked for is reported and left untouched (and offered
+to each new request). A token another program holds is tried again, with a growing pause,
+while it stays plugged in. Progress goes to the store (the step reached, the audit trail)
+and to the clients watching (an operator's `provisioner enroll`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from .desk import Desk
 from .errors import (
@@ -28,6 +30,8 @@ from .errors import (
     EnrollmentFailed,
     InvalidInput,
     ProvisionerError,
+    TokenBusy,
+    TokenError,
     exit_status,
     failure_reason,
 )
@@ -49,7 +53,45 @@ RECENT_OUTCOMES = 10
 #: A watching client hears from the daemon at least this often (it notices a dead daemon,
 #: and the daemon notices a client that went away).
 HEARTBEAT_SECONDS = 2.0
+#: How many queue entries `status`, `queue` and `watch` carry (with the total count).
+QUEUE_SHOWN = 50
 TokenOpener = Callable[[str], AbstractContextManager[YubiKeyToken]]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Pauses between tries at a token another program holds: growing, bounded."""
+
+    first: float = 0.5
+    factor: float = 2.0
+    cap: float = 10.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.first
+        while True:
+            yield min(delay, self.cap)
+            delay *= self.factor
+
+
+def retry_while_busy(
+    attempt: Callable[[], T],
+    *,
+    backoff: Backoff,
+    pause: Callable[[float], bool],
+    on_busy: Callable[[TokenBusy, float], None],
+) -> T | None:
+    """``attempt()`` until it stops raising TokenBusy. After each refusal ``on_busy`` is
+    told, then ``pause(delay)`` waits; it returns False when trying again is no use (the
+    token was pulled, the daemon is stopping), and then so does this (None)."""
+    for delay in backoff.delays():
+        try:
+            return attempt()
+        except TokenBusy as e:
+            on_busy(e, delay)
+            if not pause(delay):
+                return None
+    raise AssertionError("unreachable")  # pragma: no cover - the delays never end
 
 
 @dataclass
@@ -58,9 +100,12 @@ class PresentToken:
 
     reader: str
     serial: int | None = None
-    state: str = "identifying"  # identifying, enrolling, enrolled, idle, unsupported, failed
+    # identifying, held, enrolling, resyncing, enrolled, idle, unsupported, failed
+    state: str = "identifying"
     user: str | None = None
     step: str | None = None
+    #: Why it is in that state, in a sentence (who holds it, why it was left alone).
+    detail: str | None = None
     since: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,7 +115,23 @@ class PresentToken:
             "state": self.state,
             "user": self.user,
             "step": self.step,
+            "detail": self.detail,
         }
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """Whom a token serves: a user (by a request, or by the roster), or nobody and why."""
+
+    user: str | None
+    entry: QueueEntry | None = None
+    source: str = ""
+    actor: str = ""
+    why_not: str | None = None
+
+    @classmethod
+    def of(cls, entry: QueueEntry) -> _Claim:
+        return cls(entry.user, entry, f"queue:{entry.id}", entry.requested_by)
 
 
 class Events:
@@ -149,6 +210,8 @@ class DeskService:
         roster: Roster | None = None,
         notifier: Notifier | None = None,
         recovery: Callable[[], Recovery] | None = None,
+        card_holders: Callable[[], list[str]] = list,
+        backoff: Backoff = Backoff(),
     ) -> None:
         self.desk = desk
         self.store = store
@@ -158,9 +221,14 @@ class DeskService:
         self._is_yubikey_reader = is_yubikey_reader
         self._notifier = notifier or Notifier({})
         self._recovery = recovery
+        #: 'name (pid N)' of running programs known to hold cards (doctor's suspects).
+        self._card_holders = card_holders
+        self._backoff = backoff
         self._active: set[int] = set()
         self._usb_reported: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
+        #: Notified on every card change and on stop: wakes the tries at a held token.
+        self._changed = threading.Condition(self._lock)
         self._present: dict[str, PresentToken] = {}
         self._readers: dict[str, bool] = {}
         self._workers: dict[str, threading.Thread] = {}
@@ -190,6 +258,7 @@ class DeskService:
             elif kind is ReaderEventKind.CARD_REMOVED:
                 self._readers[reader] = False
                 self._present.pop(reader, None)
+            self._changed.notify_all()
         if kind is ReaderEventKind.CARD_INSERTED and self._is_yubikey_reader(reader):
             self._start_worker(reader)
         if kind is ReaderEventKind.CARD_REMOVED:
@@ -232,11 +301,18 @@ class DeskService:
 
     def _serve_token(self, reader: str) -> None:
         try:
-            with self._open_token(reader) as token:
-                self._serve(reader, token)
+            with contextlib.ExitStack() as opened:
+                token = retry_while_busy(
+                    lambda: opened.enter_context(self._open_token(reader)),
+                    backoff=self._backoff,
+                    pause=lambda seconds: self._still_in(reader, seconds),
+                    on_busy=lambda e, delay: self._held(reader),
+                )
+                if token is not None:
+                    self._serve(reader, token)
         except ProvisionerError as e:
             log.warning("token in %s: %s", reader, e.one_line())
-            self._set(reader, state="failed")
+            self._set(reader, state="failed", detail=e.one_line())
             self.events.publish({"event": "token-error", "reader": reader, "detail": e.one_line()})
         except Exception:  # noqa: BLE001 - one token's bug must not stop the desk
             log.exception("serving the token in %s failed", reader)
@@ -244,9 +320,50 @@ class DeskService:
         finally:
             self._update_status()
 
+    def _held(self, reader: str) -> None:
+        """Another program has the card: said (naming the likely holder, as `doctor`
+        does) when first seen and whenever the suspects change."""
+        suspects = self._card_holders()
+        # The unit's ProtectProc=invisible hides other users' programs from the daemon.
+        who = (
+            f" ({', '.join(suspects)} running)"
+            if suspects
+            else " (provisioner doctor, run as the operator, names it)"
+        )
+        detail = (
+            f"held by another program{who}; tried again until it lets go or the token is pulled out"
+        )
+        with self._lock:
+            before = self._present.get(reader) or PresentToken(reader)
+            self._present[reader] = replace(before, state="held", detail=detail)
+        if before.detail == detail:
+            return
+        if before.state != "held":
+            log.warning("the card in %s is %s", reader, detail)
+            self.store.audit("desk", "held token", reason=f"{reader}: {detail}")
+        self.events.publish({"event": "token-held", "reader": reader, "detail": detail})
+        self._update_status()
+
+    def _still_in(self, reader: str, seconds: float) -> bool:
+        """Wait ``seconds`` (less if the card is pulled or the daemon stops); True when
+        the card is still in its reader and the daemon running: worth trying again."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._stopping.is_set() or not self._readers.get(reader, False),
+                timeout=seconds,
+            )
+            if self._stopping.is_set() or not self._readers.get(reader, False):
+                # Deregistered under the lock: a card put back from now on gets a worker.
+                if self._workers.get(reader) is threading.current_thread():
+                    del self._workers[reader]
+                return False
+            # Pulled and put back while we waited: it is in again, still to be served.
+            self._present.setdefault(reader, PresentToken(reader, state="held"))
+            return True
+
     def _serve(self, reader: str, token: YubiKeyToken) -> None:
         info = token.info
-        self._set(reader, serial=info.serial)
+        self._set(reader, serial=info.serial, state="identifying", detail=None)
         self.events.publish(
             {
                 "event": "token",
@@ -268,20 +385,21 @@ class DeskService:
             return
         if info.serial is not None:
             self._clean_token(reader, token, info.serial)
-        user, entry, source, actor = self._claim(info.serial)
-        if user is None:
-            detail = f"token {info.label} plugged in with nobody queued or rostered: left untouched"
+        claim = self._claim(token)
+        if claim.user is None:
+            why = claim.why_not or "plugged in with nobody queued or rostered: left untouched"
+            detail = f"token {info.label} {why}"
             log.info("%s", detail)
-            self._set(reader, state="idle")
+            self._set(reader, state="idle", detail=claim.why_not)
             self.store.audit("desk", "ignored token", serial=info.serial, reason=detail)
             self.events.publish(
                 {"event": "ignored", "reader": reader, "serial": info.serial, "detail": detail}
             )
             return
-        if entry is not None and entry.kind == "resync":
-            self._resync(reader, token, entry)
+        if claim.entry is not None and claim.entry.kind == "resync":
+            self._resync(reader, token, claim.entry)
         else:
-            self._enroll(reader, token, user, entry, source, actor)
+            self._enroll(reader, token, claim.user, claim.entry, claim.source, claim.actor)
 
     def _resync(self, reader: str, token: YubiKeyToken, entry: QueueEntry) -> None:
         """Two codes from the user's credential on the token, then ResyncMFADevice."""
@@ -426,19 +544,54 @@ class DeskService:
                 serial, record["credential_id"], enrollment_id, "the enrollment was rolled back"
             )
 
-    def _claim(self, serial: int | None) -> tuple[str | None, QueueEntry | None, str, str]:
-        """A request for this very token, else the roster's user, else the oldest request."""
-        entry = self.store.take_next(serial)
-        if entry is not None and entry.serial is not None:
-            return entry.user, entry, f"queue:{entry.id}", entry.requested_by
+    def _claim(self, token: YubiKeyToken) -> _Claim:
+        """A request for this very token, else the roster's user (through that user's
+        request for any token, if one waits: it is served, not left for the next token),
+        else the oldest request for any token that this token may serve."""
+        serial = token.info.serial
+        entry = self.store.take_next(serial, users=())
+        if entry is not None:
+            return _Claim.of(entry)
         rostered = self.roster.user_for(serial) if self.roster else None
         if rostered is not None:
-            if entry is not None:
-                self.store.release_entry(entry.id)
-            return rostered, None, "roster", "roster"
-        if entry is None:
-            return None, None, "", ""
-        return entry.user, entry, f"queue:{entry.id}", entry.requested_by
+            entry = self.store.take_next(None, users=(rostered,))
+            return (
+                _Claim.of(entry)
+                if entry is not None
+                else _Claim(rostered, None, "roster", "roster")
+            )
+        users, why_not = self._who_may_take(token)
+        entry = self.store.take_next(None, users=users)
+        return _Claim.of(entry) if entry is not None else _Claim(None, why_not=why_not)
+
+    def _who_may_take(self, token: YubiKeyToken) -> tuple[frozenset[str] | None, str | None]:
+        """Whose requests for any token this token may serve: anyone's when it holds none
+        of this desk's credentials (named as token.issuer and token.account_name name
+        them); only its owner's enrollment when they are all one user's; nobody's when
+        they are several users' or name none. With the reason."""
+        info = token.info
+        if info.serial is not None:
+            ask = f"queue a request for it with --serial {info.serial}"
+        else:
+            ask = "its serial is hidden: enroll it with provisioner enroll --direct"
+        try:
+            credential_ids = token.oath_state().credential_ids
+        except TokenError:
+            # Unreadable (locked, pulled): the enrollment's check fails on it before
+            # anything is written, and says why to the request's operator.
+            return None, None
+        settings = self.desk.config.enrollment_settings()
+        owners = settings.credential_owners(credential_ids, info.serial)
+        if not owners:
+            return None, None
+        users = set(owners.values())
+        holds = ", ".join(f"{user or 'an unnamed user'} ({cid})" for cid, user in owners.items())
+        why_not = (
+            f"holds this desk's credential of {holds}: left alone by requests for any token; {ask}"
+        )
+        if len(users) == 1 and None not in users:
+            return frozenset(u for u in users if u is not None), why_not
+        return frozenset(), why_not
 
     def _enroll(
         self,
@@ -570,7 +723,7 @@ class DeskService:
         elif op == "status":
             yield {"ok": True, "final": True, **self.status()}
         elif op == "queue":
-            yield {"ok": True, "final": True, "queue": [vars(e) for e in self.store.waiting()]}
+            yield {"ok": True, "final": True, **self._queue_view()}
         elif op == "cancel":
             yield self._cancel(request, peer_name)
         elif op == "history":
@@ -612,12 +765,28 @@ class DeskService:
         if self._stopping.is_set():
             yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
             return
-        entry = self.store.enqueue(user, peer_name, serial, kind=kind, old_serial=old_serial)
+        follow = bool(request.get("wait", True))
+        try:
+            entry = self.store.enqueue(
+                user,
+                peer_name,
+                serial,
+                kind=kind,
+                old_serial=old_serial,
+                followed=follow,
+                limit=self.desk.config.daemon.max_queue,
+            )
+        except ProvisionerError as e:
+            log.warning("refused a request for %s from %s: %s", user, peer_name, e.message)
+            yield {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
+            return
         # No "queue" key: this is news for watchers, not for the follower of this entry.
         self.events.publish({"event": "request-queued", "id": entry.id, "user": user})
-        follow = request.get("wait", True)
         with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
-            position = len(self.store.waiting())
+            position = self.store.queue_length(up_to=entry.id)
+            # Tokens already plugged in are offered at once (in the usual order: the new
+            # request is not necessarily the one served), followed or not.
+            self._offer_idle_tokens(entry.serial)
             which = f"token {serial}" if serial is not None else "a token"
             what = {"enroll": "", "resync": " for a resync", "replace": " for a new token"}[kind]
             yield {
@@ -632,7 +801,6 @@ class DeskService:
             }
             if not follow:
                 return
-            self._offer_idle_tokens(entry.serial)
             finished = False
             try:
                 while True:
@@ -684,11 +852,13 @@ class DeskService:
         return int(serials[0])
 
     def _stopped(self, entry: QueueEntry) -> Event:
-        still = self.store.queue_entry(entry.id)
-        kept = still is not None and still.state == "waiting"
+        """The daemon stops while a client follows a request: a request still waiting
+        goes with its client (a restart would withdraw it anyway), and it is said."""
+        withdrawn = self.store.withdraw(entry.id)
         detail = (
-            f"the daemon is stopping; {entry.user} stays queued (#{entry.id}) for when it is back"
-            if kept
+            f"the daemon is stopping: request #{entry.id} for {entry.user} is withdrawn; "
+            "run the command again once the daemon is back"
+            if withdrawn is not None
             else "the daemon is stopping"
         )
         return {
@@ -782,16 +952,24 @@ class DeskService:
             },
             "readers": readers,
             "tokens": tokens,
-            "queue": [vars(e) for e in self.store.waiting()],
+            **self._queue_view(),
             "in_progress": [t for t in tokens if t["state"] in ("enrolling", "resyncing")],
             "recent": recent,
+        }
+
+    def _queue_view(self) -> Event:
+        """The first requests of the queue and how many there are: an answer that stays
+        small however long the queue (the CLI says "and N more")."""
+        return {
+            "queue": [vars(e) for e in self.store.waiting(limit=QUEUE_SHOWN)],
+            "queue_total": self.store.queue_length(),
         }
 
     def counts(self) -> dict[str, int]:
         """Tokens present, requests waiting, enrollments running (for the metrics)."""
         with self._lock:
             present, running = len(self._present), len(self._active)
-        return {"tokens": present, "queued": len(self.store.waiting()), "running": running}
+        return {"tokens": present, "queued": self.store.queue_length(), "running": running}
 
     def _set(self, reader: str, **changes: Any) -> None:
         with self._lock:
@@ -807,7 +985,7 @@ class DeskService:
         with self._lock:
             busy = [t for t in self._present.values() if t.state in ("enrolling", "resyncing")]
             present = len(self._present)
-        waiting = len(self.store.waiting())
+        waiting = self.store.queue_length()
         if busy:
             text = "; ".join(f"{t.state} {t.user} on token {t.serial} ({t.step})" for t in busy)
         else:
@@ -825,6 +1003,8 @@ class DeskService:
     def stop(self, timeout: float) -> None:
         """No new work; let enrollments in progress finish or roll back, within ``timeout``."""
         self._stopping.set()
+        with self._changed:
+            self._changed.notify_all()
         deadline = time.monotonic() + timeout
         with self._lock:
             workers = list(self._workers.values())

@@ -12,12 +12,13 @@ so after a crash the records say how far each enrollment got.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from urllib.parse import quote
 from .audit import log_line
 from .errors import ProvisionerError
 from .ownership import FILE_MODE, Owner, prepare_directory, private_file
+from .errors import QueueFull
 from .ports import Fact
 
 audit_log = logging.getLogger("provisioner.audit")
@@ -38,11 +40,14 @@ CREATE TABLE IF NOT EXISTS queue (
     serial INTEGER,                    -- only this token, if given
     requested_by TEXT NOT NULL,
     requested_at REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'waiting',   -- waiting, taken, done, failed, cancelled
+    state TEXT NOT NULL DEFAULT 'waiting',   -- waiting, taken, done, failed, cancelled,
+                                             -- interrupted, withdrawn
     enrollment_id INTEGER,
     kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
-    old_serial INTEGER                       -- replace: the token to revoke, if given
+    old_serial INTEGER,                      -- replace: the token to revoke, if given
+    followed INTEGER NOT NULL DEFAULT 0      -- 1: a client waits on it (enroll, not queue)
 );
+CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
 CREATE TABLE IF NOT EXISTS enrollments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     user TEXT NOT NULL,
@@ -104,7 +109,11 @@ _ADDED_COLUMNS = (
     ("queue", "old_serial", "INTEGER"),
     ("enrollments", "owner", "TEXT"),
     ("enrollments", "owner_pid", "INTEGER"),
+    ("queue", "followed", "INTEGER NOT NULL DEFAULT 0"),
 )
+
+#: The states of a request that counts against the queue's bound.
+_OPEN = "state IN ('waiting', 'taken')"
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,9 @@ class QueueEntry:
     state: str
     kind: str = "enroll"
     old_serial: int | None = None
+    #: A client follows it to its end (`provisioner enroll`, not `queue`): when that
+    #: client is gone for good (a daemon restart), so is the request.
+    followed: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,34 +221,59 @@ class Store:
         *,
         kind: str = "enroll",
         old_serial: int | None = None,
+        followed: bool = False,
+        limit: int | None = None,
     ) -> QueueEntry:
+        """A new request; QueueFull when ``limit`` requests are already open."""
         if kind not in KINDS:
             raise ValueError(f"unknown request kind {kind!r}")
         with self._tx() as db:
+            if limit is not None:
+                (open_now,) = db.execute(f"SELECT COUNT(*) FROM queue WHERE {_OPEN}").fetchone()  # noqa: S608 - a fixed clause
+                if open_now >= limit:
+                    raise QueueFull(
+                        f"the desk's queue is full: {open_now} requests are waiting "
+                        f"(daemon.max_queue = {limit})"
+                    )
             cur = db.execute(
-                "INSERT INTO queue (user, serial, requested_by, requested_at, kind, old_serial) "
-                "VALUES (?,?,?,?,?,?)",
-                (user, serial, requested_by, self._clock(), kind, old_serial),
+                "INSERT INTO queue (user, serial, requested_by, requested_at, kind, old_serial, "
+                "followed) VALUES (?,?,?,?,?,?,?)",
+                (user, serial, requested_by, self._clock(), kind, old_serial, int(followed)),
             )
             reason = None if kind == "enroll" else kind
             self._audit(db, requested_by, "queued", user=user, serial=serial, reason=reason)
             row = db.execute("SELECT * FROM queue WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _entry(row)
 
-    def waiting(self) -> list[QueueEntry]:
+    def waiting(self, limit: int | None = None) -> list[QueueEntry]:
+        """The open requests, oldest first (the first ``limit`` of them, if given)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM queue WHERE state IN ('waiting', 'taken') ORDER BY id"
+                f"SELECT * FROM queue WHERE {_OPEN} ORDER BY id LIMIT ?",  # noqa: S608 - a fixed clause
+                (-1 if limit is None else limit,),
             ).fetchall()
         return [_entry(r) for r in rows]
+
+    def queue_length(self, up_to: int | None = None) -> int:
+        """How many requests are open (those up to request #``up_to``, if given)."""
+        with self._lock:
+            (count,) = self._db.execute(
+                f"SELECT COUNT(*) FROM queue WHERE {_OPEN} AND (? IS NULL OR id <= ?)",  # noqa: S608 - a fixed clause
+                (up_to, up_to),
+            ).fetchone()
+        return int(count)
 
     def queue_entry(self, entry_id: int) -> QueueEntry | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM queue WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None
 
-    def take_next(self, serial: int | None) -> QueueEntry | None:
-        """The oldest waiting request this token may serve (one for its serial first)."""
+    def take_next(
+        self, serial: int | None, *, users: Collection[str] | None = None
+    ) -> QueueEntry | None:
+        """The oldest waiting request this token may serve: one for its serial first, else
+        one for any token; when ``users`` is given, only an enrollment (not a replace) of
+        one of them, none if it is empty."""
         with self._tx() as db:
             row = None
             if serial is not None:
@@ -245,10 +282,17 @@ class Store:
                     "ORDER BY id LIMIT 1",
                     (serial,),
                 ).fetchone()
-            if row is None:
+            if row is None and users is None:
                 row = db.execute(
                     "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
                     "ORDER BY id LIMIT 1"
+                ).fetchone()
+            elif row is None and users:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
+                    "AND kind = 'enroll' AND user IN (SELECT value FROM json_each(?)) "
+                    "ORDER BY id LIMIT 1",
+                    (json.dumps(sorted(users)),),
                 ).fetchone()
             if row is None:
                 return None
@@ -263,23 +307,33 @@ class Store:
                 (state, enrollment_id, entry_id),
             )
 
-    def release_entry(self, entry_id: int) -> None:
-        """Put a taken request back at its place (the token could not be used)."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE queue SET state = 'waiting' WHERE id = ? AND state = 'taken'", (entry_id,)
-            )
-
     def cancel(self, entry_id: int, actor: str) -> QueueEntry | None:
+        return self._close_waiting(entry_id, "cancelled", actor)
+
+    def withdraw(self, entry_id: int) -> QueueEntry | None:
+        """Close a waiting request whose client left with the daemon."""
+        return self._close_waiting(entry_id, "withdrawn", "daemon")
+
+    def _close_waiting(self, entry_id: int, state: str, actor: str) -> QueueEntry | None:
         with self._tx() as db:
             row = db.execute(
                 "SELECT * FROM queue WHERE id = ? AND state = 'waiting'", (entry_id,)
             ).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE queue SET state = 'cancelled' WHERE id = ?", (entry_id,))
-            self._audit(db, actor, "cancelled", user=row["user"], serial=row["serial"])
+            self._close(db, row, state, actor)
         return _entry(row)
+
+    def _close(self, db: sqlite3.Connection, row: sqlite3.Row, state: str, actor: str) -> None:
+        """The request ends unserved, audited as ``state`` (cancelled, withdrawn)."""
+        db.execute("UPDATE queue SET state = ? WHERE id = ?", (state, row["id"]))
+        reason = None
+        if state == "withdrawn":
+            reason = (
+                f"request #{row['id']} was followed by {row['requested_by']}, whose command "
+                "ended when the daemon stopped"
+            )
+        self._audit(db, actor, state, user=row["user"], serial=row["serial"], reason=reason)
 
     def link_entry(self, entry_id: int, enrollment_id: int) -> None:
         """The request's enrollment has started: from now on it is never served twice."""
@@ -287,11 +341,21 @@ class Store:
             db.execute("UPDATE queue SET enrollment_id = ? WHERE id = ?", (enrollment_id, entry_id))
 
     def settle_taken(self) -> tuple[int, int]:
-        """At start-up, the requests a killed daemon had taken: one whose enrollment had
-        started is closed as interrupted (recovery settles the enrollment, the history
-        tells the outcome); one whose enrollment had not started waits again.
+        """At start-up, the requests a stopped daemon left open.
+
+        A request a client followed is withdrawn (that client left with the daemon: its
+        operator was told the request failed, and it must not take a token now), unless
+        its enrollment had started. A taken request whose enrollment had started is
+        closed as interrupted (recovery settles the enrollment, the history tells the
+        outcome); one whose enrollment had not started waits again.
         Returns (requeued, interrupted)."""
         with self._tx() as db:
+            orphans = db.execute(
+                "SELECT * FROM queue WHERE followed = 1 AND enrollment_id IS NULL "
+                "AND state IN ('waiting', 'taken') ORDER BY id"
+            ).fetchall()
+            for row in orphans:
+                self._close(db, row, "withdrawn", "daemon")
             requeued = db.execute(
                 "UPDATE queue SET state = 'waiting' WHERE state = 'taken' AND enrollment_id IS NULL"
             ).rowcount
@@ -639,4 +703,5 @@ def _entry(row: sqlite3.Row) -> QueueEntry:
         state=row["state"],
         kind=row["kind"],
         old_serial=row["old_serial"],
+        followed=bool(row["followed"]),
     )

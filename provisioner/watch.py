@@ -29,6 +29,8 @@ def _reader_line(reader: Mapping[str, Any], token: Mapping[str, Any] | None) -> 
     if token is None:
         return f"  {reader['name']}: {'card present' if reader.get('card_present') else 'empty'}"
     what = f"{_token(token.get('serial'))} {token.get('state', '?')}"
+    if token.get("detail"):
+        what = f"{_token(token.get('serial'))}: {token['detail']}"
     if token.get("user"):
         what += f" for {token['user']}"
     if token.get("state") in ("enrolling", "resyncing") and token.get("step"):
@@ -83,6 +85,8 @@ def render(update: Mapping[str, Any], *, now: float, width: int = 100) -> list[s
     readers: Sequence[Mapping[str, Any]] = update.get("readers") or []
     tokens = {t["reader"]: t for t in update.get("tokens") or []}
     queue: Sequence[Mapping[str, Any]] = update.get("queue") or []
+    total = update.get("queue_total")
+    waiting = total if isinstance(total, int) and total > len(queue) else len(queue)
     in_progress: Sequence[Mapping[str, Any]] = update.get("in_progress") or []
     recent: Sequence[Mapping[str, Any]] = update.get("recent") or []
 
@@ -100,8 +104,9 @@ def render(update: Mapping[str, Any], *, now: float, width: int = 100) -> list[s
             for t in in_progress
         ),
         "",
-        f"queue ({len(queue)} waiting):" if queue else "queue: empty",
+        f"queue ({waiting} waiting):" if queue else "queue: empty",
         *(_queue_line(e) for e in queue),
+        *([f"  … and {waiting - len(queue)} more"] if waiting > len(queue) else []),
         "",
         f"last outcomes ({len(recent)}):" if recent else "last outcomes: none yet",
         *(_outcome_line(o) for o in recent),

@@ -272,6 +272,10 @@ class YubiKeyToken:
         self._connection: SmartCardConnection | None = None
         self._oath: OathSession | None = None
         self._credentials: dict[str, Credential] = {}
+        # The last listing, until this session changes the applet: nothing else can while
+        # the card is held exclusively, so the desk's look before claiming a token and the
+        # enrollment's check share one LIST.
+        self._listed: OathState | None = None
         self._connection = self._connect()
         try:
             self._info = self._read_info(self._connection)
@@ -361,18 +365,22 @@ class YubiKeyToken:
         return self._oath
 
     def oath_state(self) -> OathState:
+        if self._listed is not None:
+            return self._listed
         session = self._session()
         with _translated(self.label, "list its OATH credentials"):
             credentials = session.list_credentials()
         self._credentials = {c.id.decode("utf-8", "replace"): c for c in credentials}
-        return OathState(
+        self._listed = OathState(
             credential_ids=tuple(self._credentials),
             capacity=self._info.oath_capacity,
             password_protected=session.has_key,
         )
+        return self._listed
 
     def put_credential(self, spec: CredentialSpec, seed: Seed) -> None:
         session = self._session()
+        self._listed = None
         data = CredentialData(
             name=spec.account,
             oath_type=OATH_TYPE.TOTP,
@@ -418,6 +426,7 @@ class YubiKeyToken:
         if credential_id not in state.credential_ids:
             return False
         session = self._session()
+        self._listed = None
         with _translated(self.label, f"delete credential {credential_id}"):
             session.delete_credential(self._credentials[credential_id].id)
         self._credentials.pop(credential_id, None)
@@ -432,6 +441,7 @@ class YubiKeyToken:
         """
         self._oath = None
         self._credentials = {}
+        self._listed = None
         old = self._connection
         reconnect = getattr(old, "reconnect", None)
         if reconnect is None:
@@ -466,6 +476,7 @@ class YubiKeyToken:
     def _drop_connection(self) -> None:
         self._oath = None
         self._credentials = {}
+        self._listed = None
         if self._connection is not None:
             try:
                 self._connection.close()

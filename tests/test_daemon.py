@@ -611,3 +611,51 @@ def test_replace_whose_revocation_fails_leaves_the_user_with_both_and_says_what_
     desk.iam.clear_faults()
     assert desk.cli("revoke", "--user", "erin", "--serial", "40000036").returncode == 0
     assert desk.devices_of("erin") == [arn("erin", 40000037)]
+
+
+# --- a token another program holds (issue 10.5) -------------------------------------------
+
+
+def test_a_token_held_by_another_program_is_enrolled_once_it_lets_go(
+    pcsc_stack: PcscStack, local_iam: LocalIamServer, admin_iam: Any, workdir: Path
+) -> None:
+    import subprocess
+
+    from provisioner.yubikey import Pcsc
+
+    admin_iam.create_user(UserName="erin")
+    key = EmulatedYubiKey(serial=40000041)
+    pcsc_stack.insert(key, 0)
+    reader = pcsc_stack.reader_names[0]
+    # The holder: this test, exclusively, as gpg's scdaemon would; a process of that name
+    # runs beside it, so the desk can name the likely holder the way `doctor` does.
+    scdaemon = workdir / "scdaemon"
+    shutil.copy("/bin/sleep", scdaemon)
+    suspect = subprocess.Popen([str(scdaemon), "120"])
+    pcsc = Pcsc()
+    holder = pcsc.connect(reader)
+    d = Daemon(pcsc_stack, local_iam, admin_iam, workdir, write_config(workdir))
+    try:
+        d.start()
+        assert d.cli("queue", "--user", "erin").returncode == 0
+
+        def held() -> dict[str, Any] | None:
+            tokens = d.ask({"op": "status"})["tokens"]
+            return next((t for t in tokens if t["state"] == "held"), None)
+
+        token = wait_for(held, what="the token said to be held")
+        assert f"scdaemon (pid {suspect.pid}) running" in token["detail"]
+        shown = d.cli("status").stdout
+        assert f"token ?: held by another program (scdaemon (pid {suspect.pid}) running)" in shown
+        assert key.credentials() == [] and d.devices_of("erin") == []
+        holder.close()
+        wait_for(lambda: d.devices_of("erin"), timeout=30, what="erin enrolled once let go")
+        assert d.devices_of("erin") == [arn("erin", 40000041)]
+    finally:
+        holder.close()
+        pcsc.close()
+        suspect.kill()
+        suspect.wait(10)
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        pcsc_stack.remove(0, wait=True)

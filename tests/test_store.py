@@ -24,12 +24,17 @@ INSERT INTO queue (user, serial, requested_by, requested_at) VALUES ('alice', 7,
 """
 
 
-def test_a_queue_from_the_first_release_keeps_its_requests_as_enrollments(
-    tmp_path: Path,
-) -> None:
+def _first_release(tmp_path: Path) -> Path:
     path = tmp_path / "provisioner.db"
     with sqlite3.connect(path) as db:
         db.executescript(FIRST_RELEASE_QUEUE)
+    return path
+
+
+def test_a_queue_from_the_first_release_keeps_its_requests_as_enrollments(
+    tmp_path: Path,
+) -> None:
+    path = _first_release(tmp_path)
     store = Store(path)
     try:
         (entry,) = store.waiting()
@@ -73,3 +78,17 @@ def test_a_fresh_state_is_private_under_a_permissive_umask(tmp_path: Path) -> No
     assert set(modes) == {"provisioner.db", "provisioner.db-wal", "provisioner.db-shm"}
     assert modes == dict.fromkeys(modes, 0o640)
     assert state.stat().st_mode & 0o777 == 0o750
+
+
+def test_a_queue_from_an_earlier_release_gains_the_followed_flag_in_place(
+    tmp_path: Path,
+) -> None:
+    store = Store(_first_release(tmp_path))
+    try:
+        assert store.settle_taken() == (0, 0)  # what a daemon does at start-up
+        (entry,) = store.waiting()
+        assert (entry.user, entry.followed) == ("alice", False)  # nobody followed it: kept
+        followed = store.enqueue("bob", "root", followed=True)
+        assert followed.followed is True
+    finally:
+        store.close()
