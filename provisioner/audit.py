@@ -22,6 +22,8 @@ FIELDS = ("at", "actor", "event", "user", "serial", "device_arn", "outcome", "re
 _PLAIN = re.compile(r"[\w.:/@+=,-]+")
 _RELATIVE = re.compile(r"(\d+)\s*([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: A spreadsheet evaluates a cell that starts with one of these (OWASP: CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _iso(epoch: float) -> str:
@@ -59,16 +61,27 @@ def parse_since(text: str, now: float | None = None) -> float:
     return when.timestamp()
 
 
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell no spreadsheet evaluates: text that would start a formula gets a ``'``
+    in front (OWASP). IAM user names may start with = + - @; a reason may start with
+    anything. Numbers are left alone: -5 is a number to a spreadsheet, not a formula."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def render(records: Sequence[Mapping[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps([{**r, "at": _iso(r["at"])} for r in records], indent=2)
     if fmt == "csv":
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
+        # RFC 4180's CRLF: the writer then quotes a cell holding a lone CR too, which
+        # would otherwise end the row there and start the next with what follows it.
+        writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in records:
-            writer.writerow({**r, "at": _iso(r["at"])})
-        return out.getvalue().rstrip("\n")
+            writer.writerow({k: spreadsheet_safe(v) for k, v in {**r, "at": _iso(r["at"])}.items()})
+        return out.getvalue().rstrip("\r\n")
     if fmt == "table":
         rows = [[_iso(r["at"]), *(str(r.get(k) or "") for k in FIELDS[1:])] for r in records]
         header = list(FIELDS)
