@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from .enrollment import EnrollmentSettings
 from .errors import ConfigError, InvalidInput
+from .files import read_trusted
 
 DEFAULT_PATH = Path("/etc/provisioner/provisioner.toml")
 ENV_PATH = "PROVISIONER_CONFIG"
@@ -137,17 +137,14 @@ class Config:
         name = self.token.oath_password_file
         if not name:
             return None
-        path = Path(name)
         try:
-            mode = path.stat().st_mode
-            text = path.read_text(encoding="utf-8")
+            data = read_trusted(Path(name), "token.oath_password_file", secret=True)
         except OSError as e:
             raise ConfigError(f"cannot read token.oath_password_file {name}: {e.strerror}") from e
-        if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
-            raise ConfigError(
-                f"token.oath_password_file {name} is readable or writable by others",
-                hint=f"chmod 600 {name} (or 640 with the service's group)",
-            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"token.oath_password_file {name} is not UTF-8") from None
         password = text.rstrip("\r\n")
         if not password:
             raise ConfigError(f"token.oath_password_file {name} is empty")
@@ -247,7 +244,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     explicit = path is not None or ENV_PATH in os.environ
     chosen = Path(path if path is not None else os.environ.get(ENV_PATH, DEFAULT_PATH))
     try:
-        text = chosen.read_text(encoding="utf-8")
+        text = read_trusted(chosen, "the configuration file").decode("utf-8")
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"configuration file {chosen} does not exist") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import validation
 from .errors import ConfigError, InvalidInput
+from .files import read_trusted
 
 ALLOWED_COLUMNS = {"serial", "user", "note"}
 
@@ -92,7 +93,7 @@ def parse(text: str, source: str) -> Roster:
 
 def load(path: Path) -> Roster:
     try:
-        data = path.read_bytes()
+        data = read_trusted(path, "the roster")
     except OSError as e:
         raise ConfigError(f"cannot read the roster {path}: {e.strerror}") from e
     try:

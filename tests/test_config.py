@@ -83,3 +83,63 @@ def test_password_file_must_be_private(tmp_path: Path) -> None:
     assert "hunter2" not in info.value.one_line()
     secret.chmod(0o600)
     assert config.oath_password() == "hunter2"
+    secret.chmod(0o620)  # group-writable: someone could have put a password there
+    with pytest.raises(ConfigError) as info:
+        config.oath_password()
+    assert f"chmod 600 {secret}" in info.value.one_line()
+
+
+# --- files others could have written are refused (configuration, roster, password) --------
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646, 0o622, 0o660])
+def test_a_configuration_file_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "provisioner.toml"
+    path.write_text('desk = "d"\n')
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    line = info.value.one_line()
+    assert line.startswith(f"the configuration file {path} is writable by others")
+    assert f"chmod go-w {path}" in line
+
+
+def test_a_roster_others_may_write_is_refused(tmp_path: Path) -> None:
+    from provisioner.roster import load as load_roster
+
+    path = tmp_path / "roster.csv"
+    path.write_text("serial,user\n1,alice\n")
+    path.chmod(0o664)
+    with pytest.raises(ConfigError) as info:
+        load_roster(path)
+    assert info.value.one_line().startswith(f"the roster {path} is writable by others")
+    path.chmod(0o644)
+    assert len(load_roster(path)) == 1
+
+
+def test_a_file_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    from provisioner.files import read_trusted
+
+    path = tmp_path / "provisioner.toml"
+    path.write_text('desk = "d"\n')
+    path.chmod(0o644)
+    assert read_trusted(path, "the configuration file") == b'desk = "d"\n'
+    mine = os.stat(path).st_uid
+    with pytest.raises(ConfigError) as info:
+        read_trusted(path, "the configuration file", owners=(mine + 1,))
+    line = info.value.one_line()
+    assert line.startswith(f"the configuration file {path} is owned by uid {mine}")
+    assert f"chown root {path}" in line
+
+
+def test_the_refusal_is_exit_2_and_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from provisioner.cli import main
+
+    path = tmp_path / "provisioner.toml"
+    path.write_text('desk = "d"\n')
+    path.chmod(0o666)
+    assert main(["status", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "chmod go-w" in err[0]
