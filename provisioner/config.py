@@ -7,6 +7,7 @@ with every key and its default is provisioner.toml.example.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -14,12 +15,47 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from . import validation
 from .enrollment import EnrollmentSettings
 from .errors import ConfigError, InvalidInput
 from .files import read_trusted
 
 DEFAULT_PATH = Path("/etc/provisioner/provisioner.toml")
 ENV_PATH = "PROVISIONER_CONFIG"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a numeric key accepts: a finite number (a whole one where the key is an int)
+    from ``minimum`` to ``maximum``, either end excluded when said."""
+
+    minimum: float
+    maximum: float
+    above_minimum: bool = False
+    below_maximum: bool = False
+
+    def admits(self, value: float) -> bool:
+        low = value > self.minimum if self.above_minimum else value >= self.minimum
+        high = value < self.maximum if self.below_maximum else value <= self.maximum
+        return low and high
+
+    def describe(self, whole: bool) -> str:
+        low, high = f"{self.minimum:g}", f"{self.maximum:g}"
+        if self.above_minimum:
+            span = f"above {low} and " + (
+                f"below {high}" if self.below_maximum else f"at most {high}"
+            )
+        else:
+            span = f"from {low} to " + (f"below {high}" if self.below_maximum else high)
+        return f"{'a whole number' if whole else 'a number'} {span}"
+
+
+def within(
+    minimum: float, maximum: float, *, above: bool = False, below: bool = False
+) -> dict[str, Bounds]:
+    """The range of a numeric key, declared on its field: ``field(default=5,
+    metadata=within(1, 20))``. Every numeric key must declare one (a test holds it)."""
+    return {"bounds": Bounds(minimum, maximum, above, below)}
 
 
 @dataclass(frozen=True)
@@ -31,7 +67,7 @@ class TokenConfig:
     oath_password_file: str = ""
     reader: str = ""
     #: Seconds to wait for a pulled token to come back so a rollback can finish.
-    reinsert_timeout: float = 60.0
+    reinsert_timeout: float = field(default=60.0, metadata=within(0, 3600))
 
 
 @dataclass(frozen=True)
@@ -43,16 +79,17 @@ class IamConfig:
     device_path: str = "/provisioner/"
     device_name: str = "{user}.yubikey.{serial}"
     tags: dict[str, str] = field(default_factory=dict)
-    max_attempts: int = 5
-    connect_timeout: float = 5.0
-    read_timeout: float = 15.0
+    max_attempts: int = field(default=5, metadata=within(1, 20))
+    connect_timeout: float = field(default=5.0, metadata=within(0, 300, above=True))
+    read_timeout: float = field(default=15.0, metadata=within(0, 600, above=True))
 
 
 @dataclass(frozen=True)
 class EnrollmentConfig:
-    margin_seconds: float = 5.0
-    skew_warning_seconds: float = 3.0
-    enable_attempts: int = 3
+    #: Below one TOTP period (30 s) less the time the codes take to send.
+    margin_seconds: float = field(default=5.0, metadata=within(0, 25, below=True))
+    skew_warning_seconds: float = field(default=3.0, metadata=within(0, 3600))
+    enable_attempts: int = field(default=3, metadata=within(1, 10))
 
 
 @dataclass(frozen=True)
@@ -68,7 +105,7 @@ class DaemonConfig:
     #: A CSV of token serial -> IAM user for batch desks; empty: no roster.
     roster: str = ""
     #: Seconds SIGTERM waits for enrollments in progress to finish or roll back.
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = field(default=30.0, metadata=within(0, 3600))
     #: "127.0.0.1:9464" serves Prometheus metrics there (loopback only); empty: off.
     metrics_listen: str = ""
 
@@ -79,12 +116,12 @@ class DaemonConfig:
         host, sep, port_text = self.metrics_listen.rpartition(":")
         host = host.strip("[]")
         try:
-            port = int(port_text)
+            port = validation.whole_number(port_text, "a port", minimum=1, maximum=65535)
             loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
+        except (ValueError, InvalidInput):
             sep = ""
             port, loopback = 0, False
-        if not sep or not 0 < port < 65536:
+        if not sep:
             raise ConfigError(
                 f"daemon.metrics_listen {self.metrics_listen!r} is not HOST:PORT",
                 hint='for example metrics_listen = "127.0.0.1:9464"',
@@ -152,6 +189,12 @@ class Config:
 
 
 _LEVELS = {"debug", "info", "warning", "error"}
+SECTIONS: dict[str, type[Any]] = {
+    "token": TokenConfig,
+    "iam": IamConfig,
+    "enrollment": EnrollmentConfig,
+    "daemon": DaemonConfig,
+}
 
 
 def _section(cls: type[Any], data: Any, where: str) -> Any:
@@ -167,21 +210,19 @@ def _section(cls: type[Any], data: Any, where: str) -> Any:
                 hint="known keys: " + ", ".join(sorted(known)),
             )
         default = getattr(cls(), key)
-        values[key] = _coerce(value, default, f"{where}.{key}")
+        values[key] = _coerce(value, default, f"{where}.{key}", f.metadata.get("bounds"))
     return cls(**values)
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
+def _coerce(value: Any, default: Any, where: str, bounds: Bounds | None) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false")
         return value
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number")
-        if value < 0:
-            raise ConfigError(f"{where} must not be negative")
-        return type(default)(value)
+    if isinstance(default, (int, float)):
+        if bounds is None:  # pragma: no cover - test_every_numeric_key_declares_its_range
+            raise ConfigError(f"{where}: no range declared")
+        return _number(value, isinstance(default, int), bounds, where)
     if isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string")
@@ -195,21 +236,30 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported value")  # pragma: no cover
 
 
+def _number(value: Any, whole: bool, bounds: Bounds, where: str) -> int | float:
+    """A numeric key's value, or one line naming the key and what it takes. TOML gives
+    int or float; inf and nan are floats, true is not a number here."""
+    wanted = bounds.describe(whole)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
+        raise ConfigError(f"{where} must be {wanted}, not {shown}")
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float) and not math.isfinite(value) and not whole:
+        raise ConfigError(f"{where} must be a finite number ({wanted}), not {shown}")
+    if (whole and isinstance(value, float)) or not bounds.admits(value):
+        raise ConfigError(f"{where} must be {wanted}, not {shown}")
+    return int(value) if whole else float(value)
+
+
 def parse(text: str, source: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source} is not valid TOML: {e}") from e
     top: dict[str, Any] = {}
-    sections = {
-        "token": TokenConfig,
-        "iam": IamConfig,
-        "enrollment": EnrollmentConfig,
-        "daemon": DaemonConfig,
-    }
     for key, value in data.items():
-        if key in sections:
-            top[key] = _section(sections[key], value, key)
+        if key in SECTIONS:
+            top[key] = _section(SECTIONS[key], value, key)
         elif key in ("desk", "log_level"):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{key} must be a non-empty string")
@@ -227,10 +277,6 @@ def parse(text: str, source: str) -> Config:
 def check(config: Config) -> None:
     if config.log_level not in _LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(sorted(_LEVELS))}")
-    if not 0 <= config.enrollment.margin_seconds < 25:
-        raise ConfigError("enrollment.margin_seconds must be at least 0 and below 25")
-    if config.iam.max_attempts < 1 or config.enrollment.enable_attempts < 1:
-        raise ConfigError("iam.max_attempts and enrollment.enable_attempts must be at least 1")
     config.daemon.metrics_address()
     # Render the templates once with sample values so typos fail at start, not mid-desk.
     try:
