@@ -66,6 +66,17 @@ def test_since_refuses_nonsense() -> None:
         parse_since("yesterday")
 
 
+@pytest.mark.parametrize("text", ["9" * 400 + "d", "36501d", "99999999999999h", "٣d", "²d"])
+def test_since_refuses_what_no_float_holds_and_other_scripts_digits(text: str) -> None:
+    # "9"*400 + "d" was an OverflowError; 99999999999999h a date 1e10 years back
+    with pytest.raises(InvalidInput):
+        parse_since(text, now=1000_000)
+
+
+def test_since_reaches_back_100_years() -> None:
+    assert parse_since("36500d", now=1000_000) == 1000_000 - 36500 * 86400
+
+
 def test_formats() -> None:
     rows = [RECORD, {**RECORD, "id": 2, "user": "bob", "reason": None}]
     parsed = json.loads(render(rows, "json"))
