@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ProvisionerError, exit_status
+
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024
@@ -173,6 +175,10 @@ class ControlServer:
             yield from self._handler(request, peer)
         except (BrokenPipeError, ConnectionResetError):
             raise
+        except ProvisionerError as e:
+            # The operator's words (what, which step, why, what to do), not a class name.
+            log.warning("control request %r failed: %s", request.get("op"), e.one_line())
+            yield {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
         except Exception as e:  # noqa: BLE001
             log.exception("control request %r failed", request.get("op"))
             yield {"ok": False, "final": True, "error": f"internal error: {type(e).__name__}"}

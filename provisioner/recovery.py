@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .enrollment import TOOL_TAG, Enrollment
-from .errors import NoSuchEntity, ProvisionerError
+from .errors import NoSuchEntity, ProvisionerError, ReconcileFailed
 from .model import VirtualDevice
 from .ports import Fact, IamDirectory, TokenSession
 
@@ -100,16 +100,24 @@ class Recovery:
         enrollments in progress right now (in a running daemon): never touched."""
         actions: list[Action] = []
         busy_arns: set[str] = set()
-        for record in self._store.unfinished_enrollments():
-            if record["id"] in busy:
-                if record.get("device_arn"):
-                    busy_arns.add(str(record["device_arn"]))
-                continue
-            actions.extend(self._recover(record, dry_run))
-        actions.extend(self._sweep(dry_run, delete_orphans, all_desks, frozenset(busy_arns)))
-        if not dry_run:
-            for action in actions:
-                self._store.audit("reconcile", "recovered", reason=action.text)
+        step = "read the unfinished enrollments"
+        try:
+            for record in self._store.unfinished_enrollments():
+                if record["id"] in busy:
+                    if record.get("device_arn"):
+                        busy_arns.add(str(record["device_arn"]))
+                    continue
+                step = f"settle enrollment #{record['id']} of {record['user']}"
+                actions.extend(self._recover(record, dry_run))
+            step = "sweep orphaned devices"
+            actions.extend(self._sweep(dry_run, delete_orphans, all_desks, frozenset(busy_arns)))
+        except ProvisionerError as e:
+            # Which step and why, as an enrollment's failure says; what was done stays done.
+            raise ReconcileFailed(step=step, cause=e, done=tuple(a.text for a in actions)) from e
+        finally:
+            if not dry_run:
+                for action in actions:
+                    self._store.audit("reconcile", "recovered", reason=action.text)
         return actions
 
     # --- one unfinished enrollment ------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -145,3 +146,32 @@ def test_a_bad_roster_on_sighup_is_refused_logged_with_its_line_and_the_old_one_
     wait_for(lambda: "roster reloaded" in "\n".join(desk.log), what="the reload")
     daemon = desk.ask({"op": "status"})["daemon"]
     assert isinstance(daemon, dict) and daemon["roster"] == 3
+
+
+def _unreachable_endpoint() -> str:
+    """A local port nothing listens on: every connection is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_reconcile_with_iam_unreachable_names_the_step_and_the_cause(
+    local_iam: LocalIamServer, workdir: Path, desks: list[DeskProcess]
+) -> None:
+    endpoint = _unreachable_endpoint()
+    config = write_config(workdir, extra=f'[iam]\nendpoint_url = "{endpoint}"\nmax_attempts = 1\n')
+    desk = DeskProcess(workdir, _env(local_iam, config))
+    desks.append(desk)
+    desk.wait_ready()
+    through_daemon = desk.cli("reconcile")
+    desk.close()
+    directly = desk.cli("reconcile")
+    for run in (through_daemon, directly):
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 4, run.stderr
+        assert len(lines) == 1, run.stderr
+        assert "internal error" not in lines[0]
+        assert lines[0].startswith("provisioner: reconcile failed at step 'sweep orphaned devices'")
+        assert "cannot reach IAM to ListVirtualMFADevices" in lines[0] and endpoint in lines[0]
+        assert "check the network path to IAM" in lines[0]

@@ -11,6 +11,7 @@ from fakes import ACCOUNT, FakeClock, FakeIam
 
 from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
 from provisioner.enrollment import Enrollment, EnrollmentSettings
+from provisioner.errors import IamError, ReconcileFailed, exit_status
 from provisioner.model import CredentialSpec, DeviceSpec
 from provisioner.ports import Fact
 from provisioner.recovery import Recovery
@@ -198,3 +199,33 @@ def test_orphans_can_be_listed_and_kept(world: World) -> None:
     dry = world.recovery().run(dry_run=True)
     assert dry[0].text.endswith(": would delete")
     assert mine in world.iam.devices
+
+
+def test_iam_failing_midway_names_the_step_the_cause_and_what_was_done(world: World) -> None:
+    eid = world.crashed_after(*UP_TO_WRITTEN, Fact.ENABLE_REQUESTED, enable=True)
+    world.iam.fail(
+        "list_virtual_mfa_devices", IamError("cannot reach IAM to ListVirtualMFADevices")
+    )
+    with pytest.raises(ReconcileFailed) as info:
+        world.recovery().run()
+    line = info.value.one_line()
+    assert line.startswith(
+        "reconcile failed at step 'sweep orphaned devices': cannot reach IAM to "
+        f"ListVirtualMFADevices; done before it: enrollment #{eid} of alice on token {SERIAL}: "
+    )
+    assert exit_status(info.value) == 4  # an IAM problem, as the cause says
+    # what was done before the failure stays done, and in the audit trail
+    assert world.outcome(eid) == "enrolled"
+    reasons = [r.reason for r in world.store.history(limit=10) if r.event == "recovered"]
+    assert reasons == [info.value.done[0]]
+
+
+def test_iam_failing_on_an_enrollment_names_that_enrollment(world: World) -> None:
+    eid = world.crashed_after(*UP_TO_WRITTEN)
+    world.iam.fail("list_mfa_devices", IamError("cannot reach IAM to ListMFADevices"))
+    with pytest.raises(ReconcileFailed) as info:
+        world.recovery().run()
+    assert info.value.one_line().startswith(
+        f"reconcile failed at step 'settle enrollment #{eid} of alice': cannot reach IAM"
+    )
+    assert info.value.one_line().endswith("; nothing done before it")
