@@ -9,9 +9,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO, TypeVar
 
-from . import __version__
+from . import __version__, validation
+from .audit import parse_since
 from .config import DEFAULT_PATH, ENV_PATH, Config, load, override
 from .control import daemon_reachable
 from .errors import (
@@ -19,6 +20,7 @@ from .errors import (
     EXIT_REFUSED,
     AlreadyEnrolled,
     ConfigError,
+    InvalidInput,
     ProvisionerError,
     exit_status,
 )
@@ -425,15 +427,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     from . import direct
-    from .audit import parse_since, render
+    from .audit import render
 
     request: dict[str, Any] = {"op": "history", "limit": args.limit}
     if args.user:
         request["user"] = args.user
     if args.serial is not None:
         request["serial"] = args.serial
-    if args.since:
-        request["since"] = parse_since(args.since)
+    if args.since is not None:
+        request["since"] = args.since
     config = _config(args)
     if daemon_reachable(config.daemon.socket_path()):
         records = _ask(args, request).get("history") or []
@@ -619,7 +621,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     setup_logging("debug" if args.debug else "warning")
     return run_demo(
-        users=[u for u in args.users.split(",") if u],
+        users=args.users,
         in_process=args.in_process,
         out=sys.stdout,
     )
@@ -627,12 +629,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser ----------------------------------------------------------------------------------
 
+_T = TypeVar("_T")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that says what is wrong in one line (its usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} ({self.prog} --help shows the usage)\n")
+
+
+def _checked(check: Callable[[str], _T]) -> Callable[[str], _T]:
+    """An argparse ``type=`` from one of the project's checks: every argument is checked
+    while the command line is read, before pcscd, IAM, the daemon or the store is touched."""
+
+    def parse(text: str) -> _T:
+        try:
+            return check(text)
+        except InvalidInput as e:
+            raise argparse.ArgumentTypeError(e.one_line()) from None
+
+    return parse
+
+
+#: The most records the daemon answers in one history request.
+HISTORY_LIMIT_MAX = 100_000
+
+_user = _checked(validation.user_name)
+_serial = _checked(validation.token_serial)
+_since = _checked(parse_since)
+_request_number = _checked(
+    lambda text: validation.whole_number(text, "a request number", minimum=1, maximum=2**63 - 1)
+)
+_limit = _checked(
+    lambda text: validation.whole_number(
+        text, "a number of records", minimum=1, maximum=HISTORY_LIMIT_MAX
+    )
+)
+_users = _checked(lambda text: [validation.user_name(u) for u in text.split(",") if u])
+
 
 def token_choice(parser: argparse.ArgumentParser, which: str) -> None:
     """--reader or --serial: how the operator names a token that is plugged in."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--reader", help=f"the reader holding {which} (its name, or part of it)")
-    group.add_argument("--serial", type=int, help=f"{which}'s serial number (printed on the key)")
+    group.add_argument(
+        "--serial", type=_serial, help=f"{which}'s serial number (printed on the key)"
+    )
 
 
 def direct_choice(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -645,7 +688,7 @@ def direct_choice(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="provisioner",
         description=(
             "Enroll YubiKeys as AWS IAM MFA devices: the token's OATH applet gets a TOTP "
@@ -683,7 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
         + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    enroll.add_argument("--user", required=True, help="the IAM user name (case-sensitive)")
+    enroll.add_argument(
+        "--user", required=True, type=_user, help="the IAM user name (case-sensitive)"
+    )
     token_choice(enroll, "the token")
     direct_choice(enroll, "enroll")
     enroll.add_argument("--profile", help="AWS profile to use (default: the boto3 chain)")
@@ -708,7 +753,9 @@ def build_parser() -> argparse.ArgumentParser:
             "works by logging in with a code computed on it."
         ),
     )
-    demo.add_argument("--users", default="alice,bob,carol", help="comma-separated user names")
+    demo.add_argument(
+        "--users", default="alice,bob,carol", type=_users, help="comma-separated user names"
+    )
     demo.add_argument(
         "--in-process", action="store_true", help="attach the emulated tokens without pcscd"
     )
@@ -756,7 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     doctor.add_argument(
-        "--user", help="simulate the user permissions on this IAM user (default: a sample name)"
+        "--user",
+        type=_user,
+        help="simulate the user permissions on this IAM user (default: a sample name)",
     )
     doctor.add_argument(
         "--root", default="/", help="look for the unit and the rule under this directory"
@@ -785,8 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without --user: the waiting requests. With --user: queue that user for "
         "the next token plugged in (or --serial's) and return at once.",
     )
-    queue.add_argument("--user", help="queue this IAM user")
-    queue.add_argument("--serial", type=int, help="only for the token with this serial")
+    queue.add_argument("--user", type=_user, help="queue this IAM user")
+    queue.add_argument("--serial", type=_serial, help="only for the token with this serial")
     common(queue)
     queue.set_defaults(func=cmd_queue)
 
@@ -799,7 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
             "the audit trail."
         ),
     )
-    cancel.add_argument("id", type=int, help="the request number (#N in provisioner queue)")
+    cancel.add_argument(
+        "id", type=_request_number, help="the request number (#N in provisioner queue)"
+    )
     common(cancel)
     cancel.set_defaults(func=cmd_cancel)
 
@@ -815,8 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
             "in at the desk (at once if it is in); --direct does it here instead."
         ),
     )
-    revoke.add_argument("--user", required=True, help="the IAM user")
-    revoke.add_argument("--serial", type=int, help="the token to revoke, if the user has several")
+    revoke.add_argument("--user", required=True, type=_user, help="the IAM user")
+    revoke.add_argument(
+        "--serial", type=_serial, help="the token to revoke, if the user has several"
+    )
     direct_choice(revoke, "revoke")
     common(revoke)
     revoke.set_defaults(func=cmd_revoke)
@@ -832,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
             "when it is plugged in, at once if it is in; --direct or --reader does it here."
         ),
     )
-    resync.add_argument("--user", required=True, help="the IAM user")
+    resync.add_argument("--user", required=True, type=_user, help="the IAM user")
     token_choice(resync, "the user's token")
     direct_choice(resync, "resync")
     common(resync)
@@ -850,9 +903,9 @@ def build_parser() -> argparse.ArgumentParser:
             "when that token is next plugged in at the desk; --direct or --reader does it here."
         ),
     )
-    replace.add_argument("--user", required=True, help="the IAM user")
+    replace.add_argument("--user", required=True, type=_user, help="the IAM user")
     token_choice(replace, "the new token")
-    replace.add_argument("--old-serial", type=int, help="the token to replace, if several")
+    replace.add_argument("--old-serial", type=_serial, help="the token to replace, if several")
     direct_choice(replace, "replace")
     common(replace)
     replace.set_defaults(func=cmd_replace)
@@ -917,11 +970,13 @@ def build_parser() -> argparse.ArgumentParser:
         "  provisioner history --user bob --since 2026-11-01 --format csv > bob.csv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    history.add_argument("--limit", type=int, default=50, help="the last N records (default 50)")
-    history.add_argument("--user", help="only records about this IAM user")
-    history.add_argument("--serial", type=int, help="only records about this token")
+    history.add_argument("--limit", type=_limit, default=50, help="the last N records (default 50)")
+    history.add_argument("--user", type=_user, help="only records about this IAM user")
+    history.add_argument("--serial", type=_serial, help="only records about this token")
     history.add_argument(
-        "--since", help="only records since then: 24h, 7d, 30m, or 2026-11-01[T09:30] (UTC)"
+        "--since",
+        type=_since,
+        help="only records since then: 24h, 7d, 30m, or 2026-11-01[T09:30] (UTC)",
     )
     history.add_argument(
         "--format", choices=("table", "json", "csv"), default="table", help="output format"

@@ -7,19 +7,55 @@ with every key and its default is provisioner.toml.example.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
-import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from . import validation
 from .enrollment import EnrollmentSettings
 from .errors import ConfigError, InvalidInput
+from .files import read_trusted
 
 DEFAULT_PATH = Path("/etc/provisioner/provisioner.toml")
 ENV_PATH = "PROVISIONER_CONFIG"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a numeric key accepts: a finite number (a whole one where the key is an int)
+    from ``minimum`` to ``maximum``, either end excluded when said."""
+
+    minimum: float
+    maximum: float
+    above_minimum: bool = False
+    below_maximum: bool = False
+
+    def admits(self, value: float) -> bool:
+        low = value > self.minimum if self.above_minimum else value >= self.minimum
+        high = value < self.maximum if self.below_maximum else value <= self.maximum
+        return low and high
+
+    def describe(self, whole: bool) -> str:
+        low, high = f"{self.minimum:g}", f"{self.maximum:g}"
+        if self.above_minimum:
+            span = f"above {low} and " + (
+                f"below {high}" if self.below_maximum else f"at most {high}"
+            )
+        else:
+            span = f"from {low} to " + (f"below {high}" if self.below_maximum else high)
+        return f"{'a whole number' if whole else 'a number'} {span}"
+
+
+def within(
+    minimum: float, maximum: float, *, above: bool = False, below: bool = False
+) -> dict[str, Bounds]:
+    """The range of a numeric key, declared on its field: ``field(default=5,
+    metadata=within(1, 20))``. Every numeric key must declare one (a test holds it)."""
+    return {"bounds": Bounds(minimum, maximum, above, below)}
 
 
 @dataclass(frozen=True)
@@ -31,7 +67,7 @@ class TokenConfig:
     oath_password_file: str = ""
     reader: str = ""
     #: Seconds to wait for a pulled token to come back so a rollback can finish.
-    reinsert_timeout: float = 60.0
+    reinsert_timeout: float = field(default=60.0, metadata=within(0, 3600))
 
 
 @dataclass(frozen=True)
@@ -43,16 +79,17 @@ class IamConfig:
     device_path: str = "/provisioner/"
     device_name: str = "{user}.yubikey.{serial}"
     tags: dict[str, str] = field(default_factory=dict)
-    max_attempts: int = 5
-    connect_timeout: float = 5.0
-    read_timeout: float = 15.0
+    max_attempts: int = field(default=5, metadata=within(1, 20))
+    connect_timeout: float = field(default=5.0, metadata=within(0, 300, above=True))
+    read_timeout: float = field(default=15.0, metadata=within(0, 600, above=True))
 
 
 @dataclass(frozen=True)
 class EnrollmentConfig:
-    margin_seconds: float = 5.0
-    skew_warning_seconds: float = 3.0
-    enable_attempts: int = 3
+    #: Below one TOTP period (30 s) less the time the codes take to send.
+    margin_seconds: float = field(default=5.0, metadata=within(0, 25, below=True))
+    skew_warning_seconds: float = field(default=3.0, metadata=within(0, 3600))
+    enable_attempts: int = field(default=3, metadata=within(1, 10))
 
 
 @dataclass(frozen=True)
@@ -68,19 +105,19 @@ class DaemonConfig:
     #: A CSV of token serial -> IAM user for batch desks; empty: no roster.
     roster: str = ""
     #: Seconds SIGTERM waits for enrollments in progress to finish or roll back.
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = field(default=30.0, metadata=within(0, 3600))
     #: "127.0.0.1:9464" serves Prometheus metrics there (loopback only); empty: off.
     metrics_listen: str = ""
     #: Seconds an unassigned device of this desk must have existed (by its creation-time
     #: tag) before the orphan sweep deletes it: younger, an enrollment may be enabling it.
-    orphan_min_age: float = 600.0
+    orphan_min_age: float = field(default=600.0, metadata=within(0, 30 * 86400))
     #: Clients the control socket serves at once; one more is told so and closed.
-    max_clients: int = 64
+    max_clients: int = field(default=64, metadata=within(1, 4096))
     #: Seconds a control client may stay without sending a request line (one following
     #: an enrollment or watching is being sent events: not idle).
-    client_idle_timeout: float = 30.0
+    client_idle_timeout: float = field(default=30.0, metadata=within(0, 86400, above=True))
     #: Requests that may wait at once; one more is refused (exit status 6).
-    max_queue: int = 1000
+    max_queue: int = field(default=1000, metadata=within(1, 1_000_000))
 
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint, None when off; raises ConfigError."""
@@ -89,12 +126,12 @@ class DaemonConfig:
         host, sep, port_text = self.metrics_listen.rpartition(":")
         host = host.strip("[]")
         try:
-            port = int(port_text)
+            port = validation.whole_number(port_text, "a port", minimum=1, maximum=65535)
             loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
+        except (ValueError, InvalidInput):
             sep = ""
             port, loopback = 0, False
-        if not sep or not 0 < port < 65536:
+        if not sep:
             raise ConfigError(
                 f"daemon.metrics_listen {self.metrics_listen!r} is not HOST:PORT",
                 hint='for example metrics_listen = "127.0.0.1:9464"',
@@ -147,17 +184,14 @@ class Config:
         name = self.token.oath_password_file
         if not name:
             return None
-        path = Path(name)
         try:
-            mode = path.stat().st_mode
-            text = path.read_text(encoding="utf-8")
+            data = read_trusted(Path(name), "token.oath_password_file", secret=True)
         except OSError as e:
             raise ConfigError(f"cannot read token.oath_password_file {name}: {e.strerror}") from e
-        if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
-            raise ConfigError(
-                f"token.oath_password_file {name} is readable or writable by others",
-                hint=f"chmod 600 {name} (or 640 with the service's group)",
-            )
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"token.oath_password_file {name} is not UTF-8") from None
         password = text.rstrip("\r\n")
         if not password:
             raise ConfigError(f"token.oath_password_file {name} is empty")
@@ -165,6 +199,12 @@ class Config:
 
 
 _LEVELS = {"debug", "info", "warning", "error"}
+SECTIONS: dict[str, type[Any]] = {
+    "token": TokenConfig,
+    "iam": IamConfig,
+    "enrollment": EnrollmentConfig,
+    "daemon": DaemonConfig,
+}
 
 
 def _section(cls: type[Any], data: Any, where: str) -> Any:
@@ -180,21 +220,19 @@ def _section(cls: type[Any], data: Any, where: str) -> Any:
                 hint="known keys: " + ", ".join(sorted(known)),
             )
         default = getattr(cls(), key)
-        values[key] = _coerce(value, default, f"{where}.{key}")
+        values[key] = _coerce(value, default, f"{where}.{key}", f.metadata.get("bounds"))
     return cls(**values)
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
+def _coerce(value: Any, default: Any, where: str, bounds: Bounds | None) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false")
         return value
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number")
-        if value < 0:
-            raise ConfigError(f"{where} must not be negative")
-        return type(default)(value)
+    if isinstance(default, (int, float)):
+        if bounds is None:  # pragma: no cover - test_every_numeric_key_declares_its_range
+            raise ConfigError(f"{where}: no range declared")
+        return _number(value, isinstance(default, int), bounds, where)
     if isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string")
@@ -208,21 +246,30 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported value")  # pragma: no cover
 
 
+def _number(value: Any, whole: bool, bounds: Bounds, where: str) -> int | float:
+    """A numeric key's value, or one line naming the key and what it takes. TOML gives
+    int or float; inf and nan are floats, true is not a number here."""
+    wanted = bounds.describe(whole)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)
+        raise ConfigError(f"{where} must be {wanted}, not {shown}")
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float) and not math.isfinite(value) and not whole:
+        raise ConfigError(f"{where} must be a finite number ({wanted}), not {shown}")
+    if (whole and isinstance(value, float)) or not bounds.admits(value):
+        raise ConfigError(f"{where} must be {wanted}, not {shown}")
+    return int(value) if whole else float(value)
+
+
 def parse(text: str, source: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source} is not valid TOML: {e}") from e
     top: dict[str, Any] = {}
-    sections = {
-        "token": TokenConfig,
-        "iam": IamConfig,
-        "enrollment": EnrollmentConfig,
-        "daemon": DaemonConfig,
-    }
     for key, value in data.items():
-        if key in sections:
-            top[key] = _section(sections[key], value, key)
+        if key in SECTIONS:
+            top[key] = _section(SECTIONS[key], value, key)
         elif key in ("desk", "log_level"):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{key} must be a non-empty string")
@@ -240,17 +287,7 @@ def parse(text: str, source: str) -> Config:
 def check(config: Config) -> None:
     if config.log_level not in _LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(sorted(_LEVELS))}")
-    if not 0 <= config.enrollment.margin_seconds < 25:
-        raise ConfigError("enrollment.margin_seconds must be at least 0 and below 25")
-    if config.iam.max_attempts < 1 or config.enrollment.enable_attempts < 1:
-        raise ConfigError("iam.max_attempts and enrollment.enable_attempts must be at least 1")
-    if config.daemon.max_queue < 1:
-        raise ConfigError("daemon.max_queue must be at least 1")
     config.daemon.metrics_address()
-    if config.daemon.max_clients < 1:
-        raise ConfigError("daemon.max_clients must be at least 1")
-    if not 0 < config.daemon.client_idle_timeout <= 86400:  # also refuses inf and nan
-        raise ConfigError("daemon.client_idle_timeout must be above 0 and at most 86400")
     # Render the templates once with sample values so typos fail at start, not mid-desk.
     try:
         config.enrollment_settings().names("user", "123456789012", 12345678)
@@ -263,7 +300,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     explicit = path is not None or ENV_PATH in os.environ
     chosen = Path(path if path is not None else os.environ.get(ENV_PATH, DEFAULT_PATH))
     try:
-        text = chosen.read_text(encoding="utf-8")
+        text = read_trusted(chosen, "the configuration file").decode("utf-8")
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"configuration file {chosen} does not exist") from None

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .control_requests import valid_request
-from .errors import ConfigError, DaemonUnresponsive, InvalidInput
+from .errors import ConfigError, DaemonUnresponsive, InvalidInput, ProvisionerError, exit_status
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +352,10 @@ class ControlServer:
             yield from self._handler(request, peer)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             raise
+        except ProvisionerError as e:
+            # The operator's words (what, which step, why, what to do), not a class name.
+            log.warning("control request %r failed: %s", request.get("op"), e.one_line())
+            yield {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
         except Exception as e:  # noqa: BLE001
             log.exception("control request %r failed", request.get("op"))
             yield {"ok": False, "final": True, "error": f"internal error: {type(e).__name__}"}

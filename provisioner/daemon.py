@@ -58,6 +58,10 @@ def _roster(config: Config) -> Roster | None:
 
 
 def run(config: Config) -> int:
+    # Read first: a roster or password file it cannot use is exit 2 naming it, before
+    # anything starts.
+    roster = _roster(config)
+    password = config.oath_password()
     no_core_dumps()
     # `kill -USR1` writes every thread's stack to the journal: for a desk that seems stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -71,7 +75,6 @@ def run(config: Config) -> int:
     store = Store(state_dir / STATE_FILE, owner=owner)
     requeued, interrupted = store.settle_taken()
     desk = Desk.from_config(config)
-    password = config.oath_password()
 
     def recovery() -> Recovery:
         return desk.recovery(store, password)
@@ -81,7 +84,7 @@ def run(config: Config) -> int:
         store,
         open_token=lambda reader: open_in_reader(reader, oath_password=password),
         is_yubikey_reader=is_yubikey_reader,
-        roster=_roster(config),
+        roster=roster,
         notifier=notifier,
         recovery=recovery,
         card_holders=card_holders,

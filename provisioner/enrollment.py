@@ -11,9 +11,9 @@ The seed lives in memory from "create device" until this function returns.
 from __future__ import annotations
 
 import calendar
-import time
 import re
 import string
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 

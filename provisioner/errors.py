@@ -223,6 +223,20 @@ class EnrollmentFailed(ProvisionerError):
         )
 
 
+class ReconcileFailed(ProvisionerError):
+    """Recovery (``provisioner reconcile``, a daemon's start) stopped at ``step``; ``done``
+    is what it had done before (each also in the audit trail)."""
+
+    def __init__(self, *, step: str, cause: ProvisionerError, done: tuple[str, ...] = ()) -> None:
+        self.step = step
+        self.cause = cause
+        self.done = done
+        before = "done before it: " + "; ".join(done) if done else "nothing done before it"
+        super().__init__(
+            f"reconcile failed at step '{step}': {cause.message}; {before}", hint=cause.hint
+        )
+
+
 class ConcurrentModification(IamError):
     code = "ConcurrentModification"
 
@@ -261,7 +275,7 @@ EXIT_REFUSED = 6
 def failure_reason(error: ProvisionerError) -> str:
     """A short stable name for what stopped an enrollment (a metrics label): the AWS
     error code for IAM errors, the error's class name otherwise."""
-    if isinstance(error, EnrollmentFailed):
+    if isinstance(error, (EnrollmentFailed, ReconcileFailed)):
         return failure_reason(error.cause)
     if isinstance(error, IamError):
         return error.code
@@ -274,6 +288,8 @@ def exit_status(error: ProvisionerError) -> int:
         if error.leftovers:
             return EXIT_LEFTOVERS
         return exit_status(error.cause) if error.step == "check" else EXIT_FAILED
+    if isinstance(error, ReconcileFailed):
+        return exit_status(error.cause)
     if isinstance(error, (ConfigError, InvalidInput)):
         return EXIT_USAGE
     if isinstance(error, (NotPermitted, QueueFull)):

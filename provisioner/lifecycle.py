@@ -84,9 +84,7 @@ class Lifecycle:
 
     def _credential_id(self, user: str, device: VirtualDevice) -> str:
         account = device.serial_number.split(":")[4]
-        serial = device.tag("provisioner:token-serial")
-        token_serial = int(serial) if serial and serial.isdigit() else None
-        credential, _ = self._settings.names(user, account, token_serial)
+        credential, _ = self._settings.names(user, account, device.token_serial)
         return credential.credential_id
 
     def revoke(
@@ -112,8 +110,8 @@ class Lifecycle:
         credential = self._credential_id(user, device)
         removed = False
         present = False
-        if serial_tag and serial_tag.isdigit():
-            with find_token(int(serial_tag)) as token:
+        if device.token_serial is not None:
+            with find_token(device.token_serial) as token:
                 if token is not None:
                     present = True
                     try:
@@ -135,7 +133,7 @@ class Lifecycle:
         return Revoked(
             user=user,
             device_arn=arn,
-            token_serial=int(serial_tag) if serial_tag and serial_tag.isdigit() else None,
+            token_serial=device.token_serial,
             credential_id=credential,
             credential_removed=removed,
             actions=tuple(actions),
@@ -201,10 +199,9 @@ def replace(
             f"{user} has several tokens ({tokens})", hint="say which with --old-serial"
         )
     old = others[0].tag("provisioner:token-serial")
-    old_token = int(old) if old and old.isdigit() else None
     enrolled = enrollment.run(new_token, user)
     try:
-        revoked = lifecycle.revoke(user, old_token, find_token, absent)
+        revoked = lifecycle.revoke(user, others[0].token_serial, find_token, absent)
     except ProvisionerError as e:
         raise ReplaceIncomplete(
             f"{user} now has the new token {new_serial} ({enrolled.device_arn}) AND still the "

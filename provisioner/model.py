@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum, unique
 
+from . import validation
+from .errors import InvalidInput
+
 #: AWS virtual MFA devices are SHA1, 6 digits, 30 s. Nothing else is accepted by IAM.
 TOTP_PERIOD = 30
 TOTP_DIGITS = 6
@@ -127,3 +130,13 @@ class VirtualDevice:
 
     def tag(self, key: str) -> str | None:
         return dict(self.tags).get(key)
+
+    @property
+    def token_serial(self) -> int | None:
+        """The serial of the token it was enrolled on, from the tool's tag; None when the
+        tag is missing or not a serial (tags are anyone's to edit in IAM)."""
+        text = self.tag("provisioner:token-serial")
+        try:
+            return validation.token_serial(text) if text is not None else None
+        except InvalidInput:
+            return None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .enrollment import TOOL_TAG, Enrollment, created_at
-from .errors import NoSuchEntity, ProvisionerError
+from .errors import NoSuchEntity, ProvisionerError, ReconcileFailed
 from .model import VirtualDevice
 from .ports import Fact, IamDirectory, TokenSession
 
@@ -121,29 +121,38 @@ class Recovery:
         any whose owner runs."""
         actions: list[Action] = []
         busy_arns: set[str] = set()
-        for record in self._store.unfinished_enrollments():
-            owner = record.get("owner")
-            running = record["id"] in busy or (owner is not None and self._owner_alive(owner))
-            if not running and not dry_run:
-                # Taken over before anything is done: another recovery now leaves it alone.
-                running = not self._store.claim_enrollment(int(record["id"]), owner)
-            if running:
-                if record.get("device_arn"):
-                    busy_arns.add(str(record["device_arn"]))
-                if record["id"] not in busy:
-                    actions.append(_left_alone(record))
-                continue
-            try:
-                actions.extend(self._recover(record, dry_run))
-            except BaseException:
-                if not dry_run:  # unsettled: handed back for the next recovery to take
-                    self._store.release_enrollment(int(record["id"]))
-                raise
-        actions.extend(self._sweep(dry_run, delete_orphans, all_desks, frozenset(busy_arns)))
-        if not dry_run:
-            for action in actions:
-                if action.done:
-                    self._store.audit("reconcile", "recovered", reason=action.text)
+        step = "read the unfinished enrollments"
+        try:
+            for record in self._store.unfinished_enrollments():
+                owner = record.get("owner")
+                running = record["id"] in busy or (owner is not None and self._owner_alive(owner))
+                if not running and not dry_run:
+                    # Taken over before anything is done: another recovery now leaves it alone.
+                    running = not self._store.claim_enrollment(int(record["id"]), owner)
+                if running:
+                    if record.get("device_arn"):
+                        busy_arns.add(str(record["device_arn"]))
+                    if record["id"] not in busy:
+                        actions.append(_left_alone(record))
+                    continue
+                step = f"settle enrollment #{record['id']} of {record['user']}"
+                try:
+                    actions.extend(self._recover(record, dry_run))
+                except BaseException:
+                    if not dry_run:  # unsettled: handed back for the next recovery to take
+                        self._store.release_enrollment(int(record["id"]))
+                    raise
+            step = "sweep orphaned devices"
+            actions.extend(self._sweep(dry_run, delete_orphans, all_desks, frozenset(busy_arns)))
+        except ProvisionerError as e:
+            # Which step and why, as an enrollment's failure says; what was done stays done.
+            done = tuple(a.text for a in actions if a.done)
+            raise ReconcileFailed(step=step, cause=e, done=done) from e
+        finally:
+            if not dry_run:
+                for action in actions:
+                    if action.done:
+                        self._store.audit("reconcile", "recovered", reason=action.text)
         return actions
 
     # --- one unfinished enrollment ------------------------------------------------------

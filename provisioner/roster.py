@@ -13,12 +13,12 @@ must not enroll half a batch from a file it misread.
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import validation
 from .errors import ConfigError, InvalidInput
+from .files import read_trusted
 
 ALLOWED_COLUMNS = {"serial", "user", "note"}
 
@@ -35,6 +35,15 @@ class Roster:
         return len(self.users_by_serial)
 
 
+def _fields(line: str, where: str) -> list[str]:
+    """One line's fields. Each line is read on its own, so a quote left open cannot run
+    on into the next lines and every mistake keeps its line number."""
+    try:
+        return next(csv.reader([line], strict=True))
+    except csv.Error as e:
+        raise ConfigError(f"{where}: not a CSV line ({e})") from None
+
+
 def parse(text: str, source: str) -> Roster:
     lines = [
         (number, line)
@@ -43,30 +52,30 @@ def parse(text: str, source: str) -> Roster:
     ]
     if not lines:
         return Roster({}, source)
-    reader = csv.reader(io.StringIO("\n".join(line for _, line in lines)))
-    rows = list(reader)
-    header = [h.strip().lower() for h in rows[0]]
+    first, header_line = lines[0]
+    found = _fields(header_line, f"{source}:{first}")
+    header = [h.strip().lower() for h in found]
     unknown = [h for h in header if h not in ALLOWED_COLUMNS]
     if unknown or "serial" not in header or "user" not in header:
+        shown = ", ".join(found)
         raise ConfigError(
-            f"{source}:{lines[0][0]}: the header must name the columns serial and user "
-            f"(found {', '.join(rows[0]) or 'nothing'})",
+            f"{source}:{first}: the header must name the columns serial and user "
+            f"(found {shown[:60] or 'nothing'!r})",
             hint="first line: serial,user",
         )
     if len(set(header)) != len(header):
-        raise ConfigError(f"{source}:{lines[0][0]}: a column is named twice")
+        raise ConfigError(f"{source}:{first}: a column is named twice")
     s_col, u_col = header.index("serial"), header.index("user")
     users: dict[int, str] = {}
     seen_users: dict[str, int] = {}
-    for (number, _), row in zip(lines[1:], rows[1:], strict=True):
+    for number, line in lines[1:]:
         where = f"{source}:{number}"
+        row = _fields(line, where)
         if len(row) != len(header):
             raise ConfigError(f"{where}: expected {len(header)} fields, found {len(row)}")
         raw_serial, user = row[s_col].strip(), row[u_col].strip()
-        if not raw_serial.isdigit() or not 0 < int(raw_serial) < 2**32:
-            raise ConfigError(f"{where}: {raw_serial!r} is not a token serial number")
-        serial = int(raw_serial)
         try:
+            serial = validation.token_serial(raw_serial)
             validation.user_name(user)
         except InvalidInput as e:
             raise ConfigError(f"{where}: {e.message}") from None
@@ -84,7 +93,7 @@ def parse(text: str, source: str) -> Roster:
 
 def load(path: Path) -> Roster:
     try:
-        data = path.read_bytes()
+        data = read_trusted(path, "the roster")
     except OSError as e:
         raise ConfigError(f"cannot read the roster {path}: {e.strerror}") from e
     try:

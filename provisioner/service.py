@@ -843,13 +843,14 @@ class DeskService:
         """The serial of the one token provisioner enrolled for ``user``."""
         devices = self.desk.lifecycle().devices_of(user)
         serials = sorted({str(d.tag("provisioner:token-serial")) for d in devices})
-        if len(serials) != 1 or not serials[0].isdigit():
+        serial = devices[0].token_serial if len(serials) == 1 else None
+        if serial is None:
             what = "no token" if not serials else f"tokens {', '.join(serials)}"
             raise InvalidInput(
                 f"{user} has {what} enrolled by provisioner",
                 hint="say which token with --serial" if serials else "enroll one first",
             )
-        return int(serials[0])
+        return serial
 
     def _stopped(self, entry: QueueEntry) -> Event:
         """The daemon stops while a client follows a request: a request still waiting

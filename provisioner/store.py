@@ -26,9 +26,8 @@ from typing import Any
 from urllib.parse import quote
 
 from .audit import log_line
-from .errors import ProvisionerError
+from .errors import ProvisionerError, QueueFull
 from .ownership import FILE_MODE, Owner, prepare_directory, private_file
-from .errors import QueueFull
 from .ports import Fact
 
 audit_log = logging.getLogger("provisioner.audit")

@@ -1,4 +1,5 @@
-"""Checks made before anything is sent to IAM: botocore checks no patterns or maximums."""
+"""Checks made before anything is sent to IAM (botocore checks no patterns or maximums),
+and the one way numbers are read from text (rosters, the command line, tags, settings)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ _CODE = re.compile(r"[0-9]{6}", re.ASCII)
 _TAG_KEY = re.compile(r"[\w\s.:/=+\-@]{1,128}")
 _TAG_VALUE = re.compile(r"[\w\s.:/=+\-@]{0,256}")
 MAX_TAGS = 50
+# Digits 0-9 only: int() also reads " 7", "+7", "1_000" and other scripts' digits ("١٢"),
+# and str.isdigit() passes "²", which int() then refuses with a ValueError.
+_DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
+#: A YubiKey's serial is an unsigned 32-bit number; 0 is none.
+SERIAL_MAX = 2**32 - 1
 
 
 def user_name(value: str) -> str:
@@ -65,3 +71,21 @@ def tags(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
             raise InvalidInput(f"tag {key!r} is given twice")
         seen.add(key.lower())
     return pairs
+
+
+def whole_number(text: str, what: str, *, minimum: int = 0, maximum: int) -> int:
+    """``text`` as an integer from ``minimum`` to ``maximum``, written in ASCII digits only.
+
+    The one parser for numbers typed or read from files: serials, request numbers, ports.
+    """
+    if _DIGITS.fullmatch(text):
+        value = int(text)
+        if minimum <= value <= maximum:
+            return value
+    shown = text if len(text) <= 24 else text[:20] + "..."
+    raise InvalidInput(f"{shown!r} is not {what} ({minimum} to {maximum}, digits 0-9 only)")
+
+
+def token_serial(text: str) -> int:
+    """A token's serial number as printed on the key (and in rosters, tags, --serial)."""
+    return whole_number(text, "a token serial number", minimum=1, maximum=SERIAL_MAX)

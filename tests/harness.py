@@ -140,13 +140,7 @@ class Daemon:
         return code
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "provisioner", *args],
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_cli(self.env(), *args, timeout=timeout)
 
     def cli_background(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -166,6 +160,19 @@ class Daemon:
 
     def history(self) -> list[dict[str, Any]]:
         return self.ask({"op": "history", "limit": 1000})["history"]  # type: ignore[no-any-return]
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``provisioner ARGS`` as an operator runs it, with ``env`` as its whole environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "provisioner", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def seed_forms(secret: bytes) -> list[str]:

@@ -5,6 +5,8 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from provisioner.audit import log_line, parse_since, render
 from provisioner.errors import InvalidInput
@@ -64,6 +66,17 @@ def test_since_refuses_nonsense() -> None:
         parse_since("yesterday")
 
 
+@pytest.mark.parametrize("text", ["9" * 400 + "d", "36501d", "99999999999999h", "٣d", "²d"])
+def test_since_refuses_what_no_float_holds_and_other_scripts_digits(text: str) -> None:
+    # "9"*400 + "d" was an OverflowError; 99999999999999h a date 1e10 years back
+    with pytest.raises(InvalidInput):
+        parse_since(text, now=1000_000)
+
+
+def test_since_reaches_back_100_years() -> None:
+    assert parse_since("36500d", now=1000_000) == 1000_000 - 36500 * 86400
+
+
 def test_formats() -> None:
     rows = [RECORD, {**RECORD, "id": 2, "user": "bob", "reason": None}]
     parsed = json.loads(render(rows, "json"))
@@ -94,3 +107,37 @@ def test_formats() -> None:
     assert "alice" in text[1] and "bob" in text[2]
     with pytest.raises(InvalidInput):
         render(rows, "xml")
+
+
+# --- CSV a spreadsheet opens: no cell it would evaluate (OWASP "CSV injection") ---------------
+
+#: What makes Excel, LibreOffice or Google Sheets read a cell as a formula.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+@pytest.mark.parametrize(
+    "user",
+    ['=HYPERLINK("http://x","y")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)", "=1", "-"],
+)
+def test_csv_neutralises_a_user_name_a_spreadsheet_would_evaluate(user: str) -> None:
+    # IAM user names may begin with = + - @ (its pattern is [\w+=,.@-]+).
+    rows = list(csv.DictReader(io.StringIO(render([{**RECORD, "user": user}], "csv"))))
+    assert rows[0]["user"] == "'" + user
+
+
+@given(
+    st.fixed_dictionaries(
+        {k: st.text(max_size=12) for k in ("actor", "event", "user", "device_arn", "reason")}
+    )
+)
+def test_no_csv_cell_starts_a_formula(fields: dict[str, str]) -> None:
+    exported = render([{**RECORD, **fields}], "csv")
+    # newline="": the reader sees every CR and LF as written, as a spreadsheet does
+    assert len(list(csv.reader(io.StringIO(exported, newline="")))) == 2  # no row injected
+    for row in csv.reader(io.StringIO(exported, newline="")):
+        for cell in row:
+            assert not cell.startswith(FORMULA_START), cell
+    (row,) = csv.DictReader(io.StringIO(exported, newline=""))
+    for key, value in fields.items():
+        # what was changed is only the quote in front, so a reader can undo it
+        assert row[key] in (value, "'" + value)

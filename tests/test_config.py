@@ -49,7 +49,7 @@ margin_seconds = 7
         ("[iam]\ndevice_path = 'nope'", "not a valid IAM path"),
         ("[iam]\ndevice_name = '{usr}'", "bad template"),
         ("[enrollment]\nmargin_seconds = 40", "margin_seconds"),
-        ("[enrollment]\nmargin_seconds = -1", "must not be negative"),
+        ("[enrollment]\nmargin_seconds = -1", "margin_seconds must be a number from 0"),
         ("log_level = 'loud'", "log_level"),
         ("[iam]\ntags = { 'aws:x' = 'y' }", "not a valid IAM tag key"),
         ("[token\n", "not valid TOML"),
@@ -83,3 +83,140 @@ def test_password_file_must_be_private(tmp_path: Path) -> None:
     assert "hunter2" not in info.value.one_line()
     secret.chmod(0o600)
     assert config.oath_password() == "hunter2"
+    secret.chmod(0o620)  # group-writable: someone could have put a password there
+    with pytest.raises(ConfigError) as info:
+        config.oath_password()
+    assert f"chmod 600 {secret}" in info.value.one_line()
+
+
+# --- numbers: each numeric key declares its type and range (finite, bounded) ---------------
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[iam]\nmax_attempts = 2.9", "iam.max_attempts must be a whole number"),
+        ("[iam]\nmax_attempts = 0", "iam.max_attempts must be a whole number from 1 to"),
+        ("[iam]\nmax_attempts = 1000000", "iam.max_attempts must be a whole number from 1 to"),
+        ("[iam]\nmax_attempts = true", "iam.max_attempts must be a whole number"),
+        ("[iam]\nmax_attempts = inf", "iam.max_attempts must be a whole number"),
+        ("[iam]\nconnect_timeout = nan", "iam.connect_timeout must be a finite number"),
+        ("[iam]\nconnect_timeout = 0", "iam.connect_timeout must be a number above 0"),
+        ("[iam]\nread_timeout = -inf", "iam.read_timeout must be a finite number"),
+        ("[iam]\nread_timeout = 1e300", "iam.read_timeout must be a number above 0 and at most"),
+        ("[daemon]\nshutdown_timeout = inf", "daemon.shutdown_timeout must be a finite number"),
+        ("[daemon]\nshutdown_timeout = -1", "daemon.shutdown_timeout must be a number from 0 to"),
+        ("[daemon]\nshutdown_timeout = 'soon'", "daemon.shutdown_timeout must be a number"),
+        ("[daemon]\nshutdown_timeout = false", "daemon.shutdown_timeout must be a number"),
+        ("[token]\nreinsert_timeout = nan", "token.reinsert_timeout must be a finite number"),
+        ("[token]\nreinsert_timeout = 1e9", "token.reinsert_timeout must be a number from 0 to"),
+        (
+            "[enrollment]\nenable_attempts = 1.5",
+            "enrollment.enable_attempts must be a whole number",
+        ),
+        ("[enrollment]\nenable_attempts = 0", "enrollment.enable_attempts must be a whole number"),
+        ("[enrollment]\nskew_warning_seconds = inf", "enrollment.skew_warning_seconds must be a"),
+        (
+            "[enrollment]\nmargin_seconds = 25",
+            "enrollment.margin_seconds must be a number from 0 to below 25",
+        ),
+        (
+            "[daemon]\nmetrics_listen = '127.0.0.1:９４６４'",
+            "daemon.metrics_listen '127.0.0.1:９４６４' is not",
+        ),
+        (
+            "[daemon]\nmetrics_listen = '127.0.0.1:+9464'",
+            "daemon.metrics_listen '127.0.0.1:+9464' is not",
+        ),
+        (
+            "[daemon]\nmetrics_listen = '127.0.0.1:9_464'",
+            "daemon.metrics_listen '127.0.0.1:9_464' is not",
+        ),
+    ],
+)
+def test_numbers_are_finite_whole_where_meant_and_in_range(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(text, "t.toml")
+    assert info.value.one_line().startswith(fragment)
+
+
+def test_numbers_in_range_are_taken_with_their_type() -> None:
+    config = parse(
+        "[iam]\nmax_attempts = 1\nconnect_timeout = 2\n[daemon]\nshutdown_timeout = 0\n", "t.toml"
+    )
+    assert config.iam.max_attempts == 1 and isinstance(config.iam.max_attempts, int)
+    assert config.iam.connect_timeout == 2.0 and isinstance(config.iam.connect_timeout, float)
+    assert config.daemon.shutdown_timeout == 0.0
+
+
+def test_every_numeric_key_declares_its_range() -> None:
+    """A key added later (a client cap, a queue bound) is checked like the others."""
+    from dataclasses import fields
+
+    from provisioner.config import SECTIONS, Bounds
+
+    numeric = 0
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            if isinstance(f.default, (int, float)) and not isinstance(f.default, bool):
+                numeric += 1
+                bounds = f.metadata.get("bounds")
+                assert isinstance(bounds, Bounds), f"{name}.{f.name} declares no range"
+                assert bounds.admits(f.default), f"{name}.{f.name}'s default is out of range"
+    assert numeric >= 8
+
+
+# --- files others could have written are refused (configuration, roster, password) --------
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646, 0o622, 0o660])
+def test_a_configuration_file_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "provisioner.toml"
+    path.write_text('desk = "d"\n')
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    line = info.value.one_line()
+    assert line.startswith(f"the configuration file {path} is writable by others")
+    assert f"chmod go-w {path}" in line
+
+
+def test_a_roster_others_may_write_is_refused(tmp_path: Path) -> None:
+    from provisioner.roster import load as load_roster
+
+    path = tmp_path / "roster.csv"
+    path.write_text("serial,user\n1,alice\n")
+    path.chmod(0o664)
+    with pytest.raises(ConfigError) as info:
+        load_roster(path)
+    assert info.value.one_line().startswith(f"the roster {path} is writable by others")
+    path.chmod(0o644)
+    assert len(load_roster(path)) == 1
+
+
+def test_a_file_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    from provisioner.files import read_trusted
+
+    path = tmp_path / "provisioner.toml"
+    path.write_text('desk = "d"\n')
+    path.chmod(0o644)
+    assert read_trusted(path, "the configuration file") == b'desk = "d"\n'
+    mine = os.stat(path).st_uid
+    with pytest.raises(ConfigError) as info:
+        read_trusted(path, "the configuration file", owners=(mine + 1,))
+    line = info.value.one_line()
+    assert line.startswith(f"the configuration file {path} is owned by uid {mine}")
+    assert f"chown root {path}" in line
+
+
+def test_the_refusal_is_exit_2_and_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from provisioner.cli import main
+
+    path = tmp_path / "provisioner.toml"
+    path.write_text('desk = "d"\n')
+    path.chmod(0o666)
+    assert main(["status", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "chmod go-w" in err[0]

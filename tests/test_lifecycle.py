@@ -187,3 +187,18 @@ def test_replace_needs_an_old_token() -> None:
         _replace(w)
     assert "no other token enrolled by provisioner to replace" in info.value.message
     assert "create_virtual_mfa_device" not in w.iam.calls
+
+
+@pytest.mark.parametrize("tag", ["²", "١٠٠١", "+1001", "0", "not a serial"])
+def test_a_serial_tag_that_is_no_serial_is_told_not_parsed_into_one(tag: str) -> None:
+    """Tags are anyone's to edit in IAM: "²" passed isdigit() and crashed int(); "١٠٠١"
+    (Arabic-Indic digits) was read as 1001 and would clear that token."""
+    w = World()
+    arn = w.enroll("alice", 1001)
+    device = w.iam.devices[arn]
+    device.tags = tuple((k, tag if k == "provisioner:token-serial" else v) for k, v in device.tags)
+    with w.plugged(1001) as find:
+        done = w.lifecycle().revoke("alice", None, find)
+    assert done.token_serial is None and not done.credential_removed
+    assert w.iam.devices == {}
+    assert w.creds(1001) == [CRED]  # no token was looked for, so none was touched

@@ -13,7 +13,7 @@ from fakes import ACCOUNT, FakeClock, FakeIam
 
 from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
 from provisioner.enrollment import Enrollment, EnrollmentSettings
-from provisioner.errors import IamUnavailable
+from provisioner.errors import IamError, IamUnavailable, ReconcileFailed, exit_status
 from provisioner.model import CredentialSpec, DeviceSpec
 from provisioner.ownership import Owner, alive
 from provisioner.ports import Fact
@@ -302,8 +302,9 @@ def test_a_record_whose_recovery_failed_half_way_is_handed_back_for_the_next(
     with Owner.claim(world.state) as daemon:
         world.store = Store(world.state / "state.db", owner=daemon)
         world.iam.fail("list_mfa_devices", IamUnavailable("IAM is unreachable"))
-        with pytest.raises(IamUnavailable):
+        with pytest.raises(ReconcileFailed) as info:
             world.recovery().run()
+        assert isinstance(info.value.__cause__, IamUnavailable)
         assert world.outcome(eid) == "in progress"
         world.recovery().run()
         assert world.outcome(eid) == "enrolled"
@@ -328,3 +329,33 @@ def test_a_young_device_its_own_finished_record_left_behind_is_swept_at_once(
     assert f"deleted orphaned device {arn} (alice on token {SERIAL}, desk desk-1)" in [
         a.text for a in actions
     ]
+
+
+def test_iam_failing_midway_names_the_step_the_cause_and_what_was_done(world: World) -> None:
+    eid = world.crashed_after(*UP_TO_WRITTEN, Fact.ENABLE_REQUESTED, enable=True)
+    world.iam.fail(
+        "list_virtual_mfa_devices", IamError("cannot reach IAM to ListVirtualMFADevices")
+    )
+    with pytest.raises(ReconcileFailed) as info:
+        world.recovery().run()
+    line = info.value.one_line()
+    assert line.startswith(
+        "reconcile failed at step 'sweep orphaned devices': cannot reach IAM to "
+        f"ListVirtualMFADevices; done before it: enrollment #{eid} of alice on token {SERIAL}: "
+    )
+    assert exit_status(info.value) == 4  # an IAM problem, as the cause says
+    # what was done before the failure stays done, and in the audit trail
+    assert world.outcome(eid) == "enrolled"
+    reasons = [r.reason for r in world.store.history(limit=10) if r.event == "recovered"]
+    assert reasons == [info.value.done[0]]
+
+
+def test_iam_failing_on_an_enrollment_names_that_enrollment(world: World) -> None:
+    eid = world.crashed_after(*UP_TO_WRITTEN)
+    world.iam.fail("list_mfa_devices", IamError("cannot reach IAM to ListMFADevices"))
+    with pytest.raises(ReconcileFailed) as info:
+        world.recovery().run()
+    assert info.value.one_line().startswith(
+        f"reconcile failed at step 'settle enrollment #{eid} of alice': cannot reach IAM"
+    )
+    assert info.value.one_line().endswith("; nothing done before it")

@@ -200,7 +200,7 @@ def test_the_cli_listing_says_how_many_more_wait(capsys: pytest.CaptureFixture[s
 def test_the_queue_bound_is_a_configuration_key() -> None:
     assert Config().daemon.max_queue == 1000
     assert parse("[daemon]\nmax_queue = 20\n", "test").daemon.max_queue == 20
-    with pytest.raises(ConfigError, match="daemon.max_queue must be at least 1"):
+    with pytest.raises(ConfigError, match="daemon.max_queue must be a whole number from 1"):
         parse("[daemon]\nmax_queue = 0\n", "test")
 
 

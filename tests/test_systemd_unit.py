@@ -263,3 +263,9 @@ def test_the_daemons_code_needs_no_writable_executable_memory(tmp_path: Path) ->
 @pytest.mark.slow
 def test_the_write_execute_check_sees_a_ctypes_callback(tmp_path: Path) -> None:
     assert write_execute_mappings(CALLBACK, tmp_path) != []
+
+
+def test_a_configuration_error_is_not_restarted_in_a_loop() -> None:
+    # exit 2 is a bad configuration, roster or password file (provisioner daemon names the
+    # file and line): restarting every RestartSec cannot fix it, only the operator can.
+    assert one("RestartPreventExitStatus").split() == ["2"]

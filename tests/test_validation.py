@@ -1,4 +1,8 @@
+import re
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from provisioner import validation
 from provisioner.errors import InvalidInput
@@ -50,3 +54,58 @@ def test_tags() -> None:
         validation.tags(tuple((f"k{i}", "v") for i in range(51)))
     with pytest.raises(InvalidInput):
         validation.tags((("k", "v"), ("K", "w")))
+
+
+# --- numbers from text: one strict parser for serials, ids, ports, --since amounts ------------
+
+
+@given(st.integers(min_value=1, max_value=2**32 - 1))
+def test_every_token_serial_reads_back(serial: int) -> None:
+    assert validation.token_serial(str(serial)) == serial
+
+
+@given(st.text(max_size=30))
+def test_a_token_serial_is_ascii_digits_in_range_or_one_clear_refusal(text: str) -> None:
+    try:
+        serial = validation.token_serial(text)
+    except InvalidInput as e:
+        line = e.one_line()
+        assert "\n" not in line and "token serial" in line
+        return
+    # What passes is exactly what a person means by a serial: nothing int() forgives.
+    assert re.fullmatch("[0-9]+", text)
+    assert serial == int(text) and 0 < serial < 2**32
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "²",  # isdigit() says yes, int() says no
+        "١٢٣",  # Arabic-Indic digits: int() reads 123
+        "１２３",  # full-width digits: int() reads 123
+        "+5",
+        "-5",
+        " 5",
+        "5\n",
+        "1_000",
+        "0",
+        "4294967296",
+        "",
+        "5.0",
+        "0x10",
+        "9" * 5000,
+    ],
+)
+def test_what_int_forgives_is_not_a_token_serial(text: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        validation.token_serial(text)
+    assert len(info.value.one_line()) < 200  # a 5000-digit "serial" is not echoed whole
+
+
+@given(st.integers(min_value=0, max_value=10**6), st.integers(min_value=0, max_value=10**6))
+def test_whole_number_keeps_to_its_range(value: int, maximum: int) -> None:
+    if value <= maximum:
+        assert validation.whole_number(str(value), "a count", maximum=maximum) == value
+    else:
+        with pytest.raises(InvalidInput, match="a count"):
+            validation.whole_number(str(value), "a count", maximum=maximum)
