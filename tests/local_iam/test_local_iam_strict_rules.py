@@ -401,6 +401,9 @@ def test_tag_untag_and_list_tags(iam: Any, new_device: NewDevice) -> None:
     tags = iam.list_mfa_device_tags(SerialNumber=device.serial)["Tags"]
     # IAM tag keys are case-insensitive: "Desk" replaced "desk".
     assert tags == [{"Key": "Desk", "Value": "2"}, {"Key": "user", "Value": "alice"}]
+    iam.tag_mfa_device(SerialNumber=device.serial, Tags=[{"Key": "desk", "Value": "3"}])
+    tags = iam.list_mfa_device_tags(SerialNumber=device.serial)["Tags"]
+    assert tags == [{"Key": "desk", "Value": "3"}, {"Key": "user", "Value": "alice"}]
     iam.untag_mfa_device(SerialNumber=device.serial, TagKeys=["DESK"])
     assert iam.list_mfa_device_tags(SerialNumber=device.serial)["Tags"] == [
         {"Key": "user", "Value": "alice"}
