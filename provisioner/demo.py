@@ -31,7 +31,7 @@ from .emulator import (
 )
 from .errors import EnrollmentFailed, ProvisionerError
 from .local_iam import LocalIamServer
-from .model import EnrollmentResult
+from .model import TOTP_PERIOD, EnrollmentResult
 from .yubikey import Pcsc, YubiKeyToken, open_token
 
 FIRST_SERIAL = 31_000_001
@@ -210,8 +210,12 @@ def _show_server_check(server: LocalIamServer, result: EnrollmentResult, out: Te
     if attempts:
         offset = attempts[-1].step_offset or 0
         pair = {0: "N-1 and N", 1: "N and N+1", -1: "N-2 and N-1"}.get(offset, str(offset))
+        # N by the server's own clock, so a reader (and test_demo) can compare it with the
+        # steps the desk says it computed.
+        now_step = int(attempts[-1].server_time // TOTP_PERIOD)
         out.write(
-            f"  IAM checked both codes against the seed it holds, at its own time: steps {pair}\n"
+            f"  IAM checked both codes against the seed it holds, at its own time: steps {pair}"
+            f" (IAM's step N = {now_step})\n"
         )
 
 

@@ -498,7 +498,7 @@ def codes_on_token(
     when the desk still holds it."""
     plan = plan_window(clock.now(), margin=margin, uncertainty=clock.uncertainty())
     if plan.wait > 0:
-        progress.notice(f"{plan.wait:.1f} s until the next time step: waiting for it")
+        progress.notice(f"{plan.wait:.1f} s until a time step has surely begun: waiting for it")
         clock.sleep(plan.wait)
     if credential.touch:
         progress.notice("touch the token now (twice: one touch per code)")

@@ -59,13 +59,15 @@ def plan_window(now: float, *, margin: float, uncertainty: float = 0.0) -> Windo
 
     ``uncertainty`` is how far ``now`` may be off (the Date header has 1 s resolution).
     If less than ``margin`` is surely left of the current step, wait until the next step
-    has surely begun and use that one.
+    has surely begun and use that one. Early in a step, wait until it has surely begun:
+    while AWS may still be in the previous step, its code is one of the future.
     """
     if margin < 0 or margin >= TOTP_PERIOD:
         raise ValueError("margin must be at least 0 and less than one period")
     step = time_step(now)
     left = (step + 1) * TOTP_PERIOD - now - uncertainty
     if left >= margin:
-        return WindowPlan(wait=0.0, first_step=step - 1, seconds_left=left)
+        early = max(0.0, step * TOTP_PERIOD + uncertainty - now)
+        return WindowPlan(wait=early, first_step=step - 1, seconds_left=left - early)
     wait = (step + 1) * TOTP_PERIOD - now + uncertainty
     return WindowPlan(wait=wait, first_step=step, seconds_left=TOTP_PERIOD - 2 * uncertainty)

@@ -117,7 +117,8 @@ class FakeIam:
             raise MfaLimitExceeded("8 devices")
         now = time_step(self.clock.now())
         seed = Seed(device.seed)
-        for second in (now - 1, now, now + 1):
+        # The strict local IAM server's window: pairs ending at N or N-1, never N+1.
+        for second in (now - 1, now):
             if code_at(seed, (second - 1) * 30) == code1 and code_at(seed, second * 30) == code2:
                 device.user = user
                 self.users[user].append(serial)
@@ -132,7 +133,7 @@ class FakeIam:
             raise NoSuchEntity("not assigned to that user")
         now = time_step(self.clock.now())
         seed = Seed(device.seed)
-        for second in (now - 1, now, now + 1):
+        for second in (now - 1, now):
             if code_at(seed, (second - 1) * 30) == code1 and code_at(seed, second * 30) == code2:
                 self.resynced.append(serial)
                 return

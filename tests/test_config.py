@@ -1,8 +1,8 @@
-import os
 from pathlib import Path
 
 import pytest
 
+from provisioner import config as config_module
 from provisioner.config import Config, load, override, parse
 from provisioner.errors import ConfigError
 
@@ -61,10 +61,29 @@ def test_mistakes_are_named(text: str, fragment: str) -> None:
     assert fragment in info.value.one_line()
 
 
-def test_missing_default_file_means_defaults_but_explicit_must_exist(tmp_path: Path) -> None:
-    os.environ.pop("PROVISIONER_CONFIG", None)
-    with pytest.raises(ConfigError):
-        load(tmp_path / "nope.toml")
+def test_missing_default_file_means_defaults_but_explicit_must_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = tmp_path / "etc/provisioner/provisioner.toml"
+    monkeypatch.setattr(config_module, "DEFAULT_PATH", default)
+    monkeypatch.delenv("PROVISIONER_CONFIG", raising=False)
+    # Nothing at the default path: the built-in defaults, said to be such.
+    loaded = load()
+    assert loaded == Config()
+    assert loaded.source == "built-in defaults"
+    # A file there is read: the defaults above came from its absence.
+    default.parent.mkdir(parents=True)
+    default.write_text('desk = "front-desk"\n')
+    assert (load().desk, load().source) == ("front-desk", str(default))
+    # An explicit path, as an argument or in $PROVISIONER_CONFIG, must exist.
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load(missing)
+    assert info.value.one_line().startswith(f"configuration file {missing} does not exist")
+    monkeypatch.setenv("PROVISIONER_CONFIG", str(missing))
+    with pytest.raises(ConfigError) as info:
+        load()
+    assert info.value.one_line().startswith(f"configuration file {missing} does not exist")
 
 
 def test_flags_override_the_file() -> None:

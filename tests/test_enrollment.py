@@ -6,6 +6,7 @@ import pytest
 from fakes import FakeClock, FakeIam
 
 from provisioner.emulator import Capability, EmulatedConnection, EmulatedYubiKey
+from provisioner.emulator.oath import INS_DELETE, INS_PUT
 from provisioner.enrollment import Enrollment, EnrollmentSettings
 from provisioner.errors import (
     AlreadyEnrolled,
@@ -364,8 +365,14 @@ def test_card_pulled_and_not_put_back_names_what_is_left() -> None:
         token.calculate = pull_then_calculate  # type: ignore[method-assign]
         with pytest.raises(EnrollmentFailed) as info:
             enrollment.run(token, "alice")
-    assert count >= 0
-    assert info.value.leftovers and CRED_ID in info.value.leftovers[0]
+    failed = info.value
+    # Pulled while computing codes (reported under 'enable', the step that computes them),
+    # after the token had stored the credential and before a rollback could delete it.
+    assert (failed.step, type(failed.cause)) == (Step.ENABLE, TokenRemoved)
+    during = [(record.ins, record.sw) for record in desk.key.history[count:]]
+    assert (INS_PUT, 0x9000) in during
+    assert INS_DELETE not in [ins for ins, _ in during]
+    assert failed.leftovers and CRED_ID in failed.leftovers[0]
     assert "NOT fully rolled back" in str(info.value)
     assert desk.iam.devices == {}  # the IAM side was still undone
     desk.key.insert()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sysconfig
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -210,11 +212,21 @@ def test_a_failing_reload_is_reported_not_raised(fake_commands: Path, tmp_path: 
     assert lines[1] == "skipped udevadm control --reload: udevd not running"
 
 
+def installed_console_script() -> Path:
+    """The `provisioner` command pip installed into the environment running the tests,
+    wherever that environment is (it need not be REPO/.venv)."""
+    (entry,) = [e for e in entry_points(group="console_scripts") if e.name == "provisioner"]
+    assert entry.value == "provisioner.cli:main"
+    script = Path(sysconfig.get_path("scripts")) / entry.name
+    assert script.is_file() and os.access(script, os.X_OK), f"pip install -e . makes {script}"
+    return script
+
+
 @pytest.mark.slow
 def test_the_installed_unit_verifies_clean(tmp_path: Path) -> None:
-    command = str(REPO / ".venv/bin/provisioner")
-    assert Path(command).is_file(), "pip install -e . makes the console script"
+    command = str(installed_console_script())
     install(tmp_path, command)
+    assert exec_start((tmp_path / UNIT).read_text())[0].startswith(f"ExecStart={command} ")
     result = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / UNIT)],
         capture_output=True,

@@ -181,6 +181,23 @@ def test_replace_whose_enrollment_fails_keeps_the_old_token() -> None:
     assert w.iam.users["alice"] == [old] and w.creds(1001) == [CRED] and w.creds(1002) == []
 
 
+def test_replace_refuses_to_guess_among_old_tokens_and_takes_the_one_named() -> None:
+    w = World()
+    w.keys[1003] = EmulatedYubiKey(serial=1003)
+    first, second = w.enroll("alice", 1001), w.enroll("alice", 1003)
+    before = len(w.iam.calls)
+    with pytest.raises(InvalidInput) as info:
+        _replace(w)
+    assert info.value.one_line() == (
+        "alice has several tokens (1001, 1003) (say which with --old-serial)"
+    )
+    assert "create_virtual_mfa_device" not in w.iam.calls[before:]  # nothing was done
+    done = _replace(w, old_serial=1003)
+    assert sorted(w.iam.users["alice"]) == sorted([first, done.enrolled.device_arn])
+    assert second not in w.iam.devices and first in w.iam.devices
+    assert w.creds(1001) == [CRED] and w.creds(1002) == [CRED]
+
+
 def test_replace_needs_an_old_token() -> None:
     w = World()
     with pytest.raises(NoSuchEntity) as info:

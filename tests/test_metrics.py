@@ -77,7 +77,9 @@ def test_iam_calls_and_retries_by_action() -> None:
     metrics, _, _ = make()
     metrics.iam_call("CreateVirtualMFADevice", 2, None)
     metrics.iam_call("EnableMFADevice", 0, "InvalidAuthenticationCode")
+    metrics.iam_call("GetUser", 1, None)
     assert value(metrics, "provisioner_iam_retries_total", action="CreateVirtualMFADevice") == 2
+    assert value(metrics, "provisioner_iam_retries_total", action="GetUser") == 1
     assert value(metrics, "provisioner_iam_retries_total", action="EnableMFADevice") is None
     assert (
         value(

@@ -30,10 +30,13 @@ def test_bad_base32_error_does_not_echo_the_text() -> None:
 
 def test_wipe_forgets_the_key() -> None:
     seed = Seed(KEY)
+    held = seed._key  # the buffer the seed owns: wiping must overwrite it, not just drop it
     seed.wipe()
     assert seed.wiped
-    with pytest.raises(ValueError):
+    assert held == bytearray(len(KEY))
+    with pytest.raises(ValueError) as info:
         seed.reveal()
+    assert str(info.value) == "the seed was wiped"
 
 
 def test_never_pickled() -> None:

@@ -66,6 +66,19 @@ def test_wait_never_exceeds_margin_plus_uncertainty() -> None:
         # submitted during the pair's second step, with at least the margin of it left
         assert time_step(after) == plan.first_step + 1
         assert (plan.first_step + 2) * 30 - after >= 5
+        # ... and that step has surely begun on AWS's clock: no code of a future step
+        assert after - 1 >= (plan.first_step + 1) * 30
+
+
+def test_early_in_a_step_waits_until_it_has_surely_begun_on_aws_clock() -> None:
+    # 0.3 s into step 1000 by the best estimate, give or take 1 s: AWS may still be in
+    # step 999, where the code of step 1000 is one of the future, and refused.
+    plan = plan_window(1000 * 30 + 0.3, margin=5, uncertainty=1.0)
+    assert plan.wait == pytest.approx(0.7)
+    assert plan.first_step == 999
+    assert plan.seconds_left == pytest.approx(28.0)
+    sure = plan_window(1000 * 30 + 1.0, margin=5, uncertainty=1.0)
+    assert (sure.wait, sure.first_step) == (0, 999)
 
 
 def test_timestamps_are_never_zero() -> None:

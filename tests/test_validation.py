@@ -43,17 +43,39 @@ def test_invalid_paths(path: str) -> None:
 
 
 def test_serial_numbers() -> None:
-    validation.serial_number("arn:aws:iam::123456789012:mfa/provisioner/alice.yubikey.1")
-    with pytest.raises(InvalidInput):
+    serial = "arn:aws:iam::123456789012:mfa/provisioner/alice.yubikey.1"
+    assert validation.serial_number(serial) == serial
+    with pytest.raises(InvalidInput) as info:
         validation.serial_number("short")
+    assert info.value.message == "'short' is not a valid MFA device serial number"
 
 
-def test_tags() -> None:
-    validation.tags((("provisioner:desk", "front"),))
-    with pytest.raises(InvalidInput):
-        validation.tags(tuple((f"k{i}", "v") for i in range(51)))
-    with pytest.raises(InvalidInput):
-        validation.tags((("k", "v"), ("K", "w")))
+def test_valid_tags_pass_unchanged() -> None:
+    fifty = tuple((f"k{i}", "v") for i in range(50))
+    assert validation.tags(fifty) == fifty
+    pairs = (("provisioner:desk", "front"), ("cost centre", ""), ("my-aws:x", "a/b=c+d@e"))
+    assert validation.tags(pairs) == pairs
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (tuple((f"k{i}", "v") for i in range(51)), "51 tags given; IAM takes at most 50"),
+        ((("k", "v"), ("K", "w")), "tag 'K' is given twice"),
+        ((("aws:owner", "me"),), "'aws:owner' is not a valid IAM tag key"),
+        ((("AWS:owner", "me"),), "'AWS:owner' is not a valid IAM tag key"),  # any case
+        ((("", "v"),), "'' is not a valid IAM tag key"),
+        ((("k" * 129, "v"),), f"'{'k' * 129}' is not a valid IAM tag key"),
+        ((("k", "v!"),), "the value of tag 'k' is not valid for IAM: 'v!'"),
+        ((("k", "v" * 257),), f"the value of tag 'k' is not valid for IAM: '{'v' * 257}'"),
+    ],
+)
+def test_invalid_tags_are_refused_naming_the_tag(
+    pairs: tuple[tuple[str, str], ...], message: str
+) -> None:
+    with pytest.raises(InvalidInput) as info:
+        validation.tags(pairs)
+    assert info.value.message == message
 
 
 # --- numbers from text: one strict parser for serials, ids, ports, --since amounts ------------

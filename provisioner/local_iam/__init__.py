@@ -6,12 +6,12 @@ to it over HTTP with the real boto3; :class:`LocalIamServer` starts and stops it
 drives its control API (faults, clock offset, attempt log, call counts, reset).
 
 What it enforces beyond moto (see ``strict.py``): EnableMFADevice and ResyncMFADevice
-take only the device's TOTP codes of two consecutive steps (s-1, s) with s within one
-step of the server's step N; unknown users and devices, devices in use, a ninth device
-per user, malformed codes, bad device names and paths, deleting an assigned device or a
-user who still has one are refused with AWS's error codes and statuses; tags are kept;
-Tag/Untag/ListMFADeviceTags and ResyncMFADevice exist; ListVirtualMFADevices never
-returns seeds. STS GetSessionToken with SerialNumber/TokenCode checks the code (steps
+take only the device's TOTP codes of two consecutive steps (s-1, s) with s the server's
+step N or N-1 (never a step not yet begun); unknown users and devices, devices in use, a
+ninth device per user, malformed codes, bad device names and paths, deleting an assigned
+device or a user who still has one are refused with AWS's error codes and statuses; tags
+are kept; Tag/Untag/ListMFADeviceTags and ResyncMFADevice exist; ListVirtualMFADevices
+never returns seeds. STS GetSessionToken with SerialNumber/TokenCode checks the code (steps
 N-1..N+1, no reuse of a step already used for a login) against an assigned device.
 
 Authorization (``authorization.py``) is off by default: with the dummy credentials the

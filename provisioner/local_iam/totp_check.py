@@ -4,8 +4,11 @@ IAM's virtual MFA devices use RFC 6238 with SHA1, 6 digits and a 30 s step. AWS 
 publish its acceptance window; the stand-in accepts, at server step N:
 
 * a code pair (EnableMFADevice, ResyncMFADevice): the codes of two consecutive steps
-  (s-1, s) with s in N-1..N+1, i.e. the pairs (N-2, N-1), (N-1, N) and (N, N+1);
-* a single code (GetSessionToken): the code of a step in N-1..N+1.
+  (s-1, s) with s in N-1..N, i.e. the pairs (N-2, N-1) and (N-1, N). Never (N, N+1):
+  a device cannot show the code of a step that has not begun, so a pair reaching into
+  the future is codes computed for the wrong steps (the desk submits N-1 and N);
+* a single code (GetSessionToken): the code of a step in N-1..N+1 (a login allows for a
+  device's clock running a step ahead, as TOTP verifiers do).
 
 Everything here is pure: the time is an argument and nothing is logged. Refusals carry a
 short reason and, when the codes are recognisable within ``DIAGNOSTIC_STEPS`` of N, how
@@ -25,7 +28,8 @@ import pyotp
 
 STEP_SECONDS = 30
 DIGITS = 6
-ACCEPTED_OFFSETS = (0, -1, 1)  # s - N, most likely first
+PAIR_OFFSETS = (0, -1)  # s - N for the later code of a pair, most likely first
+CODE_OFFSETS = (0, -1, 1)  # s - N for a login code
 DIAGNOSTIC_STEPS = 20  # how far to look for a refused code, for the log only
 
 _CODE_RE = re.compile(r"[0-9]{6}")
@@ -87,12 +91,13 @@ class _Codes:
 
 
 def check_code_pair(seed: str, code1: str, code2: str, *, now: float) -> Verdict:
-    """Check two codes as EnableMFADevice/ResyncMFADevice do: consecutive, near N."""
+    """Check two codes as EnableMFADevice/ResyncMFADevice do: consecutive, ending at N or
+    N-1."""
     if not (is_well_formed(code1) and is_well_formed(code2)):
         return Verdict(False, Refusal.MALFORMED)
     codes = _Codes(seed)
     current = step_at(now)
-    for offset in ACCEPTED_OFFSETS:
+    for offset in PAIR_OFFSETS:
         s = current + offset
         if codes.matches(s - 1, code1) and codes.matches(s, code2):
             return Verdict(True, None, s, offset)
@@ -117,7 +122,7 @@ def check_code(seed: str, code: str, *, now: float, after_step: int | None = Non
         return Verdict(False, Refusal.MALFORMED)
     codes = _Codes(seed)
     current = step_at(now)
-    for offset in ACCEPTED_OFFSETS:
+    for offset in CODE_OFFSETS:
         s = current + offset
         if codes.matches(s, code):
             if after_step is not None and s <= after_step:

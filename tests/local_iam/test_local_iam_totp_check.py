@@ -28,8 +28,8 @@ def test_rfc6238_sha1_vector_through_the_same_generator() -> None:
     assert pyotp.TOTP(rfc_seed).generate_otp(step_at(59)) == "287082"
 
 
-@pytest.mark.parametrize("offset", [-1, 0, 1])
-def test_pair_of_consecutive_steps_within_one_step_of_now_is_accepted(offset: int) -> None:
+@pytest.mark.parametrize("offset", [-1, 0])
+def test_pair_of_consecutive_steps_ending_at_now_or_one_before_is_accepted(offset: int) -> None:
     s = N + offset
     verdict = check_code_pair(SEED, code(s - 1), code(s), now=NOW)
     assert verdict.accepted
@@ -37,7 +37,25 @@ def test_pair_of_consecutive_steps_within_one_step_of_now_is_accepted(offset: in
     assert verdict.step == s
 
 
-@pytest.mark.parametrize("offset", [-3, -2, 2, 3])
+def test_pair_ending_in_a_step_not_yet_begun_is_refused() -> None:
+    # N and N+1 at step N: the later code is one the device could not show yet.
+    verdict = check_code_pair(SEED, code(N), code(N + 1), now=NOW)
+    assert (verdict.accepted, verdict.reason, verdict.step, verdict.step_offset) == (
+        False,
+        Refusal.OUTSIDE_WINDOW,
+        N + 1,
+        1,
+    )
+
+
+def test_pair_ending_at_now_is_accepted_from_the_first_instant_of_the_step() -> None:
+    start = N * 30.0
+    assert check_code_pair(SEED, code(N - 1), code(N), now=start).accepted
+    early = check_code_pair(SEED, code(N - 1), code(N), now=start - 0.001)
+    assert (early.accepted, early.step_offset) == (False, 1)
+
+
+@pytest.mark.parametrize("offset", [-3, -2, 1, 2, 3])
 def test_pair_further_away_is_refused_as_outside_the_window(offset: int) -> None:
     s = N + offset
     verdict = check_code_pair(SEED, code(s - 1), code(s), now=NOW)
