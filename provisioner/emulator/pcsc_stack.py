@@ -171,16 +171,6 @@ class PcscStack:
         card.insert(not_before=None if gap_from is None else gap_from + REINSERT_GAP)
         self._cards[slot] = card
         if wait and not self.wait_for_card(slot, present=True, timeout=timeout):
-            # vpcd now and then misses an insertion that follows pcscd's failed resets of
-            # the card it lost (a reader reconnecting every 200 ms): pull it and put it
-            # back once, as a person would, before calling the reader broken.
-            logger.warning("pcscd missed the card in %s: inserting it again", slot)
-            card.remove()
-            gap_from = card.removed_at
-            card = VpcdCard(key, port=VPCD_PORT + slot, host=VPCD_HOST)
-            card.insert(not_before=None if gap_from is None else gap_from + REINSERT_GAP)
-            self._cards[slot] = card
-        if wait and not self.wait_for_card(slot, present=True, timeout=timeout):
             raise PcscStackError(
                 f"pcscd did not see the card in {self.reader_names[slot]!r} within "
                 f"{timeout} s{self._log_excerpt()}"
