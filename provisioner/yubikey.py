@@ -135,7 +135,7 @@ class PcscConnection(SmartCardConnection):
             self._card,
             scard.SCARD_SHARE_EXCLUSIVE,
             scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
-            scard.SCARD_RESET_CARD,
+            scard.SCARD_LEAVE_CARD,
         )
         if hresult != scard.SCARD_S_SUCCESS:
             raise PcscError(f"reconnecting to {self.reader}", hresult)
