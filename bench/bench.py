@@ -40,13 +40,13 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from harness import Daemon, make_workdir, wait_for, write_config  # noqa: E402
 from yubikit.core.smartcard import SmartCardConnection  # noqa: E402
 
-from provisioner.aws_iam import IamClient  # noqa: E402
-from provisioner.clock import AwsClock  # noqa: E402
-from provisioner.emulator import EmulatedConnection, EmulatedYubiKey, PcscStack  # noqa: E402
-from provisioner.enrollment import Enrollment, EnrollmentSettings  # noqa: E402
-from provisioner.local_iam import LocalIamServer  # noqa: E402
-from provisioner.store import Store  # noqa: E402
-from provisioner.yubikey import Pcsc, YubiKeyToken  # noqa: E402
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey, PcscStack  # noqa: E402
+from local_iam_server import LocalIamServer  # noqa: E402
+from provisioner.adapters.aws.iam import IamClient  # noqa: E402
+from provisioner.adapters.sqlite_store import Store  # noqa: E402
+from provisioner.adapters.yubikey import Pcsc, YubiKeyToken  # noqa: E402
+from provisioner.core.clock import AwsClock  # noqa: E402
+from provisioner.core.enrollment import Enrollment, EnrollmentSettings  # noqa: E402
 
 RESULTS = HERE / "results"
 COMMANDS = {0xA4: "SELECT", 0x1D: "READ_CONFIG", 0xA1: "LIST", 0x01: "PUT", 0xA2: "CALCULATE"}

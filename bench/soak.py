@@ -31,8 +31,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from harness import ACCOUNT, Daemon, make_workdir, wait_for, write_config  # noqa: E402
 
-from provisioner.emulator import EmulatedYubiKey, PcscStack  # noqa: E402
-from provisioner.local_iam import LocalIamServer  # noqa: E402
+from emulated_yubikey import EmulatedYubiKey, PcscStack  # noqa: E402
+from local_iam_server import LocalIamServer  # noqa: E402
 
 FIRST_SERIAL = 70_000_000
 

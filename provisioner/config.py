@@ -15,10 +15,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import validation
-from .enrollment import EnrollmentSettings
-from .errors import ConfigError, InvalidInput
-from .files import read_trusted
+from provisioner.adapters.files import read_trusted
+from provisioner.core import validation
+from provisioner.core.enrollment import EnrollmentSettings
+from provisioner.core.errors import ConfigError, InvalidInput
 
 DEFAULT_PATH = Path("/etc/provisioner/provisioner.toml")
 ENV_PATH = "PROVISIONER_CONFIG"

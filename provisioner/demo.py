@@ -14,14 +14,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol, TextIO
 
-from .aws_iam import login_with_mfa
-from .cli import TerminalProgress
-from .config import Config
-from .desk import Desk
-from .emulator import (
+from emulated_yubikey import (
     DEFAULT_READER_NAME,
     EmulatedConnection,
     EmulatedYubiKey,
@@ -29,10 +25,17 @@ from .emulator import (
     PcscStackError,
     VpcdCard,
 )
-from .errors import EnrollmentFailed, ProvisionerError
-from .local_iam import LocalIamServer
-from .model import TOTP_PERIOD, EnrollmentResult
-from .yubikey import Pcsc, YubiKeyToken, open_token
+from local_iam_server import LocalIamServer
+from provisioner.adapters.aws.iam import login_with_mfa
+from provisioner.adapters.yubikey import Pcsc, YubiKeyToken, open_token
+from provisioner.config import Config
+from provisioner.core.errors import EnrollmentFailed, ProvisionerError
+from provisioner.core.model import TOTP_PERIOD, EnrollmentResult
+from provisioner.core.ports import Progress
+from provisioner.desk import Desk
+
+#: Makes the progress display for one enrollment (the CLI's terminal lines, indented).
+ProgressFactory = Callable[[], Progress]
 
 FIRST_SERIAL = 31_000_001
 VPCD_PORT = 35963
@@ -154,7 +157,7 @@ def _readers(in_process: bool, out: TextIO) -> Iterator[_Readers | None]:
         stack.stop()
 
 
-def run_demo(users: list[str], in_process: bool, out: TextIO) -> int:
+def run_demo(users: list[str], in_process: bool, out: TextIO, progress: ProgressFactory) -> int:
     if not users:
         out.write("provisioner demo: no users given\n")
         return 2
@@ -168,12 +171,18 @@ def run_demo(users: list[str], in_process: bool, out: TextIO) -> int:
         with _readers(in_process, out) as readers:
             tokens = _Tokens(readers)
             try:
-                return _enroll_all(server, tokens, users, out)
+                return _enroll_all(server, tokens, users, out, progress)
             finally:
                 tokens.close()
 
 
-def _enroll_all(server: LocalIamServer, tokens: _Tokens, users: list[str], out: TextIO) -> int:
+def _enroll_all(
+    server: LocalIamServer,
+    tokens: _Tokens,
+    users: list[str],
+    out: TextIO,
+    progress: ProgressFactory,
+) -> int:
     desk = Desk.from_config(Config(desk="demo-desk"))
     out.write(f"tokens are plugged in {tokens.how}\n")
     results: list[tuple[EnrollmentResult, EmulatedYubiKey]] = []
@@ -181,9 +190,8 @@ def _enroll_all(server: LocalIamServer, tokens: _Tokens, users: list[str], out: 
         key = EmulatedYubiKey(serial=FIRST_SERIAL + i)
         out.write(f"\n== {user}: YubiKey {key.serial} plugged in\n")
         with tokens.plugged(key, i % 2) as token:
-            progress = TerminalProgress(out, prefix="  ")
             try:
-                result = desk.enrollment(progress).run(token, user)
+                result = desk.enrollment(progress()).run(token, user)
             except ProvisionerError as e:
                 out.write(f"  FAILED: {e.one_line()}\n")
                 return 1
@@ -196,7 +204,7 @@ def _enroll_all(server: LocalIamServer, tokens: _Tokens, users: list[str], out: 
     out.write(
         f"\n== what a failure looks like: IAM fails at EnableMFADevice for {victim}'s second key\n"
     )
-    spare = _show_rollback(server, tokens, desk, victim, out)
+    spare = _show_rollback(server, tokens, desk, victim, out, progress)
 
     return _summary(server, results, spare, out)
 
@@ -226,7 +234,12 @@ def _login(desk: Desk, token: YubiKeyToken, result: EnrollmentResult, out: TextI
 
 
 def _show_rollback(
-    server: LocalIamServer, tokens: _Tokens, desk: Desk, user: str, out: TextIO
+    server: LocalIamServer,
+    tokens: _Tokens,
+    desk: Desk,
+    user: str,
+    out: TextIO,
+    progress: ProgressFactory,
 ) -> EmulatedYubiKey:
     key = EmulatedYubiKey(serial=FIRST_SERIAL + 99)
     server.inject_fault(
@@ -234,7 +247,7 @@ def _show_rollback(
     )
     with tokens.plugged(key, 0) as token:
         try:
-            desk.enrollment(TerminalProgress(out, prefix="  ")).run(token, user)
+            desk.enrollment(progress()).run(token, user)
         except EnrollmentFailed as e:
             out.write(f"  failed as expected: {e.one_line()}\n")
         else:

@@ -9,16 +9,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .aws_iam import IamClient
-from .clock import AwsClock
-from .config import Config
-from .enrollment import Enrollment
-from .lifecycle import Lifecycle
-from .ownership import alive
-from .ports import Journal, Progress
-from .recovery import Recovery
-from .store import Store
-from .yubikey import find_by_serial
+from provisioner.adapters.aws.iam import IamClient
+from provisioner.adapters.ownership import alive
+from provisioner.adapters.sqlite_store import Store
+from provisioner.adapters.yubikey import find_by_serial
+from provisioner.config import Config
+from provisioner.core.clock import AwsClock
+from provisioner.core.enrollment import Enrollment
+from provisioner.core.lifecycle import Lifecycle
+from provisioner.core.ports import Journal, Progress
+from provisioner.core.recovery import Recovery
 
 log = logging.getLogger("provisioner")
 

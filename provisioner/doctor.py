@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from . import install
-from .aws_iam import IamClient
-from .clock import AwsClock
-from .config import Config
-from .control import socket_answers
-from .errors import AccessDenied, ProvisionerError, TokenBusy, TokenRemoved
-from .permissions import POLICY_FILE, checks, missing, policy_source_arn
-from .yubikey import Pcsc
+from provisioner import install
+from provisioner.adapters.aws.iam import IamClient
+from provisioner.adapters.aws.permissions import POLICY_FILE, checks, missing, policy_source_arn
+from provisioner.adapters.control_socket import socket_answers
+from provisioner.adapters.yubikey import Pcsc
+from provisioner.config import Config
+from provisioner.core.clock import AwsClock
+from provisioner.core.errors import AccessDenied, ProvisionerError, TokenBusy, TokenRemoved
 
 #: libpcsclite's socket to pcscd; PCSCLITE_CSOCK_NAME moves it, as it does for libpcsclite.
 PCSCD_SOCKET = "/run/pcscd/pcscd.comm"

@@ -25,7 +25,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from .errors import ConfigError, ProvisionerError
+from provisioner.adapters.ownership import SERVICE_USER
+from provisioner.core.errors import ConfigError, ProvisionerError
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +43,6 @@ RULE_PATH = Path("etc/udev/rules.d/70-provisioner.rules")
 SYSUSERS_PATH = Path("usr/lib/sysusers.d/provisioner.conf")
 CONFIG_PATH = Path("etc/provisioner/provisioner.toml")
 
-SERVICE_USER = "provisioner"
 GROUPS = ("provisioner", "provisioner-operators")
 STATE_DIRECTORY = "/var/lib/provisioner"
 #: ProtectHome=yes hides these from the service: its command cannot live there.

@@ -12,8 +12,8 @@ import boto3  # noqa: E402
 import pytest  # noqa: E402
 from harness import make_workdir  # noqa: E402
 
-from provisioner.emulator import PcscStack  # noqa: E402
-from provisioner.local_iam import LocalIamServer  # noqa: E402
+from emulated_yubikey import PcscStack  # noqa: E402
+from local_iam_server import LocalIamServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from provisioner.errors import (
+from provisioner.core.errors import (
     DeleteConflict,
     EntityAlreadyExists,
     IamError,
@@ -19,9 +19,9 @@ from provisioner.errors import (
     NoSuchEntity,
     UserNotFound,
 )
-from provisioner.model import DeviceSpec, VirtualDevice
-from provisioner.secret import Seed
-from provisioner.totp import code_at, time_step
+from provisioner.core.model import DeviceSpec, VirtualDevice
+from provisioner.core.secret import Seed
+from provisioner.core.totp import code_at, time_step
 
 ACCOUNT = "123456789012"
 

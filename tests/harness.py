@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provisioner.control import ControlClient
-from provisioner.emulator import PcscStack
-from provisioner.local_iam import LocalIamServer
+from emulated_yubikey import PcscStack
+from local_iam_server import LocalIamServer
+from provisioner.adapters.control_socket import ControlClient
 
 ACCOUNT = "123456789012"
 

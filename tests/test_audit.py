@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from provisioner.audit import log_line, parse_since, render
-from provisioner.errors import InvalidInput
-from provisioner.store import Store
+from provisioner.adapters.sqlite_store import Store
+from provisioner.core.audit import log_line, parse_since, render
+from provisioner.core.errors import InvalidInput
 
 RECORD = {
     "id": 1,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from provisioner.aws_iam import IamClient
-from provisioner.clock import AwsClock
-from provisioner.errors import (
+from local_iam_server import LocalIamServer
+from provisioner.adapters.aws.iam import IamClient
+from provisioner.adapters.aws.permissions import Decision
+from provisioner.core.clock import AwsClock
+from provisioner.core.errors import (
     AccessDenied,
     AwsCredentialsMissing,
     ConcurrentModification,
@@ -22,10 +24,8 @@ from provisioner.errors import (
     Throttled,
     UserNotFound,
 )
-from provisioner.local_iam import LocalIamServer
-from provisioner.model import DeviceSpec
-from provisioner.permissions import Decision
-from provisioner.totp import code_at, time_step
+from provisioner.core.model import DeviceSpec
+from provisioner.core.totp import code_at, time_step
 
 pytestmark = pytest.mark.iam_server
 
@@ -288,7 +288,7 @@ def test_access_denied_without_aws_words_names_the_action_called(
 
 
 def test_a_refused_login_is_no_missing_permission(local_iam: LocalIamServer) -> None:
-    from provisioner.aws_iam import login_with_mfa
+    from provisioner.adapters.aws.iam import login_with_mfa
 
     with pytest.raises(AccessDenied) as info:
         login_with_mfa("arn:aws:iam::123456789012:mfa/provisioner/nothing", "123456")

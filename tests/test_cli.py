@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from harness import run_cli
 
-from provisioner.cli import EXIT_CODES_HELP, build_parser, exit_code, main
-from provisioner.errors import (
+from provisioner.cli.main import EXIT_CODES_HELP, build_parser, exit_code, main
+from provisioner.core.errors import (
     ConfigError,
     EnrollmentFailed,
     InvalidAuthenticationCode,

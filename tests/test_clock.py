@@ -1,6 +1,6 @@
 import pytest
 
-from provisioner.clock import AwsClock
+from provisioner.core.clock import AwsClock
 
 
 class Local:

@@ -5,7 +5,7 @@ import pytest
 
 from provisioner import config as config_module
 from provisioner.config import Config, load, override, parse
-from provisioner.errors import ConfigError
+from provisioner.core.errors import ConfigError
 
 EXAMPLE = Path(__file__).parent.parent / "provisioner.toml.example"
 
@@ -202,7 +202,7 @@ def test_a_configuration_file_others_may_write_is_refused(tmp_path: Path, mode: 
 
 
 def test_a_roster_others_may_write_is_refused(tmp_path: Path) -> None:
-    from provisioner.roster import load as load_roster
+    from provisioner.adapters.files import load_roster
 
     path = tmp_path / "roster.csv"
     path.write_text("serial,user\n1,alice\n")
@@ -215,7 +215,7 @@ def test_a_roster_others_may_write_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_file_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
-    from provisioner.files import read_trusted
+    from provisioner.adapters.files import read_trusted
 
     path = tmp_path / "provisioner.toml"
     path.write_text('desk = "d"\n')
@@ -232,7 +232,7 @@ def test_a_file_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
 def test_the_refusal_is_exit_2_and_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from provisioner.cli import main
+    from provisioner.cli.main import main
 
     path = tmp_path / "provisioner.toml"
     path.write_text('desk = "d"\n')

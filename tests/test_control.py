@@ -21,9 +21,7 @@ from typing import Any
 import pytest
 from harness import wait_for
 
-from provisioner.cli import main
-from provisioner.config import Config, DaemonConfig
-from provisioner.control import (
+from provisioner.adapters.control_socket import (
     Authorizer,
     ControlClient,
     ControlServer,
@@ -32,10 +30,13 @@ from provisioner.control import (
     daemon_reachable,
     may_use_desk,
 )
+from provisioner.adapters.sqlite_store import Store
+from provisioner.cli.main import main
+from provisioner.config import Config, DaemonConfig
+from provisioner.core.errors import ConfigError, DaemonUnresponsive
+from provisioner.daemon.requests import valid_request
+from provisioner.daemon.service import DeskService
 from provisioner.desk import Desk
-from provisioner.errors import ConfigError, DaemonUnresponsive
-from provisioner.service import DeskService
-from provisioner.store import Store
 
 SERVICE_UID = 990
 OPERATORS_GID = 991
@@ -121,7 +122,7 @@ def sock_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server(sock_path: Path) -> Iterator[ControlServer]:
-    srv = ControlServer(sock_path, _authorizer(), Recorder())
+    srv = ControlServer(sock_path, _authorizer(), Recorder(), valid_request)
     srv.start()
     yield srv
     srv.close()
@@ -157,7 +158,7 @@ def test_a_regular_file_at_the_socket_path_is_refused_and_kept(tmp_path: Path) -
     path = tmp_path / "precious.txt"
     path.write_text("keep me\n")
     with pytest.raises(ConfigError) as info:
-        ControlServer(path, _authorizer(), Recorder())
+        ControlServer(path, _authorizer(), Recorder(), valid_request)
     assert "is a regular file, not a socket" in info.value.one_line()
     assert path.read_text() == "keep me\n"
 
@@ -172,7 +173,7 @@ def test_anything_else_that_is_not_a_socket_is_refused(tmp_path: Path, kind: str
     else:
         os.mkfifo(path)
     with pytest.raises(ConfigError) as info:
-        ControlServer(path, _authorizer(), Recorder())
+        ControlServer(path, _authorizer(), Recorder(), valid_request)
     assert f"is a {kind}, not a socket" in info.value.one_line()
     assert os.path.lexists(path)
 
@@ -180,7 +181,7 @@ def test_anything_else_that_is_not_a_socket_is_refused(tmp_path: Path, kind: str
 def test_a_socket_path_under_a_file_is_a_configuration_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError) as info:
-        ControlServer(tmp_path / "file" / "control.sock", _authorizer(), Recorder())
+        ControlServer(tmp_path / "file" / "control.sock", _authorizer(), Recorder(), valid_request)
     assert "control.sock" in info.value.one_line()
 
 
@@ -189,7 +190,7 @@ def test_a_stale_socket_is_replaced(sock_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(sock_path))
     stale.close()  # nobody listens: connect is refused
-    srv = ControlServer(sock_path, _authorizer(), Recorder())
+    srv = ControlServer(sock_path, _authorizer(), Recorder(), valid_request)
     srv.start()
     try:
         assert _answered(sock_path)
@@ -205,7 +206,7 @@ def test_a_live_servers_socket_is_refused_naming_its_pid(
     server: ControlServer, sock_path: Path
 ) -> None:
     with pytest.raises(ConfigError) as info:
-        ControlServer(sock_path, _authorizer(), Recorder())
+        ControlServer(sock_path, _authorizer(), Recorder(), valid_request)
     assert f"pid {os.getpid()}" in info.value.one_line()
     assert "\n" not in info.value.one_line()
     assert _answered(sock_path)  # still the first server's
@@ -229,7 +230,7 @@ def test_close_leaves_a_socket_that_is_no_longer_its_own(
 
 
 def test_close_removes_its_own_socket(sock_path: Path) -> None:
-    srv = ControlServer(sock_path, _authorizer(), Recorder())
+    srv = ControlServer(sock_path, _authorizer(), Recorder(), valid_request)
     srv.start()
     srv.close()
     assert not os.path.lexists(sock_path)
@@ -247,7 +248,7 @@ def test_alive_only_while_its_socket_is_reachable(server: ControlServer, sock_pa
 
 def test_bad_requests_never_reach_the_handler(sock_path: Path) -> None:
     recorder = Recorder()
-    srv = ControlServer(sock_path, _authorizer(), recorder)
+    srv = ControlServer(sock_path, _authorizer(), recorder, valid_request)
     srv.start()
     try:
         with _connect(sock_path) as s:
@@ -280,7 +281,10 @@ def desk_service(tmp_path: Path, sock_path: Path) -> Iterator[tuple[Path, Store]
         is_yubikey_reader=lambda reader: False,
     )
     srv = ControlServer(
-        sock_path, _authorizer(), lambda request, peer: service.handle(request, peer.name)
+        sock_path,
+        _authorizer(),
+        lambda request, peer: service.handle(request, peer.name),
+        valid_request,
     )
     srv.start()
     config = tmp_path / "provisioner.toml"
@@ -313,7 +317,7 @@ def test_the_cli_prints_a_refused_request_as_one_line_exit_2(
 
 
 def test_a_client_over_the_cap_gets_one_line_and_is_closed(sock_path: Path) -> None:
-    srv = ControlServer(sock_path, _authorizer(), Recorder(), max_clients=2)
+    srv = ControlServer(sock_path, _authorizer(), Recorder(), valid_request, max_clients=2)
     srv.start()
     held = [_connect(sock_path) for _ in range(2)]
     try:
@@ -335,7 +339,7 @@ def test_a_client_over_the_cap_gets_one_line_and_is_closed(sock_path: Path) -> N
 
 
 def test_an_idle_client_is_closed(sock_path: Path) -> None:
-    srv = ControlServer(sock_path, _authorizer(), Recorder(), idle_timeout=0.3)
+    srv = ControlServer(sock_path, _authorizer(), Recorder(), valid_request, idle_timeout=0.3)
     srv.start()
     try:
         with _connect(sock_path) as s:
@@ -354,7 +358,7 @@ def test_an_idle_client_is_closed(sock_path: Path) -> None:
 
 
 def test_a_client_following_events_is_not_idle(sock_path: Path) -> None:
-    srv = ControlServer(sock_path, _authorizer(), Recorder(), idle_timeout=0.2)
+    srv = ControlServer(sock_path, _authorizer(), Recorder(), valid_request, idle_timeout=0.2)
     srv.start()
     try:
         with ControlClient(sock_path, timeout=10) as client:
@@ -369,14 +373,16 @@ SERVER_WITH_FEW_DESCRIPTORS = textwrap.dedent(
     """
     import grp, logging, os, resource, sys
     from pathlib import Path
-    from provisioner.control import Authorizer, ControlServer
+    from provisioner.adapters.control_socket import Authorizer, ControlServer
+    from provisioner.daemon.requests import valid_request
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
 
     def handler(request, peer):
         yield {"ok": True, "final": True}
 
-    server = ControlServer(Path(sys.argv[1]), Authorizer(grp.getgrgid(os.getgid()).gr_name), handler)
+    group = grp.getgrgid(os.getgid()).gr_name
+    server = ControlServer(Path(sys.argv[1]), Authorizer(group), handler, valid_request)
     server.start()
     in_use = len(os.listdir("/proc/self/fd"))
     # a few descriptors to spare: a handful of clients exhaust them (EMFILE)

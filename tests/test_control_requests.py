@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provisioner.control_requests import MAX_SERIAL, OPS, valid_request
-from provisioner.errors import InvalidInput, exit_status
+from provisioner.core.errors import InvalidInput, exit_status
+from provisioner.daemon.requests import MAX_SERIAL, OPS, valid_request
 
 # What the CLI sends today (cli.py): each must pass unchanged.
 CLI_REQUESTS: list[dict[str, Any]] = [

@@ -20,10 +20,10 @@ from harness import ACCOUNT, Daemon, arn, wait_for, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from provisioner.control import ControlClient
-from provisioner.emulator import Capability, EmulatedYubiKey, PcscStack
-from provisioner.local_iam import LocalIamServer
-from provisioner.model import Step
+from emulated_yubikey import Capability, EmulatedYubiKey, PcscStack
+from local_iam_server import LocalIamServer
+from provisioner.adapters.control_socket import ControlClient
+from provisioner.core.model import Step
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.iam_server, pytest.mark.slow]
 
@@ -372,7 +372,7 @@ def test_the_daemon_process_cannot_be_dumped() -> None:
         [
             sys.executable,
             "-c",
-            "import ctypes; from provisioner.daemon import no_core_dumps; "
+            "import ctypes; from provisioner.daemon.main import no_core_dumps; "
             "no_core_dumps(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))",
         ],
         capture_output=True,
@@ -627,7 +627,7 @@ def test_a_token_held_by_another_program_is_enrolled_once_it_lets_go(
 ) -> None:
     import subprocess
 
-    from provisioner.yubikey import Pcsc
+    from provisioner.adapters.yubikey import Pcsc
 
     admin_iam.create_user(UserName="erin")
     key = EmulatedYubiKey(serial=40000041)

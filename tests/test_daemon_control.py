@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from harness import Daemon, NotifyListener, make_workdir, wait_for
 
-from provisioner.local_iam import LocalIamServer
+from local_iam_server import LocalIamServer
 
 pytestmark = [pytest.mark.iam_server, pytest.mark.slow]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from harness import NotifyListener, make_workdir, run_cli, wait_for, write_config
 
-from provisioner.control import ControlClient
-from provisioner.local_iam import LocalIamServer
+from local_iam_server import LocalIamServer
+from provisioner.adapters.control_socket import ControlClient
 
 pytestmark = [pytest.mark.iam_server, pytest.mark.slow]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from provisioner.emulator import PcscStack
-from provisioner.totp import time_step
+from emulated_yubikey import PcscStack
+from provisioner.core.totp import time_step
 
 # What the desk says it computed, and what the server says it checked, per enrollment.
 COMPUTED = re.compile(r"compute codes  codes for time steps (\d+) and (\d+) computed on the token")

@@ -19,17 +19,17 @@ from typing import Any
 import pytest
 from harness import Daemon, arn, wait_for, write_config
 
-from provisioner import direct
-from provisioner.audit import FIELDS
-from provisioner.cli import main
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
+from local_iam_server import LocalIamServer
+from provisioner.adapters.sqlite_store import Store
+from provisioner.adapters.yubikey import YubiKeyToken
+from provisioner.cli import direct
+from provisioner.cli.main import main
 from provisioner.config import Config, load
+from provisioner.core.audit import FIELDS
+from provisioner.core.errors import ProvisionerError
+from provisioner.core.model import EnrollmentResult
 from provisioner.desk import Desk
-from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
-from provisioner.errors import ProvisionerError
-from provisioner.local_iam import LocalIamServer
-from provisioner.model import EnrollmentResult
-from provisioner.store import Store
-from provisioner.yubikey import YubiKeyToken
 
 pytestmark = [pytest.mark.iam_server, pytest.mark.slow]
 

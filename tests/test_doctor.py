@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 from harness import make_workdir
 
+from emulated_yubikey import EmulatedYubiKey, PcscStack
+from local_iam_server import LocalIamServer
 from provisioner import doctor
+from provisioner.adapters.usb import UsbUnavailable
+from provisioner.adapters.yubikey import Pcsc, ReaderState
 from provisioner.config import Config, DaemonConfig
-from provisioner.emulator import EmulatedYubiKey, PcscStack
-from provisioner.errors import ProvisionerError
+from provisioner.core.errors import ProvisionerError
 from provisioner.install import install
-from provisioner.local_iam import LocalIamServer
-from provisioner.usb import UsbUnavailable
-from provisioner.yubikey import Pcsc, ReaderState
 
 PROGRAM = "/opt/provisioner/bin/provisioner"
 POLICY = json.loads((Path(__file__).parent.parent / "docs" / "iam-policy.json").read_text())

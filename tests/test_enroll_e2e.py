@@ -17,8 +17,8 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from provisioner.emulator import Capability, EmulatedYubiKey, PcscStack
-from provisioner.local_iam import LocalIamServer
+from emulated_yubikey import Capability, EmulatedYubiKey, PcscStack
+from local_iam_server import LocalIamServer
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.iam_server, pytest.mark.slow]
 
@@ -397,7 +397,7 @@ def test_a_one_shot_enroll_parked_at_enable_survives_reconcile(
 ) -> None:
     """Issue 10.2 as it happened: `provisioner reconcile` (or a daemon starting) while a
     one-shot `provisioner enroll` waits on EnableMFADevice must not delete its device."""
-    from provisioner.store import Store
+    from provisioner.adapters.sqlite_store import Store
 
     Store(tmp_path / "state" / "provisioner.db").close()  # the desk's daemon ran here once
     bench.plug(EmulatedYubiKey(serial=SERIAL))

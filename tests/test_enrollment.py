@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from fakes import FakeClock, FakeIam
 
-from provisioner.emulator import Capability, EmulatedConnection, EmulatedYubiKey
-from provisioner.emulator.oath import INS_DELETE, INS_PUT
-from provisioner.enrollment import Enrollment, EnrollmentSettings
-from provisioner.errors import (
+from emulated_yubikey import Capability, EmulatedConnection, EmulatedYubiKey
+from emulated_yubikey.oath import INS_DELETE, INS_PUT
+from provisioner.adapters.yubikey import YubiKeyToken
+from provisioner.core.enrollment import Enrollment, EnrollmentSettings
+from provisioner.core.errors import (
     AlreadyEnrolled,
     CodeMismatch,
     EnrollmentFailed,
@@ -25,10 +26,9 @@ from provisioner.errors import (
     TokenRemoved,
     UserNotFound,
 )
-from provisioner.model import CredentialSpec, Step
-from provisioner.secret import Seed
-from provisioner.totp import time_step
-from provisioner.yubikey import YubiKeyToken
+from provisioner.core.model import CredentialSpec, Step
+from provisioner.core.secret import Seed
+from provisioner.core.totp import time_step
 
 CRED_ID = "AWS:alice@123456789012"
 ARN = "arn:aws:iam::123456789012:mfa/provisioner/alice.yubikey.12345678"
@@ -272,7 +272,7 @@ def test_a_lost_answer_to_create_deletes_the_device_it_may_have_made() -> None:
 
 def test_a_leftover_unassigned_device_of_that_name_is_replaced() -> None:
     desk = Desk()
-    from provisioner.model import DeviceSpec
+    from provisioner.core.model import DeviceSpec
 
     desk.iam.create_virtual_mfa_device(DeviceSpec("alice.yubikey.12345678", "/provisioner/"))
     desk.enroll()
@@ -392,7 +392,7 @@ def test_touch_not_given_is_a_clear_error_and_rolls_back() -> None:
     desk.key.user_touches = False
     with pytest.raises(EnrollmentFailed) as info:
         desk.enroll()
-    from provisioner.errors import TokenTouchTimeout
+    from provisioner.core.errors import TokenTouchTimeout
 
     assert isinstance(info.value.cause, TokenTouchTimeout)
     assert "not touched in time" in str(info.value)

@@ -29,8 +29,8 @@ from harness import (
 )
 from yubikit.oath import OathSession
 
-from provisioner.emulator import EmulatedConnection, EmulatedYubiKey, PcscStack
-from provisioner.local_iam import LocalIamServer
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey, PcscStack
+from local_iam_server import LocalIamServer
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.iam_server, pytest.mark.slow]
 

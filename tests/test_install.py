@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import install as installer
-from provisioner.errors import ConfigError
+from provisioner.core.errors import ConfigError
 from provisioner.install import install, reload_system, render_unit, uninstall
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,7 +216,7 @@ def installed_console_script() -> Path:
     """The `provisioner` command pip installed into the environment running the tests,
     wherever that environment is (it need not be REPO/.venv)."""
     (entry,) = [e for e in entry_points(group="console_scripts") if e.name == "provisioner"]
-    assert entry.value == "provisioner.cli:main"
+    assert entry.value == "provisioner.cli.main:main"
     script = Path(sysconfig.get_path("scripts")) / entry.name
     assert script.is_file() and os.access(script, os.X_OK), f"pip install -e . makes {script}"
     return script

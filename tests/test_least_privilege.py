@@ -21,14 +21,10 @@ import boto3
 import pytest
 from harness import assert_no_seed
 
-from provisioner.aws_iam import IamClient
-from provisioner.clock import AwsClock
-from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
-from provisioner.enrollment import TOOL_TAG, Enrollment, EnrollmentSettings
-from provisioner.errors import AccessDenied, EnrollmentFailed, ProvisionerError
-from provisioner.lifecycle import Lifecycle
-from provisioner.local_iam import LocalIamServer, Principal
-from provisioner.permissions import (
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
+from local_iam_server import LocalIamServer, Principal
+from provisioner.adapters.aws.iam import IamClient
+from provisioner.adapters.aws.permissions import (
     PERMISSIONS,
     CallerIdentity,
     Decision,
@@ -38,11 +34,15 @@ from provisioner.permissions import (
     policy_source_arn,
     require_all,
 )
-from provisioner.ports import Fact
-from provisioner.recovery import Action, Recovery
-from provisioner.secret import Seed
-from provisioner.store import Store
-from provisioner.yubikey import YubiKeyToken
+from provisioner.adapters.sqlite_store import Store
+from provisioner.adapters.yubikey import YubiKeyToken
+from provisioner.core.clock import AwsClock
+from provisioner.core.enrollment import TOOL_TAG, Enrollment, EnrollmentSettings
+from provisioner.core.errors import AccessDenied, EnrollmentFailed, ProvisionerError
+from provisioner.core.lifecycle import Lifecycle
+from provisioner.core.ports import Fact
+from provisioner.core.recovery import Action, Recovery
+from provisioner.core.secret import Seed
 
 ACCOUNT = "123456789012"
 POLICY = Path(__file__).resolve().parents[1] / "docs" / "iam-policy.json"

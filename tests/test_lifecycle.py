@@ -8,11 +8,16 @@ from collections.abc import Iterator
 import pytest
 from fakes import FakeClock, FakeIam
 
-from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
-from provisioner.enrollment import Enrollment, EnrollmentSettings
-from provisioner.errors import InvalidAuthenticationCode, InvalidInput, NoSuchEntity, UserNotFound
-from provisioner.lifecycle import Lifecycle
-from provisioner.yubikey import YubiKeyToken
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
+from provisioner.adapters.yubikey import YubiKeyToken
+from provisioner.core.enrollment import Enrollment, EnrollmentSettings
+from provisioner.core.errors import (
+    InvalidAuthenticationCode,
+    InvalidInput,
+    NoSuchEntity,
+    UserNotFound,
+)
+from provisioner.core.lifecycle import Lifecycle
 
 CRED = "AWS:alice@123456789012"
 
@@ -99,7 +104,7 @@ def test_revoke_refuses_clearly_when_there_is_nothing() -> None:
 
 def test_revoke_ignores_devices_the_tool_did_not_enroll() -> None:
     w = World()
-    from provisioner.model import DeviceSpec
+    from provisioner.core.model import DeviceSpec
 
     arn, _ = w.iam.create_virtual_mfa_device(DeviceSpec("by-hand", "/"))
     w.iam.devices[arn].user = "alice"
@@ -135,7 +140,7 @@ def test_resync_refused_codes_say_so() -> None:
 
 
 def _replace(w: World, old_serial: int | None = None):  # type: ignore[no-untyped-def]
-    from provisioner.lifecycle import replace
+    from provisioner.core.lifecycle import replace
 
     with w.token(1002) as token, w.plugged(1001) as find:
         return replace(
@@ -156,8 +161,8 @@ def test_replace_enrolls_the_new_token_then_revokes_the_old() -> None:
 
 
 def test_replace_whose_second_half_fails_leaves_both_and_says_so() -> None:
-    from provisioner.errors import ServiceFailure
-    from provisioner.lifecycle import ReplaceIncomplete
+    from provisioner.core.errors import ServiceFailure
+    from provisioner.core.lifecycle import ReplaceIncomplete
 
     w = World()
     old = w.enroll("alice", 1001)
@@ -171,7 +176,7 @@ def test_replace_whose_second_half_fails_leaves_both_and_says_so() -> None:
 
 
 def test_replace_whose_enrollment_fails_keeps_the_old_token() -> None:
-    from provisioner.errors import EnrollmentFailed
+    from provisioner.core.errors import EnrollmentFailed
 
     w = World()
     old = w.enroll("alice", 1001)

@@ -6,9 +6,9 @@ import urllib.request
 
 import pytest
 
+from provisioner.adapters.metrics import DeskMetrics, MetricsEndpoint
 from provisioner.config import parse
-from provisioner.errors import ConfigError
-from provisioner.metrics import DeskMetrics, MetricsEndpoint
+from provisioner.core.errors import ConfigError
 
 
 class Clock:

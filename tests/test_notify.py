@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.notify import Notifier
+from provisioner.adapters.systemd_notify import Notifier
 
 
 @pytest.fixture

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.errors import exit_status
-from provisioner.ownership import DaemonLock, Owner, StateInUse, alive, prepare_directory
+from provisioner.adapters.ownership import DaemonLock, Owner, StateInUse, alive, prepare_directory
+from provisioner.core.errors import exit_status
 
 HOLD_OWNER = (
-    "import sys; from pathlib import Path; from provisioner.ownership import Owner; "
+    "import sys; from pathlib import Path; from provisioner.adapters.ownership import Owner; "
     "o = Owner.claim(Path(sys.argv[1])); print(o.token, flush=True); sys.stdin.read()"
 )
 HOLD_LOCK = (
-    "import sys; from pathlib import Path; from provisioner.ownership import DaemonLock; "
+    "import sys; from pathlib import Path; from provisioner.adapters.ownership import DaemonLock; "
     "lock = DaemonLock.acquire(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()"
 )
 
@@ -108,7 +108,7 @@ def test_root_gives_a_new_state_directory_and_its_files_to_the_service_user(
     """As the suite runs (root, as CI does): what root creates, the daemon can use."""
     import pwd
 
-    from provisioner.store import Store
+    from provisioner.adapters.sqlite_store import Store
 
     nobody = pwd.getpwnam("nobody")
     state = tmp_path / "state"

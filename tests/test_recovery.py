@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from fakes import ACCOUNT, FakeClock, FakeIam
 
-from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
-from provisioner.enrollment import Enrollment, EnrollmentSettings
-from provisioner.errors import IamError, IamUnavailable, ReconcileFailed, exit_status
-from provisioner.model import CredentialSpec, DeviceSpec
-from provisioner.ownership import Owner, alive
-from provisioner.ports import Fact
-from provisioner.recovery import Recovery
-from provisioner.store import Store
-from provisioner.yubikey import YubiKeyToken
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
+from provisioner.adapters.ownership import Owner, alive
+from provisioner.adapters.sqlite_store import Store
+from provisioner.adapters.yubikey import YubiKeyToken
+from provisioner.core.enrollment import Enrollment, EnrollmentSettings
+from provisioner.core.errors import IamError, IamUnavailable, ReconcileFailed, exit_status
+from provisioner.core.model import CredentialSpec, DeviceSpec
+from provisioner.core.ports import Fact
+from provisioner.core.recovery import Recovery
 
 SERIAL = 12345678
 CRED = f"AWS:alice@{ACCOUNT}"

@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from provisioner.errors import ConfigError
-from provisioner.roster import load, parse
+from provisioner.adapters.files import load_roster as load
+from provisioner.core.errors import ConfigError
+from provisioner.core.roster import parse
 
 
 def test_reads_serials_and_users_in_any_column_order() -> None:

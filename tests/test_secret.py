@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 
-from provisioner.secret import Seed
+from provisioner.core.secret import Seed
 
 KEY = bytes(range(40))
 B32 = base64.b32encode(KEY).decode()

@@ -16,18 +16,18 @@ from typing import Any
 import pytest
 from fakes import ACCOUNT, FakeClock, FakeIam
 
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
+from provisioner.adapters.reader_watch import ReaderEvent, ReaderEventKind
+from provisioner.adapters.sqlite_store import Store
+from provisioner.adapters.yubikey import YubiKeyToken
+from provisioner.cli.watch import render
 from provisioner.config import Config, DaemonConfig, parse
+from provisioner.core.errors import ConfigError, QueueFull, TokenBusy
+from provisioner.core.model import CredentialSpec
+from provisioner.core.roster import Roster
+from provisioner.core.secret import Seed
+from provisioner.daemon.service import Backoff, DeskService, retry_while_busy
 from provisioner.desk import Desk
-from provisioner.emulator import EmulatedConnection, EmulatedYubiKey
-from provisioner.errors import ConfigError, QueueFull, TokenBusy
-from provisioner.model import CredentialSpec
-from provisioner.reader_watch import ReaderEvent, ReaderEventKind
-from provisioner.roster import Roster
-from provisioner.secret import Seed
-from provisioner.service import Backoff, DeskService, retry_while_busy
-from provisioner.store import Store
-from provisioner.watch import render
-from provisioner.yubikey import YubiKeyToken
 
 USERS = ("alice", "bob", "dave", "erin", "y1", "y2")
 #: Tries at a held token in quick succession: the tests wait for outcomes, not time.
@@ -182,7 +182,7 @@ def test_status_lists_the_first_entries_and_counts_them_all(bench: Bench) -> Non
 
 
 def test_the_cli_listing_says_how_many_more_wait(capsys: pytest.CaptureFixture[str]) -> None:
-    from provisioner.cli import _print_queue
+    from provisioner.cli.main import _print_queue
 
     entry = {
         "id": 1,
@@ -210,8 +210,8 @@ _CRASHING_DAEMON = """
 import os, signal, sys
 from provisioner.config import Config
 from provisioner.desk import Desk
-from provisioner.service import DeskService
-from provisioner.store import Store
+from provisioner.daemon.service import DeskService
+from provisioner.adapters.sqlite_store import Store
 from pathlib import Path
 
 store = Store(Path(sys.argv[1]))

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from provisioner.signals import SignalPipe
+from provisioner.adapters.signals import SignalPipe
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.emulator import PcscStack
-from provisioner.local_iam import LocalIamServer
+from emulated_yubikey import PcscStack
+from local_iam_server import LocalIamServer
 
 SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.store import Store
+from provisioner.adapters.sqlite_store import Store
 
 FIRST_RELEASE_QUEUE = """
 CREATE TABLE queue (

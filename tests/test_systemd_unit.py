@@ -208,8 +208,8 @@ def test_sysusers_declares_the_user_and_both_groups() -> None:
 DAEMON_IMPORTS = """
 import ctypes
 ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)
-import provisioner.cli, provisioner.daemon, provisioner.usb, provisioner.yubikey
-import provisioner.aws_iam, provisioner.install
+import provisioner.cli, provisioner.daemon, provisioner.adapters.usb, provisioner.adapters.yubikey
+import provisioner.adapters.aws.iam, provisioner.install
 import boto3, yubikit.oath
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC

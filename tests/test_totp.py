@@ -1,7 +1,7 @@
 import pytest
 
-from provisioner.secret import Seed
-from provisioner.totp import code_at, plan_window, time_step
+from provisioner.core.secret import Seed
+from provisioner.core.totp import code_at, plan_window, time_step
 
 RFC6238_SHA1 = [
     (59, "94287082"),

@@ -1,4 +1,4 @@
-"""provisioner.usb: listing YubiKeys from their USB descriptors, and hotplug events.
+"""provisioner.adapters.usb: listing YubiKeys from their USB descriptors, and hotplug events.
 
 Two levels of fakes, both built from the same descriptor bytes (tests/data/*.umockdev):
 - a pyusb backend that serves those bytes (and string descriptors over GET_DESCRIPTOR), for
@@ -34,8 +34,7 @@ import usb.backend.libusb1
 import usb.backend.openusb
 import usb.core
 
-from provisioner.errors import TokenError
-from provisioner.usb import (
+from provisioner.adapters.usb import (
     UeventSource,
     UsbToken,
     UsbUnavailable,
@@ -43,6 +42,7 @@ from provisioner.usb import (
     list_yubikeys,
     parse_uevent,
 )
+from provisioner.core.errors import TokenError
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -404,7 +404,7 @@ def test_no_netlink_is_a_warning_not_a_crash(
     def refuse(*args: Any, **kwargs: Any) -> socket.socket:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr("provisioner.usb.socket.socket", refuse)
+    monkeypatch.setattr("provisioner.adapters.usb.socket.socket", refuse)
     watcher = UsbWatcher(lambda *event: None)
     with caplog.at_level(logging.WARNING, logger="provisioner.usb"):
         assert watcher.start() is False
@@ -431,7 +431,7 @@ def device_args(*names: str) -> list[str]:
 
 LIST_CHILD = """
 import dataclasses, json
-from provisioner.usb import list_yubikeys
+from provisioner.adapters.usb import list_yubikeys
 print(json.dumps([dict(dataclasses.asdict(t), describe=t.describe()) for t in list_yubikeys()]))
 """
 
@@ -502,7 +502,7 @@ from gi.repository import UMockdev
 # Never call UMockdev.in_mock_environment() before the testbed exists: it caches its answer.
 testbed = UMockdev.Testbed.new()
 
-from provisioner.usb import UsbWatcher
+from provisioner.adapters.usb import UsbWatcher
 
 def load(name):
     # add_from_string also sends the device's "add" uevent.

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from provisioner import validation
-from provisioner.errors import InvalidInput
+from provisioner.core import validation
+from provisioner.core.errors import InvalidInput
 
 
 @pytest.mark.parametrize("name", ["alice", "a", "x" * 64, "first.last+it=ops,@x_y-z"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from provisioner.watch import describe_event, render
+from provisioner.cli.watch import describe_event, render
 
 NOW = 1_800_000_000.0
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from yubikit.oath import OathSession
 
-from provisioner.emulator import EmulatedConnection, EmulatedYubiKey, PcscStack
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey, PcscStack
 
 
 @pytest.fixture

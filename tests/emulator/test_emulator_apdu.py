@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from provisioner.emulator.apdu import (
+from emulated_yubikey.apdu import (
     ApduFormatError,
     Command,
     ResponsePager,

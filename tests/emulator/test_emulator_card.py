@@ -11,7 +11,7 @@ from yubikit.core.smartcard import ApduError
 from yubikit.management import ManagementSession
 from yubikit.oath import HASH_ALGORITHM, OATH_TYPE, CredentialData, OathSession
 
-from provisioner.emulator import (
+from emulated_yubikey import (
     DEFAULT_ATR,
     CardRemovedError,
     ConnectionClosedError,
@@ -260,7 +260,7 @@ def test_no_secret_in_repr_str_or_history() -> None:
 def test_a_stall_delays_one_command_then_it_is_processed() -> None:
     import time
 
-    from provisioner.emulator import EmulatedYubiKey
+    from emulated_yubikey import EmulatedYubiKey
 
     key = EmulatedYubiKey(serial=1)
     select_mgmt = bytes.fromhex("00a4040008a000000527471117")

@@ -8,7 +8,7 @@ from yubikit.management import CAPABILITY, FORM_FACTOR, ManagementSession
 from yubikit.oath import OathSession
 from yubikit.support import get_name, read_info
 
-from provisioner.emulator import (
+from emulated_yubikey import (
     Capability,
     EmulatedConnection,
     EmulatedYubiKey,

@@ -11,7 +11,7 @@ from yubikit.core import TRANSPORT
 from yubikit.core.smartcard import ApduError
 from yubikit.oath import HASH_ALGORITHM, OATH_TYPE, CredentialData, OathSession
 
-from provisioner.emulator import (
+from emulated_yubikey import (
     EmulatedConnection,
     EmulatedYubiKey,
     HashAlgorithm,

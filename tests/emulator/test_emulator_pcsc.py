@@ -24,14 +24,14 @@ from yubikit.core.smartcard import SmartCardConnection
 from yubikit.management import ManagementSession
 from yubikit.oath import HASH_ALGORITHM, OATH_TYPE, CredentialData, OathSession
 
-from provisioner.emulator import (
+from emulated_yubikey import (
     DEFAULT_ATR,
     EmulatedYubiKey,
     PcscStack,
     PcscStackError,
     VpcdCard,
 )
-from provisioner.emulator.vpcd import REINSERT_GAP
+from emulated_yubikey.vpcd import REINSERT_GAP
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.slow]
 
@@ -267,7 +267,7 @@ def test_emulator_cli_serves_a_key(stack: PcscStack, home: Path) -> None:
         [
             sys.executable,
             "-m",
-            "provisioner.emulator",
+            "emulated_yubikey",
             "--port",
             "35964",
             "--serial",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.emulator import (
+from emulated_yubikey import (
     DEFAULT_ATR,
     EmulatedYubiKey,
     PcscStack,

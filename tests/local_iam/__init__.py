@@ -1,1 +1,1 @@
-"""Tests of the strict local IAM stand-in (provisioner.local_iam)."""
+"""Tests of the strict local IAM stand-in (local_iam_server)."""

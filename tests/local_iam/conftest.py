@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from provisioner.local_iam import LocalIamServer
+from local_iam_server import LocalIamServer
 
 from .helpers import STEP, Device, make_client
 

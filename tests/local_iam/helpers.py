@@ -10,7 +10,7 @@ import pyotp
 import pytest
 from botocore.config import Config
 
-from provisioner.local_iam import LocalIamServer
+from local_iam_server import LocalIamServer
 
 STEP = 30
 

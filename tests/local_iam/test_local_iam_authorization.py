@@ -14,7 +14,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from provisioner.local_iam import LocalIamError, LocalIamServer, Principal
+from local_iam_server import LocalIamError, LocalIamServer, Principal
 
 from .helpers import NO_RETRY, error_of, make_client
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, ParamValidationError
 
-from provisioner.local_iam import LocalIamError, LocalIamServer, aws_env
+from local_iam_server import LocalIamError, LocalIamServer, aws_env
 
 from .helpers import error_of, step_of
 
@@ -119,9 +119,7 @@ def test_endpoint_and_environment(iam_server: LocalIamServer) -> None:
 
 
 def test_importing_the_package_does_not_import_moto() -> None:
-    probe = (
-        "import sys, provisioner.local_iam; print('moto' in sys.modules, 'boto3' in sys.modules)"
-    )
+    probe = "import sys, local_iam_server; print('moto' in sys.modules, 'boto3' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=30
     )
@@ -130,7 +128,7 @@ def test_importing_the_package_does_not_import_moto() -> None:
 
 def test_refuses_a_non_loopback_host_without_the_explicit_flag() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "provisioner.local_iam", "--host", "0.0.0.0"],  # noqa: S104
+        [sys.executable, "-m", "local_iam_server", "--host", "0.0.0.0"],  # noqa: S104
         capture_output=True,
         text=True,
         timeout=30,
@@ -174,7 +172,7 @@ def test_sigterm_stops_the_server_cleanly() -> None:
 @pytest.mark.slow
 def test_sigint_stops_the_server_cleanly_and_it_prints_one_line() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "provisioner.local_iam", "--port", "0"],
+        [sys.executable, "-m", "local_iam_server", "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

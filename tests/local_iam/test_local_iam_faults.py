@@ -10,7 +10,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
 from botocore.parsers import ResponseParserError
 
-from provisioner.local_iam import LocalIamError, LocalIamServer
+from local_iam_server import LocalIamError, LocalIamServer
 
 from .helpers import error_of, make_client
 

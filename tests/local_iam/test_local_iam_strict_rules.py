@@ -15,7 +15,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from provisioner.local_iam import LocalIamServer
+from local_iam_server import LocalIamServer
 
 from .helpers import Device, error_of, make_client, step_of
 

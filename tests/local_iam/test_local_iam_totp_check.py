@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyotp
 import pytest
 
-from provisioner.local_iam.totp_check import (
+from local_iam_server.totp_check import (
     Refusal,
     check_code,
     check_code_pair,

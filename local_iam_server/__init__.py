@@ -1,0 +1,37 @@
+"""The strict local IAM stand-in: moto, patched to enforce what AWS enforces.
+
+``provisioner demo`` and the tests enroll against it instead of AWS. It runs as its own
+process (``python -m local_iam_server``, loopback only) so the code under test talks
+to it over HTTP with the real boto3; :class:`LocalIamServer` starts and stops it and
+drives its control API (faults, clock offset, attempt log, call counts, reset).
+
+What it enforces beyond moto (see ``strict.py``): EnableMFADevice and ResyncMFADevice
+take only the device's TOTP codes of two consecutive steps (s-1, s) with s the server's
+step N or N-1 (never a step not yet begun); unknown users and devices, devices in use, a
+ninth device per user, malformed codes, bad device names and paths, deleting an assigned
+device or a user who still has one are refused with AWS's error codes and statuses; tags
+are kept; Tag/Untag/ListMFADeviceTags and ResyncMFADevice exist; ListVirtualMFADevices
+never returns seeds. STS GetSessionToken with SerialNumber/TokenCode checks the code (steps
+N-1..N+1, no reuse of a step already used for a login) against an assigned device.
+
+Authorization (``authorization.py``) is off by default: with the dummy credentials the
+caller is the account and may do anything, and any assigned device passes the login
+check. Turned on (``set_auth_enforced``), every call must be signed with the key of a
+principal (``create_principal``: an IAM user with one policy) and allowed by its
+policies on the resource AWS judges it on; SimulatePrincipalPolicy evaluates the same
+policies. When the call is signed with an IAM user's key, the login device must be that
+user's, enforced or not.
+
+Importing this package is cheap: it exposes the subprocess client only; moto is
+imported by the server process, never here.
+"""
+
+from local_iam_server.client import (
+    Attempt,
+    LocalIamError,
+    LocalIamServer,
+    Principal,
+    aws_env,
+)
+
+__all__ = ["Attempt", "LocalIamError", "LocalIamServer", "Principal", "aws_env"]

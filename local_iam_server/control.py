@@ -1,0 +1,509 @@
+"""The stand-in's own state and its control API, as WSGI middleware around moto.
+
+Tests and ``provisioner demo`` need to do to the stand-in what AWS does on a bad day
+(throttle, fail, drop the connection, answer late, drift in time) and to see what it
+received (every call per Action, every enable/resync/login attempt). That lives here,
+in front of moto, so moto stays unaware of it. No moto import: moto's reset is handed in.
+
+Control endpoints (JSON over HTTP, under a prefix no AWS call uses):
+
+* ``GET /_local_iam/health``
+* ``GET|POST|DELETE /_local_iam/faults``: list, add (``{"action", "kind", "code",
+  "status", "message", "count", "delay"}``), clear.
+* ``GET|PUT /_local_iam/clock``: read ``{"offset", "time", "step"}``, set ``{"offset"}``.
+* ``GET /_local_iam/attempts``: enable/resync/login attempts, oldest first.
+* ``GET /_local_iam/calls``: calls received per Action (faulted ones included).
+* ``POST /_local_iam/principals``: an IAM user holding one inline policy
+  (``{"name", "policy", "path"}``) and an access key for it.
+* ``GET|PUT /_local_iam/auth``: read or set ``{"enforced"}``. Off (the default), any
+  credentials do anything, as moto's dummy ones do; on, every IAM and STS call must be
+  signed with a key of a principal and allowed by its policies (``authorization.py``).
+* ``POST /_local_iam/reset``: moto's state and all of the above, enforcement off again
+  (``/moto-api/reset`` resets both too).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+from urllib.parse import parse_qs
+
+from local_iam_server.aws_errors import KNOWN_ERRORS, query_error_body
+from local_iam_server.totp_check import step_at
+
+CONTROL_PREFIX = "/_local_iam/"
+MAX_DELAY_SECONDS = 600.0
+GARBAGE_BODY = b"local-iam fault injection: this body is not XML {\x00\n"
+
+_log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+_SCOPE_RE = re.compile(r"Credential=[^/,\s]+/\d{8}/[^/]+/([^/]+)/aws4_request")
+
+
+class ServerClock:
+    """The stand-in's "now": the host clock plus an offset the tests can set.
+
+    One clock drives both the TOTP checks and the HTTP ``Date`` header, so a client that
+    reads the header sees exactly the skew the server judges codes by.
+    """
+
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+        self._wall = wall
+        self._offset = 0.0
+
+    @property
+    def offset(self) -> float:
+        return self._offset
+
+    def set_offset(self, seconds: float) -> None:
+        self._offset = float(seconds)
+
+    def now(self) -> float:
+        return self._wall() + self._offset
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One enable, resync or login attempt. Never holds a code or a seed."""
+
+    action: str
+    user: str | None
+    serial: str | None
+    accepted: bool
+    reason: str | None
+    step_offset: int | None
+    server_time: float
+
+
+class AttemptLog:
+    """Every enable/resync/login attempt the strict rules judged, oldest first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._attempts: list[Attempt] = []
+
+    def record(self, attempt: Attempt) -> None:
+        with self._lock:
+            self._attempts.append(attempt)
+
+    def all(self) -> list[Attempt]:
+        with self._lock:
+            return list(self._attempts)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._attempts.clear()
+
+
+class FaultKind(StrEnum):
+    """What a fault does to the call it hits."""
+
+    ERROR = "error"  # an AWS error response (code, status, message)
+    GARBAGE = "garbage"  # 200 with a body that is not XML
+    DROP = "drop"  # close the connection without answering
+    DELAY = "delay"  # sleep, then let moto answer normally
+
+
+class FaultSpecError(ValueError):
+    """A fault request the control API cannot honour."""
+
+
+@dataclass
+class Fault:
+    """A fault waiting for the next ``remaining`` calls of ``action``."""
+
+    action: str
+    kind: FaultKind
+    remaining: int
+    code: str | None = None
+    status: int | None = None
+    message: str | None = None
+    delay: float = 0.0
+
+    @classmethod
+    def from_request(cls, spec: dict[str, Any]) -> Fault:
+        """Validate a control-API fault request and fill AWS's defaults."""
+        action = spec.get("action")
+        if not isinstance(action, str) or not action:
+            raise FaultSpecError("'action' (an AWS Action name) is required")
+        try:
+            kind = FaultKind(spec.get("kind", "error"))
+        except ValueError:
+            raise FaultSpecError(f"'kind' must be one of {[k.value for k in FaultKind]}") from None
+        count = spec.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise FaultSpecError("'count' must be an integer >= 1")
+        delay = spec.get("delay", 0.0)
+        if not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY_SECONDS:
+            raise FaultSpecError(f"'delay' must be a number of seconds in 0..{MAX_DELAY_SECONDS}")
+        fault = cls(action=action, kind=kind, remaining=count, delay=float(delay))
+        if kind is FaultKind.ERROR:
+            code = spec.get("code")
+            if not isinstance(code, str) or not code:
+                raise FaultSpecError("an 'error' fault needs a 'code' (e.g. Throttling)")
+            known = KNOWN_ERRORS.get(code)
+            status = spec.get("status") or (known.status if known else None)
+            if not isinstance(status, int) or not 400 <= status <= 599:
+                raise FaultSpecError(f"'status' (400..599) is required for code {code!r}")
+            message = spec.get("message") or (known.message if known else code)
+            fault.code, fault.status, fault.message = code, status, str(message)
+        return fault
+
+    def describe(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        return data
+
+
+class FaultBook:
+    """Pending faults, consumed first-in first-out per Action."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def take(self, action: str) -> Fault | None:
+        """The fault for this call of ``action``, if any (uses up one of its count)."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.action == action:
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    def pending(self) -> list[Fault]:
+        with self._lock:
+            return list(self._faults)
+
+    def clear(self) -> int:
+        with self._lock:
+            cleared = len(self._faults)
+            self._faults.clear()
+            return cleared
+
+
+class AuthSwitch:
+    """Whether calls must be signed by a known key and allowed by its policies."""
+
+    def __init__(self) -> None:
+        self._on = threading.Event()
+
+    @property
+    def enforced(self) -> bool:
+        return self._on.is_set()
+
+    def set(self, enforced: bool) -> None:
+        if enforced:
+            self._on.set()
+        else:
+            self._on.clear()
+
+
+class CallCounter:
+    """Calls received per Action, so a test can prove that nothing was sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def count(self, action: str) -> None:
+        with self._lock:
+            self._counts[action] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+
+@dataclass
+class ControlState:
+    """Everything the stand-in keeps beside moto's backends."""
+
+    clock: ServerClock
+    attempts: AttemptLog
+    faults: FaultBook
+    calls: CallCounter
+    auth: AuthSwitch
+
+    @classmethod
+    def fresh(cls) -> ControlState:
+        return cls(ServerClock(), AttemptLog(), FaultBook(), CallCounter(), AuthSwitch())
+
+    def reset(self) -> None:
+        self.clock.set_offset(0.0)
+        self.attempts.clear()
+        self.faults.clear()
+        self.calls.clear()
+        self.auth.set(False)  # the next test starts with moto's dummy credentials again
+
+
+def _json_response(
+    start_response: StartResponse, status: str, payload: dict[str, Any]
+) -> list[bytes]:
+    body = json.dumps(payload).encode("utf-8")
+    start_response(
+        status,
+        [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+    )
+    return [body]
+
+
+class Directory(Protocol):
+    """Setting up and looking at the stand-in's IAM state (for the demo and tests)."""
+
+    def create_user(self, name: str) -> None: ...
+
+    def virtual_devices(self) -> list[dict[str, Any]]:
+        """Serial number and user of every virtual device; never a seed."""
+        ...
+
+    def create_principal(self, name: str, policy: str, path: str) -> dict[str, str]:
+        """An IAM user with ``policy`` inline and an access key: ``user_name``, ``arn``,
+        ``access_key_id``, ``secret_access_key``. ValueError if IAM would refuse it."""
+        ...
+
+
+class ControlMiddleware:
+    """Serve the control API, count calls, apply faults; pass the rest to moto.
+
+    The request body is read once and put back as a fresh stream, so moto (which reads
+    it again to route and parse the call) sees it unchanged.
+    """
+
+    def __init__(
+        self,
+        app: WsgiApp,
+        state: ControlState,
+        reset_moto: Callable[[], None],
+        directory: Directory | None = None,
+    ) -> None:
+        self._app = app
+        self._state = state
+        self._reset_moto = reset_moto
+        self._directory = directory
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith(CONTROL_PREFIX):
+            return self._control(path[len(CONTROL_PREFIX) :], environ, start_response)
+        if path.rstrip("/") == "/moto-api/reset":
+            self._state.reset()
+        body = _buffer_body(environ)
+        action = _action_of(environ, body)
+        if action is None:
+            return self._app(environ, start_response)
+        self._state.calls.count(action)
+        if self._state.auth.enforced and not _is_signed(environ):
+            # moto would route an unsigned call to S3; AWS refuses it.
+            return _refuse_unsigned(environ, start_response)
+        fault = self._state.faults.take(action)
+        if fault is None:
+            return self._app(environ, start_response)
+        return self._apply(fault, environ, start_response)
+
+    def _apply(
+        self, fault: Fault, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes]:
+        _log.info("fault %s on %s", fault.kind.value, fault.action)
+        if fault.kind is FaultKind.DELAY:
+            time.sleep(fault.delay)
+            return self._app(environ, start_response)
+        if fault.kind is FaultKind.GARBAGE:
+            start_response(
+                "200 OK",
+                [("Content-Type", "text/xml"), ("Content-Length", str(len(GARBAGE_BODY)))],
+            )
+            return [GARBAGE_BODY]
+        if fault.kind is FaultKind.DROP:
+            sock = environ.get("werkzeug.socket")
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            # werkzeug treats a ConnectionError from the app as a dropped connection and
+            # writes nothing; the client sees the socket close with no response.
+            raise ConnectionAbortedError("local-iam fault injection: drop")
+        assert fault.code is not None and fault.status is not None
+        service = _service_of(environ)
+        body = query_error_body(
+            fault.code, fault.message or fault.code, status=fault.status, service=service
+        )
+        start_response(
+            f"{fault.status} {fault.code}",
+            [
+                ("Content-Type", "text/xml"),
+                ("Content-Length", str(len(body))),
+                ("x-amzn-RequestId", "local-iam-fault"),
+            ],
+        )
+        return [body]
+
+    def _control(
+        self, route: str, environ: dict[str, Any], start_response: StartResponse
+    ) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        route = route.strip("/")
+        try:
+            payload = self._dispatch(method, route, environ)
+        except FaultSpecError as error:
+            return _json_response(start_response, "400 Bad Request", {"error": str(error)})
+        except _ControlError as error:
+            return _json_response(start_response, error.status, {"error": error.message})
+        return _json_response(start_response, "200 OK", payload)
+
+    def _dispatch(self, method: str, route: str, environ: dict[str, Any]) -> dict[str, Any]:
+        state = self._state
+        if route == "health" and method == "GET":
+            return {"status": "ok"}
+        if route == "faults":
+            if method == "GET":
+                return {"faults": [f.describe() for f in state.faults.pending()]}
+            if method == "POST":
+                fault = Fault.from_request(_json_body(environ))
+                state.faults.add(fault)
+                return {"fault": fault.describe()}
+            if method == "DELETE":
+                return {"cleared": state.faults.clear()}
+        elif route == "clock":
+            if method == "PUT":
+                offset = _json_body(environ).get("offset")
+                if not isinstance(offset, int | float) or isinstance(offset, bool):
+                    raise _ControlError("400 Bad Request", "'offset' (seconds) is required")
+                state.clock.set_offset(float(offset))
+            if method in ("GET", "PUT"):
+                now = state.clock.now()
+                return {"offset": state.clock.offset, "time": now, "step": step_at(now)}
+        elif route == "attempts" and method == "GET":
+            return {"attempts": [asdict(a) for a in state.attempts.all()]}
+        elif route == "calls" and method == "GET":
+            return {"calls": state.calls.snapshot()}
+        elif route == "users" and method == "POST" and self._directory is not None:
+            name = _json_body(environ).get("name")
+            if not isinstance(name, str) or not name:
+                raise _ControlError("400 Bad Request", "'name' (an IAM user name) is required")
+            self._directory.create_user(name)
+            return {"created": name}
+        elif route == "devices" and method == "GET" and self._directory is not None:
+            return {"devices": self._directory.virtual_devices()}
+        elif route == "principals" and method == "POST" and self._directory is not None:
+            return {"principal": self._create_principal(_json_body(environ))}
+        elif route == "auth":
+            if method == "PUT":
+                enforced = _json_body(environ).get("enforced")
+                if not isinstance(enforced, bool):
+                    raise _ControlError("400 Bad Request", "'enforced' (true or false) is required")
+                state.auth.set(enforced)
+            if method in ("GET", "PUT"):
+                return {"enforced": state.auth.enforced}
+        elif route == "reset" and method == "POST":
+            self._reset_moto()
+            state.reset()
+            return {"status": "reset"}
+        else:
+            raise _ControlError("404 Not Found", f"no control endpoint {route!r}")
+        raise _ControlError("405 Method Not Allowed", f"{method} not allowed on {route!r}")
+
+    def _create_principal(self, spec: dict[str, Any]) -> dict[str, str]:
+        assert self._directory is not None
+        name, policy, path = spec.get("name"), spec.get("policy"), spec.get("path", "/")
+        if not isinstance(name, str) or not name:
+            raise _ControlError("400 Bad Request", "'name' (an IAM user name) is required")
+        if isinstance(policy, dict):
+            policy = json.dumps(policy)
+        if not isinstance(policy, str) or not policy:
+            raise _ControlError("400 Bad Request", "'policy' (a policy document) is required")
+        if not isinstance(path, str) or not (path.startswith("/") and path.endswith("/")):
+            raise _ControlError("400 Bad Request", "'path' must begin and end with /")
+        try:
+            return self._directory.create_principal(name, policy, path)
+        except ValueError as error:  # moto refused it: a bad name or policy, or a duplicate
+            raise _ControlError("400 Bad Request", str(error)) from None
+
+
+class _ControlError(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _buffer_body(environ: dict[str, Any]) -> bytes:
+    """Read the whole request body and put it back for the next reader."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    body = environ["wsgi.input"].read(length) if length > 0 else b""
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    return body
+
+
+def _action_of(environ: dict[str, Any], body: bytes) -> str | None:
+    """The query-protocol Action of a request (form body, else query string)."""
+    if body and environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
+        actions = parse_qs(body.decode("utf-8", "replace")).get("Action")
+        if actions:
+            return actions[0]
+    actions = parse_qs(environ.get("QUERY_STRING", "")).get("Action")
+    return actions[0] if actions else None
+
+
+def _is_signed(environ: dict[str, Any]) -> bool:
+    return "AWS4-HMAC-SHA256" in environ.get("HTTP_AUTHORIZATION", "")
+
+
+def _refuse_unsigned(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+    body = query_error_body(
+        "MissingAuthenticationToken",
+        "Request is missing Authentication Token",
+        status=403,
+        service=_service_of(environ),
+    )
+    start_response(
+        "403 Forbidden", [("Content-Type", "text/xml"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+def _service_of(environ: dict[str, Any]) -> str:
+    """The signing service (iam, sts) from the SigV4 credential scope."""
+    match = _SCOPE_RE.search(environ.get("HTTP_AUTHORIZATION", ""))
+    return match.group(1) if match else "iam"
+
+
+def _json_body(environ: dict[str, Any]) -> dict[str, Any]:
+    body = _buffer_body(environ)
+    if not body:
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise _ControlError("400 Bad Request", "the body must be JSON") from None
+    if not isinstance(data, dict):
+        raise _ControlError("400 Bad Request", "the body must be a JSON object")
+    return data

@@ -1,0 +1,114 @@
+"""moto's server app with the strict rules and the control layer in front.
+
+Imported only by the server process (it imports moto). Patching (strict rules) and
+warming up (Flask apps for IAM and STS, botocore models) happen here, before the socket
+is announced, so the first real call is as fast as the others.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from typing import Any
+
+from moto.core.models import DEFAULT_ACCOUNT_ID
+from moto.iam.exceptions import IAMException
+from moto.iam.models import iam_backends
+from moto.moto_api._internal.models import moto_api_backend
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.test import Client
+
+from local_iam_server import authorization, strict
+from local_iam_server.control import ControlMiddleware, ControlState, ServerClock
+
+# Only the services the product talks to are warmed up; moto routes any other.
+_WARM_UP_CALLS = (
+    ("iam", "Action=ListUsers&Version=2010-05-08"),
+    ("sts", "Action=GetCallerIdentity&Version=2011-06-15"),
+)
+
+
+def handler_class(clock: ServerClock, verbose: bool) -> type[MotoRequestHandler]:
+    """moto's request handler with the stand-in's clock in ``Date`` and quiet logs."""
+
+    class LocalIamRequestHandler(MotoRequestHandler):
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            # http.server stamps every response with this; it follows the clock offset
+            # so a client can observe the skew the TOTP checks use.
+            return email.utils.formatdate(
+                clock.now() if timestamp is None else timestamp, usegmt=True
+            )
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            if verbose:
+                super().log_request(code, size)
+
+    return LocalIamRequestHandler
+
+
+def _warm_up(dispatcher: DomainDispatcherApplication) -> None:
+    """Create moto's IAM and STS apps and load their models before announcing."""
+    iam_backends[DEFAULT_ACCOUNT_ID]["aws"]  # noqa: B018 - instantiates the backend
+    client = Client(dispatcher)
+    for service, body in _WARM_UP_CALLS:
+        client.post(
+            "/",
+            data=body,
+            content_type="application/x-www-form-urlencoded",
+            headers={
+                "Authorization": "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/"
+                f"{service}/aws4_request, SignedHeaders=host, Signature=0"
+            },
+        )
+
+
+def _reset_moto() -> None:
+    moto_api_backend.reset()
+
+
+class _MotoDirectory:
+    """The Directory of the control API, over moto's IAM backend."""
+
+    @staticmethod
+    def _backend() -> Any:
+        return iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+    def create_user(self, name: str) -> None:
+        self._backend().create_user("us-east-1", name)
+
+    def virtual_devices(self) -> list[dict[str, Any]]:
+        return [
+            {"serial": d.serial_number, "user": d.user.name if d.user else None}
+            for d in self._backend().virtual_mfa_devices.values()
+        ]
+
+    def create_principal(self, name: str, policy: str, path: str) -> dict[str, str]:
+        backend = self._backend()
+        try:
+            user = backend.create_user("us-east-1", name, path)
+            try:
+                backend.put_user_policy(name, "provisioner-principal", policy)
+            except IAMException:
+                backend.delete_user(name)
+                raise
+            key = backend.create_access_key(name)
+        except IAMException as error:
+            raise ValueError(f"{error.code}: {error.message}") from None
+        return {
+            "user_name": user.name,
+            "arn": user.arn,
+            "access_key_id": key.access_key_id,
+            "secret_access_key": key.secret_access_key,
+        }
+
+
+def build_app(state: ControlState) -> ControlMiddleware:
+    """Patch moto with the strict rules and wrap its dispatcher in the control layer."""
+    strict.install(strict.StrictIamRules(state.clock, state.attempts))
+    authorization.install(state.auth)
+    dispatcher = DomainDispatcherApplication(create_backend_app)
+    _warm_up(dispatcher)
+    return ControlMiddleware(dispatcher, state, _reset_moto, _MotoDirectory())

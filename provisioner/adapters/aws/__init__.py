@@ -1,0 +1,1 @@
+"""AWS: IAM (the directory) and its policy simulator."""

@@ -1,0 +1,706 @@
+"""The daemon's state in SQLite: the queue, one record per enrollment, the audit trail.
+
+It lives in the systemd StateDirectory (/var/lib/provisioner) and survives restarts.
+Nobody but its owner and group may read it (0640, in a 0750 directory): the queue names
+users. Each enrollment record names its owner, the process doing it (ownership.py), so
+that recovery never takes a running enrollment for a crash's leftover.
+The audit trail is append-only, enforced by the database itself (triggers refuse UPDATE
+and DELETE). Nothing secret is ever stored: users, serials, ARNs, steps and outcomes.
+Every write is its own transaction, flushed (synchronous=FULL) before the call returns,
+so after a crash the records say how far each enrollment got.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from provisioner.adapters.ownership import FILE_MODE, Owner, prepare_directory, private_file
+from provisioner.core.audit import log_line
+from provisioner.core.errors import ProvisionerError, QueueFull
+from provisioner.core.ports import Fact
+
+audit_log = logging.getLogger("provisioner.audit")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    serial INTEGER,                    -- only this token, if given
+    requested_by TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'waiting',   -- waiting, taken, done, failed, cancelled,
+                                             -- interrupted, withdrawn
+    enrollment_id INTEGER,
+    kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
+    old_serial INTEGER,                      -- replace: the token to revoke, if given
+    followed INTEGER NOT NULL DEFAULT 0      -- 1: a client waits on it (enroll, not queue)
+);
+CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
+CREATE TABLE IF NOT EXISTS enrollments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    serial INTEGER,
+    reader TEXT NOT NULL,
+    source TEXT NOT NULL,              -- queue:<id> or roster
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    step TEXT NOT NULL,                -- the last step reached
+    device_arn TEXT,
+    outcome TEXT NOT NULL DEFAULT 'in progress',
+    reason TEXT,
+    -- the write-ahead journal: what may exist, updated before and after each side effect
+    credential_id TEXT,
+    device_state TEXT NOT NULL DEFAULT 'none',      -- none, maybe, created, maybe enabled,
+                                                    -- enabled, confirmed, deleted
+    credential_state TEXT NOT NULL DEFAULT 'none',  -- none, maybe, written, deleted
+    owner TEXT,                        -- the owning process's token (ownership.py)
+    owner_pid INTEGER                  -- its pid, for the operator
+);
+CREATE TABLE IF NOT EXISTS token_cleanups (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    serial INTEGER NOT NULL,
+    credential_id TEXT NOT NULL,
+    enrollment_id INTEGER,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    done_at REAL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    event TEXT NOT NULL,
+    user TEXT,
+    serial INTEGER,
+    device_arn TEXT,
+    outcome TEXT,
+    reason TEXT
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+"""
+
+
+#: What a queued request asks for, when its token is plugged in.
+KINDS = ("enroll", "resync", "replace")
+
+#: The database's name in the state directory.
+STATE_FILE = "provisioner.db"
+#: At least this umask while SQLite may create files: nothing of the state for others.
+PRIVATE_UMASK = 0o027
+
+#: Columns added after the first release: (table, column, declaration).
+_ADDED_COLUMNS = (
+    ("queue", "kind", "TEXT NOT NULL DEFAULT 'enroll'"),
+    ("queue", "old_serial", "INTEGER"),
+    ("enrollments", "owner", "TEXT"),
+    ("enrollments", "owner_pid", "INTEGER"),
+    ("queue", "followed", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+#: The states of a request that counts against the queue's bound.
+_OPEN = "state IN ('waiting', 'taken')"
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    id: int
+    user: str
+    serial: int | None
+    requested_by: str
+    requested_at: float
+    state: str
+    kind: str = "enroll"
+    old_serial: int | None = None
+    #: A client follows it to its end (`provisioner enroll`, not `queue`): when that
+    #: client is gone for good (a daemon restart), so is the request.
+    followed: bool = False
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: float
+    actor: str
+    event: str
+    user: str | None
+    serial: int | None
+    device_arn: str | None
+    outcome: str | None
+    reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Store:
+    """Thread-safe access to the state database (one connection, one lock).
+
+    ``owner``: the process whose enrollments this store records (None: records without
+    an owner, as before owners existed). ``read_only``: open an existing database to read
+    it (SQLite's mode=ro), creating and changing nothing.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        clock: Callable[[], float] = time.time,
+        *,
+        owner: Owner | None = None,
+        read_only: bool = False,
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self._owner = owner
+        self._lock = threading.Lock()
+        if read_only:
+            self._db = _open_read_only(path)
+            self._db.row_factory = sqlite3.Row
+            return
+        prepare_directory(path.parent)
+        # Made 0640 before SQLite opens it: SQLite gives its -wal and -shm files the
+        # database's mode (and, as root, its owner).
+        private_file(path)
+        old = os.umask(PRIVATE_UMASK)
+        os.umask(old | PRIVATE_UMASK)
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+        finally:
+            os.umask(old)
+        _tighten(path)
+
+    def _add_missing_columns(self) -> None:
+        """A state file from an earlier version gets the columns it lacks (queue, journal
+        and audit trail are kept)."""
+        for table, column, declaration in _ADDED_COLUMNS:
+            present = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- queue ------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        user: str,
+        requested_by: str,
+        serial: int | None = None,
+        *,
+        kind: str = "enroll",
+        old_serial: int | None = None,
+        followed: bool = False,
+        limit: int | None = None,
+    ) -> QueueEntry:
+        """A new request; QueueFull when ``limit`` requests are already open."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown request kind {kind!r}")
+        with self._tx() as db:
+            if limit is not None:
+                (open_now,) = db.execute(f"SELECT COUNT(*) FROM queue WHERE {_OPEN}").fetchone()  # noqa: S608 - a fixed clause
+                if open_now >= limit:
+                    raise QueueFull(
+                        f"the desk's queue is full: {open_now} requests are waiting "
+                        f"(daemon.max_queue = {limit})"
+                    )
+            cur = db.execute(
+                "INSERT INTO queue (user, serial, requested_by, requested_at, kind, old_serial, "
+                "followed) VALUES (?,?,?,?,?,?,?)",
+                (user, serial, requested_by, self._clock(), kind, old_serial, int(followed)),
+            )
+            reason = None if kind == "enroll" else kind
+            self._audit(db, requested_by, "queued", user=user, serial=serial, reason=reason)
+            row = db.execute("SELECT * FROM queue WHERE id = ?", (cur.lastrowid,)).fetchone()
+        return _entry(row)
+
+    def waiting(self, limit: int | None = None) -> list[QueueEntry]:
+        """The open requests, oldest first (the first ``limit`` of them, if given)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM queue WHERE {_OPEN} ORDER BY id LIMIT ?",  # noqa: S608 - a fixed clause
+                (-1 if limit is None else limit,),
+            ).fetchall()
+        return [_entry(r) for r in rows]
+
+    def queue_length(self, up_to: int | None = None) -> int:
+        """How many requests are open (those up to request #``up_to``, if given)."""
+        with self._lock:
+            (count,) = self._db.execute(
+                f"SELECT COUNT(*) FROM queue WHERE {_OPEN} AND (? IS NULL OR id <= ?)",  # noqa: S608 - a fixed clause
+                (up_to, up_to),
+            ).fetchone()
+        return int(count)
+
+    def queue_entry(self, entry_id: int) -> QueueEntry | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM queue WHERE id = ?", (entry_id,)).fetchone()
+        return _entry(row) if row else None
+
+    def take_next(
+        self, serial: int | None, *, users: Collection[str] | None = None
+    ) -> QueueEntry | None:
+        """The oldest waiting request this token may serve: one for its serial first, else
+        one for any token; when ``users`` is given, only an enrollment (not a replace) of
+        one of them, none if it is empty."""
+        with self._tx() as db:
+            row = None
+            if serial is not None:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial = ? "
+                    "ORDER BY id LIMIT 1",
+                    (serial,),
+                ).fetchone()
+            if row is None and users is None:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
+                    "ORDER BY id LIMIT 1"
+                ).fetchone()
+            elif row is None and users:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
+                    "AND kind = 'enroll' AND user IN (SELECT value FROM json_each(?)) "
+                    "ORDER BY id LIMIT 1",
+                    (json.dumps(sorted(users)),),
+                ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE queue SET state = 'taken' WHERE id = ?", (row["id"],))
+            row = db.execute("SELECT * FROM queue WHERE id = ?", (row["id"],)).fetchone()
+        return _entry(row)
+
+    def finish_entry(self, entry_id: int, state: str, enrollment_id: int | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE queue SET state = ?, enrollment_id = ? WHERE id = ?",
+                (state, enrollment_id, entry_id),
+            )
+
+    def cancel(self, entry_id: int, actor: str) -> QueueEntry | None:
+        return self._close_waiting(entry_id, "cancelled", actor)
+
+    def withdraw(self, entry_id: int) -> QueueEntry | None:
+        """Close a waiting request whose client left with the daemon."""
+        return self._close_waiting(entry_id, "withdrawn", "daemon")
+
+    def _close_waiting(self, entry_id: int, state: str, actor: str) -> QueueEntry | None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM queue WHERE id = ? AND state = 'waiting'", (entry_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            self._close(db, row, state, actor)
+        return _entry(row)
+
+    def _close(self, db: sqlite3.Connection, row: sqlite3.Row, state: str, actor: str) -> None:
+        """The request ends unserved, audited as ``state`` (cancelled, withdrawn)."""
+        db.execute("UPDATE queue SET state = ? WHERE id = ?", (state, row["id"]))
+        reason = None
+        if state == "withdrawn":
+            reason = (
+                f"request #{row['id']} was followed by {row['requested_by']}, whose command "
+                "ended when the daemon stopped"
+            )
+        self._audit(db, actor, state, user=row["user"], serial=row["serial"], reason=reason)
+
+    def link_entry(self, entry_id: int, enrollment_id: int) -> None:
+        """The request's enrollment has started: from now on it is never served twice."""
+        with self._tx() as db:
+            db.execute("UPDATE queue SET enrollment_id = ? WHERE id = ?", (enrollment_id, entry_id))
+
+    def settle_taken(self) -> tuple[int, int]:
+        """At start-up, the requests a stopped daemon left open.
+
+        A request a client followed is withdrawn (that client left with the daemon: its
+        operator was told the request failed, and it must not take a token now), unless
+        its enrollment had started. A taken request whose enrollment had started is
+        closed as interrupted (recovery settles the enrollment, the history tells the
+        outcome); one whose enrollment had not started waits again.
+        Returns (requeued, interrupted)."""
+        with self._tx() as db:
+            orphans = db.execute(
+                "SELECT * FROM queue WHERE followed = 1 AND enrollment_id IS NULL "
+                "AND state IN ('waiting', 'taken') ORDER BY id"
+            ).fetchall()
+            for row in orphans:
+                self._close(db, row, "withdrawn", "daemon")
+            requeued = db.execute(
+                "UPDATE queue SET state = 'waiting' WHERE state = 'taken' AND enrollment_id IS NULL"
+            ).rowcount
+            interrupted = db.execute(
+                "UPDATE queue SET state = 'interrupted' WHERE state = 'taken'"
+            ).rowcount
+        return requeued, interrupted
+
+    # --- enrollments ------------------------------------------------------------------
+
+    def start_enrollment(
+        self,
+        user: str,
+        serial: int | None,
+        reader: str,
+        source: str,
+        *,
+        owner: Owner | None = None,
+    ) -> int:
+        """A new record, owned by ``owner`` (default: this store's owner)."""
+        owner = owner or self._owner
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO enrollments (user, serial, reader, source, started_at, step, "
+                "owner, owner_pid) VALUES (?,?,?,?,?, 'check', ?,?)",
+                (
+                    user,
+                    serial,
+                    reader,
+                    source,
+                    self._clock(),
+                    owner.token if owner else None,
+                    owner.pid if owner else None,
+                ),
+            )
+            return int(cur.lastrowid or 0)
+
+    def claim_enrollment(
+        self, enrollment_id: int, previous: str | None, owner: Owner | None = None
+    ) -> bool:
+        """Take an unfinished record over from ``previous`` (an owner that has ended), for
+        ``owner`` (default: this store's). False if someone else took it first."""
+        owner = owner or self._owner
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE enrollments SET owner = ?, owner_pid = ? "
+                "WHERE id = ? AND finished_at IS NULL AND owner IS ?",
+                (
+                    owner.token if owner else None,
+                    owner.pid if owner else None,
+                    enrollment_id,
+                    previous,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def release_enrollment(self, enrollment_id: int) -> None:
+        """Hand an unfinished record this store's owner took over back: nobody owns it."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE enrollments SET owner = NULL, owner_pid = NULL "
+                "WHERE id = ? AND finished_at IS NULL AND owner IS ?",
+                (enrollment_id, self._owner.token if self._owner else None),
+            )
+
+    def record_step(self, enrollment_id: int, step: str, device_arn: str | None = None) -> None:
+        with self._tx() as db:
+            if device_arn is not None:
+                db.execute(
+                    "UPDATE enrollments SET step = ?, device_arn = ? WHERE id = ?",
+                    (step, device_arn, enrollment_id),
+                )
+            else:
+                db.execute("UPDATE enrollments SET step = ? WHERE id = ?", (step, enrollment_id))
+
+    def finish_enrollment(
+        self,
+        enrollment_id: int,
+        *,
+        outcome: str,
+        actor: str,
+        device_arn: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE enrollments SET finished_at = ?, outcome = ?, reason = ?, "
+                "device_arn = COALESCE(?, device_arn) WHERE id = ?",
+                (self._clock(), outcome, reason, device_arn, enrollment_id),
+            )
+            row = db.execute("SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)).fetchone()
+            self._audit(
+                db,
+                actor,
+                "enrollment",
+                user=row["user"],
+                serial=row["serial"],
+                device_arn=row["device_arn"],
+                outcome=outcome,
+                reason=reason,
+            )
+
+    def journal(self, enrollment_id: int) -> StoreJournal:
+        return StoreJournal(self, enrollment_id)
+
+    def record_fact(
+        self,
+        enrollment_id: int,
+        fact: Fact,
+        *,
+        device_arn: str | None = None,
+        credential_id: str | None = None,
+    ) -> None:
+        column, value = _FACT_STATES[fact]
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE enrollments SET {column} = ?, "  # noqa: S608 - column from a fixed table
+                "device_arn = COALESCE(?, device_arn), credential_id = COALESCE(?, credential_id) "
+                "WHERE id = ?",
+                (value, device_arn, credential_id, enrollment_id),
+            )
+
+    def enrollment(self, enrollment_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)
+            ).fetchone()
+        return dict(row) if row else None
+
+    # --- credentials to remove from tokens when they are next seen --------------------
+
+    def add_token_cleanup(
+        self, serial: int, credential_id: str, enrollment_id: int | None, reason: str
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO token_cleanups (serial, credential_id, enrollment_id, reason, "
+                "created_at) VALUES (?,?,?,?,?)",
+                (serial, credential_id, enrollment_id, reason, self._clock()),
+            )
+
+    def token_cleanups(self, serial: int | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM token_cleanups WHERE done_at IS NULL AND "
+                "(? IS NULL OR serial = ?) ORDER BY id",
+                (serial, serial),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def finish_token_cleanup(self, cleanup_id: int, actor: str, outcome: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE token_cleanups SET done_at = ? WHERE id = ?", (self._clock(), cleanup_id)
+            )
+            row = db.execute("SELECT * FROM token_cleanups WHERE id = ?", (cleanup_id,)).fetchone()
+            self._audit(
+                db,
+                actor,
+                "token cleanup",
+                serial=row["serial"],
+                outcome=outcome,
+                reason=f"{row['credential_id']}: {row['reason']}",
+            )
+
+    def left_behind(self) -> set[str]:
+        """Devices that ended enrollments (not enrolled) may have left in IAM: a rollback
+        that could not delete its device."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_arn FROM enrollments WHERE finished_at IS NOT NULL "
+                "AND outcome NOT IN ('enrolled', 'already enrolled') AND device_arn IS NOT NULL "
+                "AND device_state IN ('maybe', 'created', 'maybe enabled', 'enabled')"
+            ).fetchall()
+        return {str(r["device_arn"]) for r in rows}
+
+    def unfinished_enrollments(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM enrollments WHERE finished_at IS NULL ORDER BY id"
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    # --- audit ------------------------------------------------------------------------
+
+    def audit(self, actor: str, event: str, **fields: Any) -> None:
+        with self._tx() as db:
+            self._audit(db, actor, event, **fields)
+
+    def audit_resync(
+        self,
+        actor: str,
+        user: str,
+        serial: int | None,
+        outcome: tuple[str, int] | ProvisionerError,
+    ) -> None:
+        """A resync's record: ``outcome`` is (device, first time step) or what failed."""
+        if isinstance(outcome, ProvisionerError):
+            self.audit(
+                actor,
+                "resync",
+                user=user,
+                serial=serial,
+                outcome="failed",
+                reason=outcome.one_line(),
+            )
+            return
+        device, first_step = outcome
+        self.audit(
+            actor,
+            "resync",
+            user=user,
+            serial=serial,
+            device_arn=device,
+            outcome="resynced",
+            reason=f"time steps {first_step} and {first_step + 1}",
+        )
+
+    def _audit(
+        self,
+        db: sqlite3.Connection,
+        actor: str,
+        event: str,
+        *,
+        user: str | None = None,
+        serial: int | None = None,
+        device_arn: str | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        at = self._clock()
+        db.execute(
+            "INSERT INTO audit (at, actor, event, user, serial, device_arn, outcome, reason) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (at, actor, event, user, serial, device_arn, outcome, reason),
+        )
+        audit_log.info(
+            "%s",
+            log_line(
+                {
+                    "at": at,
+                    "actor": actor,
+                    "event": event,
+                    "user": user,
+                    "serial": serial,
+                    "device_arn": device_arn,
+                    "outcome": outcome,
+                    "reason": reason,
+                }
+            ),
+        )
+
+    def history(
+        self,
+        *,
+        limit: int = 100,
+        since: float | None = None,
+        user: str | None = None,
+        serial: int | None = None,
+    ) -> list[AuditRecord]:
+        clauses: list[str] = []
+        params: list[object] = []
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(since)
+        if user is not None:
+            clauses.append("user = ?")
+            params.append(user)
+        if serial is not None:
+            clauses.append("serial = ?")
+            params.append(serial)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) "  # noqa: S608 - fixed clauses
+                "ORDER BY id",
+                (*params, limit),
+            ).fetchall()
+        return [AuditRecord(**dict(r)) for r in rows]
+
+
+_FACT_STATES: dict[Fact, tuple[str, str]] = {
+    Fact.DEVICE_REQUESTED: ("device_state", "maybe"),
+    Fact.DEVICE_CREATED: ("device_state", "created"),
+    Fact.CREDENTIAL_REQUESTED: ("credential_state", "maybe"),
+    Fact.CREDENTIAL_WRITTEN: ("credential_state", "written"),
+    Fact.ENABLE_REQUESTED: ("device_state", "maybe enabled"),
+    Fact.ENABLED: ("device_state", "enabled"),
+    Fact.CONFIRMED: ("device_state", "confirmed"),
+    Fact.DEVICE_DEACTIVATED: ("device_state", "created"),
+    Fact.DEVICE_DELETED: ("device_state", "deleted"),
+    Fact.CREDENTIAL_DELETED: ("credential_state", "deleted"),
+}
+
+
+class StoreJournal:
+    """The Journal port of one enrollment, written to its record."""
+
+    def __init__(self, store: Store, enrollment_id: int) -> None:
+        self._store = store
+        self._id = enrollment_id
+
+    def record(
+        self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
+    ) -> None:
+        self._store.record_fact(self._id, fact, device_arn=device_arn, credential_id=credential_id)
+
+
+def _tighten(path: Path) -> None:
+    """A state file made by an earlier version (0644): 0640, when it is ours to change."""
+    for name in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        try:
+            st = name.stat()
+            if st.st_uid == os.geteuid() and st.st_mode & 0o777 != FILE_MODE:
+                name.chmod(FILE_MODE)
+        except FileNotFoundError:
+            continue
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """The database, read-only. A reader who may not write the directory cannot make the
+    -wal and -shm files SQLite wants; when there is no -wal (no writer has it open, the
+    last one to close folded it in) the file alone is the whole state, read as immutable."""
+    uri = f"file:{quote(str(path))}?mode=ro"
+    db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        db.close()
+        if path.with_name(f"{path.name}-wal").exists():
+            raise
+        db = sqlite3.connect(
+            f"{uri}&immutable=1", uri=True, check_same_thread=False, isolation_level=None
+        )
+    return db
+
+
+def _entry(row: sqlite3.Row) -> QueueEntry:
+    return QueueEntry(
+        id=row["id"],
+        user=row["user"],
+        serial=row["serial"],
+        requested_by=row["requested_by"],
+        requested_at=row["requested_at"],
+        state=row["state"],
+        kind=row["kind"],
+        old_serial=row["old_serial"],
+        followed=bool(row["followed"]),
+    )

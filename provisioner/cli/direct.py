@@ -1,0 +1,254 @@
+"""Work done in the command itself (`--direct`, or no daemon running), recorded in the
+desk's state as the daemon records its own.
+
+An enrollment (a replacement's too) gets its record, owned by this process, before
+anything exists in IAM: recovery and the orphan sweep, in a daemon or in `provisioner
+reconcile`, leave it alone while this process runs. Every enroll, resync, revoke and
+replace ends in the audit trail, which is created (private, and as root given to the
+service's user) when the daemon never ran. `provisioner history` reads the trail here,
+read-only, when no daemon answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pwd
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from provisioner.adapters.ownership import SERVICE_USER, Owner, prepare_directory, private_file
+from provisioner.adapters.sqlite_store import STATE_FILE, Store
+from provisioner.config import Config
+from provisioner.core import validation
+from provisioner.core.errors import (
+    AlreadyEnrolled,
+    ConfigError,
+    EnrollmentFailed,
+    InvalidInput,
+    NotPermitted,
+    ProvisionerError,
+)
+from provisioner.core.lifecycle import Replaced, ReplaceIncomplete, Revoked, TokenFinder
+from provisioner.core.lifecycle import replace as replace_token
+from provisioner.core.model import EnrollmentResult
+from provisioner.core.ports import Progress, TokenSession
+from provisioner.desk import Desk
+
+#: The most records one history answer holds (the daemon's limit too).
+MAX_HISTORY = 100_000
+
+
+@dataclass
+class DeskState:
+    """The desk's state, opened by a command that works here."""
+
+    store: Store
+    owner: Owner
+    #: Who is doing it, as the trail names them.
+    actor: str
+
+
+def actor() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
+
+
+@contextlib.contextmanager
+def desk_state(config: Config, *, service_user: str | None = SERVICE_USER) -> Iterator[DeskState]:
+    """The desk's state for writing, created if the daemon never ran; NotPermitted if
+    this user may not write it (nothing is done then)."""
+    state_dir = config.daemon.state_path()
+    path = state_dir / STATE_FILE
+    try:
+        prepare_directory(state_dir, service_user)
+        private_file(path)
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        owner = Owner.claim(state_dir)
+    except PermissionError as e:
+        raise _not_permitted("write", path, e) from e
+    except OSError as e:
+        raise ConfigError(
+            f"cannot use the desk's state in {state_dir}: {e.strerror}",
+            hint="check daemon.state_directory",
+        ) from e
+    try:
+        store = Store(path, owner=owner)
+    except sqlite3.Error as e:
+        owner.release()
+        raise ConfigError(f"cannot open the desk's state at {path}: {e}") from e
+    try:
+        yield DeskState(store, owner, actor())
+    finally:
+        store.close()
+        owner.release()
+
+
+def _not_permitted(verb: str, path: Path, error: OSError | sqlite3.Error) -> NotPermitted:
+    cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    if verb == "read":
+        hint = "run it as root or as the desk's service user; operators read it through the daemon"
+    else:
+        hint = "run it as root or as the desk's service user, or let the desk daemon do it"
+    return NotPermitted(f"cannot {verb} the desk's audit trail at {path}: {cause}", hint=hint)
+
+
+# --- enrollments ----------------------------------------------------------------------------
+
+
+def enroll(
+    state: DeskState,
+    desk: Desk,
+    token: TokenSession,
+    user: str,
+    progress: Progress | None = None,
+) -> EnrollmentResult:
+    """Enroll ``token`` for ``user``, recorded from before the device is created."""
+    enrollment_id = _start(state, token, user)
+    try:
+        result = desk.enrollment(progress, state.store.journal(enrollment_id)).run(token, user)
+    except ProvisionerError as e:
+        _failed(state, enrollment_id, e)
+        raise
+    state.store.finish_enrollment(
+        enrollment_id, outcome="enrolled", actor=state.actor, device_arn=result.device_arn
+    )
+    return result
+
+
+def replace(
+    state: DeskState,
+    desk: Desk,
+    token: TokenSession,
+    user: str,
+    old_serial: int | None,
+    find_token: TokenFinder,
+    progress: Progress | None = None,
+) -> Replaced:
+    """Enroll ``token`` for ``user``, then revoke the old one (lifecycle.replace)."""
+    enrollment_id = _start(state, token, user)
+    enrollment = desk.enrollment(progress, state.store.journal(enrollment_id))
+    try:
+        done = replace_token(desk.lifecycle(), enrollment, user, token, old_serial, find_token)
+    except ReplaceIncomplete as e:
+        state.store.finish_enrollment(
+            enrollment_id,
+            outcome="enrolled",
+            actor=state.actor,
+            device_arn=e.enrolled.device_arn,
+            reason=e.one_line(),
+        )
+        raise
+    except ProvisionerError as e:
+        _failed(state, enrollment_id, e)
+        raise
+    state.store.finish_enrollment(
+        enrollment_id, outcome="enrolled", actor=state.actor, device_arn=done.enrolled.device_arn
+    )
+    state.store.audit(
+        state.actor,
+        "replaced",
+        user=user,
+        serial=done.enrolled.token_serial,
+        device_arn=done.enrolled.device_arn,
+        outcome="replaced",
+        reason=f"token {done.revoked.token_serial} ({done.revoked.device_arn}) revoked",
+    )
+    return done
+
+
+def _start(state: DeskState, token: TokenSession, user: str) -> int:
+    validation.user_name(user)  # before a record names it
+    return state.store.start_enrollment(user, token.info.serial, token.info.reader, "direct")
+
+
+def _failed(state: DeskState, enrollment_id: int, error: ProvisionerError) -> None:
+    if isinstance(error, AlreadyEnrolled):
+        outcome, reason = "already enrolled", error.message
+    elif isinstance(error, EnrollmentFailed) and error.leftovers:
+        outcome, reason = "failed, NOT rolled back", error.one_line()
+    else:
+        outcome, reason = "failed", error.one_line()
+    state.store.finish_enrollment(enrollment_id, outcome=outcome, actor=state.actor, reason=reason)
+
+
+# --- resync and revoke ----------------------------------------------------------------------
+
+
+def resync(
+    state: DeskState,
+    desk: Desk,
+    token: TokenSession,
+    user: str,
+    progress: Progress | None = None,
+) -> tuple[str, int]:
+    """ResyncMFADevice with codes from ``token``: the device and the first time step."""
+    try:
+        done = desk.lifecycle(progress).resync(user, token)
+    except ProvisionerError as e:
+        state.store.audit_resync(state.actor, user, token.info.serial, e)
+        raise
+    state.store.audit_resync(state.actor, user, token.info.serial, done)
+    return done
+
+
+def revoke(
+    state: DeskState, desk: Desk, user: str, serial: int | None, find_token: TokenFinder
+) -> Revoked:
+    try:
+        done = desk.lifecycle().revoke(user, serial, find_token)
+    except ProvisionerError as e:
+        state.store.audit(
+            state.actor, "revoke", user=user, serial=serial, outcome="failed", reason=e.one_line()
+        )
+        raise
+    state.store.audit(
+        state.actor,
+        "revoked",
+        user=done.user,
+        serial=done.token_serial,
+        device_arn=done.device_arn,
+        outcome="revoked",
+        reason="; ".join(done.actions),
+    )
+    return done
+
+
+# --- the trail, read here -------------------------------------------------------------------
+
+
+def history(
+    config: Config,
+    *,
+    limit: int,
+    user: str | None = None,
+    serial: int | None = None,
+    since: float | None = None,
+) -> list[dict[str, Any]] | None:
+    """The audit trail as the daemon answers it, read-only; None if there is none yet."""
+    if not 0 < limit <= MAX_HISTORY:
+        raise InvalidInput(f"limit must be 1..{MAX_HISTORY}")
+    path = config.daemon.state_path() / STATE_FILE
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _not_permitted("read", path, e) from e
+    try:
+        store = Store(path, read_only=True)
+        try:
+            records = store.history(limit=limit, user=user, serial=serial, since=since)
+        finally:
+            store.close()
+    except sqlite3.Error as e:
+        raise _not_permitted("read", path, e) from e
+    return [r.as_dict() for r in records]

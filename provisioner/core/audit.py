@@ -1,0 +1,109 @@
+"""The audit trail as people read it: a log line per record, and exports.
+
+Each record also goes to the log (the journal) with stable ``key=value`` fields, so the
+security team's log tooling can pick it up without asking the daemon. ``history`` renders
+records as a table, JSON or CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from provisioner.core import validation
+from provisioner.core.errors import InvalidInput
+
+FIELDS = ("at", "actor", "event", "user", "serial", "device_arn", "outcome", "reason")
+_PLAIN = re.compile(r"[\w.:/@+=,-]+")
+_RELATIVE = re.compile(r"([0-9]+)\s*([smhd])", re.ASCII)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: How far back --since may reach: further is a typo, and a float cannot hold all of it.
+_MAX_DAYS_BACK = 36500
+#: A spreadsheet evaluates a cell that starts with one of these (OWASP: CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def log_line(record: Mapping[str, Any]) -> str:
+    """``event=enrollment actor=root user=alice ...``: stable keys, values quoted if needed."""
+    parts = []
+    for key in FIELDS:
+        value = record.get(key)
+        if value is None:
+            continue
+        text = _iso(value) if key == "at" else str(value)
+        if not _PLAIN.fullmatch(text):
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return "audit " + " ".join(parts)
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """``24h``, ``7d``, ``30m`` ago, or an ISO date/time (UTC unless it says otherwise).
+
+    The messages name the text, not the option: argparse says "argument --since:"."""
+    now = time.time() if now is None else now
+    match = _RELATIVE.fullmatch(text.strip())
+    if match:
+        unit = _UNITS[match.group(2)]
+        try:
+            amount = validation.whole_number(
+                match.group(1), "an amount", maximum=_MAX_DAYS_BACK * 86400 // unit
+            )
+        except InvalidInput:
+            raise InvalidInput(
+                f"{text!r}: at most {_MAX_DAYS_BACK} days back ({_MAX_DAYS_BACK}d)"
+            ) from None
+        return now - amount * unit
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(
+            f"{text!r}: give a time like 2026-11-01, 2026-11-01T09:30 or 24h, 7d"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A CSV cell no spreadsheet evaluates: text that would start a formula gets a ``'``
+    in front (OWASP). IAM user names may start with = + - @; a reason may start with
+    anything. Numbers are left alone: -5 is a number to a spreadsheet, not a formula."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def render(records: Sequence[Mapping[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([{**r, "at": _iso(r["at"])} for r in records], indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        # RFC 4180's CRLF: the writer then quotes a cell holding a lone CR too, which
+        # would otherwise end the row there and start the next with what follows it.
+        writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: spreadsheet_safe(v) for k, v in {**r, "at": _iso(r["at"])}.items()})
+        return out.getvalue().rstrip("\r\n")
+    if fmt == "table":
+        rows = [[_iso(r["at"]), *(str(r.get(k) or "") for k in FIELDS[1:])] for r in records]
+        header = list(FIELDS)
+        widths = [
+            max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+            for i, h in enumerate(header)
+        ]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+        return "\n".join(line.rstrip() for line in lines)
+    raise InvalidInput(f"unknown format {fmt!r}: table, json or csv")

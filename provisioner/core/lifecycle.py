@@ -1,0 +1,212 @@
+"""Day two: revoke a user's token, resync one that drifted.
+
+Both find the user's device through the tags the enrollment put on it (the tool, the
+token's serial), so they act only on devices this tool enrolled, and only on the token
+the operator means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from provisioner.core.clock import Clock
+from provisioner.core.enrollment import TOOL_TAG, Enrollment, EnrollmentSettings, codes_on_token
+from provisioner.core.errors import InvalidInput, NoSuchEntity, ProvisionerError, TokenError
+from provisioner.core.model import EnrollmentResult, VirtualDevice
+from provisioner.core.ports import IamDirectory, NullProgress, Progress, TokenSession
+
+TokenFinder = Callable[[int], AbstractContextManager[TokenSession | None]]
+#: What becomes of a credential on a token that is not plugged in: (serial, credential id)
+#: -> a line for the operator.
+AbsentNote = Callable[[str, str], str]
+
+
+def _left_on_token(serial: str, credential: str) -> str:
+    return (
+        f"{credential} stays on token {serial} (not plugged in): it is useless now; "
+        "delete it with ykman oath accounts delete, or revoke with the token plugged in"
+    )
+
+
+@dataclass(frozen=True)
+class Revoked:
+    user: str
+    device_arn: str
+    token_serial: int | None
+    credential_id: str
+    credential_removed: bool
+    #: What happened, one line each, in the operator's words.
+    actions: tuple[str, ...]
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        iam: IamDirectory,
+        clock: Clock,
+        settings: EnrollmentSettings,
+        progress: Progress | None = None,
+    ) -> None:
+        self._iam = iam
+        self._clock = clock
+        self._settings = settings
+        self._progress = progress or NullProgress()
+
+    def devices_of(self, user: str, token_serial: int | None = None) -> list[VirtualDevice]:
+        """The user's MFA devices this tool enrolled; for one token if a serial is given."""
+        self._iam.user_arn(user)  # UserNotFound, said as such
+        assigned = set(self._iam.list_mfa_devices(user))
+        return [
+            d
+            for d in self._iam.list_virtual_mfa_devices(assigned=True)
+            if d.serial_number in assigned
+            and d.tag("provisioner:tool") == TOOL_TAG
+            and (token_serial is None or d.tag("provisioner:token-serial") == str(token_serial))
+        ]
+
+    def _the_device(self, user: str, token_serial: int | None) -> VirtualDevice:
+        found = self.devices_of(user, token_serial)
+        which = f" for token {token_serial}" if token_serial is not None else ""
+        if not found:
+            raise NoSuchEntity(
+                f"{user} has no MFA device enrolled by provisioner{which}",
+                hint=f"provisioner history --user {user} shows what was done",
+            )
+        if len(found) > 1:
+            tokens = ", ".join(str(d.tag("provisioner:token-serial")) for d in found)
+            raise InvalidInput(
+                f"{user} has {len(found)} MFA devices enrolled by provisioner (tokens {tokens})",
+                hint="say which with --serial",
+            )
+        return found[0]
+
+    def _credential_id(self, user: str, device: VirtualDevice) -> str:
+        account = device.serial_number.split(":")[4]
+        credential, _ = self._settings.names(user, account, device.token_serial)
+        return credential.credential_id
+
+    def revoke(
+        self,
+        user: str,
+        token_serial: int | None,
+        find_token: TokenFinder,
+        absent: AbsentNote = _left_on_token,
+    ) -> Revoked:
+        """Deactivate the device, delete it, and remove its credential if the token is here.
+
+        ``find_token(serial)`` gives the token with that serial if it is plugged in;
+        ``absent`` says what becomes of the credential when it is not.
+        """
+        device = self._the_device(user, token_serial)
+        arn = device.serial_number
+        serial_tag = device.tag("provisioner:token-serial")
+        actions = []
+        self._iam.deactivate_mfa_device(user, arn)
+        actions.append(f"deactivated {arn} for {user}")
+        self._iam.delete_virtual_mfa_device(arn)
+        actions.append(f"deleted {arn}")
+        credential = self._credential_id(user, device)
+        removed = False
+        present = False
+        if device.token_serial is not None:
+            with find_token(device.token_serial) as token:
+                if token is not None:
+                    present = True
+                    try:
+                        removed = token.delete_credential(credential)
+                    except TokenError as e:
+                        actions.append(
+                            f"could not remove {credential} from token {serial_tag}: {e.one_line()}"
+                        )
+                    else:
+                        actions.append(
+                            f"removed {credential} from token {serial_tag}"
+                            if removed
+                            else f"token {serial_tag} held no {credential}"
+                        )
+        if not present:
+            actions.append(absent(serial_tag or "?", credential))
+        for line in actions:
+            self._progress.notice(line)
+        return Revoked(
+            user=user,
+            device_arn=arn,
+            token_serial=device.token_serial,
+            credential_id=credential,
+            credential_removed=removed,
+            actions=tuple(actions),
+        )
+
+    def resync(self, user: str, token: TokenSession) -> tuple[str, int]:
+        """Two consecutive codes from the credential on the token, then ResyncMFADevice.
+        Returns the device and the first of the two time steps."""
+        device = self._the_device(user, token.info.serial)
+        account = device.serial_number.split(":")[4]
+        credential, _ = self._settings.names(user, account, token.info.serial)
+        token.oath_state()  # unlocks the applet if it has a password
+        codes = codes_on_token(
+            token, credential, None, self._clock, self._settings.margin, self._progress
+        )
+        self._iam.resync_mfa_device(user, device.serial_number, codes.first, codes.second)
+        return device.serial_number, codes.first_step
+
+
+class ReplaceIncomplete(ProvisionerError):
+    """The new token works; the old device could not be revoked."""
+
+    def __init__(self, message: str, *, enrolled: EnrollmentResult, hint: str) -> None:
+        super().__init__(message, hint=hint)
+        self.enrolled = enrolled
+
+
+@dataclass(frozen=True)
+class Replaced:
+    enrolled: EnrollmentResult
+    revoked: Revoked
+
+
+def replace(
+    lifecycle: Lifecycle,
+    enrollment: Enrollment,
+    user: str,
+    new_token: TokenSession,
+    old_serial: int | None,
+    find_token: TokenFinder,
+    absent: AbsentNote = _left_on_token,
+) -> Replaced:
+    """Enroll the new token first, then revoke the old one: the user is never without MFA.
+
+    If the enrollment fails nothing changed (it rolls itself back). If the revocation
+    fails the user has both, and the error says so and what to run.
+    """
+    new_serial = new_token.info.serial
+    others = [
+        d
+        for d in lifecycle.devices_of(user)
+        if d.tag("provisioner:token-serial") != str(new_serial)
+        and (old_serial is None or d.tag("provisioner:token-serial") == str(old_serial))
+    ]
+    if not others:
+        raise NoSuchEntity(
+            f"{user} has no other token enrolled by provisioner to replace",
+            hint="enroll the new token with provisioner enroll",
+        )
+    if len(others) > 1:
+        tokens = ", ".join(str(d.tag("provisioner:token-serial")) for d in others)
+        raise InvalidInput(
+            f"{user} has several tokens ({tokens})", hint="say which with --old-serial"
+        )
+    old = others[0].tag("provisioner:token-serial")
+    enrolled = enrollment.run(new_token, user)
+    try:
+        revoked = lifecycle.revoke(user, others[0].token_serial, find_token, absent)
+    except ProvisionerError as e:
+        raise ReplaceIncomplete(
+            f"{user} now has the new token {new_serial} ({enrolled.device_arn}) AND still the "
+            f"old device {others[0].serial_number}: revoking it failed: {e.message}",
+            enrolled=enrolled,
+            hint=f"provisioner revoke --user {user} --serial {old}",
+        ) from e
+    return Replaced(enrolled, revoked)

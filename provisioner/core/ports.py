@@ -1,0 +1,136 @@
+"""The small interfaces the enrollment talks to.
+
+The enrollment imports none of boto3, yubikit or pyusb: it sees a token session, an IAM
+directory and a clock through these protocols, so it reads as the steps of an enrollment
+and is tested without I/O. ``yubikey.py`` and ``aws_iam.py`` are the real adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum, unique
+from typing import Protocol
+
+from provisioner.core.model import (
+    CredentialSpec,
+    DeviceSpec,
+    OathState,
+    Step,
+    TokenInfo,
+    VirtualDevice,
+)
+from provisioner.core.secret import Seed
+
+
+class TokenSession(Protocol):
+    """An open, exclusive session with one token's OATH applet."""
+
+    @property
+    def info(self) -> TokenInfo: ...
+
+    def oath_state(self) -> OathState:
+        """Select (and unlock) the OATH applet; raises TokenNoOath / TokenLocked."""
+        ...
+
+    def put_credential(self, spec: CredentialSpec, seed: Seed) -> None: ...
+
+    def calculate(self, credential_id: str, timestamp: int) -> str:
+        """The code of a TOTP credential for ``timestamp``, computed on the token."""
+        ...
+
+    def delete_credential(self, credential_id: str) -> bool:
+        """Delete if present; True when something was deleted."""
+        ...
+
+    def reopen(self, timeout: float) -> None:
+        """After TokenRemoved: wait up to ``timeout`` s for the same token to come back."""
+        ...
+
+
+class IamDirectory(Protocol):
+    """What the enrollment needs of AWS IAM."""
+
+    def user_arn(self, user: str) -> str:
+        """The user's ARN (it names the account); UserNotFound if there is no such user."""
+        ...
+
+    def list_mfa_devices(self, user: str) -> list[str]:
+        """Serial numbers (ARNs) of the user's MFA devices; UserNotFound if no such user."""
+        ...
+
+    def create_virtual_mfa_device(self, spec: DeviceSpec) -> tuple[str, Seed]: ...
+
+    def enable_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None: ...
+
+    def deactivate_mfa_device(self, user: str, serial: str) -> None: ...
+
+    def resync_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None: ...
+
+    def delete_virtual_mfa_device(self, serial: str) -> None: ...
+
+    def list_virtual_mfa_devices(self, *, assigned: bool | None = None) -> list[VirtualDevice]:
+        """All virtual devices, or only the (un)assigned ones, with their tags."""
+        ...
+
+
+@unique
+class Fact(StrEnum):
+    """What the write-ahead journal records, before and after each side effect.
+
+    "...requested" is written (and flushed) before the call: from then on the thing may
+    exist even if the answer is lost or the process dies. The other facts are written
+    after the call succeeded.
+    """
+
+    DEVICE_REQUESTED = "device requested"
+    DEVICE_CREATED = "device created"
+    CREDENTIAL_REQUESTED = "credential requested"
+    CREDENTIAL_WRITTEN = "credential written"
+    ENABLE_REQUESTED = "enable requested"
+    ENABLED = "enabled"
+    CONFIRMED = "confirmed"
+    DEVICE_DEACTIVATED = "device deactivated"
+    DEVICE_DELETED = "device deleted"
+    CREDENTIAL_DELETED = "credential deleted"
+
+
+class Journal(Protocol):
+    """Where an enrollment writes what may exist, so that a crash loses nothing."""
+
+    def record(
+        self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
+    ) -> None: ...
+
+
+class NullJournal:
+    def record(
+        self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
+    ) -> None:
+        pass
+
+
+class Progress(Protocol):
+    """Where the enrollment reports as it goes (a terminal, the daemon's event stream)."""
+
+    def step(self, step: Step, detail: str) -> None: ...
+
+    def notice(self, text: str) -> None: ...
+
+
+class NullProgress:
+    def step(self, step: Step, detail: str) -> None:
+        pass
+
+    def notice(self, text: str) -> None:
+        pass
+
+
+def render_template(template: str, values: Mapping[str, str]) -> str:
+    """``{user}``-style templates from the configuration, with a clear error on typos."""
+    from provisioner.core.errors import ConfigError
+
+    try:
+        return template.format_map(dict(values))
+    except (KeyError, ValueError, IndexError) as e:
+        known = ", ".join("{" + k + "}" for k in sorted(values))
+        raise ConfigError(f"bad template {template!r}: {e}; known fields: {known}") from None
