@@ -1,0 +1,72 @@
+"""The names the desk's messages use: event kinds, outcomes and token states.
+
+The daemon publishes events and final answers as JSON objects whose ``event``, ``outcome``
+and ``state`` fields carry these values; the CLI, ``watch`` and the metrics read them back.
+They are ``StrEnum`` so that the wire (and the store's rows) keep exactly the strings they
+always had, while the code compares members, never literals.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EventKind(StrEnum):
+    """The ``event`` field of what the daemon publishes and streams to clients."""
+
+    # the readers (the reader watch's own kinds, passed on as they are)
+    READER_ADDED = "reader-added"
+    READER_REMOVED = "reader-removed"
+    CARD_INSERTED = "card-inserted"
+    TOKEN_REMOVED = "token-removed"
+    PCSC_DOWN = "pcsc-down"
+    PCSC_UP = "pcsc-up"
+    # a token in a reader
+    TOKEN = "token"
+    TOKEN_ERROR = "token-error"
+    TOKEN_HELD = "token-held"
+    UNSUPPORTED = "unsupported"
+    IGNORED = "ignored"
+    # work on a token
+    ENROLLING = "enrolling"
+    STEP = "step"
+    NOTICE = "notice"
+    OUTCOME = "outcome"
+    REVOKED = "revoked"
+    CLEANED = "cleaned"
+    # the queue
+    REQUEST_QUEUED = "request-queued"
+    QUEUED = "queued"
+    WAITING = "waiting"
+    # the live status (watch)
+    UPDATE = "update"
+    HEARTBEAT = "heartbeat"
+
+
+class Outcome(StrEnum):
+    """How a piece of work on a token ended: the ``outcome`` of a final answer."""
+
+    ENROLLED = "enrolled"
+    REPLACED = "replaced"
+    ALREADY_ENROLLED = "already enrolled"
+    ENROLLED_OLD_NOT_REVOKED = "enrolled, old token NOT revoked"
+    FAILED = "failed"
+    FAILED_NOT_ROLLED_BACK = "failed, NOT rolled back"
+    REVOKED = "revoked"
+    RESYNCED = "resynced"
+    RESYNC_FAILED = "resync failed"
+    CANCELLED = "cancelled"
+    DAEMON_STOPPING = "daemon stopping"
+
+
+class TokenState(StrEnum):
+    """What the desk is doing with a token in a reader, as status and ``watch`` show it."""
+
+    IDENTIFYING = "identifying"
+    HELD = "held"
+    ENROLLING = "enrolling"
+    RESYNCING = "resyncing"
+    ENROLLED = "enrolled"
+    IDLE = "idle"
+    UNSUPPORTED = "unsupported"
+    FAILED = "failed"
