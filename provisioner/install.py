@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from provisioner.adapters.ownership import SERVICE_USER
-from provisioner.core.errors import ConfigError, ProvisionerError
+from provisioner.core.errors import ConfigError, InstallError
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -52,10 +52,6 @@ _TIMEOUT = 60.0
 SYSTEMD_RUNNING = Path("/run/systemd/system")
 #: udevd's control socket: udevd is running.
 UDEV_CONTROL = Path("/run/udev/control")
-
-
-class InstallError(ProvisionerError):
-    """A step of the installation failed."""
 
 
 def shipped_text(name: str) -> str:

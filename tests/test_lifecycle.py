@@ -161,8 +161,7 @@ def test_replace_enrolls_the_new_token_then_revokes_the_old() -> None:
 
 
 def test_replace_whose_second_half_fails_leaves_both_and_says_so() -> None:
-    from provisioner.core.errors import ServiceFailure
-    from provisioner.core.lifecycle import ReplaceIncomplete
+    from provisioner.core.errors import ReplaceIncomplete, ServiceFailure
 
     w = World()
     old = w.enroll("alice", 1001)

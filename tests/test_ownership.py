@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.adapters.ownership import DaemonLock, Owner, StateInUse, alive, prepare_directory
-from provisioner.core.errors import exit_status
+from provisioner.adapters.ownership import DaemonLock, Owner, alive, prepare_directory
+from provisioner.core.errors import StateInUse, exit_status
 
 HOLD_OWNER = (
     "import sys; from pathlib import Path; from provisioner.adapters.ownership import Owner; "

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from provisioner.core.errors import ConfigError
+from provisioner.core.errors import ConfigError, StateInUse
 
 #: The system user the unit runs as (install creates it; state belongs to it).
 SERVICE_USER = "provisioner"
@@ -38,10 +38,6 @@ DIRECTORY_MODE = 0o750
 FILE_MODE = 0o640
 _TOKEN = re.compile(r"[0-9a-f]{32}")
 _PID = re.compile(r"[0-9]{1,10}")
-
-
-class StateInUse(ConfigError):
-    """Another daemon holds the desk's state."""
 
 
 def prepare_directory(path: Path, service_user: str | None = SERVICE_USER) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import usb.core
 import usb.util
 
-from provisioner.core.errors import TokenError
+from provisioner.core.errors import TokenError, UsbUnavailable
 
 log = logging.getLogger("provisioner.usb")  # the journal's name for it, kept across moves
 
@@ -60,12 +60,6 @@ PRODUCT_FUNCTIONS: Mapping[int, str] = {
     0x0116: "OTP+FIDO+CCID",
     0x0120: "FIDO",
 }
-
-
-class UsbUnavailable(TokenError):
-    """pyusb has no backend: libusb is missing."""
-
-    hint = "install libusb-1.0-0 (apt-get install libusb-1.0-0)"
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ from provisioner.core.errors import (
     InvalidInput,
     NotPermitted,
     ProvisionerError,
+    ReplaceIncomplete,
 )
-from provisioner.core.lifecycle import Replaced, ReplaceIncomplete, Revoked, TokenFinder
+from provisioner.core.lifecycle import Replaced, Revoked, TokenFinder
 from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.model import EnrollmentResult
 from provisioner.core.ports import Progress, TokenSession

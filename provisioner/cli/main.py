@@ -22,6 +22,9 @@ from provisioner.core.errors import (
     EXIT_REFUSED,
     AlreadyEnrolled,
     ConfigError,
+    DaemonNotRunning,
+    DaemonRefused,
+    ExitStatus,
     InvalidInput,
     ProvisionerError,
     exit_status,
@@ -30,40 +33,10 @@ from provisioner.core.model import EnrollmentResult, Step
 
 log = logging.getLogger("provisioner")
 
-EXIT_CODES_HELP = """\
-exit status:
-  0  enrolled (or already enrolled: nothing to do)
-  1  failed, and everything it had done was undone
-  2  bad command line, configuration or input
-  3  a token or PC/SC problem (nothing was changed in IAM)
-  4  an IAM problem (refused, unreachable, no credentials)
-  5  failed AND something could not be undone: the message lists it
-  6  refused: you are not root or in the desk daemon's operators' group, its queue is
-     full, or (with no daemon) you may not read or write the desk's audit trail
-"""
+EXIT_CODES_HELP = ExitStatus.help_text()
 
 
 exit_code = exit_status
-
-
-class DaemonNotRunning(ProvisionerError):
-    pass
-
-
-class DaemonRefused(ProvisionerError):
-    """The daemon said no: to this user (``refused``), or to this request."""
-
-    def __init__(self, message: str, *, refused: bool, status: object = None) -> None:
-        super().__init__(message)
-        self.refused = refused
-        self.status = EXIT_REFUSED if refused else status if isinstance(status, int) else 1
-
-    @classmethod
-    def answered(cls, answer: dict[str, Any]) -> DaemonRefused:
-        """From the daemon's final answer saying no."""
-        return cls(
-            str(answer.get("error")), refused=bool(answer.get("refused")), status=answer.get("exit")
-        )
 
 
 class TerminalProgress:

@@ -3,12 +3,19 @@
 Every error says what the operator needs: which step, which token, which user, what to do.
 Adapters translate vendor exceptions (pyscard, yubikit, botocore) into these, keeping the
 cause (``raise ... from e``); no vendor exception leaves an adapter. The CLI maps the
-classes to exit codes in one place (``cli.EXIT_CODES``).
+classes to exit statuses in one place (``exit_status``); ``ExitStatus`` is every status
+the CLI returns and writes its own ``--help`` text.
 
 No message may contain a seed: errors are built from names, serials and AWS error codes.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from provisioner.core.model import EnrollmentResult
 
 
 class ProvisionerError(Exception):
@@ -261,15 +268,92 @@ class QueueFull(ProvisionerError):
     )
 
 
+# --- the errors of the desk's parts (the CLI, install, the state directory, USB) -------------
+
+
+class ReplaceIncomplete(ProvisionerError):
+    """The new token works; the old device could not be revoked."""
+
+    def __init__(self, message: str, *, enrolled: EnrollmentResult, hint: str) -> None:
+        super().__init__(message, hint=hint)
+        self.enrolled = enrolled
+
+
+class InstallError(ProvisionerError):
+    """A step of the installation failed."""
+
+
+class StateInUse(ConfigError):
+    """Another daemon holds the desk's state."""
+
+
+class UsbUnavailable(TokenError):
+    """pyusb has no backend: libusb is missing."""
+
+    hint = "install libusb-1.0-0 (apt-get install libusb-1.0-0)"
+
+
+class DaemonNotRunning(ProvisionerError):
+    pass
+
+
+class DaemonRefused(ProvisionerError):
+    """The daemon said no: to this user (``refused``), or to this request."""
+
+    def __init__(self, message: str, *, refused: bool, status: object = None) -> None:
+        super().__init__(message)
+        self.refused = refused
+        self.status = EXIT_REFUSED if refused else status if isinstance(status, int) else 1
+
+    @classmethod
+    def answered(cls, answer: dict[str, Any]) -> DaemonRefused:
+        """From the daemon's final answer saying no."""
+        return cls(
+            str(answer.get("error")), refused=bool(answer.get("refused")), status=answer.get("exit")
+        )
+
+
 # --- exit status ---------------------------------------------------------------------------
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_TOKEN = 3
-EXIT_IAM = 4
-EXIT_LEFTOVERS = 5
-EXIT_REFUSED = 6
+
+class ExitStatus(IntEnum):
+    """What a command's exit status means; ``help_text()`` is the --help epilogue."""
+
+    OK = 0, "enrolled (or already enrolled: nothing to do)"
+    FAILED = 1, "failed, and everything it had done was undone"
+    USAGE = 2, "bad command line, configuration or input"
+    TOKEN = 3, "a token or PC/SC problem (nothing was changed in IAM)"
+    IAM = 4, "an IAM problem (refused, unreachable, no credentials)"
+    LEFTOVERS = 5, "failed AND something could not be undone: the message lists it"
+    REFUSED = (
+        6,
+        (
+            "refused: you are not root or in the desk daemon's operators' group, its queue is\n"
+            "     full, or (with no daemon) you may not read or write the desk's audit trail"
+        ),
+    )
+
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str) -> ExitStatus:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.meaning = meaning
+        return member
+
+    @classmethod
+    def help_text(cls) -> str:
+        return "exit status:\n" + "".join(f"  {s.value}  {s.meaning}\n" for s in cls)
+
+
+# The names the code uses; the values are ExitStatus's.
+EXIT_OK = ExitStatus.OK
+EXIT_FAILED = ExitStatus.FAILED
+EXIT_USAGE = ExitStatus.USAGE
+EXIT_TOKEN = ExitStatus.TOKEN
+EXIT_IAM = ExitStatus.IAM
+EXIT_LEFTOVERS = ExitStatus.LEFTOVERS
+EXIT_REFUSED = ExitStatus.REFUSED
 
 
 def failure_reason(error: ProvisionerError) -> str:
@@ -282,7 +366,7 @@ def failure_reason(error: ProvisionerError) -> str:
     return type(error).__name__
 
 
-def exit_status(error: ProvisionerError) -> int:
+def exit_status(error: ProvisionerError) -> ExitStatus:
     """The one mapping from errors to exit statuses (the CLI's, and the daemon's answers)."""
     if isinstance(error, EnrollmentFailed):
         if error.leftovers:

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 from provisioner.core.clock import Clock
 from provisioner.core.enrollment import TOOL_TAG, Enrollment, EnrollmentSettings, codes_on_token
-from provisioner.core.errors import InvalidInput, NoSuchEntity, ProvisionerError, TokenError
+from provisioner.core.errors import (
+    InvalidInput,
+    NoSuchEntity,
+    ProvisionerError,
+    ReplaceIncomplete,
+    TokenError,
+)
 from provisioner.core.model import EnrollmentResult, VirtualDevice
 from provisioner.core.ports import IamDirectory, NullProgress, Progress, TokenSession
 
@@ -151,14 +157,6 @@ class Lifecycle:
         )
         self._iam.resync_mfa_device(user, device.serial_number, codes.first, codes.second)
         return device.serial_number, codes.first_step
-
-
-class ReplaceIncomplete(ProvisionerError):
-    """The new token works; the old device could not be revoked."""
-
-    def __init__(self, message: str, *, enrolled: EnrollmentResult, hint: str) -> None:
-        super().__init__(message, hint=hint)
-        self.enrolled = enrolled
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,13 @@ from provisioner.core.errors import (
     EnrollmentFailed,
     InvalidInput,
     ProvisionerError,
+    ReplaceIncomplete,
     TokenBusy,
     TokenError,
     exit_status,
     failure_reason,
 )
-from provisioner.core.lifecycle import ReplaceIncomplete, Revoked
+from provisioner.core.lifecycle import Revoked
 from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.model import Step
 from provisioner.core.recovery import Recovery
