@@ -34,19 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yubikit.core.smartcard import SmartCardConnection
+
+from desk_harness import Daemon, make_workdir, wait_for, write_config
+from emulated_yubikey import EmulatedConnection, EmulatedYubiKey, PcscStack
+from local_iam_server import LocalIamServer
+from provisioner.adapters.aws.iam import IamClient
+from provisioner.adapters.sqlite_store import Store
+from provisioner.adapters.yubikey import Pcsc, YubiKeyToken
+from provisioner.core.clock import AwsClock
+from provisioner.core.enrollment import Enrollment, EnrollmentSettings
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from harness import Daemon, make_workdir, wait_for, write_config  # noqa: E402
-from yubikit.core.smartcard import SmartCardConnection  # noqa: E402
-
-from emulated_yubikey import EmulatedConnection, EmulatedYubiKey, PcscStack  # noqa: E402
-from local_iam_server import LocalIamServer  # noqa: E402
-from provisioner.adapters.aws.iam import IamClient  # noqa: E402
-from provisioner.adapters.sqlite_store import Store  # noqa: E402
-from provisioner.adapters.yubikey import Pcsc, YubiKeyToken  # noqa: E402
-from provisioner.core.clock import AwsClock  # noqa: E402
-from provisioner.core.enrollment import Enrollment, EnrollmentSettings  # noqa: E402
 
 RESULTS = HERE / "results"
 COMMANDS = {0xA4: "SELECT", 0x1D: "READ_CONFIG", 0xA1: "LIST", 0x01: "PUT", 0xA2: "CALCULATE"}

@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from desk_harness import ACCOUNT, Daemon, make_workdir, wait_for, write_config
+from emulated_yubikey import EmulatedYubiKey, PcscStack
+from local_iam_server import LocalIamServer
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from harness import ACCOUNT, Daemon, make_workdir, wait_for, write_config  # noqa: E402
-
-from emulated_yubikey import EmulatedYubiKey, PcscStack  # noqa: E402
-from local_iam_server import LocalIamServer  # noqa: E402
 
 FIRST_SERIAL = 70_000_000
 

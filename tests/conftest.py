@@ -10,8 +10,8 @@ from collections.abc import Iterator  # noqa: E402
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402
-from harness import make_workdir  # noqa: E402
 
+from desk_harness import make_workdir  # noqa: E402
 from emulated_yubikey import PcscStack  # noqa: E402
 from local_iam_server import LocalIamServer  # noqa: E402
 

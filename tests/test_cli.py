@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import run_cli
 
+from desk_harness import run_cli
 from provisioner.cli.main import EXIT_CODES_HELP, build_parser, exit_code, main
 from provisioner.core.errors import (
     ConfigError,

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import wait_for
 
+from desk_harness import wait_for
 from provisioner.adapters.control_socket import (
     Authorizer,
     ControlClient,

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ACCOUNT, Daemon, arn, wait_for, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from desk_harness import ACCOUNT, Daemon, arn, wait_for, write_config
 from emulated_yubikey import Capability, EmulatedYubiKey, PcscStack
 from local_iam_server import LocalIamServer
 from provisioner.adapters.control_socket import ControlClient

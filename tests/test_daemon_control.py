@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, NotifyListener, make_workdir, wait_for
 
+from desk_harness import Daemon, NotifyListener, make_workdir, wait_for
 from local_iam_server import LocalIamServer
 
 pytestmark = [pytest.mark.iam_server, pytest.mark.slow]

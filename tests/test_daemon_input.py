@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import NotifyListener, make_workdir, run_cli, wait_for, write_config
 
+from desk_harness import NotifyListener, make_workdir, run_cli, wait_for, write_config
 from local_iam_server import LocalIamServer
 from provisioner.adapters.control_socket import ControlClient
 

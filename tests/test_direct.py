@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Daemon, arn, wait_for, write_config
 
+from desk_harness import Daemon, arn, wait_for, write_config
 from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
 from local_iam_server import LocalIamServer
 from provisioner.adapters.sqlite_store import Store

@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import make_workdir
 
+from desk_harness import make_workdir
 from emulated_yubikey import EmulatedYubiKey, PcscStack
 from local_iam_server import LocalIamServer
 from provisioner import doctor
-from provisioner.adapters.usb import UsbUnavailable
 from provisioner.adapters.yubikey import Pcsc, ReaderState
 from provisioner.config import Config, DaemonConfig
-from provisioner.core.errors import ProvisionerError
+from provisioner.core.errors import ProvisionerError, UsbUnavailable
 from provisioner.install import install
 
 PROGRAM = "/opt/provisioner/bin/provisioner"

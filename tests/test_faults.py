@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import (
+from yubikit.oath import OathSession
+
+from desk_harness import (
     ACCOUNT,
     Daemon,
     arn,
@@ -27,8 +29,6 @@ from harness import (
     wait_for,
     write_config,
 )
-from yubikit.oath import OathSession
-
 from emulated_yubikey import EmulatedConnection, EmulatedYubiKey, PcscStack
 from local_iam_server import LocalIamServer
 

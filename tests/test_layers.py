@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("provisioner", "emulated_yubikey", "local_iam_server")
+PACKAGES = ("provisioner", "emulated_yubikey", "local_iam_server", "desk_harness")
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
@@ -81,6 +81,18 @@ def copy_of_the_tree(tmp_path: Path) -> Path:
             "import local_iam_server",
             "never imports the simulators",
             "provisioner.adapters.aws.iam -> local_iam_server",
+        ),
+        (
+            "provisioner/demo/__init__.py",
+            "import emulated_yubikey",
+            "never imports the simulators",
+            "provisioner.demo -> emulated_yubikey",
+        ),
+        (
+            "provisioner/daemon/main.py",
+            "import desk_harness",
+            "never imports the simulators",
+            "provisioner.daemon.main -> desk_harness",
         ),
         (
             "provisioner/desk.py",

@@ -19,8 +19,8 @@ from typing import Any
 
 import boto3
 import pytest
-from harness import assert_no_seed
 
+from desk_harness import assert_no_seed
 from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
 from local_iam_server import LocalIamServer, Principal
 from provisioner.adapters.aws.iam import IamClient

@@ -1,12 +1,5 @@
-"""`provisioner demo`: the whole job on a laptop with no YubiKey and no AWS account.
-
-It starts the strict local IAM server (moto, made to check codes the way AWS does) and
-emulated YubiKeys, plugged into the real pcscd through vsmartcard's vpcd readers when it
-can (root, pcscd and vpcd installed: its own pcscd, or one already serving readers named
-like a YubiKey's) and in-process otherwise. It enrolls a few users with exactly the code
-`provisioner enroll` runs, proves each token works by logging in with a code computed on
-it, shows one enrollment failing half-way and being rolled back, and finally checks,
-rather than claims, that nothing is left half done.
+"""The demo itself. It imports the simulators at the top: only `provisioner.demo.run_demo`
+imports this module, after checking they are installed.
 """
 
 from __future__ import annotations
