@@ -39,10 +39,11 @@ from typing import Any
 from provisioner.core.errors import (
     ConfigError,
     DaemonUnresponsive,
+    ExitStatus,
     InvalidInput,
     ProvisionerError,
-    exit_status,
 )
+from provisioner.core.messages import error_answer, refusal
 
 log = logging.getLogger("provisioner.control")  # the journal's name for it, kept across moves
 
@@ -333,7 +334,7 @@ class ControlServer:
                     # While answering, a client that reads nothing for this long is gone.
                     conn.settimeout(self._idle_timeout)
                     if isinstance(request, str):  # a framing, parsing or checking error
-                        _send(conn, {"ok": False, "final": True, "error": request, "exit": 2})
+                        _send(conn, refusal(request, ExitStatus.USAGE))
                         continue
                     for answer in self._answers(request, peer):
                         _send(conn, answer)
@@ -365,10 +366,10 @@ class ControlServer:
         except ProvisionerError as e:
             # The operator's words (what, which step, why, what to do), not a class name.
             log.warning("control request %r failed: %s", request.get("op"), e.one_line())
-            yield {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
+            yield error_answer(e)
         except Exception as e:  # noqa: BLE001
             log.exception("control request %r failed", request.get("op"))
-            yield {"ok": False, "final": True, "error": f"internal error: {type(e).__name__}"}
+            yield refusal(f"internal error: {type(e).__name__}")
 
 
 class _Idle(Exception):

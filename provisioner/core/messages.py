@@ -9,6 +9,9 @@ always had, while the code compares members, never literals.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
+
+from provisioner.core.errors import ProvisionerError, exit_status, failure_reason
 
 
 class EventKind(StrEnum):
@@ -70,3 +73,36 @@ class TokenState(StrEnum):
     IDLE = "idle"
     UNSUPPORTED = "unsupported"
     FAILED = "failed"
+
+
+# --- answers: the daemon's final words on a request, built in one place ------------------
+
+Answer = dict[str, Any]
+
+
+def refusal(error: str, status: int | None = None, **extra: Any) -> Answer:
+    """The final answer that says no: the operator's one line and, where there is one, the
+    exit status the CLI ends with."""
+    answer: Answer = {"ok": False, "final": True, "error": error}
+    if status is not None:
+        answer["exit"] = int(status)
+    answer.update(extra)
+    return answer
+
+
+def error_answer(error: ProvisionerError) -> Answer:
+    """The final answer for a request an error stopped."""
+    return refusal(error.one_line(), exit_status(error))
+
+
+def failed_outcome(outcome: str, error: ProvisionerError, **extra: Any) -> Answer:
+    """The outcome of work on a token that failed: what, why (a stable reason for the
+    metrics), the operator's one line and the exit status; ``extra`` adds or overrides."""
+    return {
+        "ok": False,
+        "outcome": outcome,
+        "reason": failure_reason(error),
+        "detail": error.one_line(),
+        "exit": int(exit_status(error)),
+        **extra,
+    }

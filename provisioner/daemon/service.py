@@ -31,16 +31,17 @@ from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.errors import (
     AlreadyEnrolled,
     EnrollmentFailed,
+    ExitStatus,
     InvalidInput,
     ProvisionerError,
     ReplaceIncomplete,
     TokenBusy,
     TokenError,
-    exit_status,
     failure_reason,
 )
 from provisioner.core.lifecycle import Revoked
 from provisioner.core.lifecycle import replace as replace_token
+from provisioner.core.messages import error_answer, failed_outcome, refusal
 from provisioner.core.model import Step
 from provisioner.core.recovery import Recovery
 from provisioner.core.roster import Roster
@@ -420,13 +421,7 @@ class DeskService:
                 user, token
             )
         except ProvisionerError as e:
-            outcome = {
-                "ok": False,
-                "outcome": "resync failed",
-                "reason": failure_reason(e),
-                "detail": e.one_line(),
-                "exit": exit_status(e),
-            }
+            outcome = failed_outcome("resync failed", e)
             self.store.audit_resync(entry.requested_by, user, serial, e)
         else:
             summary = (
@@ -474,14 +469,14 @@ class DeskService:
 
         user, serial = request.get("user"), request.get("serial")
         if not isinstance(user, str) or (serial is not None and not isinstance(serial, int)):
-            return {"ok": False, "final": True, "error": "revoke needs a user name", "exit": 2}
+            return refusal("revoke needs a user name", ExitStatus.USAGE)
         try:
             validation.user_name(user)
             done = self.desk.lifecycle().revoke(
                 user, serial, _no_token_here, self._removed_when_seen
             )
         except ProvisionerError as e:
-            return {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
+            return error_answer(e)
         self.store.audit(
             peer_name,
             "revoked",
@@ -646,16 +641,14 @@ class DeskService:
                 device_arn=e.enrolled.device_arn,
                 reason=e.one_line(),
             )
-            outcome = {
-                "ok": False,
-                "outcome": "enrolled, old token NOT revoked",
-                "reason": failure_reason(e.__cause__)
+            outcome = failed_outcome(
+                "enrolled, old token NOT revoked",
+                e,
+                reason=failure_reason(e.__cause__)
                 if isinstance(e.__cause__, ProvisionerError)
                 else "ReplaceIncomplete",
-                "device_arn": e.enrolled.device_arn,
-                "detail": e.one_line(),
-                "exit": exit_status(e),
-            }
+                device_arn=e.enrolled.device_arn,
+            )
             state = "enrolled"
         except AlreadyEnrolled as e:
             self.store.finish_enrollment(
@@ -672,13 +665,7 @@ class DeskService:
             self.store.finish_enrollment(
                 enrollment_id, outcome=label, actor=actor, reason=e.one_line()
             )
-            outcome = {
-                "ok": False,
-                "outcome": label,
-                "reason": failure_reason(e),
-                "detail": e.one_line(),
-                "exit": exit_status(e),
-            }
+            outcome = failed_outcome(label, e)
             state = "failed"
         else:
             self.store.finish_enrollment(
@@ -736,7 +723,7 @@ class DeskService:
         elif op == "revoke":
             yield self._revoke(request, peer_name)
         else:
-            yield {"ok": False, "final": True, "error": f"unknown op {op!r}"}
+            yield refusal(f"unknown op {op!r}")
 
     def _queue_and_follow(self, request: Event, peer_name: str) -> Iterator[Event]:
         from provisioner.core import validation
@@ -749,22 +736,19 @@ class DeskService:
             or kind not in KINDS
             or (old_serial is not None and not isinstance(old_serial, int))
         ):
-            yield {
-                "ok": False,
-                "final": True,
-                "error": "enroll needs a user name (and an optional integer serial)",
-                "exit": 2,
-            }
+            yield refusal(
+                "enroll needs a user name (and an optional integer serial)", ExitStatus.USAGE
+            )
             return
         try:
             validation.user_name(user)
             if kind == "resync" and serial is None:
                 serial = self._the_users_token(user)
         except ProvisionerError as e:
-            yield {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
+            yield error_answer(e)
             return
         if self._stopping.is_set():
-            yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
+            yield refusal("the daemon is stopping", ExitStatus.FAILED)
             return
         follow = bool(request.get("wait", True))
         try:
@@ -779,7 +763,7 @@ class DeskService:
             )
         except ProvisionerError as e:
             log.warning("refused a request for %s from %s: %s", user, peer_name, e.message)
-            yield {"ok": False, "final": True, "error": e.one_line(), "exit": exit_status(e)}
+            yield error_answer(e)
             return
         # No "queue" key: this is news for watchers, not for the follower of this entry.
         self.events.publish({"event": "request-queued", "id": entry.id, "user": user})
@@ -838,7 +822,7 @@ class DeskService:
                     yield {"event": "heartbeat"}
                     continue
                 yield {"ok": True, "event": "update", "cause": cause, **self.status()}
-        yield {"ok": False, "final": True, "error": "the daemon is stopping", "exit": 1}
+        yield refusal("the daemon is stopping", ExitStatus.FAILED)
 
     def _the_users_token(self, user: str) -> int:
         """The serial of the one token provisioner enrolled for ``user``."""
@@ -887,14 +871,10 @@ class DeskService:
     def _cancel(self, request: Event, peer_name: str) -> Event:
         entry_id = request.get("id")
         if not isinstance(entry_id, int):
-            return {"ok": False, "final": True, "error": "cancel needs a queue id"}
+            return refusal("cancel needs a queue id")
         entry = self.store.cancel(entry_id, peer_name)
         if entry is None:
-            return {
-                "ok": False,
-                "final": True,
-                "error": f"no waiting request #{entry_id} (see provisioner queue)",
-            }
+            return refusal(f"no waiting request #{entry_id} (see provisioner queue)")
         self.events.publish(
             {
                 "queue": entry_id,
@@ -910,7 +890,7 @@ class DeskService:
 
     def _reconcile(self, request: Event) -> Event:
         if self._recovery is None:
-            return {"ok": False, "final": True, "error": "reconcile is not available"}
+            return refusal("reconcile is not available")
         with self._lock:
             busy = frozenset(self._active)
         actions = self._recovery().run(
@@ -927,13 +907,13 @@ class DeskService:
         serial = request.get("serial")
         since = request.get("since")
         if not (isinstance(limit, int) and 0 < limit <= 100_000):
-            return {"ok": False, "final": True, "error": "limit must be 1..100000"}
+            return refusal("limit must be 1..100000")
         if (
             (user is not None and not isinstance(user, str))
             or (serial is not None and not isinstance(serial, int))
             or (since is not None and not isinstance(since, (int, float)))
         ):
-            return {"ok": False, "final": True, "error": "bad history filter"}
+            return refusal("bad history filter")
         records = self.store.history(limit=limit, user=user, serial=serial, since=since)
         return {"ok": True, "final": True, "history": [r.as_dict() for r in records]}
 
