@@ -29,6 +29,7 @@ from provisioner.core.errors import (
     ProvisionerError,
     exit_status,
 )
+from provisioner.core.messages import EventKind
 from provisioner.core.model import EnrollmentResult, Step
 
 log = logging.getLogger("provisioner")
@@ -37,6 +38,22 @@ EXIT_CODES_HELP = ExitStatus.help_text()
 
 
 exit_code = exit_status
+
+
+def progress_line(elapsed_ms: float, tag: str, text: str) -> str:
+    """One line of an enrollment's progress, the same whether this process does the work
+    (TerminalProgress) or follows the daemon doing it: elapsed time, step (or !), detail."""
+    return f"{elapsed_ms:7.1f} ms  {tag:<14} {text}\n"
+
+
+def through_daemon(config: Config, *, here_only: bool = False) -> Path | None:
+    """Where to send a command that the running daemon or this process can do: the
+    daemon's socket when it answers (it owns the tokens and the store while it runs), or
+    None to do the work here. ``here_only`` (--direct, --reader) keeps it here."""
+    socket_path = config.daemon.socket_path()
+    if here_only or not daemon_reachable(socket_path):
+        return None
+    return socket_path
 
 
 class TerminalProgress:
@@ -52,7 +69,7 @@ class TerminalProgress:
 
     def _line(self, tag: str, text: str) -> None:
         elapsed = (time.monotonic() - self._start) * 1000
-        self._out.write(f"{self._prefix}{elapsed:7.1f} ms  {tag:<14} {text}\n")
+        self._out.write(self._prefix + progress_line(elapsed, tag, text))
         self._out.flush()
 
     def step(self, step: Step, detail: str) -> None:
@@ -100,8 +117,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     config = override(config, token=token_changes, iam=iam_changes)
     setup_logging(config.log_level)
     out: TextIO = sys.stdout
-    socket_path = config.daemon.socket_path()
-    if not args.direct and not args.reader and daemon_reachable(socket_path):
+    socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
+    if socket_path is not None:
         return enroll_via_daemon(socket_path, args.user, args.serial, out)
     desk = Desk.from_config(config)
     progress = TerminalProgress(out)
@@ -166,16 +183,16 @@ def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) 
             if event.get("refused") or (event.get("final") and "error" in event):
                 print(f"provisioner: {event.get('error')}", file=sys.stderr)
                 return int(event.get("exit", EXIT_REFUSED if event.get("refused") else 1))
-            if kind == "queued":
+            if kind == EventKind.QUEUED:
                 out.write(f"{event['detail']}\n")
-            elif kind == "enrolling":
+            elif kind == EventKind.ENROLLING:
                 start = time.monotonic()
                 out.write(f"token {event.get('serial')} in {event.get('reader')}: {doing} {user}\n")
-            elif kind == "step":
-                out.write(f"{elapsed:7.1f} ms  {event['step']:<14} {event.get('detail', '')}\n")
-            elif kind == "notice":
-                out.write(f"{elapsed:7.1f} ms  {'!':<14} {event.get('detail', '')}\n")
-            elif kind == "outcome":
+            elif kind == EventKind.STEP:
+                out.write(progress_line(elapsed, str(event["step"]), event.get("detail", "")))
+            elif kind == EventKind.NOTICE:
+                out.write(progress_line(elapsed, "!", event.get("detail", "")))
+            elif kind == EventKind.OUTCOME:
                 return _print_outcome(event, user, out)
             out.flush()
     print("provisioner: the daemon ended the conversation without an outcome", file=sys.stderr)
@@ -411,7 +428,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.since is not None:
         request["since"] = args.since
     config = _config(args)
-    if daemon_reachable(config.daemon.socket_path()):
+    if through_daemon(config) is not None:
         records = _ask(args, request).get("history") or []
     else:
         # No daemon answers: the trail itself, read-only, with the same filters.
@@ -437,7 +454,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log_level)
-    if not args.direct and daemon_reachable(config.daemon.socket_path()):
+    if through_daemon(config, here_only=args.direct) is not None:
         answer = _ask(args, {"op": "revoke", "user": args.user, "serial": args.serial})
         for line in answer["actions"]:
             print(line)
@@ -466,8 +483,8 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log_level)
-    socket_path = config.daemon.socket_path()
-    if not args.direct and not args.reader and daemon_reachable(socket_path):
+    socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
+    if socket_path is not None:
         return enroll_via_daemon(socket_path, args.user, args.serial, sys.stdout, kind="resync")
     desk = Desk.from_config(config)
     with (
@@ -495,8 +512,8 @@ def cmd_replace(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log_level)
-    socket_path = config.daemon.socket_path()
-    if not args.direct and not args.reader and daemon_reachable(socket_path):
+    socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
+    if socket_path is not None:
         return enroll_via_daemon(
             socket_path,
             args.user,
@@ -540,7 +557,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     }
     config = _config(args)
     setup_logging(config.log_level)
-    if daemon_reachable(config.daemon.socket_path()):
+    if through_daemon(config) is not None:
         actions = _ask(args, request)["actions"]
     else:
         actions = [a.text for a in _reconcile_here(config, args)]
