@@ -19,6 +19,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from provisioner.core.messages import EventKind
+
 # Steps take milliseconds (token, IAM round trips) to tens of seconds (a time-step wait,
 # an EnableMFADevice retried while IAM settles).
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -81,9 +83,9 @@ class DeskMetrics:
         if not isinstance(enrollment, int):
             return
         kind = event.get("event")
-        if kind == "step":
+        if kind == EventKind.STEP:
             self._end_step(enrollment, next_step=str(event.get("step")))
-        elif kind == "outcome":
+        elif kind == EventKind.OUTCOME:
             self._end_step(enrollment, next_step=None)
             outcome = _label(event.get("outcome"))
             reason = str(event.get("reason") or "") if not event.get("ok") else ""

@@ -36,6 +36,7 @@ from provisioner.core.errors import (
 )
 from provisioner.core.lifecycle import Replaced, Revoked, TokenFinder
 from provisioner.core.lifecycle import replace as replace_token
+from provisioner.core.messages import Outcome
 from provisioner.core.model import EnrollmentResult
 from provisioner.core.ports import Progress, TokenSession
 from provisioner.desk import Desk
@@ -119,7 +120,7 @@ def enroll(
         _failed(state, enrollment_id, e)
         raise
     state.store.finish_enrollment(
-        enrollment_id, outcome="enrolled", actor=state.actor, device_arn=result.device_arn
+        enrollment_id, outcome=Outcome.ENROLLED, actor=state.actor, device_arn=result.device_arn
     )
     return result
 
@@ -141,7 +142,7 @@ def replace(
     except ReplaceIncomplete as e:
         state.store.finish_enrollment(
             enrollment_id,
-            outcome="enrolled",
+            outcome=Outcome.ENROLLED,
             actor=state.actor,
             device_arn=e.enrolled.device_arn,
             reason=e.one_line(),
@@ -151,7 +152,10 @@ def replace(
         _failed(state, enrollment_id, e)
         raise
     state.store.finish_enrollment(
-        enrollment_id, outcome="enrolled", actor=state.actor, device_arn=done.enrolled.device_arn
+        enrollment_id,
+        outcome=Outcome.ENROLLED,
+        actor=state.actor,
+        device_arn=done.enrolled.device_arn,
     )
     state.store.audit(
         state.actor,
@@ -159,7 +163,7 @@ def replace(
         user=user,
         serial=done.enrolled.token_serial,
         device_arn=done.enrolled.device_arn,
-        outcome="replaced",
+        outcome=Outcome.REPLACED,
         reason=f"token {done.revoked.token_serial} ({done.revoked.device_arn}) revoked",
     )
     return done
@@ -207,7 +211,12 @@ def revoke(
         done = desk.lifecycle().revoke(user, serial, find_token)
     except ProvisionerError as e:
         state.store.audit(
-            state.actor, "revoke", user=user, serial=serial, outcome="failed", reason=e.one_line()
+            state.actor,
+            "revoke",
+            user=user,
+            serial=serial,
+            outcome=Outcome.FAILED,
+            reason=e.one_line(),
         )
         raise
     state.store.audit(
@@ -216,7 +225,7 @@ def revoke(
         user=done.user,
         serial=done.token_serial,
         device_arn=done.device_arn,
-        outcome="revoked",
+        outcome=Outcome.REVOKED,
         reason="; ".join(done.actions),
     )
     return done

@@ -29,7 +29,7 @@ from provisioner.core.errors import (
     ProvisionerError,
     exit_status,
 )
-from provisioner.core.messages import EventKind
+from provisioner.core.messages import EventKind, Outcome, TokenState
 from provisioner.core.model import EnrollmentResult, Step
 
 log = logging.getLogger("provisioner")
@@ -202,7 +202,7 @@ def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) 
 def _print_outcome(event: dict[str, object], user: str, out: TextIO) -> int:
     status = event.get("exit", 1)
     code = status if isinstance(status, int) else 1
-    if event.get("outcome") in ("enrolled", "replaced"):
+    if event.get("outcome") in (Outcome.ENROLLED, Outcome.REPLACED):
         seconds = event.get("seconds")
         took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""
         out.write(
@@ -314,7 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             what = f"token {serial}: {token.get('detail') or token['state']}"
             if token.get("user"):
                 what += f" for {token['user']}"
-            if token["state"] == "enrolling" and token.get("step"):
+            if token["state"] == TokenState.ENROLLING and token.get("step"):
                 what += f" (step {token['step']})"
         print(f"  {reader['name']}: {what}")
     _print_queue(answer.get("queue") or [], answer.get("queue_total"))

@@ -11,6 +11,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from provisioner.core.messages import EventKind, TokenState
+
 #: Clears a terminal and puts the cursor home, so each update redraws in place.
 CLEAR = "\x1b[H\x1b[2J"
 
@@ -33,7 +35,7 @@ def _reader_line(reader: Mapping[str, Any], token: Mapping[str, Any] | None) -> 
         what = f"{_token(token.get('serial'))}: {token['detail']}"
     if token.get("user"):
         what += f" for {token['user']}"
-    if token.get("state") in ("enrolling", "resyncing") and token.get("step"):
+    if token.get("state") in (TokenState.ENROLLING, TokenState.RESYNCING) and token.get("step"):
         what += f", step {token['step']}"
     return f"  {reader['name']}: {what}"
 
@@ -69,11 +71,11 @@ def describe_event(event: Mapping[str, Any] | None) -> str:
     kind = str(event.get("event", "?"))
     who = f" for {event['user']}" if event.get("user") else ""
     where = f" in {event['reader']}" if event.get("reader") else ""
-    if kind == "step":
+    if kind == EventKind.STEP:
         return f"{event.get('step')}{who}: {event.get('detail', '')}".rstrip(": ")
-    if kind == "outcome":
+    if kind == EventKind.OUTCOME:
         return f"{event.get('outcome')}{who}"
-    if kind == "request-queued":
+    if kind == EventKind.REQUEST_QUEUED:
         return f"request #{event.get('id')} queued{who}"
     detail = f": {event['detail']}" if event.get("detail") else ""
     return f"{kind}{who}{where}{detail}"

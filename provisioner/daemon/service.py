@@ -41,7 +41,14 @@ from provisioner.core.errors import (
 )
 from provisioner.core.lifecycle import Revoked
 from provisioner.core.lifecycle import replace as replace_token
-from provisioner.core.messages import error_answer, failed_outcome, refusal
+from provisioner.core.messages import (
+    EventKind,
+    Outcome,
+    TokenState,
+    error_answer,
+    failed_outcome,
+    refusal,
+)
 from provisioner.core.model import Step
 from provisioner.core.recovery import Recovery
 from provisioner.core.roster import Roster
@@ -194,11 +201,11 @@ class _Progress:
             self._service.store.record_step(self._id, step.value)
         self._service.note_step(self._base["reader"], step.value)
         self._service.events.publish(
-            {**self._base, "event": "step", "step": step.value, "detail": detail}
+            {**self._base, "event": EventKind.STEP, "step": step.value, "detail": detail}
         )
 
     def notice(self, text: str) -> None:
-        self._service.events.publish({**self._base, "event": "notice", "detail": text})
+        self._service.events.publish({**self._base, "event": EventKind.NOTICE, "detail": text})
 
 
 class DeskService:
@@ -264,7 +271,7 @@ class DeskService:
         if kind is ReaderEventKind.CARD_INSERTED and self._is_yubikey_reader(reader):
             self._start_worker(reader)
         if kind is ReaderEventKind.CARD_REMOVED:
-            self.events.publish({"event": "token-removed", "reader": reader})
+            self.events.publish({"event": EventKind.TOKEN_REMOVED, "reader": reader})
         else:
             self.events.publish({"event": kind.value, "reader": reader})
         self._update_status()
@@ -282,7 +289,7 @@ class DeskService:
             log.warning("%s", detail)
             self.store.audit("desk", "unsupported token", reason=detail)
             self.events.publish(
-                {"event": "unsupported", "usb": f"{bus}-{address}", "detail": detail}
+                {"event": EventKind.UNSUPPORTED, "usb": f"{bus}-{address}", "detail": detail}
             )
 
     def _start_worker(self, reader: str) -> None:
@@ -314,11 +321,13 @@ class DeskService:
                     self._serve(reader, token)
         except ProvisionerError as e:
             log.warning("token in %s: %s", reader, e.one_line())
-            self._set(reader, state="failed", detail=e.one_line())
-            self.events.publish({"event": "token-error", "reader": reader, "detail": e.one_line()})
+            self._set(reader, state=TokenState.FAILED, detail=e.one_line())
+            self.events.publish(
+                {"event": EventKind.TOKEN_ERROR, "reader": reader, "detail": e.one_line()}
+            )
         except Exception:  # noqa: BLE001 - one token's bug must not stop the desk
             log.exception("serving the token in %s failed", reader)
-            self._set(reader, state="failed")
+            self._set(reader, state=TokenState.FAILED)
         finally:
             self._update_status()
 
@@ -337,13 +346,13 @@ class DeskService:
         )
         with self._lock:
             before = self._present.get(reader) or PresentToken(reader)
-            self._present[reader] = replace(before, state="held", detail=detail)
+            self._present[reader] = replace(before, state=TokenState.HELD, detail=detail)
         if before.detail == detail:
             return
         if before.state != "held":
             log.warning("the card in %s is %s", reader, detail)
             self.store.audit("desk", "held token", reason=f"{reader}: {detail}")
-        self.events.publish({"event": "token-held", "reader": reader, "detail": detail})
+        self.events.publish({"event": EventKind.TOKEN_HELD, "reader": reader, "detail": detail})
         self._update_status()
 
     def _still_in(self, reader: str, seconds: float) -> bool:
@@ -360,15 +369,15 @@ class DeskService:
                     del self._workers[reader]
                 return False
             # Pulled and put back while we waited: it is in again, still to be served.
-            self._present.setdefault(reader, PresentToken(reader, state="held"))
+            self._present.setdefault(reader, PresentToken(reader, state=TokenState.HELD))
             return True
 
     def _serve(self, reader: str, token: YubiKeyToken) -> None:
         info = token.info
-        self._set(reader, serial=info.serial, state="identifying", detail=None)
+        self._set(reader, serial=info.serial, state=TokenState.IDENTIFYING, detail=None)
         self.events.publish(
             {
-                "event": "token",
+                "event": EventKind.TOKEN,
                 "reader": reader,
                 "serial": info.serial,
                 "firmware": info.firmware_text,
@@ -379,10 +388,15 @@ class DeskService:
                 f"token {info.label} cannot hold a TOTP credential "
                 "(its OATH application is absent or disabled)"
             )
-            self._set(reader, state="unsupported")
+            self._set(reader, state=TokenState.UNSUPPORTED)
             self.store.audit("desk", "unsupported token", serial=info.serial, reason=detail)
             self.events.publish(
-                {"event": "unsupported", "reader": reader, "serial": info.serial, "detail": detail}
+                {
+                    "event": EventKind.UNSUPPORTED,
+                    "reader": reader,
+                    "serial": info.serial,
+                    "detail": detail,
+                }
             )
             return
         if info.serial is not None:
@@ -392,10 +406,15 @@ class DeskService:
             why = claim.why_not or "plugged in with nobody queued or rostered: left untouched"
             detail = f"token {info.label} {why}"
             log.info("%s", detail)
-            self._set(reader, state="idle", detail=claim.why_not)
+            self._set(reader, state=TokenState.IDLE, detail=claim.why_not)
             self.store.audit("desk", "ignored token", serial=info.serial, reason=detail)
             self.events.publish(
-                {"event": "ignored", "reader": reader, "serial": info.serial, "detail": detail}
+                {
+                    "event": EventKind.IGNORED,
+                    "reader": reader,
+                    "serial": info.serial,
+                    "detail": detail,
+                }
             )
             return
         if claim.entry is not None and claim.entry.kind == "resync":
@@ -413,8 +432,8 @@ class DeskService:
             "queue": entry.id,
             "kind": "resync",
         }
-        self._set(reader, state="resyncing", user=user, step=Step.COMPUTE_CODES.value)
-        self.events.publish({**base, "event": "enrolling"})
+        self._set(reader, state=TokenState.RESYNCING, user=user, step=Step.COMPUTE_CODES.value)
+        self.events.publish({**base, "event": EventKind.ENROLLING})
         outcome: Event
         try:
             device, first_step = self.desk.lifecycle(_Progress(self, None, base)).resync(
@@ -430,7 +449,7 @@ class DeskService:
             )
             outcome = {
                 "ok": True,
-                "outcome": "resynced",
+                "outcome": Outcome.RESYNCED,
                 "device_arn": device,
                 "summary": summary,
                 "exit": 0,
@@ -459,7 +478,8 @@ class DeskService:
             idle = [
                 t.reader
                 for t in self._present.values()
-                if t.serial == revoked.token_serial and t.state in ("idle", "enrolled", "failed")
+                if t.serial == revoked.token_serial
+                and t.state in (TokenState.IDLE, TokenState.ENROLLED, TokenState.FAILED)
             ]
         for reader in idle:
             self._start_worker(reader)
@@ -483,12 +503,12 @@ class DeskService:
             user=user,
             serial=done.token_serial,
             device_arn=done.device_arn,
-            outcome="revoked",
+            outcome=Outcome.REVOKED,
             reason="; ".join(done.actions),
         )
         self._forget_on_token(done, peer_name)
         event: Event = {
-            "event": "revoked",
+            "event": EventKind.REVOKED,
             "user": user,
             "serial": done.token_serial,
             "detail": f"{done.device_arn} revoked by {peer_name}",
@@ -516,7 +536,7 @@ class DeskService:
             )
             self.events.publish(
                 {
-                    "event": "cleaned",
+                    "event": EventKind.CLEANED,
                     "reader": reader,
                     "serial": serial,
                     "detail": f"removed stale credential {cleanup['credential_id']} "
@@ -611,8 +631,8 @@ class DeskService:
             "enrollment": enrollment_id,
             "queue": entry.id if entry else None,
         }
-        self._set(reader, state="enrolling", user=user, step=Step.CHECK.value)
-        self.events.publish({**base, "event": "enrolling"})
+        self._set(reader, state=TokenState.ENROLLING, user=user, step=Step.CHECK.value)
+        self.events.publish({**base, "event": EventKind.ENROLLING})
         outcome: Event
         progress = _Progress(self, enrollment_id, base)
         replacing = entry is not None and entry.kind == "replace"
@@ -636,7 +656,7 @@ class DeskService:
         except ReplaceIncomplete as e:
             self.store.finish_enrollment(
                 enrollment_id,
-                outcome="enrolled",
+                outcome=Outcome.ENROLLED,
                 actor=actor,
                 device_arn=e.enrolled.device_arn,
                 reason=e.one_line(),
@@ -649,13 +669,18 @@ class DeskService:
                 else "ReplaceIncomplete",
                 device_arn=e.enrolled.device_arn,
             )
-            state = "enrolled"
+            state = TokenState.ENROLLED
         except AlreadyEnrolled as e:
             self.store.finish_enrollment(
-                enrollment_id, outcome="already enrolled", actor=actor, reason=e.message
+                enrollment_id, outcome=Outcome.ALREADY_ENROLLED, actor=actor, reason=e.message
             )
-            outcome = {"ok": True, "outcome": "already enrolled", "detail": e.message, "exit": 0}
-            state = "enrolled"
+            outcome = {
+                "ok": True,
+                "outcome": Outcome.ALREADY_ENROLLED,
+                "detail": e.message,
+                "exit": 0,
+            }
+            state = TokenState.ENROLLED
         except ProvisionerError as e:
             label = (
                 "failed, NOT rolled back"
@@ -666,19 +691,19 @@ class DeskService:
                 enrollment_id, outcome=label, actor=actor, reason=e.one_line()
             )
             outcome = failed_outcome(label, e)
-            state = "failed"
+            state = TokenState.FAILED
         else:
             self.store.finish_enrollment(
-                enrollment_id, outcome="enrolled", actor=actor, device_arn=result.device_arn
+                enrollment_id, outcome=Outcome.ENROLLED, actor=actor, device_arn=result.device_arn
             )
             outcome = {
                 "ok": True,
-                "outcome": "replaced" if replacing else "enrolled",
+                "outcome": Outcome.REPLACED if replacing else "enrolled",
                 "device_arn": result.device_arn,
                 "seconds": result.seconds,
                 "exit": 0,
             }
-            state = "enrolled"
+            state = TokenState.ENROLLED
         self._schedule_cleanup(enrollment_id, serial)
         with self._lock:
             self._active.discard(enrollment_id)
@@ -700,7 +725,7 @@ class DeskService:
         self._set(reader, state=state)
         with self._lock:
             self._recent.appendleft({**base, "at": time.time(), **outcome})
-        self.events.publish({**base, "event": "outcome", "final": True, **outcome})
+        self.events.publish({**base, "event": EventKind.OUTCOME, "final": True, **outcome})
 
     # --- requests from the control socket ---------------------------------------------
 
@@ -766,7 +791,7 @@ class DeskService:
             yield error_answer(e)
             return
         # No "queue" key: this is news for watchers, not for the follower of this entry.
-        self.events.publish({"event": "request-queued", "id": entry.id, "user": user})
+        self.events.publish({"event": EventKind.REQUEST_QUEUED, "id": entry.id, "user": user})
         with self.events.subscribe(lambda e: e.get("queue") == entry.id) as inbox:
             position = self.store.queue_length(up_to=entry.id)
             # Tokens already plugged in are offered at once (in the usual order: the new
@@ -776,7 +801,7 @@ class DeskService:
             what = {"enroll": "", "resync": " for a resync", "replace": " for a new token"}[kind]
             yield {
                 "ok": True,
-                "event": "queued",
+                "event": EventKind.QUEUED,
                 "id": entry.id,
                 "user": user,
                 "position": position,
@@ -796,7 +821,9 @@ class DeskService:
                             yield self._stopped(entry)
                             finished = True
                             return
-                        yield {"event": "waiting"}  # also tells us the client is still there
+                        yield {
+                            "event": EventKind.WAITING
+                        }  # also tells us the client is still there
                         continue
                     yield event
                     if event.get("final"):
@@ -814,14 +841,14 @@ class DeskService:
         never has to rebuild the desk's state from events it may have missed.
         """
         with self.events.subscribe(lambda e: True) as inbox:
-            yield {"ok": True, "event": "update", "cause": None, **self.status()}
+            yield {"ok": True, "event": EventKind.UPDATE, "cause": None, **self.status()}
             while not self._stopping.is_set():
                 try:
                     cause = inbox.get(timeout=HEARTBEAT_SECONDS)
                 except queue.Empty:
-                    yield {"event": "heartbeat"}
+                    yield {"event": EventKind.HEARTBEAT}
                     continue
-                yield {"ok": True, "event": "update", "cause": cause, **self.status()}
+                yield {"ok": True, "event": EventKind.UPDATE, "cause": cause, **self.status()}
         yield refusal("the daemon is stopping", ExitStatus.FAILED)
 
     def _the_users_token(self, user: str) -> int:
@@ -850,7 +877,7 @@ class DeskService:
         return {
             "ok": False,
             "final": True,
-            "outcome": "daemon stopping",
+            "outcome": Outcome.DAEMON_STOPPING,
             "detail": detail,
             "exit": 1,
         }
@@ -862,8 +889,12 @@ class DeskService:
             idle = [
                 t.reader
                 for t in self._present.values()
-                if t.state == "idle"
-                or (serial is not None and t.serial == serial and t.state in ("enrolled", "failed"))
+                if t.state == TokenState.IDLE
+                or (
+                    serial is not None
+                    and t.serial == serial
+                    and t.state in (TokenState.ENROLLED, TokenState.FAILED)
+                )
             ]
         for reader in idle:
             self._start_worker(reader)
@@ -878,10 +909,10 @@ class DeskService:
         self.events.publish(
             {
                 "queue": entry_id,
-                "event": "outcome",
+                "event": EventKind.OUTCOME,
                 "final": True,
                 "ok": False,
-                "outcome": "cancelled",
+                "outcome": Outcome.CANCELLED,
                 "exit": 1,
                 "detail": f"request #{entry_id} for {entry.user} was cancelled by {peer_name}",
             }
@@ -935,7 +966,9 @@ class DeskService:
             "readers": readers,
             "tokens": tokens,
             **self._queue_view(),
-            "in_progress": [t for t in tokens if t["state"] in ("enrolling", "resyncing")],
+            "in_progress": [
+                t for t in tokens if t["state"] in (TokenState.ENROLLING, TokenState.RESYNCING)
+            ],
             "recent": recent,
         }
 
@@ -965,7 +998,11 @@ class DeskService:
 
     def _update_status(self) -> None:
         with self._lock:
-            busy = [t for t in self._present.values() if t.state in ("enrolling", "resyncing")]
+            busy = [
+                t
+                for t in self._present.values()
+                if t.state in (TokenState.ENROLLING, TokenState.RESYNCING)
+            ]
             present = len(self._present)
         waiting = self.store.queue_length()
         if busy:
