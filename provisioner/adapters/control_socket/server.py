@@ -1,163 +1,50 @@
-"""The daemon's control socket: one JSON object per line, both ways.
-
-A request is ``{"op": "enroll", "user": "alice"}``; the daemon answers with one or more
-lines, the last of which has ``"final": true``. Who may ask is decided by the peer's
-credentials (SO_PEERCRED), not by file modes: root, the daemon's own user, and members of
-the operators' group (``may_use_desk``); anyone else gets one clear refusal line and is
-disconnected. Malformed input (not JSON, not an object, a line over the size limit, a
-request its op does not take: the daemon's requests.py) gets an error line and the connection
-stays usable; the daemon never dies of a client.
-
-The socket never costs the desk more than it can give: at most ``max_clients`` are served
-at once (one more hears "too many clients" and is closed), a client that sends no request
-line for ``idle_timeout`` seconds is closed (one following an enrollment or watching is
-being sent events, so it is not idle), and when accept() fails (EMFILE, ENFILE) the loop
-logs it, backs off and keeps going. Only a stale socket at the path is replaced: a live
-one (another daemon's) or anything that is not a socket is refused, and on the way out
-the path is removed only if it is still the socket this server bound.
-"""
+"""The daemon's side: accept, authorize, serve each client on its own thread."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import grp
-import json
 import logging
-import os
-import pwd
 import socket
 import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
+from provisioner.adapters.control_socket.peers import Authorizer, Peer, peer_of
+from provisioner.adapters.control_socket.wire import (
+    Idle,
+    Message,
+    Validator,
+    lines,
+    say,
+    say_and_close,
+    send,
+)
 from provisioner.core.errors import (
     ConfigError,
-    DaemonUnresponsive,
     ExitStatus,
-    InvalidInput,
     ProvisionerError,
 )
 from provisioner.core.messages import error_answer, refusal
 
 log = logging.getLogger("provisioner.control")  # the journal's name for it, kept across moves
 
-MAX_LINE = 64 * 1024
-Message = dict[str, Any]
 #: The defaults of daemon.max_clients and daemon.client_idle_timeout.
 MAX_CLIENTS = 64
 IDLE_TIMEOUT = 30.0
 #: accept() failing this long makes the socket count as dead (see ControlServer.trouble).
 DEAF_AFTER = 30.0
-#: How long the CLI waits for a daemon to accept its connection.
-CONNECT_TIMEOUT = 10.0
 #: A flood (failing accept(), clients over the cap) is logged at most this often.
 _LOG_EVERY = 10.0
 _MAX_BACKOFF = 1.0
 #: accept() errors about one connection, not the socket: go on to the next at once.
 _ONE_CONNECTION = {errno.ECONNABORTED, errno.EINTR, errno.EPROTO, errno.EPERM}
 
-
-_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13+
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is on the other end of a control connection, as the kernel says."""
-
-    pid: int
-    uid: int
-    gid: int
-    #: Primary and supplementary groups at connect time (SO_PEERGROUPS): no race with the
-    #: PID, and no need to read /proc (which the unit hides with ProtectProc=invisible).
-    groups: frozenset[int] = frozenset()
-
-    @property
-    def name(self) -> str:
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return f"uid {self.uid}"
-
-
-def peer_of(conn: socket.socket) -> Peer:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
-    return Peer(pid, uid, gid, frozenset({gid, *_peer_groups(conn)}))
-
-
-def _peer_groups(conn: socket.socket) -> tuple[int, ...]:
-    size = 4 * 64
-    while size <= 4 * 65536:
-        try:
-            raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
-        except OSError as e:
-            if e.errno == errno.ERANGE:
-                size *= 4
-                continue
-            log.warning("cannot read the peer's groups (SO_PEERGROUPS): %s", e)
-            return ()
-        return struct.unpack(f"{len(raw) // 4}I", raw)
-    return ()
-
-
-def may_use_desk(
-    uid: int,
-    gid: int,
-    groups: Collection[int],
-    *,
-    service_uid: int,
-    operators_gid: int | None,
-) -> bool:
-    """The control socket's rule: root, the service's own user, and members of the
-    operators' group (primary or supplementary); without that group, only the first two."""
-    if uid in (0, service_uid):
-        return True
-    return operators_gid is not None and (gid == operators_gid or operators_gid in groups)
-
-
-class Authorizer:
-    """Root, the daemon's own user, and the operators' group may use the desk."""
-
-    def __init__(self, operators_group: str, *, service_uid: int | None = None) -> None:
-        self.group_name = operators_group
-        #: The daemon's own user: this process's, unless a test says otherwise.
-        self.service_uid = os.getuid() if service_uid is None else service_uid
-        try:
-            self.group_id: int | None = grp.getgrnam(operators_group).gr_gid
-        except KeyError:
-            self.group_id = None
-            log.warning(
-                "operators' group %s does not exist: only root and the service's user may "
-                "use the desk (provisioner install creates it)",
-                operators_group,
-            )
-
-    def refusal(self, peer: Peer) -> str | None:
-        """None when allowed, else the sentence the client is told."""
-        if may_use_desk(
-            peer.uid,
-            peer.gid,
-            peer.groups,
-            service_uid=self.service_uid,
-            operators_gid=self.group_id,
-        ):
-            return None
-        return (
-            f"not authorized: {peer.name} (uid {peer.uid}) is not root and not in the "
-            f"operators' group {self.group_name}"
-        )
-
-
+#: Answers one request from one peer: the answers in order, the last one final.
 Handler = Callable[[Message, Peer], Iterable[Message]]
-#: Checks a request off the wire (raises InvalidInput) before the handler sees it; the daemon
-#: owns the table of ops, so the socket knows only JSON lines.
-Validator = Callable[[dict[str, Any]], Message]
 
 
 class ControlServer:
@@ -293,7 +180,7 @@ class ControlServer:
         refusal = self._authorizer.refusal(peer)
         if refusal is not None:
             log.warning("refused a control connection: %s", refusal)
-            _say_and_close(conn, {"ok": False, "final": True, "error": refusal, "refused": True})
+            say_and_close(conn, {"ok": False, "final": True, "error": refusal, "refused": True})
             return
         with self._lock:
             room = self._clients < self._max_clients
@@ -312,7 +199,7 @@ class ControlServer:
                 "control socket: %d clients already (daemon.max_clients): refusing more",
                 self._max_clients,
             )
-        _say_and_close(
+        say_and_close(
             conn,
             {
                 "ok": False,
@@ -330,17 +217,17 @@ class ControlServer:
     def _serve(self, conn: socket.socket, peer: Peer) -> None:
         with conn:
             try:
-                for request in _lines(conn, self._idle_timeout, self._validate):
+                for request in lines(conn, self._idle_timeout, self._validate):
                     # While answering, a client that reads nothing for this long is gone.
                     conn.settimeout(self._idle_timeout)
                     if isinstance(request, str):  # a framing, parsing or checking error
-                        _send(conn, refusal(request, ExitStatus.USAGE))
+                        send(conn, refusal(request, ExitStatus.USAGE))
                         continue
                     for answer in self._answers(request, peer):
-                        _send(conn, answer)
-            except _Idle:
+                        send(conn, answer)
+            except Idle:
                 log.debug("closing an idle control client (%s)", peer.name)
-                _say(
+                say(
                     conn,
                     {
                         "ok": False,
@@ -370,10 +257,6 @@ class ControlServer:
         except Exception as e:  # noqa: BLE001
             log.exception("control request %r failed", request.get("op"))
             yield refusal(f"internal error: {type(e).__name__}")
-
-
-class _Idle(Exception):
-    """The client sent no complete request line in time."""
 
 
 class _Every:
@@ -460,174 +343,3 @@ def _live_peer(path: Path) -> str | None:
         creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, _gid = struct.unpack("3i", creds)
     return f"pid {pid}, uid {uid}"
-
-
-def _say(conn: socket.socket, message: Message) -> None:
-    """One line if it fits in the socket's buffer now; never blocks, never raises."""
-    with contextlib.suppress(OSError):
-        conn.send(_encode(message), socket.MSG_DONTWAIT)
-
-
-def _say_and_close(conn: socket.socket, message: Message) -> None:
-    with conn:
-        _say(conn, message)
-
-
-def _encode(message: Message) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def _send(conn: socket.socket, message: Message) -> None:
-    conn.sendall(_encode(message))
-
-
-def _lines(
-    conn: socket.socket, idle_timeout: float, validate: Validator
-) -> Iterator[Message | str]:
-    """Requests from the client: a valid request, or a str saying what was wrong with a
-    line. Each line must be complete within ``idle_timeout`` of connecting or of the last
-    answer, else _Idle: a client trickling bytes is as idle as a silent one."""
-    buffer = b""
-    deadline = time.monotonic() + idle_timeout
-
-    def recv() -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Idle
-        conn.settimeout(remaining)
-        try:
-            return conn.recv(65536)
-        except TimeoutError:
-            raise _Idle from None
-
-    while True:
-        chunk = recv()
-        if not chunk:
-            return
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            yield _parse(line, validate)
-            deadline = time.monotonic() + idle_timeout
-        if len(buffer) > MAX_LINE:
-            yield f"request line longer than {MAX_LINE} bytes"
-            deadline = time.monotonic() + idle_timeout
-            # Skip to the end of this oversized line.
-            while b"\n" not in buffer:
-                chunk = recv()
-                if not chunk:
-                    return
-                buffer = chunk[-MAX_LINE:] if b"\n" not in chunk else chunk
-            buffer = buffer.split(b"\n", 1)[1]
-
-
-def _parse(line: bytes, validate: Validator) -> Message | str:
-    if len(line) > MAX_LINE:
-        return f"request line longer than {MAX_LINE} bytes"
-    try:
-        value = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return "request is not a JSON line"
-    if not isinstance(value, dict):
-        return "request must be a JSON object"
-    try:
-        return validate(value)
-    except InvalidInput as e:
-        return e.one_line()
-
-
-class ControlClient:
-    """The CLI's side: send one request, read answers until the final one."""
-
-    def __init__(
-        self,
-        path: Path,
-        timeout: float | None = 5.0,
-        *,
-        connect_timeout: float = CONNECT_TIMEOUT,
-    ) -> None:
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._connect(connect_timeout)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._sock.settimeout(timeout)
-        self._file = self._sock.makefile("rb")
-
-    def _connect(self, limit: float) -> None:
-        # A daemon that is not accepting (busy, EMFILE) fills its backlog; a blocking
-        # connect would then wait for ever, a non-blocking one says EAGAIN at once.
-        self._sock.setblocking(False)
-        deadline = time.monotonic() + limit
-        while True:
-            try:
-                self._sock.connect(str(self.path))
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise self._unresponsive(limit, "accepted no connection") from None
-                time.sleep(0.02)
-
-    def _unresponsive(
-        self, seconds: float | None, what: str = "sent no answer"
-    ) -> DaemonUnresponsive:
-        return DaemonUnresponsive(
-            f"the desk daemon did not answer on {self.path}: it {what} in {seconds:g} s"
-        )
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def request(self, message: Message, *, timeout: float | None = 5.0) -> Iterator[Message]:
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.sendall(json.dumps(message).encode() + b"\n")
-        except BrokenPipeError:
-            pass  # refused before we spoke: the daemon's one line is still there to read
-        except TimeoutError:
-            raise self._unresponsive(timeout, "took no request") from None
-        while True:
-            try:
-                line = self._file.readline()
-            except TimeoutError:
-                raise self._unresponsive(timeout) from None
-            if not line:
-                raise ConnectionError("the daemon closed the connection")
-            answer: Message = json.loads(line)
-            yield answer
-            if answer.get("final"):
-                return
-
-    def call(self, message: Message, *, timeout: float | None = 5.0) -> Message:
-        answers = list(self.request(message, timeout=timeout))
-        return answers[-1]
-
-
-def socket_answers(path: Path, timeout: float = 1.0) -> bool:
-    """True when something accepts a connection on the Unix socket ``path`` (a stale
-    socket file accepts none)."""
-    if not path.exists():
-        return False
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-    except BlockingIOError:
-        return True  # its backlog is full: something listens there, too busy to accept
-    except OSError:
-        return False
-    return True
-
-
-def daemon_reachable(path: Path) -> bool:
-    """True when a daemon answers on ``path``."""
-    return socket_answers(path)
