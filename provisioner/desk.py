@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from provisioner.adapters.aws.iam import IamClient
 from provisioner.adapters.ownership import alive
-from provisioner.adapters.sqlite_store import Store
+from provisioner.adapters.sqlite_store import STATE_FILE, SqliteStore
 from provisioner.adapters.yubikey import find_by_serial
 from provisioner.config import Config
 from provisioner.core.clock import AwsClock
@@ -19,8 +20,22 @@ from provisioner.core.enrollment import Enrollment
 from provisioner.core.lifecycle import Lifecycle
 from provisioner.core.ports import Journal, Progress
 from provisioner.core.recovery import Recovery
+from provisioner.core.store import DeskStore, RecordOwner
 
 log = logging.getLogger("provisioner")
+
+
+def state_file(config: Config) -> Path:
+    """Where the desk's store keeps its state (the SQLite file in the state directory)."""
+    return config.daemon.state_path() / STATE_FILE
+
+
+def desk_store(
+    config: Config, *, owner: RecordOwner | None = None, read_only: bool = False
+) -> DeskStore:
+    """The desk's store: the one place that picks its adapter. A second adapter (a
+    fleet's database) is chosen here from the configuration; nothing else changes."""
+    return SqliteStore(state_file(config), owner=owner, read_only=read_only)
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,7 @@ class Desk:
         )
         return cls(config, clock, iam)
 
-    def recovery(self, store: Store, oath_password: str | None) -> Recovery:
+    def recovery(self, store: DeskStore, oath_password: str | None) -> Recovery:
         """What settles unfinished enrollments, with the journal in ``store``; their
         owners' locks live beside it."""
         return Recovery(
@@ -60,7 +75,7 @@ class Desk:
             lambda serial: find_by_serial(serial, oath_password=oath_password),
             device_path=self.config.iam.device_path,
             desk=self.config.desk,
-            owner_alive=lambda owner: alive(store.path.parent, owner),
+            owner_alive=lambda owner: alive(self.config.daemon.state_path(), owner),
             now=self.clock.now,
             min_age=self.config.daemon.orphan_min_age,
         )

@@ -95,6 +95,12 @@ def copy_of_the_tree(tmp_path: Path) -> Path:
             "provisioner.daemon.main -> desk_harness",
         ),
         (
+            "provisioner/daemon/service.py",
+            "from provisioner.adapters.sqlite_store import SqliteStore",
+            "picks the store's adapter",
+            "provisioner.daemon.service -> provisioner.adapters.sqlite_store",
+        ),
+        (
             "provisioner/desk.py",
             "import moto",
             "never imports the simulators",

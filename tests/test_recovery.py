@@ -101,7 +101,7 @@ class World:
     def outcome(self, eid: int) -> str:
         record = self.store.enrollment(eid)
         assert record is not None
-        return str(record["outcome"])
+        return str(record.outcome)
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_created_and_written_without_the_token_is_undone_and_the_token_cleaned_l
     actions = world.recovery().run()
     assert world.outcome(eid) == "rolled back"
     assert world.iam.devices == {}
-    assert [c["credential_id"] for c in world.store.token_cleanups(SERIAL)] == [CRED]
+    assert [c.credential_id for c in world.store.token_cleanups(SERIAL)] == [CRED]
     assert any("when it is next plugged in" in a.text for a in actions)
 
 

@@ -20,15 +20,24 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from provisioner.adapters.ownership import FILE_MODE, Owner, prepare_directory, private_file
+from provisioner.adapters.ownership import FILE_MODE, prepare_directory, private_file
 from provisioner.core.audit import log_line
 from provisioner.core.errors import ProvisionerError, QueueFull
 from provisioner.core.ports import Fact
+from provisioner.core.store import (
+    FACT_STATES,
+    AuditRecord,
+    DeviceState,
+    EnrollmentRecord,
+    QueueEntry,
+    RecordOwner,
+    RequestKind,
+    TokenCleanup,
+)
 
 audit_log = logging.getLogger("provisioner.audit")
 
@@ -94,9 +103,6 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 """
 
 
-#: What a queued request asks for, when its token is plugged in.
-KINDS = ("enroll", "resync", "replace")
-
 #: The database's name in the state directory.
 STATE_FILE = "provisioner.db"
 #: At least this umask while SQLite may create files: nothing of the state for others.
@@ -115,38 +121,7 @@ _ADDED_COLUMNS = (
 _OPEN = "state IN ('waiting', 'taken')"
 
 
-@dataclass(frozen=True)
-class QueueEntry:
-    id: int
-    user: str
-    serial: int | None
-    requested_by: str
-    requested_at: float
-    state: str
-    kind: str = "enroll"
-    old_serial: int | None = None
-    #: A client follows it to its end (`provisioner enroll`, not `queue`): when that
-    #: client is gone for good (a daemon restart), so is the request.
-    followed: bool = False
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    id: int
-    at: float
-    actor: str
-    event: str
-    user: str | None
-    serial: int | None
-    device_arn: str | None
-    outcome: str | None
-    reason: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-class Store:
+class SqliteStore:
     """Thread-safe access to the state database (one connection, one lock).
 
     ``owner``: the process whose enrollments this store records (None: records without
@@ -159,7 +134,7 @@ class Store:
         path: Path,
         clock: Callable[[], float] = time.time,
         *,
-        owner: Owner | None = None,
+        owner: RecordOwner | None = None,
         read_only: bool = False,
     ) -> None:
         self.path = path
@@ -224,7 +199,7 @@ class Store:
         limit: int | None = None,
     ) -> QueueEntry:
         """A new request; QueueFull when ``limit`` requests are already open."""
-        if kind not in KINDS:
+        if kind not in tuple(RequestKind):
             raise ValueError(f"unknown request kind {kind!r}")
         with self._tx() as db:
             if limit is not None:
@@ -372,7 +347,7 @@ class Store:
         reader: str,
         source: str,
         *,
-        owner: Owner | None = None,
+        owner: RecordOwner | None = None,
     ) -> int:
         """A new record, owned by ``owner`` (default: this store's owner)."""
         owner = owner or self._owner
@@ -393,7 +368,7 @@ class Store:
             return int(cur.lastrowid or 0)
 
     def claim_enrollment(
-        self, enrollment_id: int, previous: str | None, owner: Owner | None = None
+        self, enrollment_id: int, previous: str | None, owner: RecordOwner | None = None
     ) -> bool:
         """Take an unfinished record over from ``previous`` (an owner that has ended), for
         ``owner`` (default: this store's). False if someone else took it first."""
@@ -468,21 +443,22 @@ class Store:
         device_arn: str | None = None,
         credential_id: str | None = None,
     ) -> None:
-        column, value = _FACT_STATES[fact]
+        state = FACT_STATES[fact]
+        column = "device_state" if isinstance(state, DeviceState) else "credential_state"
         with self._tx() as db:
             db.execute(
                 f"UPDATE enrollments SET {column} = ?, "  # noqa: S608 - column from a fixed table
                 "device_arn = COALESCE(?, device_arn), credential_id = COALESCE(?, credential_id) "
                 "WHERE id = ?",
-                (value, device_arn, credential_id, enrollment_id),
+                (state.value, device_arn, credential_id, enrollment_id),
             )
 
-    def enrollment(self, enrollment_id: int) -> dict[str, Any] | None:
+    def enrollment(self, enrollment_id: int) -> EnrollmentRecord | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)
             ).fetchone()
-        return dict(row) if row else None
+        return EnrollmentRecord.from_row(row) if row else None
 
     # --- credentials to remove from tokens when they are next seen --------------------
 
@@ -496,14 +472,14 @@ class Store:
                 (serial, credential_id, enrollment_id, reason, self._clock()),
             )
 
-    def token_cleanups(self, serial: int | None = None) -> list[dict[str, Any]]:
+    def token_cleanups(self, serial: int | None = None) -> list[TokenCleanup]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM token_cleanups WHERE done_at IS NULL AND "
                 "(? IS NULL OR serial = ?) ORDER BY id",
                 (serial, serial),
             ).fetchall()
-        return [dict(r) for r in rows]
+        return [TokenCleanup.from_row(r) for r in rows]
 
     def finish_token_cleanup(self, cleanup_id: int, actor: str, outcome: str) -> None:
         with self._tx() as db:
@@ -531,12 +507,12 @@ class Store:
             ).fetchall()
         return {str(r["device_arn"]) for r in rows}
 
-    def unfinished_enrollments(self) -> list[dict[str, Any]]:
+    def unfinished_enrollments(self) -> list[EnrollmentRecord]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM enrollments WHERE finished_at IS NULL ORDER BY id"
             ).fetchall()
-        return [dict(r) for r in rows]
+        return [EnrollmentRecord.from_row(r) for r in rows]
 
     # --- audit ------------------------------------------------------------------------
 
@@ -636,24 +612,10 @@ class Store:
         return [AuditRecord(**dict(r)) for r in rows]
 
 
-_FACT_STATES: dict[Fact, tuple[str, str]] = {
-    Fact.DEVICE_REQUESTED: ("device_state", "maybe"),
-    Fact.DEVICE_CREATED: ("device_state", "created"),
-    Fact.CREDENTIAL_REQUESTED: ("credential_state", "maybe"),
-    Fact.CREDENTIAL_WRITTEN: ("credential_state", "written"),
-    Fact.ENABLE_REQUESTED: ("device_state", "maybe enabled"),
-    Fact.ENABLED: ("device_state", "enabled"),
-    Fact.CONFIRMED: ("device_state", "confirmed"),
-    Fact.DEVICE_DEACTIVATED: ("device_state", "created"),
-    Fact.DEVICE_DELETED: ("device_state", "deleted"),
-    Fact.CREDENTIAL_DELETED: ("credential_state", "deleted"),
-}
-
-
 class StoreJournal:
     """The Journal port of one enrollment, written to its record."""
 
-    def __init__(self, store: Store, enrollment_id: int) -> None:
+    def __init__(self, store: SqliteStore, enrollment_id: int) -> None:
         self._store = store
         self._id = enrollment_id
 
@@ -693,14 +655,9 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
 
 
 def _entry(row: sqlite3.Row) -> QueueEntry:
-    return QueueEntry(
-        id=row["id"],
-        user=row["user"],
-        serial=row["serial"],
-        requested_by=row["requested_by"],
-        requested_at=row["requested_at"],
-        state=row["state"],
-        kind=row["kind"],
-        old_serial=row["old_serial"],
-        followed=bool(row["followed"]),
-    )
+    entry: QueueEntry = QueueEntry.from_row(row)
+    return entry
+
+
+#: The name the tests and the bench have long used.
+Store = SqliteStore

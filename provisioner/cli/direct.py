@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.adapters.ownership import SERVICE_USER, Owner, prepare_directory, private_file
-from provisioner.adapters.sqlite_store import STATE_FILE, Store
 from provisioner.config import Config
 from provisioner.core import validation
 from provisioner.core.errors import (
@@ -39,7 +38,8 @@ from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.messages import Outcome
 from provisioner.core.model import EnrollmentResult
 from provisioner.core.ports import Progress, TokenSession
-from provisioner.desk import Desk
+from provisioner.core.store import DeskStore
+from provisioner.desk import Desk, desk_store, state_file
 
 #: The most records one history answer holds (the daemon's limit too).
 MAX_HISTORY = 100_000
@@ -49,7 +49,7 @@ MAX_HISTORY = 100_000
 class DeskState:
     """The desk's state, opened by a command that works here."""
 
-    store: Store
+    store: DeskStore
     owner: Owner
     #: Who is doing it, as the trail names them.
     actor: str
@@ -67,7 +67,7 @@ def desk_state(config: Config, *, service_user: str | None = SERVICE_USER) -> It
     """The desk's state for writing, created if the daemon never ran; NotPermitted if
     this user may not write it (nothing is done then)."""
     state_dir = config.daemon.state_path()
-    path = state_dir / STATE_FILE
+    path = state_file(config)
     try:
         prepare_directory(state_dir, service_user)
         private_file(path)
@@ -82,7 +82,7 @@ def desk_state(config: Config, *, service_user: str | None = SERVICE_USER) -> It
             hint="check daemon.state_directory",
         ) from e
     try:
-        store = Store(path, owner=owner)
+        store = desk_store(config, owner=owner)
     except sqlite3.Error as e:
         owner.release()
         raise ConfigError(f"cannot open the desk's state at {path}: {e}") from e
@@ -245,7 +245,7 @@ def history(
     """The audit trail as the daemon answers it, read-only; None if there is none yet."""
     if not 0 < limit <= MAX_HISTORY:
         raise InvalidInput(f"limit must be 1..{MAX_HISTORY}")
-    path = config.daemon.state_path() / STATE_FILE
+    path = state_file(config)
     try:
         with path.open("rb"):
             pass
@@ -254,7 +254,7 @@ def history(
     except OSError as e:
         raise _not_permitted("read", path, e) from e
     try:
-        store = Store(path, read_only=True)
+        store = desk_store(config, read_only=True)
         try:
             records = store.history(limit=limit, user=user, serial=serial, since=since)
         finally:

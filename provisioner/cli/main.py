@@ -13,7 +13,6 @@ from typing import Any, NoReturn, TextIO, TypeVar
 
 from provisioner import __version__
 from provisioner.adapters.control_socket import daemon_reachable
-from provisioner.adapters.sqlite_store import STATE_FILE
 from provisioner.config import DEFAULT_PATH, ENV_PATH, Config, load, override
 from provisioner.core import validation
 from provisioner.core.audit import parse_since
@@ -440,7 +439,9 @@ def cmd_history(args: argparse.Namespace) -> int:
             since=request.get("since"),
         )
         if found is None:
-            where = config.daemon.state_path() / STATE_FILE
+            from provisioner.desk import state_file
+
+            where = state_file(config)
             print(f"provisioner: no audit trail at {where} yet", file=sys.stderr)
         records = found or []
     print(render(records, "json" if args.json else args.format))
@@ -570,9 +571,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
     from provisioner.cli import direct
-    from provisioner.desk import Desk
+    from provisioner.desk import Desk, state_file
 
-    state = config.daemon.state_path() / STATE_FILE
+    state = state_file(config)
     if not state.exists():
         raise ConfigError(f"no desk state at {state}", hint="check daemon.state_directory")
     desk = Desk.from_config(config)

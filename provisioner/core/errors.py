@@ -313,6 +313,10 @@ class DaemonRefused(ProvisionerError):
         )
 
 
+class StoreError(ProvisionerError):
+    """The desk's store cannot be read or written."""
+
+
 # --- exit status ---------------------------------------------------------------------------
 
 

@@ -55,6 +55,9 @@ class Outcome(StrEnum):
     ENROLLED_OLD_NOT_REVOKED = "enrolled, old token NOT revoked"
     FAILED = "failed"
     FAILED_NOT_ROLLED_BACK = "failed, NOT rolled back"
+    # recovery's, for an enrollment a crash interrupted
+    IN_PROGRESS = "in progress"
+    ROLLED_BACK = "rolled back"
     REVOKED = "revoked"
     RESYNCED = "resynced"
     RESYNC_FAILED = "resync failed"

@@ -25,49 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from provisioner.core.enrollment import TOOL_TAG, Enrollment, created_at
 from provisioner.core.errors import NoSuchEntity, ProvisionerError, ReconcileFailed
+from provisioner.core.messages import Outcome
 from provisioner.core.model import VirtualDevice
 from provisioner.core.ports import Fact, IamDirectory, TokenSession
+from provisioner.core.store import DeskStore, EnrollmentRecord
 
 TokenFinder = Callable[[int], AbstractContextManager[TokenSession | None]]
-
-
-class RecoveryStore(Protocol):
-    def unfinished_enrollments(self) -> list[dict[str, Any]]: ...
-
-    def record_fact(
-        self,
-        enrollment_id: int,
-        fact: Fact,
-        *,
-        device_arn: str | None = None,
-        credential_id: str | None = None,
-    ) -> None: ...
-
-    def finish_enrollment(
-        self,
-        enrollment_id: int,
-        *,
-        outcome: str,
-        actor: str,
-        device_arn: str | None = None,
-        reason: str | None = None,
-    ) -> None: ...
-
-    def add_token_cleanup(
-        self, serial: int, credential_id: str, enrollment_id: int | None, reason: str
-    ) -> None: ...
-
-    def claim_enrollment(self, enrollment_id: int, previous: str | None) -> bool: ...
-
-    def release_enrollment(self, enrollment_id: int) -> None: ...
-
-    def left_behind(self) -> set[str]: ...
-
-    def audit(self, actor: str, event: str, **fields: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -78,17 +44,15 @@ class Action:
     enrollment_id: int | None = None
     #: False for what was left alone on purpose: said, not audited.
     done: bool = True
-
-
-_MAY_EXIST = {"maybe", "created", "maybe enabled", "enabled", "confirmed"}
-_CREDENTIAL_MAY_EXIST = {"maybe", "written"}
+    #: True when something could not be undone (the operator must act, or reconcile again).
+    failed: bool = False
 
 
 class Recovery:
     def __init__(
         self,
         iam: IamDirectory,
-        store: RecoveryStore,
+        store: DeskStore,
         enrollment: Callable[[int], Enrollment],
         find_token: TokenFinder,
         *,
@@ -124,23 +88,23 @@ class Recovery:
         step = "read the unfinished enrollments"
         try:
             for record in self._store.unfinished_enrollments():
-                owner = record.get("owner")
-                running = record["id"] in busy or (owner is not None and self._owner_alive(owner))
+                owner = record.owner
+                running = record.id in busy or (owner is not None and self._owner_alive(owner))
                 if not running and not dry_run:
                     # Taken over before anything is done: another recovery now leaves it alone.
-                    running = not self._store.claim_enrollment(int(record["id"]), owner)
+                    running = not self._store.claim_enrollment(record.id, owner)
                 if running:
-                    if record.get("device_arn"):
-                        busy_arns.add(str(record["device_arn"]))
-                    if record["id"] not in busy:
+                    if record.device_arn:
+                        busy_arns.add(record.device_arn)
+                    if record.id not in busy:
                         actions.append(_left_alone(record))
                     continue
-                step = f"settle enrollment #{record['id']} of {record['user']}"
+                step = f"settle enrollment #{record.id} of {record.user}"
                 try:
                     actions.extend(self._recover(record, dry_run))
                 except BaseException:
                     if not dry_run:  # unsettled: handed back for the next recovery to take
-                        self._store.release_enrollment(int(record["id"]))
+                        self._store.release_enrollment(record.id)
                     raise
             step = "sweep orphaned devices"
             actions.extend(self._sweep(dry_run, delete_orphans, all_desks, frozenset(busy_arns)))
@@ -157,12 +121,12 @@ class Recovery:
 
     # --- one unfinished enrollment ------------------------------------------------------
 
-    def _recover(self, r: dict[str, Any], dry_run: bool) -> list[Action]:
-        eid, user, serial = int(r["id"]), str(r["user"]), r["serial"]
-        arn, cred = r.get("device_arn"), r.get("credential_id")
+    def _recover(self, r: EnrollmentRecord, dry_run: bool) -> list[Action]:
+        eid, user, serial = r.id, r.user, r.serial
+        arn, cred = r.device_arn, r.credential_id
         label = f"enrollment #{eid} of {user} on token {serial}"
-        device_may_exist = r["device_state"] in _MAY_EXIST and arn
-        credential_may_exist = r["credential_state"] in _CREDENTIAL_MAY_EXIST and cred
+        device_may_exist = r.device_state.may_exist and arn
+        credential_may_exist = r.credential_state.may_exist and cred
         if device_may_exist:
             try:
                 if arn in self._iam.list_mfa_devices(user):
@@ -170,7 +134,7 @@ class Recovery:
                         self._store.record_fact(eid, Fact.CONFIRMED)
                         self._store.finish_enrollment(
                             eid,
-                            outcome="enrolled",
+                            outcome=Outcome.ENROLLED,
                             actor="reconcile",
                             device_arn=arn,
                             reason="found enabled after a restart",
@@ -196,9 +160,9 @@ class Recovery:
         if credential_may_exist and serial is not None:
             actions.append(self._remove_credential(eid, int(serial), str(cred), label))
         outcome = (
-            "rolled back"
-            if all("could not" not in a.text for a in actions)
-            else ("failed, NOT rolled back")
+            Outcome.FAILED_NOT_ROLLED_BACK
+            if any(a.failed for a in actions)
+            else Outcome.ROLLED_BACK
         )
         self._store.finish_enrollment(
             eid, outcome=outcome, actor="reconcile", reason="interrupted; recovered after a restart"
@@ -232,7 +196,7 @@ class Recovery:
                 return None
         self._store.finish_enrollment(
             eid,
-            outcome="enrolled",
+            outcome=Outcome.ENROLLED,
             actor="reconcile",
             device_arn=result.device_arn,
             reason="finished after a restart with the token's credential",
@@ -246,7 +210,7 @@ class Recovery:
             self._store.record_fact(eid, Fact.DEVICE_DELETED)
             return Action(f"{label}: {arn} was never created", eid)
         except ProvisionerError as e:
-            return Action(f"{label}: could not delete {arn}: {e.one_line()}", eid)
+            return Action(f"{label}: could not delete {arn}: {e.one_line()}", eid, failed=True)
         self._store.record_fact(eid, Fact.DEVICE_DELETED)
         return Action(f"{label}: deleted unassigned device {arn}", eid)
 
@@ -313,7 +277,8 @@ class Recovery:
             except ProvisionerError as e:
                 actions.append(
                     Action(
-                        f"could not delete orphaned device {device.serial_number}: {e.one_line()}"
+                        f"could not delete orphaned device {device.serial_number}: {e.one_line()}",
+                        failed=True,
                     )
                 )
                 continue
@@ -329,12 +294,12 @@ class Recovery:
         return max(0.0, self._now() - created)
 
 
-def _left_alone(record: dict[str, Any]) -> Action:
-    pid = record.get("owner_pid")
+def _left_alone(record: EnrollmentRecord) -> Action:
+    pid = record.owner_pid
     where = f"in process {pid}" if pid is not None else "in the desk daemon"
     return Action(
-        f"enrollment #{record['id']} of {record['user']} on token {record['serial']}: "
+        f"enrollment #{record.id} of {record.user} on token {record.serial}: "
         f"in progress {where}; left alone",
-        int(record["id"]),
+        record.id,
         done=False,
     )

@@ -24,7 +24,6 @@ from provisioner.adapters.files import load_roster
 from provisioner.adapters.ownership import DaemonLock, Owner
 from provisioner.adapters.reader_watch import ReaderWatcher
 from provisioner.adapters.signals import SignalPipe
-from provisioner.adapters.sqlite_store import STATE_FILE, Store
 from provisioner.adapters.systemd_notify import Notifier
 from provisioner.adapters.usb import UsbWatcher, list_yubikeys
 from provisioner.adapters.yubikey import is_yubikey_reader, open_in_reader
@@ -34,7 +33,7 @@ from provisioner.core.recovery import Recovery
 from provisioner.core.roster import Roster
 from provisioner.daemon.requests import valid_request
 from provisioner.daemon.service import DeskService
-from provisioner.desk import Desk
+from provisioner.desk import Desk, desk_store
 from provisioner.doctor import card_holders
 
 if TYPE_CHECKING:
@@ -73,7 +72,7 @@ def run(config: Config) -> int:
     # Before anything touches the state: a second daemon on it refuses (exit 2).
     lock = DaemonLock.acquire(state_dir)
     owner = Owner.claim(state_dir)
-    store = Store(state_dir / STATE_FILE, owner=owner)
+    store = desk_store(config, owner=owner)
     requeued, interrupted = store.settle_taken()
     desk = Desk.from_config(config)
 

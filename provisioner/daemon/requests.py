@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner.adapters.sqlite_store import KINDS
 from provisioner.core import validation
 from provisioner.core.errors import InvalidInput
+from provisioner.core.store import RequestKind
 
 #: YubiKey serials are unsigned 32-bit numbers.
 MAX_SERIAL = 2**32 - 1
@@ -64,8 +64,8 @@ def _user(value: object) -> object:
 
 
 def _kind(value: object) -> object:
-    if value not in KINDS:
-        raise _Bad(f"must be one of {', '.join(KINDS)}")
+    if value not in tuple(RequestKind):
+        raise _Bad(f"must be one of {', '.join(RequestKind)}")
     return value
 
 

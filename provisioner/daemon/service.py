@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from provisioner.adapters.reader_watch import ReaderEvent, ReaderEventKind
-from provisioner.adapters.sqlite_store import KINDS, QueueEntry, Store
 from provisioner.adapters.systemd_notify import Notifier
 from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.errors import (
@@ -52,6 +51,7 @@ from provisioner.core.messages import (
 from provisioner.core.model import Step
 from provisioner.core.recovery import Recovery
 from provisioner.core.roster import Roster
+from provisioner.core.store import DeskStore, QueueEntry, RequestKind
 from provisioner.desk import Desk
 
 log = logging.getLogger("provisioner.service")  # the journal's name for it, kept across moves
@@ -212,7 +212,7 @@ class DeskService:
     def __init__(
         self,
         desk: Desk,
-        store: Store,
+        store: DeskStore,
         *,
         open_token: TokenOpener,
         is_yubikey_reader: Callable[[str], bool],
@@ -527,19 +527,19 @@ class DeskService:
         """Remove credentials whose devices are gone (left when the token was away)."""
         for cleanup in self.store.token_cleanups(serial):
             try:
-                removed = token.delete_credential(cleanup["credential_id"])
+                removed = token.delete_credential(cleanup.credential_id)
             except ProvisionerError as e:
                 log.warning("could not clean token %s: %s", serial, e.one_line())
                 return
             self.store.finish_token_cleanup(
-                cleanup["id"], "desk", "removed" if removed else "already gone"
+                cleanup.id, "desk", "removed" if removed else "already gone"
             )
             self.events.publish(
                 {
                     "event": EventKind.CLEANED,
                     "reader": reader,
                     "serial": serial,
-                    "detail": f"removed stale credential {cleanup['credential_id']} "
+                    "detail": f"removed stale credential {cleanup.credential_id} "
                     f"from token {serial}",
                 }
             )
@@ -551,13 +551,12 @@ class DeskService:
         if (
             record is not None
             and serial is not None
-            and record["outcome"] != "enrolled"
-            and record["outcome"] != "already enrolled"
-            and record["credential_state"] in ("maybe", "written")
-            and record["credential_id"]
+            and not record.enrolled
+            and record.credential_state.may_exist
+            and record.credential_id
         ):
             self.store.add_token_cleanup(
-                serial, record["credential_id"], enrollment_id, "the enrollment was rolled back"
+                serial, record.credential_id, enrollment_id, "the enrollment was rolled back"
             )
 
     def _claim(self, token: YubiKeyToken) -> _Claim:
@@ -758,7 +757,7 @@ class DeskService:
         if (
             not isinstance(user, str)
             or (serial is not None and not isinstance(serial, int))
-            or kind not in KINDS
+            or kind not in tuple(RequestKind)
             or (old_serial is not None and not isinstance(old_serial, int))
         ):
             yield refusal(

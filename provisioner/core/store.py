@@ -1,0 +1,298 @@
+"""The desk's store, as a port: the queue, the enrollments with their write-ahead journal,
+the credentials to remove from tokens when next seen, and the append-only audit trail.
+
+The daemon, the CLI's direct mode, recovery and reconcile use ``DeskStore`` and the typed
+records here, never an adapter's rows. SQLite (``adapters/sqlite_store.py``) is the one
+adapter today; another (a fleet's database) is a new module and one line of wiring in
+``desk.py``. The enums' values are the strings the store keeps, so a state file written
+before they existed reads the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, Protocol
+
+from provisioner.core.errors import ProvisionerError
+from provisioner.core.messages import Outcome
+from provisioner.core.ports import Fact, Journal
+
+
+class DeviceState(StrEnum):
+    """What the journal knows of an enrollment's virtual MFA device."""
+
+    NONE = "none"
+    MAYBE = "maybe"  # requested: the answer may have been lost
+    CREATED = "created"
+    MAYBE_ENABLED = "maybe enabled"
+    ENABLED = "enabled"
+    CONFIRMED = "confirmed"
+    DELETED = "deleted"
+
+    @property
+    def may_exist(self) -> bool:
+        return self not in (DeviceState.NONE, DeviceState.DELETED)
+
+
+class CredentialState(StrEnum):
+    """What the journal knows of an enrollment's credential on the token."""
+
+    NONE = "none"
+    MAYBE = "maybe"
+    WRITTEN = "written"
+    DELETED = "deleted"
+
+    @property
+    def may_exist(self) -> bool:
+        return self in (CredentialState.MAYBE, CredentialState.WRITTEN)
+
+
+#: The state each journal fact leaves the record in.
+FACT_STATES: Mapping[Fact, DeviceState | CredentialState] = {
+    Fact.DEVICE_REQUESTED: DeviceState.MAYBE,
+    Fact.DEVICE_CREATED: DeviceState.CREATED,
+    Fact.CREDENTIAL_REQUESTED: CredentialState.MAYBE,
+    Fact.CREDENTIAL_WRITTEN: CredentialState.WRITTEN,
+    Fact.ENABLE_REQUESTED: DeviceState.MAYBE_ENABLED,
+    Fact.ENABLED: DeviceState.ENABLED,
+    Fact.CONFIRMED: DeviceState.CONFIRMED,
+    Fact.DEVICE_DEACTIVATED: DeviceState.CREATED,
+    Fact.DEVICE_DELETED: DeviceState.DELETED,
+    Fact.CREDENTIAL_DELETED: CredentialState.DELETED,
+}
+
+
+class RequestKind(StrEnum):
+    """What a queued request asks for when its token is plugged in."""
+
+    ENROLL = "enroll"
+    RESYNC = "resync"
+    REPLACE = "replace"
+
+
+class RequestState(StrEnum):
+    WAITING = "waiting"
+    TAKEN = "taken"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    WITHDRAWN = "withdrawn"
+
+
+#: Outcomes of an enrollment that left the user enrolled.
+ENROLLED_OUTCOMES = frozenset({Outcome.ENROLLED, Outcome.ALREADY_ENROLLED})
+
+
+@dataclass(frozen=True)
+class _Record:
+    @classmethod
+    def from_row(cls, row: Any) -> Any:
+        """From a row of an adapter's table: anything with ``keys()`` and ``row[name]``
+        (a dict, sqlite3.Row); columns the record does not know are ignored."""
+        names = set(row.keys())
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in names})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class QueueEntry(_Record):
+    id: int
+    user: str
+    serial: int | None
+    requested_by: str
+    requested_at: float
+    state: RequestState
+    kind: RequestKind = RequestKind.ENROLL
+    old_serial: int | None = None
+    #: A client follows it to its end (`provisioner enroll`, not `queue`): when that
+    #: client is gone for good (a daemon restart), so is the request.
+    followed: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", RequestState(self.state))
+        object.__setattr__(self, "kind", RequestKind(self.kind))
+        object.__setattr__(self, "followed", bool(self.followed))
+
+
+@dataclass(frozen=True)
+class EnrollmentRecord(_Record):
+    """One enrollment and its journal: what may exist in IAM and on the token."""
+
+    id: int
+    user: str
+    serial: int | None
+    reader: str
+    source: str
+    started_at: float
+    step: str
+    outcome: str = Outcome.IN_PROGRESS
+    finished_at: float | None = None
+    device_arn: str | None = None
+    reason: str | None = None
+    credential_id: str | None = None
+    device_state: DeviceState = DeviceState.NONE
+    credential_state: CredentialState = CredentialState.NONE
+    #: The owning process's token (None: recorded before owners existed) and its pid.
+    owner: str | None = None
+    owner_pid: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device_state", DeviceState(self.device_state))
+        object.__setattr__(self, "credential_state", CredentialState(self.credential_state))
+
+    @property
+    def enrolled(self) -> bool:
+        return self.outcome in ENROLLED_OUTCOMES
+
+
+@dataclass(frozen=True)
+class TokenCleanup(_Record):
+    """A credential to remove from a token the next time it is plugged in."""
+
+    id: int
+    serial: int
+    credential_id: str
+    enrollment_id: int | None
+    reason: str
+    created_at: float
+    done_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord(_Record):
+    id: int
+    at: float
+    actor: str
+    event: str
+    user: str | None
+    serial: int | None
+    device_arn: str | None
+    outcome: str | None
+    reason: str | None
+
+
+class RecordOwner(Protocol):
+    """The process an enrollment record belongs to (``adapters/ownership.Owner``)."""
+
+    token: str
+    pid: int
+
+
+class DeskStore(Protocol):
+    """Everything the desk keeps. Every method is atomic; implementations are
+    thread-safe (the daemon's token workers share one)."""
+
+    # the queue
+    def enqueue(
+        self,
+        user: str,
+        requested_by: str,
+        serial: int | None = None,
+        *,
+        kind: str = RequestKind.ENROLL,
+        old_serial: int | None = None,
+        followed: bool = False,
+        limit: int | None = None,
+    ) -> QueueEntry: ...
+
+    def waiting(self, limit: int | None = None) -> list[QueueEntry]: ...
+
+    def queue_length(self, up_to: int | None = None) -> int: ...
+
+    def queue_entry(self, entry_id: int) -> QueueEntry | None: ...
+
+    def take_next(
+        self, serial: int | None, *, users: Collection[str] | None = None
+    ) -> QueueEntry | None: ...
+
+    def finish_entry(self, entry_id: int, state: str, enrollment_id: int | None) -> None: ...
+
+    def cancel(self, entry_id: int, actor: str) -> QueueEntry | None: ...
+
+    def withdraw(self, entry_id: int) -> QueueEntry | None: ...
+
+    def link_entry(self, entry_id: int, enrollment_id: int) -> None: ...
+
+    def settle_taken(self) -> tuple[int, int]: ...
+
+    # enrollments and their journal
+    def start_enrollment(
+        self,
+        user: str,
+        serial: int | None,
+        reader: str,
+        source: str,
+        *,
+        owner: RecordOwner | None = None,
+    ) -> int: ...
+
+    def claim_enrollment(
+        self, enrollment_id: int, previous: str | None, owner: RecordOwner | None = None
+    ) -> bool: ...
+
+    def release_enrollment(self, enrollment_id: int) -> None: ...
+
+    def record_step(self, enrollment_id: int, step: str, device_arn: str | None = None) -> None: ...
+
+    def finish_enrollment(
+        self,
+        enrollment_id: int,
+        *,
+        outcome: str,
+        actor: str,
+        device_arn: str | None = None,
+        reason: str | None = None,
+    ) -> None: ...
+
+    def journal(self, enrollment_id: int) -> Journal: ...
+
+    def record_fact(
+        self,
+        enrollment_id: int,
+        fact: Fact,
+        *,
+        device_arn: str | None = None,
+        credential_id: str | None = None,
+    ) -> None: ...
+
+    def enrollment(self, enrollment_id: int) -> EnrollmentRecord | None: ...
+
+    def unfinished_enrollments(self) -> list[EnrollmentRecord]: ...
+
+    def left_behind(self) -> set[str]: ...
+
+    # credentials to remove from tokens
+    def add_token_cleanup(
+        self, serial: int, credential_id: str, enrollment_id: int | None, reason: str
+    ) -> None: ...
+
+    def token_cleanups(self, serial: int | None = None) -> list[TokenCleanup]: ...
+
+    def finish_token_cleanup(self, cleanup_id: int, actor: str, outcome: str) -> None: ...
+
+    # the audit trail
+    def audit(self, actor: str, event: str, **fields: Any) -> None: ...
+
+    def audit_resync(
+        self,
+        actor: str,
+        user: str,
+        serial: int | None,
+        outcome: tuple[str, int] | ProvisionerError,
+    ) -> None: ...
+
+    def history(
+        self,
+        *,
+        limit: int = 100,
+        since: float | None = None,
+        user: str | None = None,
+        serial: int | None = None,
+    ) -> list[AuditRecord]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,153 @@
+"""What every adapter of the store port must do: the daemon, the CLI's direct mode and
+recovery rely on exactly this. A new adapter (a fleet's database) is one more entry in
+ADAPTERS, and must pass all of it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from provisioner.adapters.sqlite_store import SqliteStore
+from provisioner.core.errors import QueueFull
+from provisioner.core.messages import Outcome
+from provisioner.core.ports import Fact
+from provisioner.core.store import (
+    CredentialState,
+    DeskStore,
+    DeviceState,
+    EnrollmentRecord,
+    QueueEntry,
+    RequestKind,
+    RequestState,
+)
+
+ARN = "arn:aws:iam::123456789012:mfa/provisioner/alice.yubikey.1"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def _sqlite(tmp_path: Path, clock: Callable[[], float]) -> DeskStore:
+    store: DeskStore = SqliteStore(tmp_path / "state" / "provisioner.db", clock)
+    return store
+
+
+ADAPTERS = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(ADAPTERS))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DeskStore]:
+    opened = ADAPTERS[request.param](tmp_path, _Clock())
+    yield opened
+    opened.close()
+
+
+def test_requests_are_served_oldest_first_and_typed(store: DeskStore) -> None:
+    first = store.enqueue("alice", "root")
+    store.enqueue("bob", "root", 7, kind=RequestKind.RESYNC)
+    assert isinstance(first, QueueEntry)
+    assert first.state is RequestState.WAITING and first.kind is RequestKind.ENROLL
+    assert store.queue_length() == 2
+    taken = store.take_next(None)
+    assert taken is not None and taken.user == "alice"
+    again = store.queue_entry(taken.id)
+    assert again is not None and again.state is RequestState.TAKEN
+    assert [e.user for e in store.waiting()] == ["alice", "bob"]  # open: waiting or taken
+    store.finish_entry(taken.id, RequestState.DONE, None)
+    assert [e.user for e in store.waiting()] == ["bob"]
+
+
+def test_a_request_for_one_token_waits_for_that_token(store: DeskStore) -> None:
+    store.enqueue("bob", "root", 7)
+    assert store.take_next(8) is None
+    entry = store.take_next(7)
+    assert entry is not None and entry.serial == 7
+
+
+def test_the_queue_is_bounded(store: DeskStore) -> None:
+    store.enqueue("alice", "root", limit=1)
+    with pytest.raises(QueueFull):
+        store.enqueue("bob", "root", limit=1)
+
+
+def test_a_cancelled_request_is_never_served(store: DeskStore) -> None:
+    entry = store.enqueue("alice", "root")
+    cancelled = store.cancel(entry.id, "root")
+    assert cancelled is not None and cancelled.id == entry.id
+    assert store.take_next(None) is None
+    assert store.cancel(entry.id, "root") is None
+
+
+def test_the_journal_moves_the_record_through_its_states(store: DeskStore) -> None:
+    eid = store.start_enrollment("alice", 1, "reader 0", "roster")
+    record = store.enrollment(eid)
+    assert isinstance(record, EnrollmentRecord)
+    assert record.outcome == Outcome.IN_PROGRESS and not record.enrolled
+    assert record.device_state is DeviceState.NONE
+    journal = store.journal(eid)
+    journal.record(Fact.DEVICE_REQUESTED, device_arn=ARN)
+    journal.record(Fact.CREDENTIAL_WRITTEN, credential_id="AWS:alice@1")
+    record = store.enrollment(eid)
+    assert record is not None
+    assert record.device_state is DeviceState.MAYBE and record.device_state.may_exist
+    assert record.credential_state is CredentialState.WRITTEN
+    assert (record.device_arn, record.credential_id) == (ARN, "AWS:alice@1")
+    assert [r.id for r in store.unfinished_enrollments()] == [eid]
+    journal.record(Fact.CONFIRMED)
+    store.finish_enrollment(eid, outcome=Outcome.ENROLLED, actor="desk", device_arn=ARN)
+    record = store.enrollment(eid)
+    assert record is not None and record.enrolled and record.finished_at is not None
+    assert store.unfinished_enrollments() == []
+    assert store.enrollment(eid + 100) is None
+
+
+def test_a_device_a_failed_rollback_left_is_remembered(store: DeskStore) -> None:
+    eid = store.start_enrollment("alice", 1, "reader 0", "roster")
+    store.record_fact(eid, Fact.DEVICE_CREATED, device_arn=ARN)
+    store.finish_enrollment(eid, outcome=Outcome.FAILED_NOT_ROLLED_BACK, actor="desk")
+    assert store.left_behind() == {ARN}
+
+
+@dataclass
+class _Owner:
+    token: str
+    pid: int
+
+
+def test_a_record_is_taken_over_once(store: DeskStore) -> None:
+    eid = store.start_enrollment("alice", 1, "reader 0", "roster", owner=_Owner("dead", 1))
+    record = store.enrollment(eid)
+    assert record is not None and (record.owner, record.owner_pid) == ("dead", 1)
+    assert store.claim_enrollment(eid, "dead", _Owner("recovery", 2))
+    assert not store.claim_enrollment(eid, "dead", _Owner("another", 3))  # not twice
+    record = store.enrollment(eid)
+    assert record is not None and record.owner == "recovery"
+
+
+def test_token_cleanups_wait_for_their_token(store: DeskStore) -> None:
+    store.add_token_cleanup(1, "AWS:alice@1", None, "its device was removed")
+    assert store.token_cleanups(2) == []
+    (cleanup,) = store.token_cleanups(1)
+    assert (cleanup.serial, cleanup.credential_id) == (1, "AWS:alice@1")
+    store.finish_token_cleanup(cleanup.id, "desk", "removed")
+    assert store.token_cleanups() == []
+    assert store.history(limit=1)[0].event == "token cleanup"
+
+
+def test_the_audit_trail_answers_in_order_with_filters(store: DeskStore) -> None:
+    store.audit("root", "queued", user="alice")
+    store.audit("desk", "enrolled", user="bob", serial=2, outcome=Outcome.ENROLLED)
+    records = store.history(limit=10)
+    assert [r.user for r in records] == ["alice", "bob"]
+    assert [r.user for r in store.history(limit=10, user="alice")] == ["alice"]
+    assert [r.serial for r in store.history(limit=10, serial=2)] == [2]
+    assert records[1].as_dict()["outcome"] == "enrolled"
