@@ -57,6 +57,8 @@ class Device:
 
 
 class FakeIam:
+    device_limit = 8
+
     def __init__(self, clock: FakeClock, users: tuple[str, ...] = ("alice",)) -> None:
         self.clock = clock
         self.users: dict[str, list[str]] = {u: [] for u in users}

@@ -126,8 +126,16 @@ def test_near_the_end_of_a_step_waits_for_the_next_one_only() -> None:
             lambda d: d.iam.users.__setitem__("alice", [f"arn:x:{i}" for i in range(8)]),
             MfaLimitExceeded,
         ),
+        (
+            # the limit is the directory's to say, not the core's to know
+            lambda d: (
+                setattr(d.iam, "device_limit", 2),
+                d.iam.users.__setitem__("alice", ["arn:x:1", "arn:x:2"]),
+            ),
+            MfaLimitExceeded,
+        ),
     ],
-    ids=["unknown user", "8 devices already"],
+    ids=["unknown user", "8 devices already", "the directory's own limit"],
 )
 def test_iam_refusals_happen_before_anything_is_created(build, error) -> None:  # type: ignore[no-untyped-def]
     desk = Desk()

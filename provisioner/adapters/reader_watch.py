@@ -18,12 +18,13 @@ from typing import Any
 
 from smartcard import scard
 
+from provisioner.adapters.yubikey import NO_SERVICE
+
 log = logging.getLogger("provisioner.reader_watch")  # the journal's name for it, kept across moves
 
 PNP_READER = "\\\\?PnP?\\Notification"
 _INFINITE = 0xFFFFFFFF
 _RECONNECT_DELAY = 1.0
-_NO_SERVICE = {scard.SCARD_E_NO_SERVICE, scard.SCARD_E_SERVICE_STOPPED}
 
 
 @unique
@@ -137,7 +138,7 @@ class ReaderWatcher:
             hresult, answer = scard.SCardGetStatusChange(self._context, _INFINITE, query)
             if hresult == scard.SCARD_E_CANCELLED or self._stop.is_set():
                 return
-            if hresult in _NO_SERVICE:
+            if hresult in NO_SERVICE:
                 raise _PcscGone
             if hresult == scard.SCARD_E_UNKNOWN_READER:
                 continue  # a reader vanished between listing and waiting: list again
@@ -166,7 +167,7 @@ class ReaderWatcher:
         hresult, readers = scard.SCardListReaders(self._context, [])
         if hresult == scard.SCARD_E_NO_READERS_AVAILABLE:
             return []
-        if hresult in _NO_SERVICE:
+        if hresult in NO_SERVICE:
             raise _PcscGone
         if hresult != scard.SCARD_S_SUCCESS:
             log.warning("listing readers: %s", scard.SCardGetErrorMessage(hresult))

@@ -58,7 +58,8 @@ _GONE = {
     scard.SCARD_E_NOT_TRANSACTED,
     scard.SCARD_W_UNRESPONSIVE_CARD,
 }
-_NO_SERVICE = {scard.SCARD_E_NO_SERVICE, scard.SCARD_E_SERVICE_STOPPED}
+#: pcscd is not running, or stopped under us (the reader watch shares this).
+NO_SERVICE = frozenset({scard.SCARD_E_NO_SERVICE, scard.SCARD_E_SERVICE_STOPPED})
 
 
 def guard_vendor_logging() -> None:
@@ -186,7 +187,7 @@ class Pcsc:
         hresult, names = scard.SCardListReaders(self._context, [])
         if hresult == scard.SCARD_E_NO_READERS_AVAILABLE:
             return []
-        if hresult in _NO_SERVICE:
+        if hresult in NO_SERVICE:
             raise PcscUnavailable("pcscd stopped answering")
         if hresult != scard.SCARD_S_SUCCESS:
             raise PcscUnavailable(f"listing readers: {scard.SCardGetErrorMessage(hresult)}")
@@ -212,7 +213,7 @@ class Pcsc:
         except PcscError as e:
             if e.code == scard.SCARD_E_SHARING_VIOLATION:
                 raise TokenBusy(f"the card in {reader} is in use by another program") from e
-            if e.code in _NO_SERVICE:
+            if e.code in NO_SERVICE:
                 raise PcscUnavailable("pcscd stopped answering") from e
             if e.code in _GONE:
                 raise TokenRemoved(f"no card in {reader}") from e
@@ -244,7 +245,7 @@ def _translated(label: str, what: str) -> Iterator[None]:
             f"token {label} gave a bad answer to {what} ({type(e).__name__})"
         ) from e
     except PcscError as e:
-        if e.code in _NO_SERVICE:
+        if e.code in NO_SERVICE:
             raise PcscUnavailable(f"pcscd stopped answering during {what}") from e
         raise TokenRemoved(f"token {label} was removed during {what}") from e
     except ConnectionError as e:

@@ -33,11 +33,11 @@ from provisioner.core.errors import (
     ProvisionerError,
     ReplaceIncomplete,
 )
-from provisioner.core.lifecycle import Replaced, Revoked, TokenFinder
+from provisioner.core.lifecycle import Replaced, Revoked
 from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.messages import Outcome
 from provisioner.core.model import EnrollmentResult
-from provisioner.core.ports import Progress, TokenSession
+from provisioner.core.ports import Progress, TokenFinder, TokenSession
 from provisioner.core.store import DeskStore
 from provisioner.desk import Desk, desk_store, state_file
 

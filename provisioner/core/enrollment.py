@@ -37,13 +37,13 @@ from provisioner.core.errors import (
     TokenRemoved,
 )
 from provisioner.core.model import (
-    MAX_MFA_DEVICES_PER_USER,
     CodePair,
     CredentialSpec,
     DeviceSpec,
     EnrollmentResult,
     Step,
     StepTiming,
+    TagKey,
     VirtualDevice,
 )
 from provisioner.core.ports import (
@@ -62,7 +62,7 @@ from provisioner.core.totp import code_at, codes_equal, plan_window
 TOOL_TAG = "provisioner"
 #: When the desk created the device (IAM reports no creation time for a virtual device):
 #: the orphan sweep leaves young devices to the enrollment that may still be using them.
-CREATED_TAG = "provisioner:created"
+CREATED_TAG = TagKey.CREATED
 _CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
@@ -117,10 +117,10 @@ class EnrollmentSettings:
             touch=self.touch,
         )
         tags = (
-            ("provisioner:tool", TOOL_TAG),
-            ("provisioner:user", user),
-            ("provisioner:token-serial", values["serial"]),
-            ("provisioner:desk", self.desk),
+            (TagKey.TOOL, TOOL_TAG),
+            (TagKey.USER, user),
+            (TagKey.TOKEN_SERIAL, values["serial"]),
+            (TagKey.DESK, self.desk),
             *(((CREATED_TAG, created_tag(created)),) if created is not None else ()),
             *self.extra_tags,
         )
@@ -325,7 +325,7 @@ class Enrollment:
                 "its credential",
                 hint="revoke that device, then enroll again",
             )
-        if len(devices) >= MAX_MFA_DEVICES_PER_USER:
+        if len(devices) >= self._iam.device_limit:
             raise MfaLimitExceeded(
                 f"{user} already has {len(devices)} MFA devices, the most IAM allows"
             )

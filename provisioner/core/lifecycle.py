@@ -8,7 +8,6 @@ the operator means.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from provisioner.core.clock import Clock
@@ -20,10 +19,9 @@ from provisioner.core.errors import (
     ReplaceIncomplete,
     TokenError,
 )
-from provisioner.core.model import EnrollmentResult, VirtualDevice
-from provisioner.core.ports import IamDirectory, NullProgress, Progress, TokenSession
+from provisioner.core.model import EnrollmentResult, TagKey, VirtualDevice
+from provisioner.core.ports import IamDirectory, NullProgress, Progress, TokenFinder, TokenSession
 
-TokenFinder = Callable[[int], AbstractContextManager[TokenSession | None]]
 #: What becomes of a credential on a token that is not plugged in: (serial, credential id)
 #: -> a line for the operator.
 AbsentNote = Callable[[str, str], str]
@@ -68,8 +66,8 @@ class Lifecycle:
             d
             for d in self._iam.list_virtual_mfa_devices(assigned=True)
             if d.serial_number in assigned
-            and d.tag("provisioner:tool") == TOOL_TAG
-            and (token_serial is None or d.tag("provisioner:token-serial") == str(token_serial))
+            and d.tag(TagKey.TOOL) == TOOL_TAG
+            and (token_serial is None or d.token_serial == token_serial)
         ]
 
     def _the_device(self, user: str, token_serial: int | None) -> VirtualDevice:
@@ -81,7 +79,7 @@ class Lifecycle:
                 hint=f"provisioner history --user {user} shows what was done",
             )
         if len(found) > 1:
-            tokens = ", ".join(str(d.tag("provisioner:token-serial")) for d in found)
+            tokens = ", ".join(str(d.tag(TagKey.TOKEN_SERIAL)) for d in found)
             raise InvalidInput(
                 f"{user} has {len(found)} MFA devices enrolled by provisioner (tokens {tokens})",
                 hint="say which with --serial",
@@ -107,7 +105,7 @@ class Lifecycle:
         """
         device = self._the_device(user, token_serial)
         arn = device.serial_number
-        serial_tag = device.tag("provisioner:token-serial")
+        serial_tag = device.tag(TagKey.TOKEN_SERIAL)
         actions = []
         self._iam.deactivate_mfa_device(user, arn)
         actions.append(f"deactivated {arn} for {user}")
@@ -183,8 +181,7 @@ def replace(
     others = [
         d
         for d in lifecycle.devices_of(user)
-        if d.tag("provisioner:token-serial") != str(new_serial)
-        and (old_serial is None or d.tag("provisioner:token-serial") == str(old_serial))
+        if d.token_serial != new_serial and (old_serial is None or d.token_serial == old_serial)
     ]
     if not others:
         raise NoSuchEntity(
@@ -192,11 +189,11 @@ def replace(
             hint="enroll the new token with provisioner enroll",
         )
     if len(others) > 1:
-        tokens = ", ".join(str(d.tag("provisioner:token-serial")) for d in others)
+        tokens = ", ".join(str(d.tag(TagKey.TOKEN_SERIAL)) for d in others)
         raise InvalidInput(
             f"{user} has several tokens ({tokens})", hint="say which with --old-serial"
         )
-    old = others[0].tag("provisioner:token-serial")
+    old = others[0].tag(TagKey.TOKEN_SERIAL)
     enrolled = enrollment.run(new_token, user)
     try:
         revoked = lifecycle.revoke(user, others[0].token_serial, find_token, absent)

@@ -12,9 +12,6 @@ from provisioner.core.errors import InvalidInput
 TOTP_PERIOD = 30
 TOTP_DIGITS = 6
 
-#: A user may hold at most this many MFA devices of any kind.
-MAX_MFA_DEVICES_PER_USER = 8
-
 
 @unique
 class Step(StrEnum):
@@ -120,6 +117,17 @@ class EnrollmentResult:
     timings: tuple[StepTiming, ...]
 
 
+class TagKey(StrEnum):
+    """The tags the desk puts on every virtual MFA device it creates."""
+
+    TOOL = "provisioner:tool"
+    USER = "provisioner:user"
+    TOKEN_SERIAL = "provisioner:token-serial"  # noqa: S105 - a tag key
+    DESK = "provisioner:desk"
+    #: When the desk created it (IAM reports no creation time for a virtual device).
+    CREATED = "provisioner:created"
+
+
 @dataclass(frozen=True)
 class VirtualDevice:
     """A virtual MFA device as IAM lists it."""
@@ -135,7 +143,7 @@ class VirtualDevice:
     def token_serial(self) -> int | None:
         """The serial of the token it was enrolled on, from the tool's tag; None when the
         tag is missing or not a serial (tags are anyone's to edit in IAM)."""
-        text = self.tag("provisioner:token-serial")
+        text = self.tag(TagKey.TOKEN_SERIAL)
         try:
             return validation.token_serial(text) if text is not None else None
         except InvalidInput:

@@ -7,7 +7,8 @@ and is tested without I/O. ``yubikey.py`` and ``aws_iam.py`` are the real adapte
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from enum import StrEnum, unique
 from typing import Protocol
 
@@ -47,8 +48,16 @@ class TokenSession(Protocol):
         ...
 
 
+#: Opens the token with this serial if it is plugged in (None if not), for as long as the
+#: context lasts: how recovery and revoke reach a token they did not start with.
+TokenFinder = Callable[[int], AbstractContextManager["TokenSession | None"]]
+
+
 class IamDirectory(Protocol):
     """What the enrollment needs of AWS IAM."""
+
+    #: The most MFA devices the directory allows one user (IAM: 8).
+    device_limit: int
 
     def user_arn(self, user: str) -> str:
         """The user's ARN (it names the account); UserNotFound if there is no such user."""

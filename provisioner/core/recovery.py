@@ -23,17 +23,14 @@ unless an ended enrollment here says it left that device behind (a failed rollba
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from provisioner.core.enrollment import TOOL_TAG, Enrollment, created_at
 from provisioner.core.errors import NoSuchEntity, ProvisionerError, ReconcileFailed
 from provisioner.core.messages import Outcome
-from provisioner.core.model import VirtualDevice
-from provisioner.core.ports import Fact, IamDirectory, TokenSession
+from provisioner.core.model import TagKey, VirtualDevice
+from provisioner.core.ports import Fact, IamDirectory, TokenFinder
 from provisioner.core.store import DeskStore, EnrollmentRecord
-
-TokenFinder = Callable[[int], AbstractContextManager[TokenSession | None]]
 
 
 @dataclass(frozen=True)
@@ -239,8 +236,8 @@ class Recovery:
             d
             for d in self._iam.list_virtual_mfa_devices(assigned=False)
             if prefix in d.serial_number
-            and d.tag("provisioner:tool") == TOOL_TAG
-            and (all_desks or d.tag("provisioner:desk") == self._desk)
+            and d.tag(TagKey.TOOL) == TOOL_TAG
+            and (all_desks or d.tag(TagKey.DESK) == self._desk)
             and d.serial_number not in busy
         ]
 

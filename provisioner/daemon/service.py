@@ -48,7 +48,7 @@ from provisioner.core.messages import (
     failed_outcome,
     refusal,
 )
-from provisioner.core.model import Step
+from provisioner.core.model import Step, TagKey
 from provisioner.core.recovery import Recovery
 from provisioner.core.roster import Roster
 from provisioner.core.store import DeskStore, QueueEntry, RequestKind
@@ -853,7 +853,7 @@ class DeskService:
     def _the_users_token(self, user: str) -> int:
         """The serial of the one token provisioner enrolled for ``user``."""
         devices = self.desk.lifecycle().devices_of(user)
-        serials = sorted({str(d.tag("provisioner:token-serial")) for d in devices})
+        serials = sorted({str(d.tag(TagKey.TOKEN_SERIAL)) for d in devices})
         serial = devices[0].token_serial if len(serials) == 1 else None
         if serial is None:
             what = "no token" if not serials else f"tokens {', '.join(serials)}"

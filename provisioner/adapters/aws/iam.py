@@ -153,6 +153,9 @@ def _access_denied(action: str, subject: str, service: str, code: str, text: str
 class IamClient:
     """IamDirectory over boto3."""
 
+    #: IAM lets a user hold at most this many MFA devices of any kind.
+    device_limit = 8
+
     def __init__(
         self,
         clock: AwsClock,
