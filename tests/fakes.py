@@ -85,11 +85,20 @@ class FakeIam:
 
         self.faults[action] = fault
 
-    def user_arn(self, user: str) -> str:
-        self._enter("user_arn")
+    def user_account(self, user: str) -> str:
+        self._enter("user_account")
         if user not in self.users:
             raise UserNotFound(f"IAM user {user} does not exist")
-        return f"arn:aws:iam::{ACCOUNT}:user/{user}"
+        return ACCOUNT
+
+    def device_id(self, account: str, path: str, name: str) -> str:
+        return f"arn:aws:iam::{account}:mfa{path}{name}"
+
+    def device_account(self, device_id: str) -> str:
+        return device_id.split(":")[4]
+
+    def under_path(self, device_id: str, path: str) -> bool:
+        return f":mfa{path}" in device_id
 
     def list_mfa_devices(self, user: str) -> list[str]:
         self._enter("list_mfa_devices")

@@ -39,9 +39,14 @@ def client(**kw: object) -> tuple[IamClient, AwsClock]:
 def test_create_enable_list_delete_round_trip(local_iam: LocalIamServer, admin_iam) -> None:  # type: ignore[no-untyped-def]
     iam, clock = client()
     assert iam.user_arn("alice") == "arn:aws:iam::123456789012:user/alice"
+    assert iam.user_account("alice") == "123456789012"
     arn, seed = iam.create_virtual_mfa_device(
         DeviceSpec("alice.test", "/provisioner/", (("provisioner:desk", "t"),))
     )
+    # what the core asks the directory instead of building and parsing ARNs itself
+    assert iam.device_id("123456789012", "/provisioner/", "alice.test") == arn
+    assert iam.device_account(arn) == "123456789012"
+    assert iam.under_path(arn, "/provisioner/") and not iam.under_path(arn, "/other/")
     assert arn == "arn:aws:iam::123456789012:mfa/provisioner/alice.test"
     assert "redacted" in repr(seed)
     now = clock.now()

@@ -306,12 +306,12 @@ class Enrollment:
         if not info.has_oath:
             raise TokenNoOath(f"token {info.label} has no OATH application enabled")
         oath = token.oath_state()
-        account = self._iam.user_arn(user).split(":")[4]
+        account = self._iam.user_account(user)
         devices = self._iam.list_mfa_devices(user)
         credential, device = self._settings.names(
             user, account, info.serial, created=self._clock.now()
         )
-        arn = f"arn:aws:iam::{account}:mfa{device.path}{device.name}"
+        arn = self._iam.device_id(account, device.path, device.name)
         on_token = credential.credential_id in oath.credential_ids
         if arn in devices and on_token:
             raise AlreadyEnrolled(f"{user} is already enrolled with token {info.label} ({arn})")

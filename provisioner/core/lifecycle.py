@@ -60,7 +60,7 @@ class Lifecycle:
 
     def devices_of(self, user: str, token_serial: int | None = None) -> list[VirtualDevice]:
         """The user's MFA devices this tool enrolled; for one token if a serial is given."""
-        self._iam.user_arn(user)  # UserNotFound, said as such
+        self._iam.user_account(user)  # UserNotFound, said as such
         assigned = set(self._iam.list_mfa_devices(user))
         return [
             d
@@ -87,7 +87,7 @@ class Lifecycle:
         return found[0]
 
     def _credential_id(self, user: str, device: VirtualDevice) -> str:
-        account = device.serial_number.split(":")[4]
+        account = self._iam.device_account(device.serial_number)
         credential, _ = self._settings.names(user, account, device.token_serial)
         return credential.credential_id
 
@@ -147,7 +147,7 @@ class Lifecycle:
         """Two consecutive codes from the credential on the token, then ResyncMFADevice.
         Returns the device and the first of the two time steps."""
         device = self._the_device(user, token.info.serial)
-        account = device.serial_number.split(":")[4]
+        account = self._iam.device_account(device.serial_number)
         credential, _ = self._settings.names(user, account, token.info.serial)
         token.oath_state()  # unlocks the applet if it has a password
         codes = codes_on_token(

@@ -59,8 +59,21 @@ class IamDirectory(Protocol):
     #: The most MFA devices the directory allows one user (IAM: 8).
     device_limit: int
 
-    def user_arn(self, user: str) -> str:
-        """The user's ARN (it names the account); UserNotFound if there is no such user."""
+    def user_account(self, user: str) -> str:
+        """The account the user lives in; UserNotFound if there is no such user."""
+        ...
+
+    def device_id(self, account: str, path: str, name: str) -> str:
+        """The id (IAM: the ARN) a device created as ``path`` + ``name`` gets: the journal
+        records it before the create, in case the answer is lost."""
+        ...
+
+    def device_account(self, device_id: str) -> str:
+        """The account a device belongs to."""
+        ...
+
+    def under_path(self, device_id: str, path: str) -> bool:
+        """Whether the device was created under ``path`` (the desk's device path)."""
         ...
 
     def list_mfa_devices(self, user: str) -> list[str]:

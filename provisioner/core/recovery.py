@@ -231,11 +231,10 @@ class Recovery:
     def orphans(
         self, all_desks: bool = False, busy: frozenset[str] = frozenset()
     ) -> list[VirtualDevice]:
-        prefix = f":mfa{self._path}"
         return [
             d
             for d in self._iam.list_virtual_mfa_devices(assigned=False)
-            if prefix in d.serial_number
+            if self._iam.under_path(d.serial_number, self._path)
             and d.tag(TagKey.TOOL) == TOOL_TAG
             and (all_desks or d.tag(TagKey.DESK) == self._desk)
             and d.serial_number not in busy

@@ -248,6 +248,18 @@ class IamClient:
         )
         return result
 
+    def user_account(self, user: str) -> str:
+        return self.user_arn(user).split(":")[4]
+
+    def device_id(self, account: str, path: str, name: str) -> str:
+        return f"arn:aws:iam::{account}:mfa{path}{name}"
+
+    def device_account(self, device_id: str) -> str:
+        return device_id.split(":")[4]
+
+    def under_path(self, device_id: str, path: str) -> bool:
+        return f":mfa{path}" in device_id
+
     def user_arn(self, user: str) -> str:
         validation.user_name(user)
         try:
