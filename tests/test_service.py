@@ -182,7 +182,7 @@ def test_status_lists_the_first_entries_and_counts_them_all(bench: Bench) -> Non
 
 
 def test_the_cli_listing_says_how_many_more_wait(capsys: pytest.CaptureFixture[str]) -> None:
-    from provisioner.cli.main import _print_queue
+    from provisioner.cli.main import print_queue as _print_queue
 
     entry = {
         "id": 1,

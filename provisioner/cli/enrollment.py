@@ -1,0 +1,246 @@
+"""`enroll`, `revoke`, `resync`, `replace`: through the running daemon, or here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from provisioner.cli.common import (
+    TerminalProgress,
+    ask,
+    load_config,
+    print_result,
+    progress_line,
+    setup_logging,
+    through_daemon,
+)
+from provisioner.config import override
+from provisioner.core.errors import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    AlreadyEnrolled,
+)
+from provisioner.core.messages import EventKind, Outcome
+
+log = logging.getLogger("provisioner")
+
+
+# --- enroll --------------------------------------------------------------------------------
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from provisioner.adapters.yubikey import Pcsc, open_token
+    from provisioner.cli import direct
+    from provisioner.desk import Desk
+
+    config = load_config(args)
+    token_changes = {k: v for k, v in (("reader", args.reader),) if v}
+    iam_changes = {k: v for k, v in (("profile", args.profile),) if v}
+    config = override(config, token=token_changes, iam=iam_changes)
+    setup_logging(config.log_level)
+    out: TextIO = sys.stdout
+    socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
+    if socket_path is not None:
+        return enroll_via_daemon(socket_path, args.user, args.serial, out)
+    desk = Desk.from_config(config)
+    progress = TerminalProgress(out)
+    out.write(f"enrolling {args.user} (IAM at {desk.iam.endpoint_url}, desk {config.desk})\n")
+    password = config.oath_password()
+    # Recorded in the desk's state before anything exists in IAM (recovery and the orphan
+    # sweep leave it alone while this runs), and in its audit trail.
+    with direct.desk_state(config) as state, Pcsc() as pcsc:
+        with open_token(
+            pcsc,
+            reader=config.token.reader or None,
+            serial=args.serial,
+            oath_password=password,
+        ) as token:
+            progress.restart()
+            try:
+                result = direct.enroll(state, desk, token, args.user, progress)
+            except AlreadyEnrolled as e:
+                out.write(f"nothing to do: {e.message}\n")
+                return EXIT_OK
+    print_result(out, result)
+    return EXIT_OK
+
+
+def enroll_via_daemon(
+    socket_path: Path,
+    user: str,
+    serial: int | None,
+    out: TextIO,
+    *,
+    kind: str = "enroll",
+    old_serial: int | None = None,
+) -> int:
+    """Queue the user with the running daemon and follow the work to its end."""
+    request: dict[str, Any] = {"op": "enroll", "user": user, "serial": serial}
+    if kind != "enroll":
+        request |= {"kind": kind, "old_serial": old_serial}
+    try:
+        return _follow_enrollment(socket_path, request, out)
+    except (ConnectionError, OSError) as e:
+        out.flush()
+        print(
+            f"provisioner: lost the desk daemon before the enrollment of {user} ended ({e}); "
+            f"after it restarts, provisioner history --user {user} tells the outcome",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) -> int:
+    from provisioner.adapters.control_socket import ControlClient
+
+    user = str(request["user"])
+    doing = {"resync": "resyncing", "replace": "replacing the token of"}.get(
+        str(request.get("kind")), "enrolling"
+    )
+    start = time.monotonic()
+    with ControlClient(socket_path, timeout=None) as client:
+        for event in client.request(request, timeout=None):
+            kind = event.get("event")
+            elapsed = (time.monotonic() - start) * 1000
+            if event.get("refused") or (event.get("final") and "error" in event):
+                print(f"provisioner: {event.get('error')}", file=sys.stderr)
+                return int(event.get("exit", EXIT_REFUSED if event.get("refused") else 1))
+            if kind == EventKind.QUEUED:
+                out.write(f"{event['detail']}\n")
+            elif kind == EventKind.ENROLLING:
+                start = time.monotonic()
+                out.write(f"token {event.get('serial')} in {event.get('reader')}: {doing} {user}\n")
+            elif kind == EventKind.STEP:
+                out.write(progress_line(elapsed, str(event["step"]), event.get("detail", "")))
+            elif kind == EventKind.NOTICE:
+                out.write(progress_line(elapsed, "!", event.get("detail", "")))
+            elif kind == EventKind.OUTCOME:
+                return _print_outcome(event, user, out)
+            out.flush()
+    print("provisioner: the daemon ended the conversation without an outcome", file=sys.stderr)
+    return 1
+
+
+def _print_outcome(event: dict[str, object], user: str, out: TextIO) -> int:
+    status = event.get("exit", 1)
+    code = status if isinstance(status, int) else 1
+    if event.get("outcome") in (Outcome.ENROLLED, Outcome.REPLACED):
+        seconds = event.get("seconds")
+        took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""
+        out.write(
+            f"{event['outcome']} {user}: token {event.get('serial')} is MFA device "
+            f"{event.get('device_arn')}{took}\n"
+        )
+    elif event.get("ok") and event.get("summary"):
+        out.write(f"{event['summary']}\n")
+    elif event.get("ok"):
+        out.write(f"nothing to do: {event.get('detail')}\n")
+    else:
+        out.flush()
+        print(f"provisioner: {event.get('detail')}", file=sys.stderr)
+    return code
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from provisioner.adapters.yubikey import find_by_serial
+    from provisioner.cli import direct
+    from provisioner.desk import Desk
+
+    config = load_config(args)
+    setup_logging(config.log_level)
+    if through_daemon(config, here_only=args.direct) is not None:
+        answer = ask(args, {"op": "revoke", "user": args.user, "serial": args.serial})
+        for line in answer["actions"]:
+            print(line)
+        print(f"revoked {args.user}: {answer['device_arn']} (token {answer['serial']})")
+        return EXIT_OK
+    desk = Desk.from_config(config)
+    password = config.oath_password()
+    with direct.desk_state(config) as state:
+        done = direct.revoke(
+            state,
+            desk,
+            args.user,
+            args.serial,
+            lambda serial: find_by_serial(serial, oath_password=password),
+        )
+    for line in done.actions:
+        print(line)
+    print(f"revoked {done.user}: {done.device_arn} (token {done.token_serial})")
+    return EXIT_OK
+
+
+def cmd_resync(args: argparse.Namespace) -> int:
+    from provisioner.adapters.yubikey import Pcsc, open_token
+    from provisioner.cli import direct
+    from provisioner.desk import Desk
+
+    config = load_config(args)
+    setup_logging(config.log_level)
+    socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
+    if socket_path is not None:
+        return enroll_via_daemon(socket_path, args.user, args.serial, sys.stdout, kind="resync")
+    desk = Desk.from_config(config)
+    with (
+        direct.desk_state(config) as state,
+        Pcsc() as pcsc,
+        open_token(
+            pcsc, reader=args.reader, serial=args.serial, oath_password=config.oath_password()
+        ) as token,
+    ):
+        device, first_step = direct.resync(
+            state, desk, token, args.user, TerminalProgress(sys.stdout)
+        )
+        serial = token.info.serial
+    print(
+        f"resynced {args.user}: {device} with the codes of time steps {first_step} and "
+        f"{first_step + 1} from token {serial}"
+    )
+    return EXIT_OK
+
+
+def cmd_replace(args: argparse.Namespace) -> int:
+    from provisioner.adapters.yubikey import Pcsc, find_by_serial, open_token
+    from provisioner.cli import direct
+    from provisioner.desk import Desk
+
+    config = load_config(args)
+    setup_logging(config.log_level)
+    socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
+    if socket_path is not None:
+        return enroll_via_daemon(
+            socket_path,
+            args.user,
+            args.serial,
+            sys.stdout,
+            kind="replace",
+            old_serial=args.old_serial,
+        )
+    desk = Desk.from_config(config)
+    password = config.oath_password()
+    progress = TerminalProgress(sys.stdout)
+    with (
+        direct.desk_state(config) as state,
+        Pcsc() as pcsc,
+        open_token(pcsc, reader=args.reader, serial=args.serial, oath_password=password) as token,
+    ):
+        done = direct.replace(
+            state,
+            desk,
+            token,
+            args.user,
+            args.old_serial,
+            lambda serial: find_by_serial(serial, oath_password=password),
+            progress,
+        )
+    for line in done.revoked.actions:
+        print(line)
+    print(
+        f"replaced {args.user}'s token {done.revoked.token_serial} with token "
+        f"{done.enrolled.token_serial}: {done.enrolled.device_arn}"
+    )
+    return EXIT_OK

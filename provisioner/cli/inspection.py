@@ -1,0 +1,216 @@
+"""`tokens`, `status`, `doctor`, `watch`, `history`, `reconcile`: what the desk sees."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from provisioner.cli.common import (
+    ask,
+    load_config,
+    running_daemon,
+    setup_logging,
+    through_daemon,
+    when,
+)
+from provisioner.cli.queueing import print_queue
+from provisioner.config import Config
+from provisioner.core.errors import (
+    EXIT_OK,
+    ConfigError,
+    DaemonNotRunning,
+    DaemonRefused,
+)
+from provisioner.core.messages import TokenState
+
+log = logging.getLogger("provisioner")
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from provisioner.adapters.yubikey import Pcsc, list_tokens
+    from provisioner.core.model import TokenInfo
+
+    config = load_config(args)
+    setup_logging(config.log_level)
+    with Pcsc() as pcsc:
+        entries = list_tokens(pcsc)
+    if not entries:
+        print("no smart card readers (is a YubiKey plugged in? is pcscd running?)")
+        return EXIT_OK
+    for entry in entries:
+        if isinstance(entry, TokenInfo):
+            oath = "OATH" if entry.has_oath else "no OATH"
+            serial = entry.serial if entry.serial is not None else "hidden"
+            print(
+                f"{entry.reader}: YubiKey serial {serial}, firmware {entry.firmware_text}, "
+                f"{entry.form_factor}, {oath}"
+            )
+        else:
+            print(f"{entry.name}: {'card present (unreadable)' if entry.card_present else 'empty'}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    answer = ask(args, {"op": "status"})
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return EXIT_OK
+    daemon = answer["daemon"]
+    assert isinstance(daemon, dict)
+    print(
+        f"desk {daemon['desk']}: daemon up since {when(daemon['since'])}, "
+        f"pcscd {daemon['pcsc']}, IAM at {daemon['iam']}, roster of {daemon['roster']}"
+    )
+    readers = answer.get("readers") or []
+    tokens = {t["reader"]: t for t in answer.get("tokens") or []}
+    print("readers:" if readers else "readers: none")
+    for reader in readers:
+        token = tokens.get(reader["name"])
+        if token is None:
+            what = "card present" if reader["card_present"] else "empty"
+        else:
+            serial = token["serial"] if token.get("serial") is not None else "?"
+            what = f"token {serial}: {token.get('detail') or token['state']}"
+            if token.get("user"):
+                what += f" for {token['user']}"
+            if token["state"] == TokenState.ENROLLING and token.get("step"):
+                what += f" (step {token['step']})"
+        print(f"  {reader['name']}: {what}")
+    print_queue(answer.get("queue") or [], answer.get("queue_total"))
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from provisioner import doctor
+    from provisioner.adapters.usb import list_yubikeys
+    from provisioner.desk import Desk
+
+    config = load_config(args)
+
+    def iam() -> tuple[Any, Any]:
+        desk = Desk.from_config(config)
+        return desk.iam, desk.clock
+
+    findings = doctor.run(
+        config, iam=iam, list_usb=list_yubikeys, root=Path(args.root), sample_user=args.user
+    )
+    if args.json:
+        print(json.dumps([vars(f) for f in findings], indent=2))
+    else:
+        for finding in findings:
+            print(finding.line())
+    failed = [f for f in findings if f.status is doctor.Status.FAIL]
+    if failed and not args.json:
+        print(f"{len(failed)} check(s) failed", file=sys.stderr)
+    return 1 if failed else EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Redraw the desk after each event the daemon sends; Ctrl-C ends it."""
+    import shutil
+
+    from provisioner.adapters.control_socket import ControlClient
+    from provisioner.cli.watch import CLEAR, render
+    from provisioner.daemon.service import HEARTBEAT_SECONDS
+
+    path = running_daemon(args)
+    redraw = sys.stdout.isatty() and not args.once
+    try:
+        with ControlClient(path) as client:
+            # Several missed heartbeats in a row: the daemon is gone or wedged.
+            for update in client.request({"op": "watch"}, timeout=HEARTBEAT_SECONDS * 5):
+                if update.get("event") == "heartbeat":
+                    continue
+                if not update.get("ok"):
+                    raise DaemonRefused.answered(update)
+                width = shutil.get_terminal_size().columns if redraw else 200
+                frame = "\n".join(render(update, now=time.time(), width=width))
+                sys.stdout.write(f"{CLEAR}{frame}\n" if redraw else f"{frame}\n\n")
+                sys.stdout.flush()
+                if args.once:
+                    return EXIT_OK
+    except (ConnectionError, OSError) as e:
+        raise DaemonNotRunning(
+            f"lost the desk daemon ({e})", hint="systemctl status provisioner"
+        ) from e
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from provisioner.cli import direct
+    from provisioner.core.audit import render
+
+    request: dict[str, Any] = {"op": "history", "limit": args.limit}
+    if args.user:
+        request["user"] = args.user
+    if args.serial is not None:
+        request["serial"] = args.serial
+    if args.since is not None:
+        request["since"] = args.since
+    config = load_config(args)
+    if through_daemon(config) is not None:
+        records = ask(args, request).get("history") or []
+    else:
+        # No daemon answers: the trail itself, read-only, with the same filters.
+        found = direct.history(
+            config,
+            limit=args.limit,
+            user=request.get("user"),
+            serial=request.get("serial"),
+            since=request.get("since"),
+        )
+        if found is None:
+            from provisioner.desk import state_file
+
+            where = state_file(config)
+            print(f"provisioner: no audit trail at {where} yet", file=sys.stderr)
+        records = found or []
+    print(render(records, "json" if args.json else args.format))
+    return EXIT_OK
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    request = {
+        "op": "reconcile",
+        "dry_run": args.dry_run,
+        "keep_orphans": args.keep_orphans,
+        "all_desks": args.all_desks,
+    }
+    config = load_config(args)
+    setup_logging(config.log_level)
+    if through_daemon(config) is not None:
+        actions = ask(args, request)["actions"]
+    else:
+        actions = [a.text for a in _reconcile_here(config, args)]
+    for text in actions:
+        print(text)
+    if not actions:
+        print("nothing to do: every enrollment finished, no orphaned devices")
+    return EXIT_OK
+
+
+def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
+    from provisioner.cli import direct
+    from provisioner.desk import Desk, state_file
+
+    state = state_file(config)
+    if not state.exists():
+        raise ConfigError(f"no desk state at {state}", hint="check daemon.state_directory")
+    desk = Desk.from_config(config)
+    password = config.oath_password()
+    # Records it takes over are its own while it settles them: a daemon starting meanwhile
+    # (or another reconcile) leaves them alone.
+    with direct.desk_state(config) as here:
+        return desk.recovery(here.store, password).run(
+            dry_run=args.dry_run, delete_orphans=not args.keep_orphans, all_desks=args.all_desks
+        )

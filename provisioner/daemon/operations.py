@@ -1,0 +1,281 @@
+"""The work on a token: enroll, replace, resync, and the credentials left to clean."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+from provisioner.adapters.yubikey import YubiKeyToken
+from provisioner.core.errors import (
+    AlreadyEnrolled,
+    EnrollmentFailed,
+    ProvisionerError,
+    ReplaceIncomplete,
+    failure_reason,
+)
+from provisioner.core.lifecycle import Revoked
+from provisioner.core.lifecycle import replace as replace_token
+from provisioner.core.messages import (
+    EventKind,
+    Outcome,
+    TokenState,
+    failed_outcome,
+)
+from provisioner.core.model import Step
+from provisioner.core.store import QueueEntry
+from provisioner.daemon.claim import Claims
+from provisioner.daemon.events import Event
+from provisioner.daemon.status import LiveStatus
+
+log = logging.getLogger("provisioner.service")  # the journal's name for it, kept across moves
+
+
+@contextlib.contextmanager
+def no_token_here(serial: int) -> Iterator[YubiKeyToken | None]:
+    """The daemon never opens a second token from inside a worker: a credential left on
+    a token is removed by the token's own worker (see Operations._forget_on_token)."""
+    yield None
+
+
+class _Progress:
+    """The enrollment's progress, into the store and out to the watchers."""
+
+    def __init__(self, service: LiveStatus, enrollment_id: int | None, base: Event) -> None:
+        self._service = service
+        self._id = enrollment_id
+        self._base = base
+
+    def step(self, step: Step, detail: str) -> None:
+        if step is not Step.ROLLBACK and self._id is not None:
+            self._service.store.record_step(self._id, step.value)
+        self._service.note_step(self._base["reader"], step.value)
+        self._service.events.publish(
+            {**self._base, "event": EventKind.STEP, "step": step.value, "detail": detail}
+        )
+
+    def notice(self, text: str) -> None:
+        self._service.events.publish({**self._base, "event": EventKind.NOTICE, "detail": text})
+
+
+class Operations(Claims):
+    """DeskService's operations: each runs the core and turns its end into an outcome."""
+
+    def _resync(self, reader: str, token: YubiKeyToken, entry: QueueEntry) -> None:
+        """Two codes from the user's credential on the token, then ResyncMFADevice."""
+        user, serial = entry.user, token.info.serial
+        base: Event = {
+            "reader": reader,
+            "serial": serial,
+            "user": user,
+            "queue": entry.id,
+            "kind": "resync",
+        }
+        self._set(reader, state=TokenState.RESYNCING, user=user, step=Step.COMPUTE_CODES.value)
+        self.events.publish({**base, "event": EventKind.ENROLLING})
+        outcome: Event
+        try:
+            device, first_step = self.desk.lifecycle(_Progress(self, None, base)).resync(
+                user, token
+            )
+        except ProvisionerError as e:
+            outcome = failed_outcome("resync failed", e)
+            self.store.audit_resync(entry.requested_by, user, serial, e)
+        else:
+            summary = (
+                f"resynced {user}: {device} with the codes of time steps {first_step} and "
+                f"{first_step + 1} from token {serial}"
+            )
+            outcome = {
+                "ok": True,
+                "outcome": Outcome.RESYNCED,
+                "device_arn": device,
+                "summary": summary,
+                "exit": 0,
+            }
+            self.store.audit_resync(entry.requested_by, user, serial, (device, first_step))
+        self._conclude(reader, base, outcome, "enrolled" if outcome["ok"] else "failed", entry)
+
+    def _removed_when_seen(self, serial: str, credential: str) -> str:
+        return (
+            f"{credential} is removed from token {serial} by this desk as soon as the token "
+            "is plugged in here (now, if it is)"
+        )
+
+    def _forget_on_token(self, revoked: Revoked, actor: str) -> None:
+        """A revoked device's credential is taken off its token when the desk sees it:
+        now if it is plugged in and idle, else whenever it is plugged in."""
+        if revoked.token_serial is None or revoked.credential_removed:
+            return
+        self.store.add_token_cleanup(
+            revoked.token_serial,
+            revoked.credential_id,
+            None,
+            f"{revoked.user}'s device {revoked.device_arn} was revoked by {actor}",
+        )
+        with self._lock:
+            idle = [
+                t.reader
+                for t in self._present.values()
+                if t.serial == revoked.token_serial
+                and t.state in (TokenState.IDLE, TokenState.ENROLLED, TokenState.FAILED)
+            ]
+        for reader in idle:
+            self._start_worker(reader)
+
+    def _clean_token(self, reader: str, token: YubiKeyToken, serial: int) -> None:
+        """Remove credentials whose devices are gone (left when the token was away)."""
+        for cleanup in self.store.token_cleanups(serial):
+            try:
+                removed = token.delete_credential(cleanup.credential_id)
+            except ProvisionerError as e:
+                log.warning("could not clean token %s: %s", serial, e.one_line())
+                return
+            self.store.finish_token_cleanup(
+                cleanup.id, "desk", "removed" if removed else "already gone"
+            )
+            self.events.publish(
+                {
+                    "event": EventKind.CLEANED,
+                    "reader": reader,
+                    "serial": serial,
+                    "detail": f"removed stale credential {cleanup.credential_id} "
+                    f"from token {serial}",
+                }
+            )
+
+    def _schedule_cleanup(self, enrollment_id: int, serial: int | None) -> None:
+        """A credential the rollback could not remove (the token was pulled) is removed the
+        next time the token is seen."""
+        record = self.store.enrollment(enrollment_id)
+        if (
+            record is not None
+            and serial is not None
+            and not record.enrolled
+            and record.credential_state.may_exist
+            and record.credential_id
+        ):
+            self.store.add_token_cleanup(
+                serial, record.credential_id, enrollment_id, "the enrollment was rolled back"
+            )
+
+    def _enroll(
+        self,
+        reader: str,
+        token: YubiKeyToken,
+        user: str,
+        entry: QueueEntry | None,
+        source: str,
+        actor: str,
+    ) -> None:
+        serial = token.info.serial
+        enrollment_id = self.store.start_enrollment(user, serial, reader, source)
+        if entry is not None:
+            self.store.link_entry(entry.id, enrollment_id)
+        with self._lock:
+            self._active.add(enrollment_id)
+        base: Event = {
+            "reader": reader,
+            "serial": serial,
+            "user": user,
+            "enrollment": enrollment_id,
+            "queue": entry.id if entry else None,
+        }
+        self._set(reader, state=TokenState.ENROLLING, user=user, step=Step.CHECK.value)
+        self.events.publish({**base, "event": EventKind.ENROLLING})
+        outcome: Event
+        progress = _Progress(self, enrollment_id, base)
+        replacing = entry is not None and entry.kind == "replace"
+        try:
+            enrollment = self.desk.enrollment(progress, self.store.journal(enrollment_id))
+            if replacing:
+                assert entry is not None
+                done = replace_token(
+                    self.desk.lifecycle(progress),
+                    enrollment,
+                    user,
+                    token,
+                    entry.old_serial,
+                    no_token_here,
+                    self._removed_when_seen,
+                )
+                self._forget_on_token(done.revoked, actor)
+                result = done.enrolled
+            else:
+                result = enrollment.run(token, user)
+        except ReplaceIncomplete as e:
+            self.store.finish_enrollment(
+                enrollment_id,
+                outcome=Outcome.ENROLLED,
+                actor=actor,
+                device_arn=e.enrolled.device_arn,
+                reason=e.one_line(),
+            )
+            outcome = failed_outcome(
+                "enrolled, old token NOT revoked",
+                e,
+                reason=failure_reason(e.__cause__)
+                if isinstance(e.__cause__, ProvisionerError)
+                else "ReplaceIncomplete",
+                device_arn=e.enrolled.device_arn,
+            )
+            state = TokenState.ENROLLED
+        except AlreadyEnrolled as e:
+            self.store.finish_enrollment(
+                enrollment_id, outcome=Outcome.ALREADY_ENROLLED, actor=actor, reason=e.message
+            )
+            outcome = {
+                "ok": True,
+                "outcome": Outcome.ALREADY_ENROLLED,
+                "detail": e.message,
+                "exit": 0,
+            }
+            state = TokenState.ENROLLED
+        except ProvisionerError as e:
+            label = (
+                "failed, NOT rolled back"
+                if isinstance(e, EnrollmentFailed) and e.leftovers
+                else "failed"
+            )
+            self.store.finish_enrollment(
+                enrollment_id, outcome=label, actor=actor, reason=e.one_line()
+            )
+            outcome = failed_outcome(label, e)
+            state = TokenState.FAILED
+        else:
+            self.store.finish_enrollment(
+                enrollment_id, outcome=Outcome.ENROLLED, actor=actor, device_arn=result.device_arn
+            )
+            outcome = {
+                "ok": True,
+                "outcome": Outcome.REPLACED if replacing else "enrolled",
+                "device_arn": result.device_arn,
+                "seconds": result.seconds,
+                "exit": 0,
+            }
+            state = TokenState.ENROLLED
+        self._schedule_cleanup(enrollment_id, serial)
+        with self._lock:
+            self._active.discard(enrollment_id)
+        self._conclude(reader, base, outcome, state, entry, enrollment_id)
+
+    def _conclude(
+        self,
+        reader: str,
+        base: Event,
+        outcome: Event,
+        state: str,
+        entry: QueueEntry | None,
+        enrollment_id: int | None = None,
+    ) -> None:
+        """The end of a token's work: the request closed, the token's state, the outcome
+        kept for the live view and told to whoever follows it."""
+        if entry is not None:
+            self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed", enrollment_id)
+        self._set(reader, state=state)
+        with self._lock:
+            self._recent.appendleft({**base, "at": time.time(), **outcome})
+        self.events.publish({**base, "event": EventKind.OUTCOME, "final": True, **outcome})
+
+    # --- requests from the control socket ---------------------------------------------
