@@ -23,10 +23,35 @@ policies. When the call is signed with an IAM user's key, the login device must 
 user's, enforced or not.
 
 Importing this package is cheap: it exposes the subprocess client only; moto is
-imported by the server process, never here.
+imported by the server process, never here. It only looks for moto (and the web server
+that ``moto[server]`` brings) and fails at once if they are missing, where the caller can
+say how to install them, rather than in the server process at its first start.
 """
 
-from local_iam_server.client import (
+import importlib.util
+
+#: What the server process imports, all brought by ``moto[server]`` (the demo and test extras).
+SERVER_NEEDS = ("moto", "flask", "werkzeug")
+
+
+def _require(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # blocked by an import hook, or None in sys.modules
+            found = False
+        if not found:
+            raise ModuleNotFoundError(
+                f"the local IAM server needs {name}, which comes with provisioner's demo and "
+                "test extras (pip install 'provisioner[demo]')",
+                name=name,
+            )
+
+
+_require(SERVER_NEEDS)
+
+# Only once moto is known to be there.
+from local_iam_server.client import (  # noqa: E402
     Attempt,
     LocalIamError,
     LocalIamServer,

@@ -106,6 +106,19 @@ def copy_of_the_tree(tmp_path: Path) -> Path:
             "never imports the simulators",
             "provisioner.desk -> moto",
         ),
+        (
+            # The demo's scenario may load the simulators, never moto itself.
+            "provisioner/demo/scenario.py",
+            "import moto",
+            "never imports the simulators",
+            "provisioner.demo.scenario -> moto",
+        ),
+        (
+            "provisioner/adapters/aws/iam.py",
+            "from werkzeug import serving",
+            "never imports the simulators",
+            "provisioner.adapters.aws.iam -> werkzeug",
+        ),
     ],
 )
 def test_the_contract_fails_on_a_forbidden_import(

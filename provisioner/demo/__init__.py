@@ -18,8 +18,9 @@ from typing import TextIO
 from provisioner.core.errors import ConfigError
 from provisioner.core.ports import Progress
 
-# What the demo runs on, none of which a plain `pip install provisioner` brings.
-SIMULATORS = ("emulated_yubikey", "local_iam_server", "moto")
+# What the demo runs on, none of which a plain `pip install provisioner` brings (flask and
+# werkzeug: moto[server]'s web server, which the local IAM server's process runs).
+SIMULATORS = ("emulated_yubikey", "local_iam_server", "moto", "flask", "werkzeug")
 
 
 class DemoUnavailable(ConfigError):
@@ -29,7 +30,14 @@ class DemoUnavailable(ConfigError):
 
 
 def missing_simulators() -> list[str]:
-    return [name for name in SIMULATORS if importlib.util.find_spec(name) is None]
+    return [name for name in SIMULATORS if not _installed(name)]
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # hidden by an import hook, or a broken installation
+        return False
 
 
 def run_demo(
