@@ -11,12 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from provisioner.core.errors import (
-    DeleteConflict,
-    EntityAlreadyExists,
-    IamError,
-    InvalidAuthenticationCode,
-    MfaLimitExceeded,
-    NoSuchEntity,
+    AlreadyExists,
+    CodesRejected,
+    DeviceLimitReached,
+    DirectoryError,
+    InUse,
+    NotFound,
     UserNotFound,
 )
 from provisioner.core.model import DeviceSpec, VirtualDevice
@@ -75,7 +75,7 @@ class FakeIam:
         if fault is not None:
             fault()
 
-    def fail(self, action: str, error: IamError, times: int = 1) -> None:
+    def fail(self, action: str, error: DirectoryError, times: int = 1) -> None:
         left = [times]
 
         def fault() -> None:
@@ -110,7 +110,7 @@ class FakeIam:
         self._enter("create_virtual_mfa_device")
         arn = f"arn:aws:iam::{ACCOUNT}:mfa{spec.path}{spec.name}"
         if arn in self.devices:
-            raise EntityAlreadyExists(f"{arn} exists")
+            raise AlreadyExists(f"{arn} exists")
         seed = bytes(range(1, 41))
         self.devices[arn] = Device(arn, seed, spec.tags)
         return arn, Seed(seed)
@@ -118,14 +118,14 @@ class FakeIam:
     def enable_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None:
         self._enter("enable_mfa_device")
         if user not in self.users:
-            raise NoSuchEntity("no user")
+            raise NotFound("no user")
         device = self.devices.get(serial)
         if device is None:
-            raise NoSuchEntity("no device")
+            raise NotFound("no device")
         if device.user is not None:
-            raise EntityAlreadyExists("device in use")
+            raise AlreadyExists("device in use")
         if len(self.users[user]) >= 8:
-            raise MfaLimitExceeded("8 devices")
+            raise DeviceLimitReached("8 devices")
         now = time_step(self.clock.now())
         seed = Seed(device.seed)
         # The strict local IAM server's window: pairs ending at N or N-1, never N+1.
@@ -135,26 +135,26 @@ class FakeIam:
                 self.users[user].append(serial)
                 self.enabled_steps.append(second - 1 - now)
                 return
-        raise InvalidAuthenticationCode("codes refused")
+        raise CodesRejected("codes refused")
 
     def resync_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None:
         self._enter("resync_mfa_device")
         device = self.devices.get(serial)
         if device is None or device.user != user:
-            raise NoSuchEntity("not assigned to that user")
+            raise NotFound("not assigned to that user")
         now = time_step(self.clock.now())
         seed = Seed(device.seed)
         for second in (now - 1, now):
             if code_at(seed, (second - 1) * 30) == code1 and code_at(seed, second * 30) == code2:
                 self.resynced.append(serial)
                 return
-        raise InvalidAuthenticationCode("codes refused")
+        raise CodesRejected("codes refused")
 
     def deactivate_mfa_device(self, user: str, serial: str) -> None:
         self._enter("deactivate_mfa_device")
         device = self.devices.get(serial)
         if device is None or device.user != user:
-            raise NoSuchEntity("not assigned")
+            raise NotFound("not assigned")
         device.user = None
         self.users[user].remove(serial)
 
@@ -162,9 +162,9 @@ class FakeIam:
         self._enter("delete_virtual_mfa_device")
         device = self.devices.get(serial)
         if device is None:
-            raise NoSuchEntity("no device")
+            raise NotFound("no device")
         if device.user is not None:
-            raise DeleteConflict("assigned")
+            raise InUse("assigned")
         del self.devices[serial]
 
     def list_virtual_mfa_devices(self, *, assigned: bool | None = None) -> list[VirtualDevice]:

@@ -11,16 +11,16 @@ from provisioner.core.clock import AwsClock
 from provisioner.core.errors import (
     AccessDenied,
     AwsCredentialsMissing,
-    ConcurrentModification,
-    DeleteConflict,
-    IamError,
-    IamUnavailable,
-    InvalidAuthenticationCode,
+    ChangeInProgress,
+    CodesRejected,
+    ConcurrentChange,
+    DeviceLimitReached,
+    DirectoryError,
+    DirectoryUnavailable,
+    InUse,
     InvalidInput,
-    MfaLimitExceeded,
-    NoSuchEntity,
+    NotFound,
     ServiceFailure,
-    TemporarilyUnmodifiable,
     Throttled,
     UserNotFound,
 )
@@ -53,7 +53,7 @@ def test_create_enable_list_delete_round_trip(local_iam: LocalIamServer, admin_i
     n = time_step(now)
     iam.enable_mfa_device("alice", arn, code_at(seed, (n - 1) * 30), code_at(seed, n * 30))
     assert iam.list_mfa_devices("alice") == [arn]
-    with pytest.raises(DeleteConflict):
+    with pytest.raises(InUse):
         iam.delete_virtual_mfa_device(arn)
     iam.deactivate_mfa_device("alice", arn)
     iam.delete_virtual_mfa_device(arn)
@@ -72,7 +72,7 @@ def test_tags_reach_iam(local_iam: LocalIamServer, admin_iam) -> None:  # type: 
 def test_wrong_codes_are_invalid_authentication_code(local_iam: LocalIamServer) -> None:
     iam, _ = client()
     arn, _seed = iam.create_virtual_mfa_device(DeviceSpec("t2", "/provisioner/"))
-    with pytest.raises(InvalidAuthenticationCode) as info:
+    with pytest.raises(CodesRejected) as info:
         iam.enable_mfa_device("alice", arn, "000000", "000000")
     assert info.value.code == "InvalidAuthenticationCode"
     assert "alice" in info.value.message
@@ -103,10 +103,10 @@ def test_inputs_are_checked_before_sending(local_iam: LocalIamServer) -> None:
     [
         ("Throttling", Throttled),
         ("ServiceFailure", ServiceFailure),
-        ("EntityTemporarilyUnmodifiable", TemporarilyUnmodifiable),
-        ("ConcurrentModification", ConcurrentModification),
-        ("LimitExceeded", MfaLimitExceeded),
-        ("NoSuchEntity", NoSuchEntity),
+        ("EntityTemporarilyUnmodifiable", ChangeInProgress),
+        ("ConcurrentModification", ConcurrentChange),
+        ("LimitExceeded", DeviceLimitReached),
+        ("NoSuchEntity", NotFound),
         ("AccessDenied", AccessDenied),
     ],
 )
@@ -123,7 +123,7 @@ def test_aws_errors_are_translated(local_iam: LocalIamServer, code: str, error: 
 def test_lost_answers_are_ambiguous(local_iam: LocalIamServer, kind: str) -> None:
     iam, _ = client(read_timeout=0.5)
     local_iam.inject_fault("ListMFADevices", kind=kind, delay=2.0)  # type: ignore[arg-type]
-    with pytest.raises(IamUnavailable) as info:
+    with pytest.raises(DirectoryUnavailable) as info:
         iam.list_mfa_devices("alice")
     assert info.value.ambiguous
 
@@ -139,7 +139,7 @@ def test_unreachable_iam_is_not_ambiguous(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     iam, _ = client(endpoint_url="http://127.0.0.1:9")
-    with pytest.raises(IamError) as info:
+    with pytest.raises(DirectoryError) as info:
         iam.list_mfa_devices("alice")
     assert not info.value.ambiguous
     assert "cannot reach IAM" in info.value.message

@@ -14,9 +14,9 @@ import pytest
 from desk_harness import run_cli
 from provisioner.cli.main import EXIT_CODES_HELP, build_parser, exit_code, main
 from provisioner.core.errors import (
+    CodesRejected,
     ConfigError,
     EnrollmentFailed,
-    InvalidAuthenticationCode,
     InvalidInput,
     ProvisionerError,
     TokenNoOath,
@@ -35,9 +35,7 @@ from provisioner.core.errors import (
         (EnrollmentFailed(step="check", user="a", token="1", cause=UserNotFound("x")), 4),
         (EnrollmentFailed(step="check", user="a", token="1", cause=TokenNoOath("x")), 3),
         (
-            EnrollmentFailed(
-                step="enable", user="a", token="1", cause=InvalidAuthenticationCode("x")
-            ),
+            EnrollmentFailed(step="enable", user="a", token="1", cause=CodesRejected("x")),
             1,
         ),
         (
@@ -45,7 +43,7 @@ from provisioner.core.errors import (
                 step="enable",
                 user="a",
                 token="1",
-                cause=InvalidAuthenticationCode("x"),
+                cause=CodesRejected("x"),
                 leftovers=("virtual MFA device arn:x",),
             ),
             5,
@@ -116,9 +114,7 @@ def test_enrollment_failed_message_names_step_token_user_and_cause() -> None:
         step="enable",
         user="alice",
         token="12345678",
-        cause=InvalidAuthenticationCode(
-            "IAM refused EnableMFADevice for alice: InvalidAuthenticationCode"
-        ),
+        cause=CodesRejected("IAM refused EnableMFADevice for alice: InvalidAuthenticationCode"),
     )
     line = e.one_line()
     assert "\n" not in line

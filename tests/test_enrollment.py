@@ -11,14 +11,14 @@ from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.enrollment import Enrollment, EnrollmentSettings
 from provisioner.core.errors import (
     AlreadyEnrolled,
+    ChangeInProgress,
     CodeMismatch,
+    CodesRejected,
+    DeviceLimitReached,
+    DirectoryUnavailable,
     EnrollmentFailed,
-    IamUnavailable,
-    InvalidAuthenticationCode,
     InvalidInput,
-    MfaLimitExceeded,
     ServiceFailure,
-    TemporarilyUnmodifiable,
     TokenCredentialExists,
     TokenFull,
     TokenLocked,
@@ -124,7 +124,7 @@ def test_near_the_end_of_a_step_waits_for_the_next_one_only() -> None:
         (lambda d: d.iam.users.pop("alice"), UserNotFound),
         (
             lambda d: d.iam.users.__setitem__("alice", [f"arn:x:{i}" for i in range(8)]),
-            MfaLimitExceeded,
+            DeviceLimitReached,
         ),
         (
             # the limit is the directory's to say, not the core's to know
@@ -132,7 +132,7 @@ def test_near_the_end_of_a_step_waits_for_the_next_one_only() -> None:
                 setattr(d.iam, "device_limit", 2),
                 d.iam.users.__setitem__("alice", ["arn:x:1", "arn:x:2"]),
             ),
-            MfaLimitExceeded,
+            DeviceLimitReached,
         ),
     ],
     ids=["unknown user", "8 devices already", "the directory's own limit"],
@@ -232,17 +232,17 @@ def test_an_iam_failure_at_any_step_leaves_nothing(action: str) -> None:
 
 def test_refused_codes_roll_back() -> None:
     desk = Desk()
-    desk.iam.fail("enable_mfa_device", InvalidAuthenticationCode("codes refused"))
+    desk.iam.fail("enable_mfa_device", CodesRejected("codes refused"))
     with pytest.raises(EnrollmentFailed) as info:
         desk.enroll()
     assert info.value.step == "enable"
-    assert isinstance(info.value.cause, InvalidAuthenticationCode)
+    assert isinstance(info.value.cause, CodesRejected)
     desk.assert_nothing_left()
 
 
 def test_temporarily_unmodifiable_is_retried_with_fresh_codes() -> None:
     desk = Desk()
-    desk.iam.fail("enable_mfa_device", TemporarilyUnmodifiable("busy"), times=2)
+    desk.iam.fail("enable_mfa_device", ChangeInProgress("busy"), times=2)
     desk.enroll()
     assert desk.iam.calls.count("enable_mfa_device") == 3
     assert desk.iam.users["alice"] == [ARN]
@@ -254,7 +254,7 @@ def test_a_lost_answer_to_enable_is_checked_not_assumed() -> None:
 
     def enable_then_lose_answer(*args: str) -> None:
         real_enable(*args)
-        raise IamUnavailable("read timeout")
+        raise DirectoryUnavailable("read timeout")
 
     desk.iam.enable_mfa_device = enable_then_lose_answer  # type: ignore[method-assign]
     desk.enroll()
@@ -268,7 +268,7 @@ def test_a_lost_answer_to_create_deletes_the_device_it_may_have_made() -> None:
 
     def create_then_lose_answer(spec):  # type: ignore[no-untyped-def]
         real_create(spec)
-        raise IamUnavailable("connection dropped")
+        raise DirectoryUnavailable("connection dropped")
 
     desk.iam.create_virtual_mfa_device = create_then_lose_answer  # type: ignore[method-assign]
     with pytest.raises(EnrollmentFailed) as info:
@@ -444,7 +444,7 @@ def test_the_journal_is_written_before_and_after_each_side_effect() -> None:
 
 def test_the_journal_records_the_rollback() -> None:
     desk = Desk()
-    desk.iam.fail("enable_mfa_device", InvalidAuthenticationCode("codes refused"))
+    desk.iam.fail("enable_mfa_device", CodesRejected("codes refused"))
     journal = ListJournal()
     with desk.token() as token, pytest.raises(EnrollmentFailed):
         Enrollment(desk.iam, desk.clock, desk.settings, desk.progress, journal).run(token, "alice")

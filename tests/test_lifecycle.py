@@ -12,9 +12,9 @@ from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
 from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.enrollment import Enrollment, EnrollmentSettings
 from provisioner.core.errors import (
-    InvalidAuthenticationCode,
+    CodesRejected,
     InvalidInput,
-    NoSuchEntity,
+    NotFound,
     UserNotFound,
 )
 from provisioner.core.lifecycle import Lifecycle
@@ -94,7 +94,7 @@ def test_revoke_picks_the_token_by_serial_and_refuses_to_guess() -> None:
 
 def test_revoke_refuses_clearly_when_there_is_nothing() -> None:
     w = World()
-    with w.plugged() as find, pytest.raises(NoSuchEntity) as info:
+    with w.plugged() as find, pytest.raises(NotFound) as info:
         w.lifecycle().revoke("alice", None, find)
     assert "alice has no MFA device enrolled by provisioner" in info.value.message
     with w.plugged() as find, pytest.raises(UserNotFound):
@@ -109,7 +109,7 @@ def test_revoke_ignores_devices_the_tool_did_not_enroll() -> None:
     arn, _ = w.iam.create_virtual_mfa_device(DeviceSpec("by-hand", "/"))
     w.iam.devices[arn].user = "alice"
     w.iam.users["alice"].append(arn)
-    with w.plugged() as find, pytest.raises(NoSuchEntity):
+    with w.plugged() as find, pytest.raises(NotFound):
         w.lifecycle().revoke("alice", None, find)
     assert arn in w.iam.devices
 
@@ -126,7 +126,7 @@ def test_resync_uses_two_codes_from_the_token() -> None:
 def test_resync_with_another_token_is_refused() -> None:
     w = World()
     w.enroll("alice", 1001)
-    with w.token(1002) as token, pytest.raises(NoSuchEntity) as info:
+    with w.token(1002) as token, pytest.raises(NotFound) as info:
         w.lifecycle().resync("alice", token)
     assert "for token 1002" in info.value.message
 
@@ -134,8 +134,8 @@ def test_resync_with_another_token_is_refused() -> None:
 def test_resync_refused_codes_say_so() -> None:
     w = World()
     w.enroll("alice", 1001)
-    w.iam.fail("resync_mfa_device", InvalidAuthenticationCode("codes refused"))
-    with w.token(1001) as token, pytest.raises(InvalidAuthenticationCode):
+    w.iam.fail("resync_mfa_device", CodesRejected("codes refused"))
+    with w.token(1001) as token, pytest.raises(CodesRejected):
         w.lifecycle().resync("alice", token)
 
 
@@ -179,7 +179,7 @@ def test_replace_whose_enrollment_fails_keeps_the_old_token() -> None:
 
     w = World()
     old = w.enroll("alice", 1001)
-    w.iam.fail("enable_mfa_device", InvalidAuthenticationCode("codes refused"))
+    w.iam.fail("enable_mfa_device", CodesRejected("codes refused"))
     with pytest.raises(EnrollmentFailed):
         _replace(w)
     assert w.iam.users["alice"] == [old] and w.creds(1001) == [CRED] and w.creds(1002) == []
@@ -204,7 +204,7 @@ def test_replace_refuses_to_guess_among_old_tokens_and_takes_the_one_named() -> 
 
 def test_replace_needs_an_old_token() -> None:
     w = World()
-    with pytest.raises(NoSuchEntity) as info:
+    with pytest.raises(NotFound) as info:
         _replace(w)
     assert "no other token enrolled by provisioner to replace" in info.value.message
     assert "create_virtual_mfa_device" not in w.iam.calls

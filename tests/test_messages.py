@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from provisioner.core.errors import (
+    DirectoryError,
     EnrollmentFailed,
     ExitStatus,
-    IamError,
     InvalidInput,
 )
 from provisioner.core.messages import error_answer, failed_outcome, refusal
@@ -33,7 +33,7 @@ def test_an_error_answer_says_the_operators_line_and_maps_the_status() -> None:
 
 
 def test_a_failed_outcome_names_the_reason_and_lets_the_caller_override() -> None:
-    cause = IamError("denied", code="AccessDenied")
+    cause = DirectoryError("denied", code="AccessDenied")
     failed = EnrollmentFailed(step="create", user="alice", token="YubiKey 1", cause=cause)
     outcome = failed_outcome("rolled back", failed)
     assert outcome["reason"] == "AccessDenied"

@@ -16,7 +16,12 @@ from provisioner.adapters.ownership import Owner, alive
 from provisioner.adapters.sqlite_store import Store
 from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.enrollment import Enrollment, EnrollmentSettings
-from provisioner.core.errors import IamError, IamUnavailable, ReconcileFailed, exit_status
+from provisioner.core.errors import (
+    DirectoryError,
+    DirectoryUnavailable,
+    ReconcileFailed,
+    exit_status,
+)
 from provisioner.core.model import CredentialSpec, DeviceSpec
 from provisioner.core.ports import Fact
 from provisioner.core.recovery import Recovery
@@ -301,10 +306,10 @@ def test_a_record_whose_recovery_failed_half_way_is_handed_back_for_the_next(
     eid = world.crashed_after(*UP_TO_WRITTEN)
     with Owner.claim(world.state) as daemon:
         world.store = Store(world.state / "state.db", owner=daemon)
-        world.iam.fail("list_mfa_devices", IamUnavailable("IAM is unreachable"))
+        world.iam.fail("list_mfa_devices", DirectoryUnavailable("IAM is unreachable"))
         with pytest.raises(ReconcileFailed) as info:
             world.recovery().run()
-        assert isinstance(info.value.__cause__, IamUnavailable)
+        assert isinstance(info.value.__cause__, DirectoryUnavailable)
         assert world.outcome(eid) == "in progress"
         world.recovery().run()
         assert world.outcome(eid) == "enrolled"
@@ -334,7 +339,7 @@ def test_a_young_device_its_own_finished_record_left_behind_is_swept_at_once(
 def test_iam_failing_midway_names_the_step_the_cause_and_what_was_done(world: World) -> None:
     eid = world.crashed_after(*UP_TO_WRITTEN, Fact.ENABLE_REQUESTED, enable=True)
     world.iam.fail(
-        "list_virtual_mfa_devices", IamError("cannot reach IAM to ListVirtualMFADevices")
+        "list_virtual_mfa_devices", DirectoryError("cannot reach IAM to ListVirtualMFADevices")
     )
     with pytest.raises(ReconcileFailed) as info:
         world.recovery().run()
@@ -352,7 +357,7 @@ def test_iam_failing_midway_names_the_step_the_cause_and_what_was_done(world: Wo
 
 def test_iam_failing_on_an_enrollment_names_that_enrollment(world: World) -> None:
     eid = world.crashed_after(*UP_TO_WRITTEN)
-    world.iam.fail("list_mfa_devices", IamError("cannot reach IAM to ListMFADevices"))
+    world.iam.fail("list_mfa_devices", DirectoryError("cannot reach IAM to ListMFADevices"))
     with pytest.raises(ReconcileFailed) as info:
         world.recovery().run()
     assert info.value.one_line().startswith(

@@ -21,16 +21,16 @@ from provisioner.core import validation
 from provisioner.core.clock import Clock
 from provisioner.core.errors import (
     AlreadyEnrolled,
+    AlreadyExists,
+    ChangeInProgress,
     CodeMismatch,
-    ConcurrentModification,
-    DeleteConflict,
+    ConcurrentChange,
+    DeviceLimitReached,
+    DirectoryError,
     EnrollmentFailed,
-    EntityAlreadyExists,
-    IamError,
-    MfaLimitExceeded,
-    NoSuchEntity,
+    InUse,
+    NotFound,
     ProvisionerError,
-    TemporarilyUnmodifiable,
     TokenCredentialExists,
     TokenFull,
     TokenNoOath,
@@ -216,7 +216,7 @@ class Enrollment:
                 self._journal.record(Fact.DEVICE_REQUESTED, device_arn=expected_arn)
                 try:
                     arn, seed = self._create(device, expected_arn)
-                except IamError as e:
+                except DirectoryError as e:
                     if e.ambiguous:  # the device may exist though the answer was lost
                         undo.device_arn = expected_arn
                     raise
@@ -320,13 +320,13 @@ class Enrollment:
                 f"token {info.label} already holds a credential {credential.credential_id}"
             )
         if arn in devices:
-            raise EntityAlreadyExists(
+            raise AlreadyExists(
                 f"{user} already has device {arn} but token {info.label} does not hold "
                 "its credential",
                 hint="revoke that device, then enroll again",
             )
         if len(devices) >= self._iam.device_limit:
-            raise MfaLimitExceeded(
+            raise DeviceLimitReached(
                 f"{user} already has {len(devices)} MFA devices, the most IAM allows"
             )
         if oath.free_slots == 0:
@@ -344,15 +344,15 @@ class Enrollment:
     def _create(self, device: DeviceSpec, arn: str) -> tuple[str, Seed]:
         try:
             return self._iam.create_virtual_mfa_device(device)
-        except EntityAlreadyExists:
+        except AlreadyExists:
             pass
         # A device of that name exists but is not the user's: left by an earlier attempt
         # (its seed died with that attempt), or our own retried call took effect. Either
         # way it is useless; IAM refuses to delete it if some user has it enabled.
         try:
             self._iam.delete_virtual_mfa_device(arn)
-        except DeleteConflict as e:
-            raise EntityAlreadyExists(
+        except InUse as e:
+            raise AlreadyExists(
                 f"the device name {device.name} is taken by a device another user has enabled",
                 hint="set iam.device_name to a template that includes {user} and {serial}",
             ) from e
@@ -384,16 +384,16 @@ class Enrollment:
                     self._journal.record(Fact.ENABLE_REQUESTED)
                     self._iam.enable_mfa_device(user, arn, codes.first, codes.second)
                     self._journal.record(Fact.ENABLED)
-            except (TemporarilyUnmodifiable, ConcurrentModification) as e:
+            except (ChangeInProgress, ConcurrentChange) as e:
                 undo.maybe_enabled = False
                 if attempt == attempts:
                     raise
                 self._progress.notice(f"IAM says {e.code}; trying again with fresh codes")
                 self._clock.sleep(self._settings.retry_delay * attempt)
                 continue
-            except IamError as e:
+            except DirectoryError as e:
                 # A lost answer, or a retry that found its own first try done: look.
-                if not (e.ambiguous or isinstance(e, EntityAlreadyExists)):
+                if not (e.ambiguous or isinstance(e, AlreadyExists)):
                     undo.maybe_enabled = False
                     raise
                 if arn not in self._iam.list_mfa_devices(user):
@@ -419,7 +419,7 @@ class Enrollment:
             if arn in self._iam.list_mfa_devices(user):
                 return
             self._clock.sleep(self._settings.retry_delay * (2**attempt))
-        raise NoSuchEntity(f"{user} does not list {arn} after it was enabled")
+        raise NotFound(f"{user} does not list {arn} after it was enabled")
 
     # --- undo -----------------------------------------------------------------------
 
@@ -451,18 +451,18 @@ class Enrollment:
             self._deactivate(user, arn)
         try:
             self._iam.delete_virtual_mfa_device(arn)
-        except DeleteConflict:
+        except InUse:
             # Assigned after all (an answer we never saw): deactivate, then delete.
             self._deactivate(user, arn)
             self._iam.delete_virtual_mfa_device(arn)
-        except NoSuchEntity:
+        except NotFound:
             pass
         self._journal.record(Fact.DEVICE_DELETED, device_arn=arn)
 
     def _deactivate(self, user: str, arn: str) -> None:
         try:
             self._iam.deactivate_mfa_device(user, arn)
-        except NoSuchEntity:
+        except NotFound:
             return  # not assigned to the user: nothing to deactivate
         self._journal.record(Fact.DEVICE_DEACTIVATED, device_arn=arn)
 

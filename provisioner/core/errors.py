@@ -106,13 +106,16 @@ class CodeMismatch(TokenError):
     hint = "the token did not store the seed faithfully; try again or replace the key"
 
 
-# --- IAM -------------------------------------------------------------------------------
+# --- the directory (AWS IAM today) ------------------------------------------------------
 
 
-class IamError(ProvisionerError):
-    """AWS IAM refused or failed a call."""
+class DirectoryError(ProvisionerError):
+    """The directory refused or failed a call. The subclasses are neutral kinds, what the
+    core branches on; the adapter picks the kind and keeps the directory's own error
+    code for the operator's message and the metrics."""
 
-    #: The AWS error code ("NoSuchEntity", ...) or a local name for transport failures.
+    #: The directory's error code (AWS: "NoSuchEntity", ...) or a local name for
+    #: transport failures.
     code: str = "IamError"
     #: True when the call may or may not have taken effect (timeout, dropped connection,
     #: garbage answer): the caller must look before it assumes either.
@@ -124,43 +127,43 @@ class IamError(ProvisionerError):
             self.code = code
 
 
-class NoSuchEntity(IamError):
+class NotFound(DirectoryError):
     code = "NoSuchEntity"
 
 
-class UserNotFound(NoSuchEntity):
+class UserNotFound(NotFound):
     hint = "check the user name; IAM user names are case-sensitive"
 
 
-class MfaLimitExceeded(IamError):
+class DeviceLimitReached(DirectoryError):
     code = "LimitExceeded"
     hint = "the user already has 8 MFA devices: revoke one first"
 
 
-class EntityAlreadyExists(IamError):
+class AlreadyExists(DirectoryError):
     code = "EntityAlreadyExists"
 
 
-class InvalidAuthenticationCode(IamError):
+class CodesRejected(DirectoryError):
     code = "InvalidAuthenticationCode"
     hint = "check the desk's clock and the token; the codes were refused by AWS"
 
 
-class TemporarilyUnmodifiable(IamError):
+class ChangeInProgress(DirectoryError):
     code = "EntityTemporarilyUnmodifiable"
 
 
-class Throttled(IamError):
+class Throttled(DirectoryError):
     code = "Throttling"
     hint = "AWS is throttling this account; retry in a minute"
 
 
-class ServiceFailure(IamError):
+class ServiceFailure(DirectoryError):
     code = "ServiceFailure"
     hint = "AWS IAM failed; retry shortly"
 
 
-class AccessDenied(IamError):
+class AccessDenied(DirectoryError):
     """The desk's AWS principal may not do this; ``permission`` names what it lacks."""
 
     code = "AccessDenied"
@@ -181,11 +184,11 @@ class AccessDenied(IamError):
             self.permission = permission
 
 
-class DeleteConflict(IamError):
+class InUse(DirectoryError):
     code = "DeleteConflict"
 
 
-class IamUnavailable(IamError):
+class DirectoryUnavailable(DirectoryError):
     """No usable answer: timeout, dropped connection, garbage. May have taken effect."""
 
     code = "Unavailable"
@@ -193,7 +196,7 @@ class IamUnavailable(IamError):
     hint = "check the network path to IAM (AWS_ENDPOINT_URL_IAM, proxy) and retry"
 
 
-class AwsCredentialsMissing(IamError):
+class AwsCredentialsMissing(DirectoryError):
     code = "NoCredentials"
     hint = "configure AWS credentials (profile, environment or instance role)"
 
@@ -244,7 +247,7 @@ class ReconcileFailed(ProvisionerError):
         )
 
 
-class ConcurrentModification(IamError):
+class ConcurrentChange(DirectoryError):
     code = "ConcurrentModification"
 
 
@@ -365,7 +368,7 @@ def failure_reason(error: ProvisionerError) -> str:
     error code for IAM errors, the error's class name otherwise."""
     if isinstance(error, (EnrollmentFailed, ReconcileFailed)):
         return failure_reason(error.cause)
-    if isinstance(error, IamError):
+    if isinstance(error, DirectoryError):
         return error.code
     return type(error).__name__
 
@@ -384,6 +387,6 @@ def exit_status(error: ProvisionerError) -> ExitStatus:
         return EXIT_REFUSED
     if isinstance(error, TokenError):
         return EXIT_TOKEN
-    if isinstance(error, IamError):
+    if isinstance(error, DirectoryError):
         return EXIT_IAM
     return EXIT_FAILED

@@ -14,7 +14,7 @@ from provisioner.core.clock import Clock
 from provisioner.core.enrollment import TOOL_TAG, Enrollment, EnrollmentSettings, codes_on_token
 from provisioner.core.errors import (
     InvalidInput,
-    NoSuchEntity,
+    NotFound,
     ProvisionerError,
     ReplaceIncomplete,
     TokenError,
@@ -74,7 +74,7 @@ class Lifecycle:
         found = self.devices_of(user, token_serial)
         which = f" for token {token_serial}" if token_serial is not None else ""
         if not found:
-            raise NoSuchEntity(
+            raise NotFound(
                 f"{user} has no MFA device enrolled by provisioner{which}",
                 hint=f"provisioner history --user {user} shows what was done",
             )
@@ -184,7 +184,7 @@ def replace(
         if d.token_serial != new_serial and (old_serial is None or d.token_serial == old_serial)
     ]
     if not others:
-        raise NoSuchEntity(
+        raise NotFound(
             f"{user} has no other token enrolled by provisioner to replace",
             hint="enroll the new token with provisioner enroll",
         )

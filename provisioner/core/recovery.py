@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from provisioner.core.enrollment import TOOL_TAG, Enrollment, created_at
-from provisioner.core.errors import NoSuchEntity, ProvisionerError, ReconcileFailed
+from provisioner.core.errors import NotFound, ProvisionerError, ReconcileFailed
 from provisioner.core.messages import Outcome
 from provisioner.core.model import TagKey, VirtualDevice
 from provisioner.core.ports import Fact, IamDirectory, TokenFinder
@@ -137,7 +137,7 @@ class Recovery:
                             reason="found enabled after a restart",
                         )
                     return [Action(f"{label}: {arn} is enabled; recorded as done", eid)]
-            except NoSuchEntity:
+            except NotFound:
                 pass  # the user is gone: undo below
         if dry_run:
             return [
@@ -203,7 +203,7 @@ class Recovery:
     def _delete_device(self, eid: int, arn: str, label: str) -> Action:
         try:
             self._iam.delete_virtual_mfa_device(arn)
-        except NoSuchEntity:
+        except NotFound:
             self._store.record_fact(eid, Fact.DEVICE_DELETED)
             return Action(f"{label}: {arn} was never created", eid)
         except ProvisionerError as e:
@@ -268,7 +268,7 @@ class Recovery:
                 continue
             try:
                 self._iam.delete_virtual_mfa_device(device.serial_number)
-            except NoSuchEntity:
+            except NotFound:
                 continue
             except ProvisionerError as e:
                 actions.append(

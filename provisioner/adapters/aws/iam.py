@@ -2,7 +2,7 @@
 
 Standard boto3 configuration (credential chain, profile, region, ``AWS_ENDPOINT_URL_IAM``
 / ``AWS_ENDPOINT_URL``), botocore's standard retry mode, inputs validated before they
-are sent, and every botocore exception translated into the IamError tree. Each answer's
+are sent, and every botocore exception translated into the DirectoryError tree. Each answer's
 ``Date`` header feeds the AwsClock, so codes are computed for AWS's time, not ours.
 The seed is taken out of the CreateVirtualMFADevice answer, together with the QR code
 that encodes it, and handed on only as a Seed. An AccessDenied names the permission the
@@ -28,19 +28,19 @@ from provisioner.core import validation
 from provisioner.core.clock import AwsClock
 from provisioner.core.errors import (
     AccessDenied,
+    AlreadyExists,
     AwsCredentialsMissing,
-    ConcurrentModification,
-    DeleteConflict,
-    EntityAlreadyExists,
-    IamError,
-    IamUnavailable,
-    InvalidAuthenticationCode,
+    ChangeInProgress,
+    CodesRejected,
+    ConcurrentChange,
+    DeviceLimitReached,
+    DirectoryError,
+    DirectoryUnavailable,
+    InUse,
     InvalidInput,
-    MfaLimitExceeded,
-    NoSuchEntity,
+    NotFound,
     ProvisionerError,
     ServiceFailure,
-    TemporarilyUnmodifiable,
     Throttled,
     UserNotFound,
     failure_reason,
@@ -50,13 +50,13 @@ from provisioner.core.secret import Seed
 
 logger = logging.getLogger("provisioner.aws_iam")  # the journal's name for it, kept across moves
 
-_BY_CODE: dict[str, type[IamError]] = {
-    "NoSuchEntity": NoSuchEntity,
-    "LimitExceeded": MfaLimitExceeded,
-    "EntityAlreadyExists": EntityAlreadyExists,
-    "InvalidAuthenticationCode": InvalidAuthenticationCode,
-    "EntityTemporarilyUnmodifiable": TemporarilyUnmodifiable,
-    "ConcurrentModification": ConcurrentModification,
+_BY_CODE: dict[str, type[DirectoryError]] = {
+    "NoSuchEntity": NotFound,
+    "LimitExceeded": DeviceLimitReached,
+    "EntityAlreadyExists": AlreadyExists,
+    "InvalidAuthenticationCode": CodesRejected,
+    "EntityTemporarilyUnmodifiable": ChangeInProgress,
+    "ConcurrentModification": ConcurrentChange,
     "Throttling": Throttled,
     "ThrottlingException": Throttled,
     "RequestLimitExceeded": Throttled,
@@ -65,7 +65,7 @@ _BY_CODE: dict[str, type[IamError]] = {
     "ServiceUnavailable": ServiceFailure,
     "AccessDenied": AccessDenied,
     "AccessDeniedException": AccessDenied,
-    "DeleteConflict": DeleteConflict,
+    "DeleteConflict": InUse,
     "InvalidClientTokenId": AwsCredentialsMissing,
     "SignatureDoesNotMatch": AwsCredentialsMissing,
     "ExpiredToken": AwsCredentialsMissing,
@@ -99,7 +99,7 @@ _PERFORM = re.compile(r"\bperform: ([A-Za-z0-9-]+:[A-Za-z0-9*]+)")
 def translate(
     error: Exception, action: str, subject: str, service: str = "iam"
 ) -> ProvisionerError:
-    """One botocore exception -> one IamError that says what was being done to whom."""
+    """One botocore exception -> one DirectoryError that says what was being done to whom."""
     if isinstance(error, bce.ClientError):
         err = error.response.get("Error", {})
         code = str(err.get("Code", "Unknown"))
@@ -109,7 +109,7 @@ def translate(
         if cls is AccessDenied:
             return _access_denied(action, subject, service, code, text)
         if cls is None:
-            cls = ServiceFailure if status >= 500 else IamError
+            cls = ServiceFailure if status >= 500 else DirectoryError
         message = f"IAM refused {action} for {subject}: {code}" + (f": {text}" if text else "")
         return cls(message, code=code)
     if isinstance(error, (bce.NoCredentialsError, bce.PartialCredentialsError)):
@@ -118,16 +118,16 @@ def translate(
         return InvalidInput(f"refused to send {action} for {subject}: {error}")
     if isinstance(error, _UNREACHABLE):
         # Not ambiguous: nothing reached IAM.
-        return IamError(
+        return DirectoryError(
             f"cannot reach IAM to {action} for {subject}: {error}",
             code="Unreachable",
-            hint=IamUnavailable.hint,
+            hint=DirectoryUnavailable.hint,
         )
     if isinstance(error, _AMBIGUOUS):
-        return IamUnavailable(
+        return DirectoryUnavailable(
             f"no usable answer from IAM to {action} for {subject}: {type(error).__name__}"
         )
-    return IamUnavailable(f"IAM call {action} for {subject} failed: {type(error).__name__}")
+    return DirectoryUnavailable(f"IAM call {action} for {subject} failed: {type(error).__name__}")
 
 
 def _access_denied(action: str, subject: str, service: str, code: str, text: str) -> AccessDenied:
@@ -264,7 +264,7 @@ class IamClient:
         validation.user_name(user)
         try:
             return str(self._call("get_user", user, UserName=user)["User"]["Arn"])
-        except NoSuchEntity as e:
+        except NotFound as e:
             raise UserNotFound(f"IAM user {user} does not exist", code=e.code) from e
 
     def list_mfa_devices(self, user: str) -> list[str]:
@@ -277,7 +277,7 @@ class IamClient:
                 params["Marker"] = marker
             try:
                 page = self._call("list_mfa_devices", user, **params)
-            except NoSuchEntity as e:
+            except NotFound as e:
                 raise UserNotFound(f"IAM user {user} does not exist", code=e.code) from e
             serials.extend(str(d["SerialNumber"]) for d in page.get("MFADevices", []))
             if not page.get("IsTruncated"):
@@ -300,11 +300,11 @@ class IamClient:
         device.pop("QRCodePNG", None)  # it encodes the seed too
         serial = str(device.get("SerialNumber", ""))
         if not raw or not serial:
-            raise IamUnavailable(f"IAM created {spec.name} but returned no seed or serial")
+            raise DirectoryUnavailable(f"IAM created {spec.name} but returned no seed or serial")
         try:
             return serial, Seed.from_base32(raw)
         except ValueError as e:
-            raise IamUnavailable(f"IAM returned an unreadable seed for {serial}") from e
+            raise DirectoryUnavailable(f"IAM returned an unreadable seed for {serial}") from e
 
     def enable_mfa_device(self, user: str, serial: str, code1: str, code2: str) -> None:
         validation.user_name(user)
@@ -401,7 +401,7 @@ class IamClient:
         for action, resource in wanted:
             decision = decisions.get((action.lower(), resource))
             if decision is None:
-                raise IamUnavailable(
+                raise DirectoryUnavailable(
                     f"IAM's policy simulator said nothing about {action} on {resource}"
                 )
             evaluations.append(Evaluation(action, resource, decision))
@@ -435,7 +435,7 @@ def _decision_on(result: dict[str, Any], resource: str) -> Decision:
     try:
         return Decision(str(value))
     except ValueError:
-        raise IamUnavailable(
+        raise DirectoryUnavailable(
             f"IAM's policy simulator answered an unknown decision {value!r}"
         ) from None
 
