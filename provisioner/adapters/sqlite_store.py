@@ -8,6 +8,10 @@ The audit trail is append-only, enforced by the database itself (triggers refuse
 and DELETE). Nothing secret is ever stored: users, serials, ARNs, steps and outcomes.
 Every write is its own transaction, flushed (synchronous=FULL) before the call returns,
 so after a crash the records say how far each enrollment got.
+
+One module, larger than most: one schema, one connection and one lock, and writes that
+touch the queue, a record and the trail in one transaction (a cancel is audited in the
+same commit). The port and its records are in core/store.py.
 """
 
 from __future__ import annotations

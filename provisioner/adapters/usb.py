@@ -11,7 +11,8 @@ without /dev/bus/usb (systemd's PrivateDevices=yes). Only when sysfs has no stri
 ask the device, best effort.
 
 ``UsbWatcher`` follows hotplug through a NETLINK_KOBJECT_UEVENT socket, blocked in poll()
-with a stop pipe next to it: no polling, no CPU while nothing happens.
+with a stop pipe next to it: no polling, no CPU while nothing happens. The two halves
+share the descriptor parsing that decides what a key can do, hence one module.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ reader is opened only when PC/SC says a card is in it (ykman's probe of an empty
 costs seconds), exclusively (concurrent sessions corrupt each other's exchanges), and
 never by killing whatever else holds the card. Every vendor exception is translated here
 into the project's TokenError tree.
+
+One module, larger than most, on purpose: everything yubikit and pyscard can raise is
+translated in one place, which the style (one adapter per outside system) asks for.
 """
 
 from __future__ import annotations

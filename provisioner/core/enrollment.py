@@ -6,6 +6,9 @@ Every side effect is recorded as it happens, and any failure undoes them in reve
 the credential leaves the token, the virtual device leaves IAM, an enabled device is
 deactivated first. What cannot be undone is named in the error, never silently left.
 The seed lives in memory from "create device" until this function returns.
+
+Kept whole although long: read top to bottom, it is the enrollment, with each step's
+undo beside it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ are sent, and every botocore exception translated into the DirectoryError tree. 
 ``Date`` header feeds the AwsClock, so codes are computed for AWS's time, not ours.
 The seed is taken out of the CreateVirtualMFADevice answer, together with the QR code
 that encodes it, and handed on only as a Seed. An AccessDenied names the permission the
-desk's principal lacks (``permissions.py`` lists those it needs).
+desk's principal lacks (``permissions.py`` lists those it needs). Kept in one module
+so that every boto3 call goes through the one translation of its errors.
 """
 
 from __future__ import annotations
