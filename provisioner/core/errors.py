@@ -320,6 +320,12 @@ class StoreError(ProvisionerError):
     """The desk's store cannot be read or written."""
 
 
+class DemoUnavailable(ConfigError):
+    """The demo's simulators are not installed (a plain install leaves them out)."""
+
+    hint = "install them with: pip install 'provisioner[demo]'"
+
+
 # --- exit status ---------------------------------------------------------------------------
 
 

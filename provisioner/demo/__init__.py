@@ -15,18 +15,12 @@ import importlib.util
 from collections.abc import Callable
 from typing import TextIO
 
-from provisioner.core.errors import ConfigError
+from provisioner.core.errors import DemoUnavailable
 from provisioner.core.ports import Progress
 
 # What the demo runs on, none of which a plain `pip install provisioner` brings (flask and
 # werkzeug: moto[server]'s web server, which the local IAM server's process runs).
 SIMULATORS = ("emulated_yubikey", "local_iam_server", "moto", "flask", "werkzeug")
-
-
-class DemoUnavailable(ConfigError):
-    """The demo's simulators are not installed (a plain install leaves them out)."""
-
-    hint = "install them with: pip install 'provisioner[demo]'"
 
 
 def missing_simulators() -> list[str]:
