@@ -492,7 +492,7 @@ def test_metrics_endpoint_counts_outcomes_steps_retries_and_tokens(
         d.stack.insert(EmulatedYubiKey(serial=40000022), 1)
         wait_for(
             lambda: _scrape(port).get(
-                "provisioner_enrollments_total{outcome=failed,reason=CodesRejected}"
+                "provisioner_enrollments_total{outcome=failed,reason=InvalidAuthenticationCode}"
             ),
             what="bob's failure counted",
         )
@@ -503,7 +503,9 @@ def test_metrics_endpoint_counts_outcomes_steps_retries_and_tokens(
         assert after["provisioner_enrollments_in_progress{}"] == 0
         assert after["provisioner_iam_retries_total{action=CreateVirtualMFADevice}"] == 1
         assert after["provisioner_iam_calls_total{action=EnableMFADevice,result=ok}"] == 1
-        refused = "provisioner_iam_calls_total{action=EnableMFADevice,result=CodesRejected}"
+        refused = (
+            "provisioner_iam_calls_total{action=EnableMFADevice,result=InvalidAuthenticationCode}"
+        )
         assert after[refused] >= 1
         # Every step of alice's enrollment was timed; bob's rollback too.
         for step in ("check", "create device", "program token", "compute codes", "enable"):
