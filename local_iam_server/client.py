@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -251,6 +251,17 @@ class LocalIamServer:
     def set_clock_offset(self, seconds: float) -> None:
         """Shift the server's clock (TOTP checks and the HTTP Date header)."""
         self._control("PUT", "clock", {"offset": seconds})
+
+    def set_latency(self, seconds: float, actions: Iterable[str] | None = None) -> dict[str, Any]:
+        """Delay every AWS call (or only ``actions``) by ``seconds`` before it is answered,
+        until set again or reset: a real network's round trip."""
+        spec: dict[str, Any] = {"seconds": seconds}
+        if actions is not None:
+            spec["actions"] = list(actions)
+        return self._control("PUT", "latency", spec)
+
+    def latency(self) -> dict[str, Any]:
+        return self._control("GET", "latency")
 
     def server_time(self) -> float:
         """The server's current time (epoch seconds, offset included)."""

@@ -18,6 +18,9 @@ Control endpoints (JSON over HTTP, under a prefix no AWS call uses):
 * ``GET|PUT /_local_iam/auth``: read or set ``{"enforced"}``. Off (the default), any
   credentials do anything, as moto's dummy ones do; on, every IAM and STS call must be
   signed with a key of a principal and allowed by its policies (``authorization.py``).
+* ``GET|PUT /_local_iam/latency``: read or set ``{"seconds", "actions"}``: every AWS
+  call (or only the named Actions) waits that long before it is answered, as over a real
+  network; requests are served concurrently, so parallel calls wait side by side.
 * ``POST /_local_iam/reset``: moto's state and all of the above, enforcement off again
   (``/moto-api/reset`` resets both too).
 """
@@ -238,6 +241,32 @@ class CallCounter:
             self._counts.clear()
 
 
+class Latency:
+    """The round trip of a real network, added to AWS calls (the bench's and the latency
+    tests'): ``seconds`` before each answer, for every Action or only ``actions``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds = 0.0
+        self._actions: frozenset[str] | None = None
+
+    def set(self, seconds: float, actions: Iterable[str] | None = None) -> None:
+        with self._lock:
+            self._seconds = seconds
+            self._actions = frozenset(actions) if actions is not None else None
+
+    def for_action(self, action: str) -> float:
+        with self._lock:
+            if self._actions is not None and action not in self._actions:
+                return 0.0
+            return self._seconds
+
+    def describe(self) -> dict[str, Any]:
+        with self._lock:
+            actions = sorted(self._actions) if self._actions is not None else None
+            return {"seconds": self._seconds, "actions": actions}
+
+
 @dataclass
 class ControlState:
     """Everything the stand-in keeps beside moto's backends."""
@@ -247,10 +276,11 @@ class ControlState:
     faults: FaultBook
     calls: CallCounter
     auth: AuthSwitch
+    latency: Latency
 
     @classmethod
     def fresh(cls) -> ControlState:
-        return cls(ServerClock(), AttemptLog(), FaultBook(), CallCounter(), AuthSwitch())
+        return cls(ServerClock(), AttemptLog(), FaultBook(), CallCounter(), AuthSwitch(), Latency())
 
     def reset(self) -> None:
         self.clock.set_offset(0.0)
@@ -258,6 +288,7 @@ class ControlState:
         self.faults.clear()
         self.calls.clear()
         self.auth.set(False)  # the next test starts with moto's dummy credentials again
+        self.latency.set(0.0)
 
 
 def _json_response(
@@ -319,6 +350,9 @@ class ControlMiddleware:
         if self._state.auth.enforced and not _is_signed(environ):
             # moto would route an unsigned call to S3; AWS refuses it.
             return _refuse_unsigned(environ, start_response)
+        delay = self._state.latency.for_action(action)
+        if delay:
+            time.sleep(delay)
         fault = self._state.faults.take(action)
         if fault is None:
             return self._app(environ, start_response)
@@ -397,6 +431,25 @@ class ControlMiddleware:
             if method in ("GET", "PUT"):
                 now = state.clock.now()
                 return {"offset": state.clock.offset, "time": now, "step": step_at(now)}
+        elif route == "latency":
+            if method == "PUT":
+                spec = _json_body(environ)
+                seconds, actions = spec.get("seconds"), spec.get("actions")
+                if (
+                    not isinstance(seconds, int | float)
+                    or isinstance(seconds, bool)
+                    or not 0 <= seconds <= MAX_DELAY_SECONDS
+                ):
+                    raise _ControlError(
+                        "400 Bad Request", f"'seconds' must be a number in 0..{MAX_DELAY_SECONDS}"
+                    )
+                if actions is not None and not (
+                    isinstance(actions, list) and all(isinstance(a, str) for a in actions)
+                ):
+                    raise _ControlError("400 Bad Request", "'actions' must be a list of Actions")
+                state.latency.set(float(seconds), actions)
+            if method in ("GET", "PUT"):
+                return state.latency.describe()
         elif route == "attempts" and method == "GET":
             return {"attempts": [asdict(a) for a in state.attempts.all()]}
         elif route == "calls" and method == "GET":

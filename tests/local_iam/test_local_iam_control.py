@@ -200,3 +200,19 @@ def test_users_and_devices_for_the_demo(iam_server: LocalIamServer, iam: Any) ->
     assert iam_server.virtual_devices() == [{"serial": serial, "user": None}]
     assert iam_server.unassigned_devices() == [serial]
     assert device["Base32StringSeed"].decode() not in str(iam_server.virtual_devices())
+
+
+def test_latency_delays_the_named_actions_until_set_again(local_iam: LocalIamServer) -> None:
+    iam = local_iam.admin_client("iam")
+    try:
+        assert local_iam.set_latency(0.3, ["GetUser"]) == {"seconds": 0.3, "actions": ["GetUser"]}
+        local_iam.create_user("lat")
+        started = time.monotonic()
+        iam.get_user(UserName="lat")
+        assert time.monotonic() - started >= 0.3  # at least the round trip asked for
+        assert local_iam.latency() == {"seconds": 0.3, "actions": ["GetUser"]}
+        with pytest.raises(LocalIamError, match="'seconds' must be a number"):
+            local_iam.set_latency(-1)
+    finally:
+        local_iam.set_latency(0)
+    assert local_iam.latency() == {"seconds": 0.0, "actions": None}
