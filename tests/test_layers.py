@@ -101,6 +101,13 @@ def copy_of_the_tree(tmp_path: Path) -> Path:
             "provisioner.daemon.service -> provisioner.adapters.sqlite_store",
         ),
         (
+            # The adapter's errors are StoreError: nobody else catches sqlite3's.
+            "provisioner/cli/direct.py",
+            "import sqlite3",
+            "picks the store's adapter",
+            "provisioner.cli.direct -> sqlite3",
+        ),
+        (
             "provisioner/desk.py",
             "import moto",
             "never imports the simulators",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from provisioner.adapters.sqlite_store import Store
+from provisioner.core.errors import StoreError
 
 FIRST_RELEASE_QUEUE = """
 CREATE TABLE queue (
@@ -92,3 +93,14 @@ def test_a_queue_from_an_earlier_release_gains_the_followed_flag_in_place(
         assert followed.followed is True
     finally:
         store.close()
+
+
+def test_a_file_that_is_no_database_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "provisioner.db"
+    path.parent.mkdir(mode=0o750)
+    path.write_bytes(b"not a database, but long enough to have a header" * 4)
+    with pytest.raises(StoreError) as raised:
+        Store(path)
+    assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+    with pytest.raises(StoreError):
+        Store(path, read_only=True)

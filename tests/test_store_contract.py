@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from provisioner.adapters.sqlite_store import SqliteStore
-from provisioner.core.errors import QueueFull
+from provisioner.core.errors import QueueFull, StoreError, TokenNotFound
 from provisioner.core.messages import Outcome
 from provisioner.core.ports import Fact
 from provisioner.core.store import (
@@ -151,3 +151,125 @@ def test_the_audit_trail_answers_in_order_with_filters(store: DeskStore) -> None
     assert [r.user for r in store.history(limit=10, user="alice")] == ["alice"]
     assert [r.serial for r in store.history(limit=10, serial=2)] == [2]
     assert records[1].as_dict()["outcome"] == "enrolled"
+
+
+def test_the_queue_answers_its_length_and_its_head(store: DeskStore) -> None:
+    first = store.enqueue("alice", "root")
+    store.enqueue("bob", "root")
+    store.enqueue("carol", "root")
+    assert store.queue_length(up_to=first.id) == 1
+    assert store.queue_length(up_to=first.id + 1) == 2
+    assert [e.user for e in store.waiting(limit=2)] == ["alice", "bob"]
+
+
+def test_a_roster_token_serves_only_its_users_enrollments(store: DeskStore) -> None:
+    store.enqueue("alice", "root", kind=RequestKind.REPLACE)
+    store.enqueue("bob", "root")
+    store.enqueue("carol", "root")
+    assert store.take_next(None, users=()) is None
+    entry = store.take_next(None, users={"alice", "carol"})
+    assert entry is not None and entry.user == "carol"  # alice's is a replace
+    entry = store.take_next(None)
+    assert entry is not None and entry.user == "alice" and entry.kind is RequestKind.REPLACE
+
+
+def test_a_served_request_ends_as_it_went(store: DeskStore) -> None:
+    entry = store.enqueue("alice", "root")
+    store.take_next(None)
+    store.finish_entry(entry.id, RequestState.FAILED, None)
+    ended = store.queue_entry(entry.id)
+    assert ended is not None and ended.state is RequestState.FAILED
+    assert store.cancel(entry.id, "root") is None  # only a waiting request is cancelled
+    assert store.queue_entry(entry.id + 100) is None
+
+
+def test_a_restart_settles_what_the_stopped_daemon_left_open(store: DeskStore) -> None:
+    started = store.enqueue("alice", "root")
+    unstarted = store.enqueue("bob", "root")
+    followed = store.enqueue("carol", "carol", followed=True)
+    queued = store.enqueue("dave", "root")
+    for _ in range(3):
+        store.take_next(None)
+    store.link_entry(started.id, store.start_enrollment("alice", 1, "reader 0", "queue"))
+    assert store.settle_taken() == (1, 1)
+    states = {e: store.queue_entry(e.id) for e in (started, unstarted, followed, queued)}
+    assert {e.user: s.state for e, s in states.items() if s is not None} == {
+        "alice": RequestState.INTERRUPTED,
+        "bob": RequestState.WAITING,
+        "carol": RequestState.WITHDRAWN,
+        "dave": RequestState.WAITING,
+    }
+    withdrawn = store.history(limit=1)[0]
+    assert (withdrawn.event, withdrawn.user, withdrawn.actor) == ("withdrawn", "carol", "daemon")
+
+
+def test_a_followed_request_is_withdrawn_once(store: DeskStore) -> None:
+    entry = store.enqueue("alice", "alice", followed=True)
+    assert entry.followed
+    withdrawn = store.withdraw(entry.id)
+    assert withdrawn is not None and withdrawn.id == entry.id
+    assert store.withdraw(entry.id) is None
+    again = store.queue_entry(entry.id)
+    assert again is not None and again.state is RequestState.WITHDRAWN
+
+
+def test_a_record_taken_over_can_be_handed_back(store: DeskStore) -> None:
+    eid = store.start_enrollment("alice", 1, "reader 0", "roster", owner=_Owner("dead", 1))
+    assert store.claim_enrollment(eid, "dead")  # for the store's own owner: none here
+    store.release_enrollment(eid)
+    record = store.enrollment(eid)
+    assert record is not None and (record.owner, record.owner_pid) == (None, None)
+    assert store.claim_enrollment(eid, None, _Owner("recovery", 2))
+
+
+def test_a_finished_record_is_never_taken_over(store: DeskStore) -> None:
+    eid = store.start_enrollment("alice", 1, "reader 0", "roster", owner=_Owner("dead", 1))
+    store.record_step(eid, "create", device_arn=ARN)
+    store.finish_enrollment(eid, outcome=Outcome.ROLLED_BACK, actor="reconcile", reason="why")
+    assert not store.claim_enrollment(eid, "dead", _Owner("recovery", 2))
+    record = store.enrollment(eid)
+    assert record is not None
+    assert (record.step, record.device_arn, record.outcome, record.reason) == (
+        "create",
+        ARN,
+        Outcome.ROLLED_BACK,
+        "why",
+    )
+    assert not record.enrolled
+    trail = store.history(limit=1)[0]
+    assert (trail.event, trail.actor, trail.device_arn, trail.outcome) == (
+        "enrollment",
+        "reconcile",
+        ARN,
+        "rolled back",
+    )
+
+
+def test_a_resync_is_audited_as_it_ended(store: DeskStore) -> None:
+    store.audit_resync("root", "alice", 1, (ARN, 7))
+    store.audit_resync("root", "bob", 2, TokenNotFound("no token 2"))
+    done, failed = store.history(limit=2)
+    assert (done.event, done.outcome, done.device_arn, done.reason) == (
+        "resync",
+        "resynced",
+        ARN,
+        "time steps 7 and 8",
+    )
+    assert (failed.outcome, failed.user) == ("failed", "bob")
+    assert failed.reason is not None and failed.reason.startswith("no token 2")
+
+
+def test_the_audit_trail_answers_the_latest_since_a_time(store: DeskStore) -> None:
+    for user in ("alice", "bob", "carol"):
+        store.audit("root", "queued", user=user)
+    first, *_ = store.history()
+    assert [r.user for r in store.history(limit=2)] == ["bob", "carol"]
+    assert [r.user for r in store.history(since=first.at + 0.5)] == ["bob", "carol"]
+
+
+def test_a_store_that_cannot_answer_says_so_in_the_ports_error(store: DeskStore) -> None:
+    store.close()
+    with pytest.raises(StoreError):
+        store.queue_length()
+    with pytest.raises(StoreError):
+        store.enqueue("alice", "root")

@@ -7,7 +7,8 @@ that recovery never takes a running enrollment for a crash's leftover.
 The audit trail is append-only, enforced by the database itself (triggers refuse UPDATE
 and DELETE). Nothing secret is ever stored: users, serials, ARNs, steps and outcomes.
 Every write is its own transaction, flushed (synchronous=FULL) before the call returns,
-so after a crash the records say how far each enrollment got.
+so after a crash the records say how far each enrollment got. SQLite's own errors
+become StoreError here (the cause kept): nothing outside this module knows sqlite3.
 
 One module, larger than most: one schema, one connection and one lock, and writes that
 touch the queue, a record and the trail in one transaction (a cancel is audited in the
@@ -30,7 +31,7 @@ from urllib.parse import quote
 
 from provisioner.adapters.ownership import FILE_MODE, prepare_directory, private_file
 from provisioner.core.audit import log_line
-from provisioner.core.errors import ProvisionerError, QueueFull
+from provisioner.core.errors import ProvisionerError, QueueFull, StoreError
 from provisioner.core.ports import Fact
 from provisioner.core.store import (
     FACT_STATES,
@@ -146,7 +147,8 @@ class SqliteStore:
         self._owner = owner
         self._lock = threading.Lock()
         if read_only:
-            self._db = _open_read_only(path)
+            with _translated():
+                self._db = _open_read_only(path)
             self._db.row_factory = sqlite3.Row
             return
         prepare_directory(path.parent)
@@ -156,12 +158,13 @@ class SqliteStore:
         old = os.umask(PRIVATE_UMASK)
         os.umask(old | PRIVATE_UMASK)
         try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-            self._add_missing_columns()
+            with _translated():
+                self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+                self._db.row_factory = sqlite3.Row
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(SCHEMA)
+                self._add_missing_columns()
         finally:
             os.umask(old)
         _tighten(path)
@@ -180,7 +183,8 @@ class SqliteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        """One write transaction, under the lock."""
+        with self._lock, _translated():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -188,6 +192,12 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read, under the lock."""
+        with self._lock, _translated():
+            yield
 
     # --- queue ------------------------------------------------------------------------
 
@@ -225,7 +235,7 @@ class SqliteStore:
 
     def waiting(self, limit: int | None = None) -> list[QueueEntry]:
         """The open requests, oldest first (the first ``limit`` of them, if given)."""
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 f"SELECT * FROM queue WHERE {_OPEN} ORDER BY id LIMIT ?",  # noqa: S608 - a fixed clause
                 (-1 if limit is None else limit,),
@@ -234,7 +244,7 @@ class SqliteStore:
 
     def queue_length(self, up_to: int | None = None) -> int:
         """How many requests are open (those up to request #``up_to``, if given)."""
-        with self._lock:
+        with self._reading():
             (count,) = self._db.execute(
                 f"SELECT COUNT(*) FROM queue WHERE {_OPEN} AND (? IS NULL OR id <= ?)",  # noqa: S608 - a fixed clause
                 (up_to, up_to),
@@ -242,7 +252,7 @@ class SqliteStore:
         return int(count)
 
     def queue_entry(self, entry_id: int) -> QueueEntry | None:
-        with self._lock:
+        with self._reading():
             row = self._db.execute("SELECT * FROM queue WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None
 
@@ -458,7 +468,7 @@ class SqliteStore:
             )
 
     def enrollment(self, enrollment_id: int) -> EnrollmentRecord | None:
-        with self._lock:
+        with self._reading():
             row = self._db.execute(
                 "SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)
             ).fetchone()
@@ -477,7 +487,7 @@ class SqliteStore:
             )
 
     def token_cleanups(self, serial: int | None = None) -> list[TokenCleanup]:
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 "SELECT * FROM token_cleanups WHERE done_at IS NULL AND "
                 "(? IS NULL OR serial = ?) ORDER BY id",
@@ -503,7 +513,7 @@ class SqliteStore:
     def left_behind(self) -> set[str]:
         """Devices that ended enrollments (not enrolled) may have left in IAM: a rollback
         that could not delete its device."""
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 "SELECT device_arn FROM enrollments WHERE finished_at IS NOT NULL "
                 "AND outcome NOT IN ('enrolled', 'already enrolled') AND device_arn IS NOT NULL "
@@ -512,7 +522,7 @@ class SqliteStore:
         return {str(r["device_arn"]) for r in rows}
 
     def unfinished_enrollments(self) -> list[EnrollmentRecord]:
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 "SELECT * FROM enrollments WHERE finished_at IS NULL ORDER BY id"
             ).fetchall()
@@ -607,7 +617,7 @@ class SqliteStore:
             clauses.append("serial = ?")
             params.append(serial)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._lock:
+        with self._reading():
             rows = self._db.execute(
                 f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) "  # noqa: S608 - fixed clauses
                 "ORDER BY id",
@@ -656,6 +666,15 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
             f"{uri}&immutable=1", uri=True, check_same_thread=False, isolation_level=None
         )
     return db
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """SQLite's errors as the port's: StoreError, with the cause kept and its text."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        raise StoreError(str(e)) from e
 
 
 def _entry(row: sqlite3.Row) -> QueueEntry:

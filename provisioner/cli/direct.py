@@ -15,7 +15,6 @@ import contextlib
 import errno
 import os
 import pwd
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from provisioner.core.errors import (
     NotPermitted,
     ProvisionerError,
     ReplaceIncomplete,
+    StoreError,
 )
 from provisioner.core.lifecycle import Replaced, Revoked
 from provisioner.core.lifecycle import replace as replace_token
@@ -83,7 +83,7 @@ def desk_state(config: Config, *, service_user: str | None = SERVICE_USER) -> It
         ) from e
     try:
         store = desk_store(config, owner=owner)
-    except sqlite3.Error as e:
+    except StoreError as e:
         owner.release()
         raise ConfigError(f"cannot open the desk's state at {path}: {e}") from e
     try:
@@ -93,7 +93,7 @@ def desk_state(config: Config, *, service_user: str | None = SERVICE_USER) -> It
         owner.release()
 
 
-def _not_permitted(verb: str, path: Path, error: OSError | sqlite3.Error) -> NotPermitted:
+def _not_permitted(verb: str, path: Path, error: OSError | StoreError) -> NotPermitted:
     cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     if verb == "read":
         hint = "run it as root or as the desk's service user; operators read it through the daemon"
@@ -259,6 +259,6 @@ def history(
             records = store.history(limit=limit, user=user, serial=serial, since=since)
         finally:
             store.close()
-    except sqlite3.Error as e:
+    except StoreError as e:
         raise _not_permitted("read", path, e) from e
     return [r.as_dict() for r in records]

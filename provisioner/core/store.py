@@ -185,7 +185,8 @@ class RecordOwner(Protocol):
 
 class DeskStore(Protocol):
     """Everything the desk keeps. Every method is atomic; implementations are
-    thread-safe (the daemon's token workers share one)."""
+    thread-safe (the daemon's token workers share one). An adapter that cannot open,
+    read or write its store raises StoreError (its own error kept as the cause)."""
 
     # the queue
     def enqueue(
