@@ -32,6 +32,7 @@ from urllib.parse import quote
 from provisioner.adapters.ownership import FILE_MODE, prepare_directory, private_file
 from provisioner.core.audit import log_line
 from provisioner.core.errors import ProvisionerError, QueueFull, StoreError
+from provisioner.core.messages import Outcome
 from provisioner.core.ports import Fact
 from provisioner.core.store import (
     FACT_STATES,
@@ -41,6 +42,7 @@ from provisioner.core.store import (
     QueueEntry,
     RecordOwner,
     RequestKind,
+    RequestState,
     TokenCleanup,
 )
 
@@ -207,7 +209,7 @@ class SqliteStore:
         requested_by: str,
         serial: int | None = None,
         *,
-        kind: str = "enroll",
+        kind: RequestKind = RequestKind.ENROLL,
         old_serial: int | None = None,
         followed: bool = False,
         limit: int | None = None,
@@ -228,7 +230,7 @@ class SqliteStore:
                 "followed) VALUES (?,?,?,?,?,?,?)",
                 (user, serial, requested_by, self._clock(), kind, old_serial, int(followed)),
             )
-            reason = None if kind == "enroll" else kind
+            reason = None if kind is RequestKind.ENROLL else str(kind)
             self._audit(db, requested_by, "queued", user=user, serial=serial, reason=reason)
             row = db.execute("SELECT * FROM queue WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _entry(row)
@@ -288,7 +290,7 @@ class SqliteStore:
             row = db.execute("SELECT * FROM queue WHERE id = ?", (row["id"],)).fetchone()
         return _entry(row)
 
-    def finish_entry(self, entry_id: int, state: str, enrollment_id: int | None) -> None:
+    def finish_entry(self, entry_id: int, state: RequestState, enrollment_id: int | None) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE queue SET state = ?, enrollment_id = ? WHERE id = ?",
@@ -296,13 +298,13 @@ class SqliteStore:
             )
 
     def cancel(self, entry_id: int, actor: str) -> QueueEntry | None:
-        return self._close_waiting(entry_id, "cancelled", actor)
+        return self._close_waiting(entry_id, RequestState.CANCELLED, actor)
 
     def withdraw(self, entry_id: int) -> QueueEntry | None:
         """Close a waiting request whose client left with the daemon."""
-        return self._close_waiting(entry_id, "withdrawn", "daemon")
+        return self._close_waiting(entry_id, RequestState.WITHDRAWN, "daemon")
 
-    def _close_waiting(self, entry_id: int, state: str, actor: str) -> QueueEntry | None:
+    def _close_waiting(self, entry_id: int, state: RequestState, actor: str) -> QueueEntry | None:
         with self._tx() as db:
             row = db.execute(
                 "SELECT * FROM queue WHERE id = ? AND state = 'waiting'", (entry_id,)
@@ -312,11 +314,13 @@ class SqliteStore:
             self._close(db, row, state, actor)
         return _entry(row)
 
-    def _close(self, db: sqlite3.Connection, row: sqlite3.Row, state: str, actor: str) -> None:
+    def _close(
+        self, db: sqlite3.Connection, row: sqlite3.Row, state: RequestState, actor: str
+    ) -> None:
         """The request ends unserved, audited as ``state`` (cancelled, withdrawn)."""
         db.execute("UPDATE queue SET state = ? WHERE id = ?", (state, row["id"]))
         reason = None
-        if state == "withdrawn":
+        if state is RequestState.WITHDRAWN:
             reason = (
                 f"request #{row['id']} was followed by {row['requested_by']}, whose command "
                 "ended when the daemon stopped"
@@ -343,7 +347,7 @@ class SqliteStore:
                 "AND state IN ('waiting', 'taken') ORDER BY id"
             ).fetchall()
             for row in orphans:
-                self._close(db, row, "withdrawn", "daemon")
+                self._close(db, row, RequestState.WITHDRAWN, "daemon")
             requeued = db.execute(
                 "UPDATE queue SET state = 'waiting' WHERE state = 'taken' AND enrollment_id IS NULL"
             ).rowcount
@@ -423,7 +427,7 @@ class SqliteStore:
         self,
         enrollment_id: int,
         *,
-        outcome: str,
+        outcome: Outcome,
         actor: str,
         device_arn: str | None = None,
         reason: str | None = None,
@@ -548,7 +552,7 @@ class SqliteStore:
                 "resync",
                 user=user,
                 serial=serial,
-                outcome="failed",
+                outcome=Outcome.FAILED,
                 reason=outcome.one_line(),
             )
             return
@@ -559,7 +563,7 @@ class SqliteStore:
             user=user,
             serial=serial,
             device_arn=device,
-            outcome="resynced",
+            outcome=Outcome.RESYNCED,
             reason=f"time steps {first_step} and {first_step + 1}",
         )
 

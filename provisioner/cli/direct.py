@@ -176,11 +176,11 @@ def _start(state: DeskState, token: TokenSession, user: str) -> int:
 
 def _failed(state: DeskState, enrollment_id: int, error: ProvisionerError) -> None:
     if isinstance(error, AlreadyEnrolled):
-        outcome, reason = "already enrolled", error.message
+        outcome, reason = Outcome.ALREADY_ENROLLED, error.message
     elif isinstance(error, EnrollmentFailed) and error.leftovers:
-        outcome, reason = "failed, NOT rolled back", error.one_line()
+        outcome, reason = Outcome.FAILED_NOT_ROLLED_BACK, error.one_line()
     else:
-        outcome, reason = "failed", error.one_line()
+        outcome, reason = Outcome.FAILED, error.one_line()
     state.store.finish_enrollment(enrollment_id, outcome=outcome, actor=state.actor, reason=reason)
 
 

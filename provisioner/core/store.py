@@ -195,7 +195,7 @@ class DeskStore(Protocol):
         requested_by: str,
         serial: int | None = None,
         *,
-        kind: str = RequestKind.ENROLL,
+        kind: RequestKind = RequestKind.ENROLL,
         old_serial: int | None = None,
         followed: bool = False,
         limit: int | None = None,
@@ -211,7 +211,9 @@ class DeskStore(Protocol):
         self, serial: int | None, *, users: Collection[str] | None = None
     ) -> QueueEntry | None: ...
 
-    def finish_entry(self, entry_id: int, state: str, enrollment_id: int | None) -> None: ...
+    def finish_entry(
+        self, entry_id: int, state: RequestState, enrollment_id: int | None
+    ) -> None: ...
 
     def cancel(self, entry_id: int, actor: str) -> QueueEntry | None: ...
 
@@ -244,7 +246,7 @@ class DeskStore(Protocol):
         self,
         enrollment_id: int,
         *,
-        outcome: str,
+        outcome: Outcome,
         actor: str,
         device_arn: str | None = None,
         reason: str | None = None,

@@ -110,7 +110,7 @@ class ControlHandlers(TokenWorkers):
             return
         try:
             validation.user_name(user)
-            if kind == "resync" and serial is None:
+            if kind == RequestKind.RESYNC and serial is None:
                 serial = self._the_users_token(user)
         except ProvisionerError as e:
             yield error_answer(e)
@@ -124,7 +124,7 @@ class ControlHandlers(TokenWorkers):
                 user,
                 peer_name,
                 serial,
-                kind=kind,
+                kind=RequestKind(kind),
                 old_serial=old_serial,
                 followed=follow,
                 limit=self.desk.config.daemon.max_queue,

@@ -24,7 +24,7 @@ from provisioner.core.messages import (
     failed_outcome,
 )
 from provisioner.core.model import Step
-from provisioner.core.store import QueueEntry
+from provisioner.core.store import QueueEntry, RequestKind, RequestState
 from provisioner.daemon.claim import Claims
 from provisioner.daemon.events import Event
 from provisioner.daemon.status import LiveStatus
@@ -186,7 +186,7 @@ class Operations(Claims):
         self.events.publish({**base, "event": EventKind.ENROLLING})
         outcome: Event
         progress = _Progress(self, enrollment_id, base)
-        replacing = entry is not None and entry.kind == "replace"
+        replacing = entry is not None and entry.kind is RequestKind.REPLACE
         try:
             enrollment = self.desk.enrollment(progress, self.store.journal(enrollment_id))
             if replacing:
@@ -234,9 +234,9 @@ class Operations(Claims):
             state = TokenState.ENROLLED
         except ProvisionerError as e:
             label = (
-                "failed, NOT rolled back"
+                Outcome.FAILED_NOT_ROLLED_BACK
                 if isinstance(e, EnrollmentFailed) and e.leftovers
-                else "failed"
+                else Outcome.FAILED
             )
             self.store.finish_enrollment(
                 enrollment_id, outcome=label, actor=actor, reason=e.one_line()
@@ -272,7 +272,9 @@ class Operations(Claims):
         """The end of a token's work: the request closed, the token's state, the outcome
         kept for the live view and told to whoever follows it."""
         if entry is not None:
-            self.store.finish_entry(entry.id, "done" if outcome["ok"] else "failed", enrollment_id)
+            self.store.finish_entry(
+                entry.id, RequestState.DONE if outcome["ok"] else RequestState.FAILED, enrollment_id
+            )
         self._set(reader, state=state)
         with self._lock:
             self._recent.appendleft({**base, "at": time.time(), **outcome})

@@ -19,6 +19,7 @@ from provisioner.core.messages import (
     EventKind,
     TokenState,
 )
+from provisioner.core.store import RequestKind
 from provisioner.daemon.operations import Operations
 from provisioner.daemon.status import PresentToken
 
@@ -191,7 +192,7 @@ class TokenWorkers(Operations):
                 }
             )
             return
-        if claim.entry is not None and claim.entry.kind == "resync":
+        if claim.entry is not None and claim.entry.kind is RequestKind.RESYNC:
             self._resync(reader, token, claim.entry)
         else:
             self._enroll(reader, token, claim.user, claim.entry, claim.source, claim.actor)
