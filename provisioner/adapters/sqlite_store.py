@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from provisioner.adapters.ownership import FILE_MODE, prepare_directory, private_file
@@ -38,6 +37,7 @@ from provisioner.core.store import (
     FACT_STATES,
     AuditRecord,
     DeviceState,
+    EnrollmentJournal,
     EnrollmentRecord,
     QueueEntry,
     RecordOwner,
@@ -233,7 +233,7 @@ class SqliteStore:
             reason = None if kind is RequestKind.ENROLL else str(kind)
             self._audit(db, requested_by, "queued", user=user, serial=serial, reason=reason)
             row = db.execute("SELECT * FROM queue WHERE id = ?", (cur.lastrowid,)).fetchone()
-        return _entry(row)
+        return QueueEntry.from_row(row)
 
     def waiting(self, limit: int | None = None) -> list[QueueEntry]:
         """The open requests, oldest first (the first ``limit`` of them, if given)."""
@@ -242,7 +242,7 @@ class SqliteStore:
                 f"SELECT * FROM queue WHERE {_OPEN} ORDER BY id LIMIT ?",  # noqa: S608 - a fixed clause
                 (-1 if limit is None else limit,),
             ).fetchall()
-        return [_entry(r) for r in rows]
+        return [QueueEntry.from_row(r) for r in rows]
 
     def queue_length(self, up_to: int | None = None) -> int:
         """How many requests are open (those up to request #``up_to``, if given)."""
@@ -256,7 +256,7 @@ class SqliteStore:
     def queue_entry(self, entry_id: int) -> QueueEntry | None:
         with self._reading():
             row = self._db.execute("SELECT * FROM queue WHERE id = ?", (entry_id,)).fetchone()
-        return _entry(row) if row else None
+        return QueueEntry.from_row(row) if row else None
 
     def take_next(
         self, serial: int | None, *, users: Collection[str] | None = None
@@ -288,7 +288,7 @@ class SqliteStore:
                 return None
             db.execute("UPDATE queue SET state = 'taken' WHERE id = ?", (row["id"],))
             row = db.execute("SELECT * FROM queue WHERE id = ?", (row["id"],)).fetchone()
-        return _entry(row)
+        return QueueEntry.from_row(row)
 
     def finish_entry(self, entry_id: int, state: RequestState, enrollment_id: int | None) -> None:
         with self._tx() as db:
@@ -312,7 +312,7 @@ class SqliteStore:
             if row is None:
                 return None
             self._close(db, row, state, actor)
-        return _entry(row)
+        return QueueEntry.from_row(row)
 
     def _close(
         self, db: sqlite3.Connection, row: sqlite3.Row, state: RequestState, actor: str
@@ -450,8 +450,8 @@ class SqliteStore:
                 reason=reason,
             )
 
-    def journal(self, enrollment_id: int) -> StoreJournal:
-        return StoreJournal(self, enrollment_id)
+    def journal(self, enrollment_id: int) -> EnrollmentJournal:
+        return EnrollmentJournal(self, enrollment_id)
 
     def record_fact(
         self,
@@ -534,9 +534,28 @@ class SqliteStore:
 
     # --- audit ------------------------------------------------------------------------
 
-    def audit(self, actor: str, event: str, **fields: Any) -> None:
+    def audit(
+        self,
+        actor: str,
+        event: str,
+        *,
+        user: str | None = None,
+        serial: int | None = None,
+        device_arn: str | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         with self._tx() as db:
-            self._audit(db, actor, event, **fields)
+            self._audit(
+                db,
+                actor,
+                event,
+                user=user,
+                serial=serial,
+                device_arn=device_arn,
+                outcome=outcome,
+                reason=reason,
+            )
 
     def audit_resync(
         self,
@@ -627,20 +646,7 @@ class SqliteStore:
                 "ORDER BY id",
                 (*params, limit),
             ).fetchall()
-        return [AuditRecord(**dict(r)) for r in rows]
-
-
-class StoreJournal:
-    """The Journal port of one enrollment, written to its record."""
-
-    def __init__(self, store: SqliteStore, enrollment_id: int) -> None:
-        self._store = store
-        self._id = enrollment_id
-
-    def record(
-        self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
-    ) -> None:
-        self._store.record_fact(self._id, fact, device_arn=device_arn, credential_id=credential_id)
+        return [AuditRecord.from_row(r) for r in rows]
 
 
 def _tighten(path: Path) -> None:
@@ -679,11 +685,6 @@ def _translated() -> Iterator[None]:
         yield
     except sqlite3.Error as e:
         raise StoreError(str(e)) from e
-
-
-def _entry(row: sqlite3.Row) -> QueueEntry:
-    entry: QueueEntry = QueueEntry.from_row(row)
-    return entry
 
 
 #: The name the tests and the bench have long used.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from provisioner.core.errors import ProvisionerError
 from provisioner.core.messages import Outcome
@@ -86,10 +86,18 @@ class RequestState(StrEnum):
 ENROLLED_OUTCOMES = frozenset({Outcome.ENROLLED, Outcome.ALREADY_ENROLLED})
 
 
+class Row(Protocol):
+    """A row of an adapter's table, as its driver hands it out (a dict, sqlite3.Row)."""
+
+    def keys(self) -> Collection[str]: ...
+
+    def __getitem__(self, name: str) -> Any: ...
+
+
 @dataclass(frozen=True)
 class _Record:
     @classmethod
-    def from_row(cls, row: Any) -> Any:
+    def from_row(cls, row: Row) -> Self:
         """From a row of an adapter's table: anything with ``keys()`` and ``row[name]``
         (a dict, sqlite3.Row); columns the record does not know are ignored."""
         names = set(row.keys())
@@ -174,6 +182,31 @@ class AuditRecord(_Record):
     device_arn: str | None
     outcome: str | None
     reason: str | None
+
+
+class RecordsFacts(Protocol):
+    def record_fact(
+        self,
+        enrollment_id: int,
+        fact: Fact,
+        *,
+        device_arn: str | None = None,
+        credential_id: str | None = None,
+    ) -> None: ...
+
+
+class EnrollmentJournal:
+    """The Journal port of one enrollment, written to its record: what an adapter's
+    ``journal()`` hands out."""
+
+    def __init__(self, store: RecordsFacts, enrollment_id: int) -> None:
+        self._store = store
+        self._id = enrollment_id
+
+    def record(
+        self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
+    ) -> None:
+        self._store.record_fact(self._id, fact, device_arn=device_arn, credential_id=credential_id)
 
 
 class RecordOwner(Protocol):
@@ -279,7 +312,17 @@ class DeskStore(Protocol):
     def finish_token_cleanup(self, cleanup_id: int, actor: str, outcome: str) -> None: ...
 
     # the audit trail
-    def audit(self, actor: str, event: str, **fields: Any) -> None: ...
+    def audit(
+        self,
+        actor: str,
+        event: str,
+        *,
+        user: str | None = None,
+        serial: int | None = None,
+        device_arn: str | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+    ) -> None: ...
 
     def audit_resync(
         self,
