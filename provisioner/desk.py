@@ -12,7 +12,8 @@ from pathlib import Path
 
 from provisioner.adapters.aws.iam import IamClient
 from provisioner.adapters.ownership import alive
-from provisioner.adapters.sqlite_store import STATE_FILE, SqliteStore
+from provisioner.adapters.sqlite_schema import STATE_FILE
+from provisioner.adapters.sqlite_store import SqliteStore
 from provisioner.adapters.yubikey import find_by_serial
 from provisioner.config import Config
 from provisioner.core.clock import AwsClock

@@ -8,29 +8,29 @@ The audit trail is append-only, enforced by the database itself (triggers refuse
 and DELETE). Nothing secret is ever stored: users, serials, ARNs, steps and outcomes.
 Every write is its own transaction, flushed (synchronous=FULL) before the call returns,
 so after a crash the records say how far each enrollment got. SQLite's own errors
-become StoreError here (the cause kept): nothing outside this module knows sqlite3.
+become StoreError here (the cause kept): nothing outside the adapter knows sqlite3.
 
-One module, larger than most: one schema, one connection and one lock, and writes that
-touch the queue, a record and the trail in one transaction (a cancel is audited in the
-same commit). The port and its records are in core/store.py.
+The schema, the columns later versions added and the opening of the file are in
+sqlite_schema.py; the queries are here. Still larger than most modules: one connection
+and one lock, and writes that touch the queue, a record and the trail in one
+transaction (a cancel is audited in the same commit). The port and its records are in
+core/store.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import quote
 
-from provisioner.adapters.ownership import FILE_MODE, prepare_directory, private_file
+from provisioner.adapters.sqlite_schema import open_database, open_read_only, translated
 from provisioner.core.audit import log_line
-from provisioner.core.errors import ProvisionerError, QueueFull, StoreError
+from provisioner.core.errors import ProvisionerError, QueueFull
 from provisioner.core.messages import Outcome
 from provisioner.core.ports import Fact
 from provisioner.core.store import (
@@ -47,82 +47,6 @@ from provisioner.core.store import (
 )
 
 audit_log = logging.getLogger("provisioner.audit")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS queue (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user TEXT NOT NULL,
-    serial INTEGER,                    -- only this token, if given
-    requested_by TEXT NOT NULL,
-    requested_at REAL NOT NULL,
-    state TEXT NOT NULL DEFAULT 'waiting',   -- waiting, taken, done, failed, cancelled,
-                                             -- interrupted, withdrawn
-    enrollment_id INTEGER,
-    kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
-    old_serial INTEGER,                      -- replace: the token to revoke, if given
-    followed INTEGER NOT NULL DEFAULT 0      -- 1: a client waits on it (enroll, not queue)
-);
-CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
-CREATE TABLE IF NOT EXISTS enrollments (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user TEXT NOT NULL,
-    serial INTEGER,
-    reader TEXT NOT NULL,
-    source TEXT NOT NULL,              -- queue:<id> or roster
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    step TEXT NOT NULL,                -- the last step reached
-    device_arn TEXT,
-    outcome TEXT NOT NULL DEFAULT 'in progress',
-    reason TEXT,
-    -- the write-ahead journal: what may exist, updated before and after each side effect
-    credential_id TEXT,
-    device_state TEXT NOT NULL DEFAULT 'none',      -- none, maybe, created, maybe enabled,
-                                                    -- enabled, confirmed, deleted
-    credential_state TEXT NOT NULL DEFAULT 'none',  -- none, maybe, written, deleted
-    owner TEXT,                        -- the owning process's token (ownership.py)
-    owner_pid INTEGER                  -- its pid, for the operator
-);
-CREATE TABLE IF NOT EXISTS token_cleanups (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    serial INTEGER NOT NULL,
-    credential_id TEXT NOT NULL,
-    enrollment_id INTEGER,
-    reason TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    done_at REAL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    event TEXT NOT NULL,
-    user TEXT,
-    serial INTEGER,
-    device_arn TEXT,
-    outcome TEXT,
-    reason TEXT
-);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
-"""
-
-
-#: The database's name in the state directory.
-STATE_FILE = "provisioner.db"
-#: At least this umask while SQLite may create files: nothing of the state for others.
-PRIVATE_UMASK = 0o027
-
-#: Columns added after the first release: (table, column, declaration).
-_ADDED_COLUMNS = (
-    ("queue", "kind", "TEXT NOT NULL DEFAULT 'enroll'"),
-    ("queue", "old_serial", "INTEGER"),
-    ("enrollments", "owner", "TEXT"),
-    ("enrollments", "owner_pid", "INTEGER"),
-    ("queue", "followed", "INTEGER NOT NULL DEFAULT 0"),
-)
 
 #: The states of a request that counts against the queue's bound.
 _OPEN = "state IN ('waiting', 'taken')"
@@ -148,36 +72,7 @@ class SqliteStore:
         self._clock = clock
         self._owner = owner
         self._lock = threading.Lock()
-        if read_only:
-            with _translated():
-                self._db = _open_read_only(path)
-            self._db.row_factory = sqlite3.Row
-            return
-        prepare_directory(path.parent)
-        # Made 0640 before SQLite opens it: SQLite gives its -wal and -shm files the
-        # database's mode (and, as root, its owner).
-        private_file(path)
-        old = os.umask(PRIVATE_UMASK)
-        os.umask(old | PRIVATE_UMASK)
-        try:
-            with _translated():
-                self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-                self._db.row_factory = sqlite3.Row
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(SCHEMA)
-                self._add_missing_columns()
-        finally:
-            os.umask(old)
-        _tighten(path)
-
-    def _add_missing_columns(self) -> None:
-        """A state file from an earlier version gets the columns it lacks (queue, journal
-        and audit trail are kept)."""
-        for table, column, declaration in _ADDED_COLUMNS:
-            present = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in present:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self._db = open_read_only(path) if read_only else open_database(path)
 
     def close(self) -> None:
         with self._lock:
@@ -186,7 +81,7 @@ class SqliteStore:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, under the lock."""
-        with self._lock, _translated():
+        with self._lock, translated():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -198,7 +93,7 @@ class SqliteStore:
     @contextmanager
     def _reading(self) -> Iterator[None]:
         """A read, under the lock."""
-        with self._lock, _translated():
+        with self._lock, translated():
             yield
 
     # --- queue ------------------------------------------------------------------------
@@ -647,44 +542,6 @@ class SqliteStore:
                 (*params, limit),
             ).fetchall()
         return [AuditRecord.from_row(r) for r in rows]
-
-
-def _tighten(path: Path) -> None:
-    """A state file made by an earlier version (0644): 0640, when it is ours to change."""
-    for name in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
-        try:
-            st = name.stat()
-            if st.st_uid == os.geteuid() and st.st_mode & 0o777 != FILE_MODE:
-                name.chmod(FILE_MODE)
-        except FileNotFoundError:
-            continue
-
-
-def _open_read_only(path: Path) -> sqlite3.Connection:
-    """The database, read-only. A reader who may not write the directory cannot make the
-    -wal and -shm files SQLite wants; when there is no -wal (no writer has it open, the
-    last one to close folded it in) the file alone is the whole state, read as immutable."""
-    uri = f"file:{quote(str(path))}?mode=ro"
-    db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
-    try:
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError:
-        db.close()
-        if path.with_name(f"{path.name}-wal").exists():
-            raise
-        db = sqlite3.connect(
-            f"{uri}&immutable=1", uri=True, check_same_thread=False, isolation_level=None
-        )
-    return db
-
-
-@contextmanager
-def _translated() -> Iterator[None]:
-    """SQLite's errors as the port's: StoreError, with the cause kept and its text."""
-    try:
-        yield
-    except sqlite3.Error as e:
-        raise StoreError(str(e)) from e
 
 
 #: The name the tests and the bench have long used.
