@@ -10,7 +10,7 @@ from provisioner.core.errors import (
     ExitStatus,
     InvalidInput,
 )
-from provisioner.core.messages import error_answer, failed_outcome, refusal
+from provisioner.core.messages import error_answer, failed_outcome, refusal, success
 
 
 def test_a_refusal_is_final_and_carries_the_exit_status_as_a_plain_number() -> None:
@@ -22,6 +22,15 @@ def test_a_refusal_is_final_and_carries_the_exit_status_as_a_plain_number() -> N
         "exit": 2,
     }
     assert "exit" not in refusal("unknown op 'x'")
+
+
+def test_a_success_is_final_and_carries_what_was_asked_for() -> None:
+    assert success(actions=["deleted device x"]) == {
+        "ok": True,
+        "final": True,
+        "actions": ["deleted device x"],
+    }
+    assert list(success(**{"queue": [], "waiting": 0})) == ["ok", "final", "queue", "waiting"]
 
 
 def test_an_error_answer_says_the_operators_line_and_maps_the_status() -> None:

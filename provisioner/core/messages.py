@@ -93,6 +93,11 @@ def refusal(error: str, status: int | None = None, **extra: Any) -> Answer:
     return answer
 
 
+def success(**fields: Any) -> Answer:
+    """The final answer that says yes, with what the request asked for."""
+    return {"ok": True, "final": True, **fields}
+
+
 def error_answer(error: ProvisionerError) -> Answer:
     """The final answer for a request an error stopped."""
     return refusal(error.one_line(), exit_status(error))

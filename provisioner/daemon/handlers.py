@@ -19,6 +19,7 @@ from provisioner.core.messages import (
     TokenState,
     error_answer,
     refusal,
+    success,
 )
 from provisioner.core.model import TagKey
 from provisioner.core.store import QueueEntry, RequestKind
@@ -63,23 +64,21 @@ class ControlHandlers(TokenWorkers):
             "detail": f"{done.device_arn} revoked by {peer_name}",
         }
         self.events.publish(event)
-        return {
-            "ok": True,
-            "final": True,
-            "user": user,
-            "serial": done.token_serial,
-            "device_arn": done.device_arn,
-            "actions": list(done.actions),
-        }
+        return success(
+            user=user,
+            serial=done.token_serial,
+            device_arn=done.device_arn,
+            actions=list(done.actions),
+        )
 
     def handle(self, request: Event, peer_name: str) -> Iterator[Event]:
         op = request.get("op")
         if op == "enroll":
             yield from self._queue_and_follow(request, peer_name)
         elif op == "status":
-            yield {"ok": True, "final": True, **self.status()}
+            yield success(**self.status())
         elif op == "queue":
-            yield {"ok": True, "final": True, **self._queue_view()}
+            yield success(**self._queue_view())
         elif op == "cancel":
             yield self._cancel(request, peer_name)
         elif op == "history":
@@ -260,7 +259,7 @@ class ControlHandlers(TokenWorkers):
                 "detail": f"request #{entry_id} for {entry.user} was cancelled by {peer_name}",
             }
         )
-        return {"ok": True, "final": True, "cancelled": vars(entry)}
+        return success(cancelled=vars(entry))
 
     def _reconcile(self, request: Event) -> Event:
         if self._recovery is None:
@@ -273,7 +272,7 @@ class ControlHandlers(TokenWorkers):
             all_desks=bool(request.get("all_desks")),
             busy=busy,
         )
-        return {"ok": True, "final": True, "actions": [a.text for a in actions]}
+        return success(actions=[a.text for a in actions])
 
     def _history(self, request: Event) -> Event:
         limit = request.get("limit", 100)
@@ -289,6 +288,6 @@ class ControlHandlers(TokenWorkers):
         ):
             return refusal("bad history filter")
         records = self.store.history(limit=limit, user=user, serial=serial, since=since)
-        return {"ok": True, "final": True, "history": [r.as_dict() for r in records]}
+        return success(history=[r.as_dict() for r in records])
 
     # --- state ------------------------------------------------------------------------

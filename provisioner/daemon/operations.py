@@ -80,7 +80,7 @@ class Operations(Claims):
                 user, token
             )
         except ProvisionerError as e:
-            outcome = failed_outcome("resync failed", e)
+            outcome = failed_outcome(Outcome.RESYNC_FAILED, e)
             self.store.audit_resync(entry.requested_by, user, serial, e)
         else:
             summary = (
@@ -95,7 +95,8 @@ class Operations(Claims):
                 "exit": 0,
             }
             self.store.audit_resync(entry.requested_by, user, serial, (device, first_step))
-        self._conclude(reader, base, outcome, "enrolled" if outcome["ok"] else "failed", entry)
+        state = TokenState.ENROLLED if outcome["ok"] else TokenState.FAILED
+        self._conclude(reader, base, outcome, state, entry)
 
     def _removed_when_seen(self, serial: str, credential: str) -> str:
         return (
@@ -249,7 +250,7 @@ class Operations(Claims):
             )
             outcome = {
                 "ok": True,
-                "outcome": Outcome.REPLACED if replacing else "enrolled",
+                "outcome": Outcome.REPLACED if replacing else Outcome.ENROLLED,
                 "device_arn": result.device_arn,
                 "seconds": result.seconds,
                 "exit": 0,
@@ -265,7 +266,7 @@ class Operations(Claims):
         reader: str,
         base: Event,
         outcome: Event,
-        state: str,
+        state: TokenState,
         entry: QueueEntry | None,
         enrollment_id: int | None = None,
     ) -> None:

@@ -29,8 +29,7 @@ class PresentToken:
 
     reader: str
     serial: int | None = None
-    # identifying, held, enrolling, resyncing, enrolled, idle, unsupported, failed
-    state: str = "identifying"
+    state: TokenState = TokenState.IDENTIFYING
     user: str | None = None
     step: str | None = None
     #: Why it is in that state, in a sentence (who holds it, why it was left alone).

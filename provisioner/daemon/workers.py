@@ -124,7 +124,7 @@ class TokenWorkers(Operations):
             self._present[reader] = replace(before, state=TokenState.HELD, detail=detail)
         if before.detail == detail:
             return
-        if before.state != "held":
+        if before.state is not TokenState.HELD:
             log.warning("the card in %s is %s", reader, detail)
             self.store.audit("desk", "held token", reason=f"{reader}: {detail}")
         self.events.publish({"event": EventKind.TOKEN_HELD, "reader": reader, "detail": detail})
