@@ -326,6 +326,16 @@ class DemoUnavailable(ConfigError):
     hint = "install them with: pip install 'provisioner[demo]'"
 
 
+class PcscCallFailed(TokenError):
+    """A PC/SC call failed with SCARD return code ``code``. The token adapter's own: it
+    turns this into TokenBusy, TokenRemoved or PcscUnavailable by the code before the
+    error leaves it."""
+
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 # --- exit status ---------------------------------------------------------------------------
 
 
