@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -14,15 +13,16 @@ from provisioner.cli.common import (
     ask,
     load_config,
     print_result,
-    progress_line,
     setup_logging,
     through_daemon,
 )
 from provisioner.config import override
 from provisioner.core.errors import (
+    EXIT_FAILED,
     EXIT_OK,
-    EXIT_REFUSED,
     AlreadyEnrolled,
+    DaemonRefused,
+    ExitStatus,
 )
 from provisioner.core.messages import EventKind, Outcome
 
@@ -91,7 +91,7 @@ def enroll_via_daemon(
             f"after it restarts, provisioner history --user {user} tells the outcome",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_FAILED
 
 
 def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) -> int:
@@ -101,33 +101,31 @@ def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) 
     doing = {"resync": "resyncing", "replace": "replacing the token of"}.get(
         str(request.get("kind")), "enrolling"
     )
-    start = time.monotonic()
+    progress = TerminalProgress(out)
     with ControlClient(socket_path, timeout=None) as client:
         for event in client.request(request, timeout=None):
             kind = event.get("event")
-            elapsed = (time.monotonic() - start) * 1000
             if event.get("refused") or (event.get("final") and "error" in event):
                 print(f"provisioner: {event.get('error')}", file=sys.stderr)
-                return int(event.get("exit", EXIT_REFUSED if event.get("refused") else 1))
+                return DaemonRefused.answered(event).status
             if kind == EventKind.QUEUED:
                 out.write(f"{event['detail']}\n")
             elif kind == EventKind.ENROLLING:
-                start = time.monotonic()
+                progress.restart()
                 out.write(f"token {event.get('serial')} in {event.get('reader')}: {doing} {user}\n")
             elif kind == EventKind.STEP:
-                out.write(progress_line(elapsed, str(event["step"]), event.get("detail", "")))
+                progress.line(str(event["step"]), event.get("detail", ""))
             elif kind == EventKind.NOTICE:
-                out.write(progress_line(elapsed, "!", event.get("detail", "")))
+                progress.notice(event.get("detail", ""))
             elif kind == EventKind.OUTCOME:
                 return _print_outcome(event, user, out)
             out.flush()
     print("provisioner: the daemon ended the conversation without an outcome", file=sys.stderr)
-    return 1
+    return EXIT_FAILED
 
 
 def _print_outcome(event: dict[str, object], user: str, out: TextIO) -> int:
-    status = event.get("exit", 1)
-    code = status if isinstance(status, int) else 1
+    code = ExitStatus.of(event.get("exit"))
     if event.get("outcome") in (Outcome.ENROLLED, Outcome.REPLACED):
         seconds = event.get("seconds")
         took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""

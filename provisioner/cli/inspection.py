@@ -21,6 +21,7 @@ from provisioner.cli.common import (
 from provisioner.cli.queueing import print_queue
 from provisioner.config import Config
 from provisioner.core.errors import (
+    EXIT_FAILED,
     EXIT_OK,
     ConfigError,
     DaemonNotRunning,
@@ -110,7 +111,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     failed = [f for f in findings if f.status is doctor.Status.FAIL]
     if failed and not args.json:
         print(f"{len(failed)} check(s) failed", file=sys.stderr)
-    return 1 if failed else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

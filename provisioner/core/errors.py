@@ -306,7 +306,8 @@ class DaemonRefused(ProvisionerError):
     def __init__(self, message: str, *, refused: bool, status: object = None) -> None:
         super().__init__(message)
         self.refused = refused
-        self.status = EXIT_REFUSED if refused else status if isinstance(status, int) else 1
+        #: The status the daemon answered with (refused: always EXIT_REFUSED).
+        self.status = EXIT_REFUSED if refused else ExitStatus.of(status)
 
     @classmethod
     def answered(cls, answer: dict[str, Any]) -> DaemonRefused:
@@ -355,6 +356,7 @@ class ExitStatus(IntEnum):
             "     full, or (with no daemon) you may not read or write the desk's audit trail"
         ),
     )
+    INTERRUPTED = 130, "interrupted (Ctrl-C)"
 
     meaning: str
 
@@ -363,6 +365,12 @@ class ExitStatus(IntEnum):
         member._value_ = value
         member.meaning = meaning
         return member
+
+    @classmethod
+    def of(cls, value: object) -> ExitStatus:
+        """The status a number read back (from the daemon's answer) stands for; FAILED for
+        anything that is not one."""
+        return next((status for status in cls if status == value), cls.FAILED)
 
     @classmethod
     def help_text(cls) -> str:
@@ -377,6 +385,7 @@ EXIT_TOKEN = ExitStatus.TOKEN
 EXIT_IAM = ExitStatus.IAM
 EXIT_LEFTOVERS = ExitStatus.LEFTOVERS
 EXIT_REFUSED = ExitStatus.REFUSED
+EXIT_INTERRUPTED = ExitStatus.INTERRUPTED
 
 
 def failure_reason(error: ProvisionerError) -> str:
@@ -391,6 +400,8 @@ def failure_reason(error: ProvisionerError) -> str:
 
 def exit_status(error: ProvisionerError) -> ExitStatus:
     """The one mapping from errors to exit statuses (the CLI's, and the daemon's answers)."""
+    if isinstance(error, DaemonRefused):
+        return error.status
     if isinstance(error, EnrollmentFailed):
         if error.leftovers:
             return EXIT_LEFTOVERS
