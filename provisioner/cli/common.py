@@ -92,9 +92,15 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+    """The desk daemon's answer to a command only it can do."""
+    return ask_daemon(running_daemon(args), request)
+
+
+def ask_daemon(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """The answer of the daemon on ``path`` (from ``through_daemon``); DaemonRefused when
+    it says no."""
     from provisioner.adapters.control_socket import ControlClient
 
-    path = running_daemon(args)
     try:
         with ControlClient(path) as client:
             answer = client.call(request)

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 from provisioner.cli.common import (
     TerminalProgress,
-    ask,
+    ask_daemon,
     load_config,
     print_result,
     setup_logging,
@@ -150,8 +150,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     setup_logging(config.log_level)
-    if through_daemon(config, here_only=args.direct) is not None:
-        answer = ask(args, {"op": "revoke", "user": args.user, "serial": args.serial})
+    socket_path = through_daemon(config, here_only=args.direct)
+    if socket_path is not None:
+        answer = ask_daemon(socket_path, {"op": "revoke", "user": args.user, "serial": args.serial})
         for line in answer["actions"]:
             print(line)
         print(f"revoked {args.user}: {answer['device_arn']} (token {answer['serial']})")

@@ -12,6 +12,7 @@ from typing import Any
 
 from provisioner.cli.common import (
     ask,
+    ask_daemon,
     load_config,
     running_daemon,
     setup_logging,
@@ -159,8 +160,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.since is not None:
         request["since"] = args.since
     config = load_config(args)
-    if through_daemon(config) is not None:
-        records = ask(args, request).get("history") or []
+    socket_path = through_daemon(config)
+    if socket_path is not None:
+        records = ask_daemon(socket_path, request).get("history") or []
     else:
         # No daemon answers: the trail itself, read-only, with the same filters.
         found = direct.history(
@@ -189,8 +191,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     }
     config = load_config(args)
     setup_logging(config.log_level)
-    if through_daemon(config) is not None:
-        actions = ask(args, request)["actions"]
+    socket_path = through_daemon(config)
+    if socket_path is not None:
+        actions = ask_daemon(socket_path, request)["actions"]
     else:
         actions = [a.text for a in _reconcile_here(config, args)]
     for text in actions:
