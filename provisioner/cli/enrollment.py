@@ -25,6 +25,7 @@ from provisioner.core.errors import (
     ExitStatus,
 )
 from provisioner.core.messages import EventKind, Outcome
+from provisioner.core.store import RequestKind
 
 log = logging.getLogger("provisioner")
 
@@ -75,12 +76,12 @@ def enroll_via_daemon(
     serial: int | None,
     out: TextIO,
     *,
-    kind: str = "enroll",
+    kind: RequestKind = RequestKind.ENROLL,
     old_serial: int | None = None,
 ) -> int:
     """Queue the user with the running daemon and follow the work to its end."""
     request: dict[str, Any] = {"op": "enroll", "user": user, "serial": serial}
-    if kind != "enroll":
+    if kind != RequestKind.ENROLL:
         request |= {"kind": kind, "old_serial": old_serial}
     try:
         return _follow_enrollment(socket_path, request, out)
@@ -98,8 +99,8 @@ def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) 
     from provisioner.adapters.control_socket import ControlClient
 
     user = str(request["user"])
-    doing = {"resync": "resyncing", "replace": "replacing the token of"}.get(
-        str(request.get("kind")), "enrolling"
+    doing = {RequestKind.RESYNC: "resyncing", RequestKind.REPLACE: "replacing the token of"}.get(
+        request.get("kind", RequestKind.ENROLL), "enrolling"
     )
     progress = TerminalProgress(out)
     with ControlClient(socket_path, timeout=None) as client:
@@ -182,7 +183,9 @@ def cmd_resync(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
     if socket_path is not None:
-        return enroll_via_daemon(socket_path, args.user, args.serial, sys.stdout, kind="resync")
+        return enroll_via_daemon(
+            socket_path, args.user, args.serial, sys.stdout, kind=RequestKind.RESYNC
+        )
     desk = Desk.from_config(config)
     with (
         direct.desk_state(config) as state,
@@ -216,7 +219,7 @@ def cmd_replace(args: argparse.Namespace) -> int:
             args.user,
             args.serial,
             sys.stdout,
-            kind="replace",
+            kind=RequestKind.REPLACE,
             old_serial=args.old_serial,
         )
     desk = Desk.from_config(config)

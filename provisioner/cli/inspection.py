@@ -28,7 +28,7 @@ from provisioner.core.errors import (
     DaemonNotRunning,
     DaemonRefused,
 )
-from provisioner.core.messages import TokenState
+from provisioner.core.messages import EventKind, TokenState
 
 log = logging.getLogger("provisioner")
 
@@ -129,7 +129,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         with ControlClient(path) as client:
             # Several missed heartbeats in a row: the daemon is gone or wedged.
             for update in client.request({"op": "watch"}, timeout=HEARTBEAT_SECONDS * 5):
-                if update.get("event") == "heartbeat":
+                if update.get("event") == EventKind.HEARTBEAT:
                     continue
                 if not update.get("ok"):
                     raise DaemonRefused.answered(update)
