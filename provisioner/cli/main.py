@@ -1,4 +1,5 @@
-"""The `provisioner` command. Errors become exit codes here, and only here."""
+"""The `provisioner` command. Errors become exit statuses here, and only here (by
+`core.errors.exit_status`)."""
 
 from __future__ import annotations
 
