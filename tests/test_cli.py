@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 
 from desk_harness import run_cli
-from provisioner.cli.main import EXIT_CODES_HELP, build_parser, exit_code, main
+from provisioner.cli.main import EXIT_CODES_HELP, build_parser, main
 from provisioner.core.errors import (
     CodesRejected,
     ConfigError,
+    DaemonRefused,
     EnrollmentFailed,
     InvalidInput,
     ProvisionerError,
     TokenNoOath,
     UserNotFound,
+    exit_status,
 )
 
 
@@ -48,10 +50,14 @@ from provisioner.core.errors import (
             ),
             5,
         ),
+        (DaemonRefused("not in the operators' group", refused=True), 6),
+        (DaemonRefused.answered({"ok": False, "error": "x", "exit": 4}), 4),
+        (DaemonRefused.answered({"ok": False, "error": "x", "exit": "4"}), 1),
+        (DaemonRefused.answered({"ok": False, "error": "x"}), 1),
     ],
 )
 def test_exit_codes(error: ProvisionerError, code: int) -> None:
-    assert exit_code(error) == code
+    assert exit_status(error) == code
     assert f"  {code}  " in EXIT_CODES_HELP
 
 

@@ -27,6 +27,7 @@ from yubikit.management import CAPABILITY, ManagementSession
 from yubikit.oath import HASH_ALGORITHM, OATH_TYPE, Credential, CredentialData, OathSession
 
 from provisioner.core.errors import (
+    PcscCallFailed,
     PcscUnavailable,
     TokenBusy,
     TokenCommandFailed,
@@ -73,12 +74,10 @@ def guard_vendor_logging() -> None:
             log.setLevel(logging.INFO)
 
 
-class PcscError(ConnectionError):
-    """A PC/SC call failed; carries the SCARD return code."""
-
-    def __init__(self, what: str, code: int) -> None:
-        super().__init__(f"{what}: {scard.SCardGetErrorMessage(code)} (0x{code & 0xFFFFFFFF:08x})")
-        self.code = code
+def _pcsc_failed(what: str, code: int) -> PcscCallFailed:
+    return PcscCallFailed(
+        f"{what}: {scard.SCardGetErrorMessage(code)} (0x{code & 0xFFFFFFFF:08x})", code=code
+    )
 
 
 class PcscConnection(SmartCardConnection):
@@ -96,7 +95,7 @@ class PcscConnection(SmartCardConnection):
         hresult, self._context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
         if hresult != scard.SCARD_S_SUCCESS:
             self._context = None
-            raise PcscError("reaching pcscd", hresult)
+            raise _pcsc_failed("reaching pcscd", hresult)
         hresult, card, protocol = scard.SCardConnect(
             self._context,
             reader,
@@ -105,7 +104,7 @@ class PcscConnection(SmartCardConnection):
         )
         if hresult != scard.SCARD_S_SUCCESS:
             self.close()
-            raise PcscError(f"connecting to {reader}", hresult)
+            raise _pcsc_failed(f"connecting to {reader}", hresult)
         self._card = card
         t1 = protocol == scard.SCARD_PROTOCOL_T1
         self._pci = scard.SCARD_PCI_T1 if t1 else scard.SCARD_PCI_T0
@@ -113,7 +112,7 @@ class PcscConnection(SmartCardConnection):
         if hresult != scard.SCARD_S_SUCCESS:
             self._gone = True
             self.close()
-            raise PcscError(f"reading the ATR in {reader}", hresult)
+            raise _pcsc_failed(f"reading the ATR in {reader}", hresult)
         # As ykman decides it: the ATR's second byte says USB (0xFx) or NFC.
         self._transport = TRANSPORT.USB if len(atr) > 1 and atr[1] & 0xF0 == 0xF0 else TRANSPORT.NFC
 
@@ -125,10 +124,10 @@ class PcscConnection(SmartCardConnection):
         hresult, response = scard.SCardTransmit(self._card, self._pci, list(apdu))
         if hresult != scard.SCARD_S_SUCCESS:
             self._gone = self._gone or hresult in _GONE or hresult == scard.SCARD_F_COMM_ERROR
-            raise PcscError(f"talking to the card in {self.reader}", hresult)
+            raise _pcsc_failed(f"talking to the card in {self.reader}", hresult)
         if len(response) < 2:
             self._gone = True
-            raise PcscError(
+            raise _pcsc_failed(
                 f"short answer from the card in {self.reader}", scard.SCARD_F_COMM_ERROR
             )
         return bytes(response[:-2]), response[-2] << 8 | response[-1]
@@ -142,7 +141,7 @@ class PcscConnection(SmartCardConnection):
             scard.SCARD_LEAVE_CARD,
         )
         if hresult != scard.SCARD_S_SUCCESS:
-            raise PcscError(f"reconnecting to {self.reader}", hresult)
+            raise _pcsc_failed(f"reconnecting to {self.reader}", hresult)
         self._gone = False
         t1 = protocol == scard.SCARD_PROTOCOL_T1
         self._pci = scard.SCARD_PCI_T1 if t1 else scard.SCARD_PCI_T0
@@ -213,7 +212,7 @@ class Pcsc:
     def connect(self, reader: str) -> PcscConnection:
         try:
             return PcscConnection(reader)
-        except PcscError as e:
+        except PcscCallFailed as e:
             if e.code == scard.SCARD_E_SHARING_VIOLATION:
                 raise TokenBusy(f"the card in {reader} is in use by another program") from e
             if e.code in NO_SERVICE:
@@ -231,6 +230,10 @@ def _translated(label: str, what: str) -> Iterator[None]:
     """Vendor exceptions in, TokenErrors out."""
     try:
         yield
+    except PcscCallFailed as e:
+        if e.code in NO_SERVICE:
+            raise PcscUnavailable(f"pcscd stopped answering during {what}") from e
+        raise TokenRemoved(f"token {label} was removed during {what}") from e
     except TokenError:
         raise
     except ApduError as e:
@@ -247,10 +250,6 @@ def _translated(label: str, what: str) -> Iterator[None]:
         raise TokenCommandFailed(
             f"token {label} gave a bad answer to {what} ({type(e).__name__})"
         ) from e
-    except PcscError as e:
-        if e.code in NO_SERVICE:
-            raise PcscUnavailable(f"pcscd stopped answering during {what}") from e
-        raise TokenRemoved(f"token {label} was removed during {what}") from e
     except ConnectionError as e:
         raise TokenRemoved(f"token {label} was removed during {what}") from e
 

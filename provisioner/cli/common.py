@@ -17,7 +17,6 @@ from provisioner.core.errors import (
     DaemonNotRunning,
     DaemonRefused,
     ExitStatus,
-    exit_status,
 )
 from provisioner.core.model import EnrollmentResult, Step
 
@@ -25,9 +24,6 @@ log = logging.getLogger("provisioner")
 
 
 EXIT_CODES_HELP = ExitStatus.help_text()
-
-
-exit_code = exit_status
 
 
 def progress_line(elapsed_ms: float, tag: str, text: str) -> str:
@@ -47,7 +43,9 @@ def through_daemon(config: Config, *, here_only: bool = False) -> Path | None:
 
 
 class TerminalProgress:
-    """Progress lines as the enrollment goes: elapsed time, step, what happened."""
+    """Progress lines as the enrollment goes: elapsed time, step, what happened. The
+    enrollment's Progress when this process does the work; the lines of the daemon's
+    step and notice events when it follows the daemon doing it."""
 
     def __init__(self, out: TextIO, prefix: str = "") -> None:
         self._out = out
@@ -57,16 +55,16 @@ class TerminalProgress:
     def restart(self) -> None:
         self._start = time.monotonic()
 
-    def _line(self, tag: str, text: str) -> None:
+    def line(self, tag: str, text: str) -> None:
         elapsed = (time.monotonic() - self._start) * 1000
         self._out.write(self._prefix + progress_line(elapsed, tag, text))
         self._out.flush()
 
     def step(self, step: Step, detail: str) -> None:
-        self._line(step.value, detail)
+        self.line(step.value, detail)
 
     def notice(self, text: str) -> None:
-        self._line("!", text)
+        self.line("!", text)
 
 
 def setup_logging(level: str, stream: TextIO = sys.stderr) -> None:
@@ -94,9 +92,15 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+    """The desk daemon's answer to a command only it can do."""
+    return ask_daemon(running_daemon(args), request)
+
+
+def ask_daemon(path: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """The answer of the daemon on ``path`` (from ``through_daemon``); DaemonRefused when
+    it says no."""
     from provisioner.adapters.control_socket import ControlClient
 
-    path = running_daemon(args)
     try:
         with ControlClient(path) as client:
             answer = client.call(request)

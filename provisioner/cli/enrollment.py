@@ -5,26 +5,27 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from provisioner.cli.common import (
     TerminalProgress,
-    ask,
+    ask_daemon,
     load_config,
     print_result,
-    progress_line,
     setup_logging,
     through_daemon,
 )
 from provisioner.config import override
 from provisioner.core.errors import (
+    EXIT_FAILED,
     EXIT_OK,
-    EXIT_REFUSED,
     AlreadyEnrolled,
+    DaemonRefused,
+    ExitStatus,
 )
 from provisioner.core.messages import EventKind, Outcome
+from provisioner.core.store import RequestKind
 
 log = logging.getLogger("provisioner")
 
@@ -75,12 +76,12 @@ def enroll_via_daemon(
     serial: int | None,
     out: TextIO,
     *,
-    kind: str = "enroll",
+    kind: RequestKind = RequestKind.ENROLL,
     old_serial: int | None = None,
 ) -> int:
     """Queue the user with the running daemon and follow the work to its end."""
     request: dict[str, Any] = {"op": "enroll", "user": user, "serial": serial}
-    if kind != "enroll":
+    if kind != RequestKind.ENROLL:
         request |= {"kind": kind, "old_serial": old_serial}
     try:
         return _follow_enrollment(socket_path, request, out)
@@ -91,43 +92,41 @@ def enroll_via_daemon(
             f"after it restarts, provisioner history --user {user} tells the outcome",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_FAILED
 
 
 def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) -> int:
     from provisioner.adapters.control_socket import ControlClient
 
     user = str(request["user"])
-    doing = {"resync": "resyncing", "replace": "replacing the token of"}.get(
-        str(request.get("kind")), "enrolling"
+    doing = {RequestKind.RESYNC: "resyncing", RequestKind.REPLACE: "replacing the token of"}.get(
+        request.get("kind", RequestKind.ENROLL), "enrolling"
     )
-    start = time.monotonic()
+    progress = TerminalProgress(out)
     with ControlClient(socket_path, timeout=None) as client:
         for event in client.request(request, timeout=None):
             kind = event.get("event")
-            elapsed = (time.monotonic() - start) * 1000
             if event.get("refused") or (event.get("final") and "error" in event):
                 print(f"provisioner: {event.get('error')}", file=sys.stderr)
-                return int(event.get("exit", EXIT_REFUSED if event.get("refused") else 1))
+                return DaemonRefused.answered(event).status
             if kind == EventKind.QUEUED:
                 out.write(f"{event['detail']}\n")
             elif kind == EventKind.ENROLLING:
-                start = time.monotonic()
+                progress.restart()
                 out.write(f"token {event.get('serial')} in {event.get('reader')}: {doing} {user}\n")
             elif kind == EventKind.STEP:
-                out.write(progress_line(elapsed, str(event["step"]), event.get("detail", "")))
+                progress.line(str(event["step"]), event.get("detail", ""))
             elif kind == EventKind.NOTICE:
-                out.write(progress_line(elapsed, "!", event.get("detail", "")))
+                progress.notice(event.get("detail", ""))
             elif kind == EventKind.OUTCOME:
                 return _print_outcome(event, user, out)
             out.flush()
     print("provisioner: the daemon ended the conversation without an outcome", file=sys.stderr)
-    return 1
+    return EXIT_FAILED
 
 
 def _print_outcome(event: dict[str, object], user: str, out: TextIO) -> int:
-    status = event.get("exit", 1)
-    code = status if isinstance(status, int) else 1
+    code = ExitStatus.of(event.get("exit"))
     if event.get("outcome") in (Outcome.ENROLLED, Outcome.REPLACED):
         seconds = event.get("seconds")
         took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""
@@ -152,8 +151,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     setup_logging(config.log_level)
-    if through_daemon(config, here_only=args.direct) is not None:
-        answer = ask(args, {"op": "revoke", "user": args.user, "serial": args.serial})
+    socket_path = through_daemon(config, here_only=args.direct)
+    if socket_path is not None:
+        answer = ask_daemon(socket_path, {"op": "revoke", "user": args.user, "serial": args.serial})
         for line in answer["actions"]:
             print(line)
         print(f"revoked {args.user}: {answer['device_arn']} (token {answer['serial']})")
@@ -183,7 +183,9 @@ def cmd_resync(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
     if socket_path is not None:
-        return enroll_via_daemon(socket_path, args.user, args.serial, sys.stdout, kind="resync")
+        return enroll_via_daemon(
+            socket_path, args.user, args.serial, sys.stdout, kind=RequestKind.RESYNC
+        )
     desk = Desk.from_config(config)
     with (
         direct.desk_state(config) as state,
@@ -217,7 +219,7 @@ def cmd_replace(args: argparse.Namespace) -> int:
             args.user,
             args.serial,
             sys.stdout,
-            kind="replace",
+            kind=RequestKind.REPLACE,
             old_serial=args.old_serial,
         )
     desk = Desk.from_config(config)

@@ -12,6 +12,7 @@ from typing import Any
 
 from provisioner.cli.common import (
     ask,
+    ask_daemon,
     load_config,
     running_daemon,
     setup_logging,
@@ -21,12 +22,13 @@ from provisioner.cli.common import (
 from provisioner.cli.queueing import print_queue
 from provisioner.config import Config
 from provisioner.core.errors import (
+    EXIT_FAILED,
     EXIT_OK,
     ConfigError,
     DaemonNotRunning,
     DaemonRefused,
 )
-from provisioner.core.messages import TokenState
+from provisioner.core.messages import EventKind, TokenState
 
 log = logging.getLogger("provisioner")
 
@@ -110,7 +112,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     failed = [f for f in findings if f.status is doctor.Status.FAIL]
     if failed and not args.json:
         print(f"{len(failed)} check(s) failed", file=sys.stderr)
-    return 1 if failed else EXIT_OK
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -127,7 +129,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         with ControlClient(path) as client:
             # Several missed heartbeats in a row: the daemon is gone or wedged.
             for update in client.request({"op": "watch"}, timeout=HEARTBEAT_SECONDS * 5):
-                if update.get("event") == "heartbeat":
+                if update.get("event") == EventKind.HEARTBEAT:
                     continue
                 if not update.get("ok"):
                     raise DaemonRefused.answered(update)
@@ -158,8 +160,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.since is not None:
         request["since"] = args.since
     config = load_config(args)
-    if through_daemon(config) is not None:
-        records = ask(args, request).get("history") or []
+    socket_path = through_daemon(config)
+    if socket_path is not None:
+        records = ask_daemon(socket_path, request).get("history") or []
     else:
         # No daemon answers: the trail itself, read-only, with the same filters.
         found = direct.history(
@@ -188,8 +191,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     }
     config = load_config(args)
     setup_logging(config.log_level)
-    if through_daemon(config) is not None:
-        actions = ask(args, request)["actions"]
+    socket_path = through_daemon(config)
+    if socket_path is not None:
+        actions = ask_daemon(socket_path, request)["actions"]
     else:
         actions = [a.text for a in _reconcile_here(config, args)]
     for text in actions:

@@ -1,4 +1,5 @@
-"""The `provisioner` command. Errors become exit codes here, and only here."""
+"""The `provisioner` command. Errors become exit statuses here, and only here (by
+`core.errors.exit_status`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from provisioner.cli.common import (
 from provisioner.cli.parser import build_parser
 from provisioner.cli.queueing import print_queue
 from provisioner.core.errors import (
-    DaemonRefused,
+    EXIT_INTERRUPTED,
     ProvisionerError,
     exit_status,
 )
@@ -26,7 +27,6 @@ __all__ = [
     "EXIT_CODES_HELP",
     "TerminalProgress",
     "build_parser",
-    "exit_code",
     "main",
     "print_queue",
     "print_result",
@@ -35,8 +35,6 @@ __all__ = [
     "through_daemon",
 ]
 
-exit_code = exit_status
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -44,17 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except DaemonRefused as e:
-        sys.stdout.flush()
-        print(f"provisioner: {e.one_line()}", file=sys.stderr)
-        return e.status
     except ProvisionerError as e:
         sys.stdout.flush()
         print(f"provisioner: {e.one_line()}", file=sys.stderr)
-        return exit_code(e)
+        return exit_status(e)
     except KeyboardInterrupt:
         print("provisioner: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,7 @@ from provisioner.config import DEFAULT_PATH, ENV_PATH
 from provisioner.core import validation
 from provisioner.core.audit import parse_since
 from provisioner.core.errors import (
+    EXIT_USAGE,
     InvalidInput,
 )
 
@@ -41,7 +42,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that says what is wrong in one line (its usage is one --help away)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} ({self.prog} --help shows the usage)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} ({self.prog} --help shows the usage)\n")
 
 
 def _checked(check: Callable[[str], _T]) -> Callable[[str], _T]:

@@ -7,6 +7,9 @@ classes to exit statuses in one place (``exit_status``); ``ExitStatus`` is every
 the CLI returns and writes its own ``--help`` text.
 
 No message may contain a seed: errors are built from names, serials and AWS error codes.
+
+One module though past 400 lines: the tree, the exit statuses and the mapping between
+them are read and changed together.
 """
 
 from __future__ import annotations
@@ -306,7 +309,8 @@ class DaemonRefused(ProvisionerError):
     def __init__(self, message: str, *, refused: bool, status: object = None) -> None:
         super().__init__(message)
         self.refused = refused
-        self.status = EXIT_REFUSED if refused else status if isinstance(status, int) else 1
+        #: The status the daemon answered with (refused: always EXIT_REFUSED).
+        self.status = EXIT_REFUSED if refused else ExitStatus.of(status)
 
     @classmethod
     def answered(cls, answer: dict[str, Any]) -> DaemonRefused:
@@ -324,6 +328,16 @@ class DemoUnavailable(ConfigError):
     """The demo's simulators are not installed (a plain install leaves them out)."""
 
     hint = "install them with: pip install 'provisioner[demo]'"
+
+
+class PcscCallFailed(TokenError):
+    """A PC/SC call failed with SCARD return code ``code``. The token adapter's own: it
+    turns this into TokenBusy, TokenRemoved or PcscUnavailable by the code before the
+    error leaves it."""
+
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # --- exit status ---------------------------------------------------------------------------
@@ -345,6 +359,7 @@ class ExitStatus(IntEnum):
             "     full, or (with no daemon) you may not read or write the desk's audit trail"
         ),
     )
+    INTERRUPTED = 130, "interrupted (Ctrl-C)"
 
     meaning: str
 
@@ -353,6 +368,12 @@ class ExitStatus(IntEnum):
         member._value_ = value
         member.meaning = meaning
         return member
+
+    @classmethod
+    def of(cls, value: object) -> ExitStatus:
+        """The status a number read back (from the daemon's answer) stands for; FAILED for
+        anything that is not one."""
+        return next((status for status in cls if status == value), cls.FAILED)
 
     @classmethod
     def help_text(cls) -> str:
@@ -367,6 +388,7 @@ EXIT_TOKEN = ExitStatus.TOKEN
 EXIT_IAM = ExitStatus.IAM
 EXIT_LEFTOVERS = ExitStatus.LEFTOVERS
 EXIT_REFUSED = ExitStatus.REFUSED
+EXIT_INTERRUPTED = ExitStatus.INTERRUPTED
 
 
 def failure_reason(error: ProvisionerError) -> str:
@@ -381,6 +403,8 @@ def failure_reason(error: ProvisionerError) -> str:
 
 def exit_status(error: ProvisionerError) -> ExitStatus:
     """The one mapping from errors to exit statuses (the CLI's, and the daemon's answers)."""
+    if isinstance(error, DaemonRefused):
+        return error.status
     if isinstance(error, EnrollmentFailed):
         if error.leftovers:
             return EXIT_LEFTOVERS

@@ -221,7 +221,7 @@ class ControlHandlers(TokenWorkers):
             "final": True,
             "outcome": Outcome.DAEMON_STOPPING,
             "detail": detail,
-            "exit": 1,
+            "exit": ExitStatus.FAILED,
         }
 
     def _offer_idle_tokens(self, serial: int | None = None) -> None:
@@ -255,7 +255,7 @@ class ControlHandlers(TokenWorkers):
                 "final": True,
                 "ok": False,
                 "outcome": Outcome.CANCELLED,
-                "exit": 1,
+                "exit": ExitStatus.FAILED,
                 "detail": f"request #{entry_id} for {entry.user} was cancelled by {peer_name}",
             }
         )

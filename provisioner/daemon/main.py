@@ -28,7 +28,7 @@ from provisioner.adapters.systemd_notify import Notifier
 from provisioner.adapters.usb import UsbWatcher, list_yubikeys
 from provisioner.adapters.yubikey import is_yubikey_reader, open_in_reader
 from provisioner.config import Config
-from provisioner.core.errors import ConfigError, ProvisionerError
+from provisioner.core.errors import ConfigError, ExitStatus, ProvisionerError
 from provisioner.core.recovery import Recovery
 from provisioner.core.roster import Roster
 from provisioner.daemon.requests import valid_request
@@ -156,7 +156,7 @@ def run(config: Config) -> int:
     lock.release()
     notifier.close()
     signals.close()
-    return 0
+    return ExitStatus.OK
 
 
 def _control_trouble(control: ControlServer, notifier: Notifier, before: str | None) -> str | None:

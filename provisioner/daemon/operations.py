@@ -11,6 +11,7 @@ from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.errors import (
     AlreadyEnrolled,
     EnrollmentFailed,
+    ExitStatus,
     ProvisionerError,
     ReplaceIncomplete,
     failure_reason,
@@ -92,7 +93,7 @@ class Operations(Claims):
                 "outcome": Outcome.RESYNCED,
                 "device_arn": device,
                 "summary": summary,
-                "exit": 0,
+                "exit": ExitStatus.OK,
             }
             self.store.audit_resync(entry.requested_by, user, serial, (device, first_step))
         state = TokenState.ENROLLED if outcome["ok"] else TokenState.FAILED
@@ -230,7 +231,7 @@ class Operations(Claims):
                 "ok": True,
                 "outcome": Outcome.ALREADY_ENROLLED,
                 "detail": e.message,
-                "exit": 0,
+                "exit": ExitStatus.OK,
             }
             state = TokenState.ENROLLED
         except ProvisionerError as e:
@@ -253,7 +254,7 @@ class Operations(Claims):
                 "outcome": Outcome.REPLACED if replacing else Outcome.ENROLLED,
                 "device_arn": result.device_arn,
                 "seconds": result.seconds,
-                "exit": 0,
+                "exit": ExitStatus.OK,
             }
             state = TokenState.ENROLLED
         self._schedule_cleanup(enrollment_id, serial)

@@ -22,7 +22,7 @@ from local_iam_server import LocalIamServer
 from provisioner.adapters.aws.iam import login_with_mfa
 from provisioner.adapters.yubikey import Pcsc, YubiKeyToken, open_token
 from provisioner.config import Config
-from provisioner.core.errors import EnrollmentFailed, ProvisionerError
+from provisioner.core.errors import EnrollmentFailed, ExitStatus, ProvisionerError
 from provisioner.core.model import TOTP_PERIOD, EnrollmentResult
 from provisioner.core.ports import Progress
 from provisioner.desk import Desk
@@ -153,7 +153,7 @@ def _readers(in_process: bool, out: TextIO) -> Iterator[_Readers | None]:
 def run_demo(users: list[str], in_process: bool, out: TextIO, progress: ProgressFactory) -> int:
     if not users:
         out.write("provisioner demo: no users given\n")
-        return 2
+        return ExitStatus.USAGE
     out.write("provisioner demo: emulated YubiKeys, a local IAM server; no hardware, no AWS.\n")
     with LocalIamServer() as server:
         os.environ.update(server.aws_env())
@@ -187,7 +187,7 @@ def _enroll_all(
                 result = desk.enrollment(progress()).run(token, user)
             except ProvisionerError as e:
                 out.write(f"  FAILED: {e.one_line()}\n")
-                return 1
+                return ExitStatus.FAILED
             results.append((result, key))
             out.write(f"  enrolled in {result.seconds * 1000:.0f} ms: {result.device_arn}\n")
             _show_server_check(server, result, out)
@@ -277,6 +277,6 @@ def _summary(
     )
     if problems or unassigned or leftover:
         out.write("demo FAILED: something is half done (see above)\n")
-        return 1
+        return ExitStatus.FAILED
     out.write("every token holds its credential, every device is enabled, nothing else exists.\n")
-    return 0
+    return ExitStatus.OK

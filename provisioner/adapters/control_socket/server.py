@@ -177,10 +177,10 @@ class ControlServer:
             log.debug("control client gone before it was identified: %s", e)
             conn.close()
             return
-        refusal = self._authorizer.refusal(peer)
-        if refusal is not None:
-            log.warning("refused a control connection: %s", refusal)
-            say_and_close(conn, {"ok": False, "final": True, "error": refusal, "refused": True})
+        denied = self._authorizer.refusal(peer)
+        if denied is not None:
+            log.warning("refused a control connection: %s", denied)
+            say_and_close(conn, refusal(denied, refused=True))
             return
         with self._lock:
             room = self._clients < self._max_clients
@@ -201,13 +201,11 @@ class ControlServer:
             )
         say_and_close(
             conn,
-            {
-                "ok": False,
-                "final": True,
-                "exit": 1,
-                "error": f"the desk daemon has too many clients ({self._max_clients}) at "
+            refusal(
+                f"the desk daemon has too many clients ({self._max_clients}) at "
                 "once: try again shortly",
-            },
+                ExitStatus.FAILED,
+            ),
         )
 
     def _leave(self) -> None:
@@ -229,12 +227,10 @@ class ControlServer:
                 log.debug("closing an idle control client (%s)", peer.name)
                 say(
                     conn,
-                    {
-                        "ok": False,
-                        "final": True,
-                        "exit": 1,
-                        "error": f"idle for {self._idle_timeout:g} s without a request: closed",
-                    },
+                    refusal(
+                        f"idle for {self._idle_timeout:g} s without a request: closed",
+                        ExitStatus.FAILED,
+                    ),
                 )
             except TimeoutError:
                 log.info("dropped a control client (%s) that read nothing", peer.name)
