@@ -37,6 +37,8 @@ FaultKindName = Literal["error", "garbage", "drop", "delay"]
 DUMMY_ACCESS_KEY_ID = "testing"
 DUMMY_SECRET_ACCESS_KEY = "testing"  # noqa: S105 - not a secret, moto's convention
 DEFAULT_REGION = "us-east-1"
+# moto's default account: the one the dummy credentials (and the control API by default) see.
+DEFAULT_ACCOUNT_ID = "123456789012"
 
 
 class LocalIamError(RuntimeError):
@@ -81,6 +83,28 @@ class Principal:
         }
 
 
+@dataclass(frozen=True)
+class AccountRole:
+    """A role in one of the stand-in's accounts, to be assumed with ``sts:AssumeRole``."""
+
+    account: str
+    role_name: str
+    arn: str
+
+
+def trust_policy(trusted: Iterable[str], external_id: str | None = None) -> dict[str, Any]:
+    """A role's trust policy: the ``trusted`` principals (ARNs or account ids) may assume
+    it, presenting ``external_id`` when one is given."""
+    statement: dict[str, Any] = {
+        "Effect": "Allow",
+        "Principal": {"AWS": sorted(trusted)},
+        "Action": "sts:AssumeRole",
+    }
+    if external_id:
+        statement["Condition"] = {"StringEquals": {"sts:ExternalId": external_id}}
+    return {"Version": "2012-10-17", "Statement": [statement]}
+
+
 def aws_env(endpoint_url: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a boto3 client needs to reach the stand-in (dummy credentials).
 
@@ -98,6 +122,10 @@ def aws_env(endpoint_url: str, base: dict[str, str] | None = None) -> dict[str, 
         "AWS_DEFAULT_REGION": DEFAULT_REGION,
         "NO_PROXY": no_proxy,
     }
+
+
+def _with_account(spec: dict[str, Any], account: str | None) -> dict[str, Any]:
+    return spec if account is None else spec | {"account": account}
 
 
 class LocalIamServer:
@@ -275,17 +303,44 @@ class LocalIamServer:
         """Calls received per Action so far (including those a fault answered)."""
         return {k: int(v) for k, v in self._control("GET", "calls")["calls"].items()}
 
-    def create_user(self, name: str) -> None:
-        """An IAM user to enroll (the demo's users; tests may use boto3 instead)."""
-        self._control("POST", "users", {"name": name})
+    def create_user(self, name: str, *, account: str | None = None) -> None:
+        """An IAM user to enroll (the demo's users; tests may use boto3 instead), in
+        ``account`` (default: the dummy credentials' account)."""
+        self._control("POST", "users", _with_account({"name": name}, account))
 
-    def virtual_devices(self) -> list[dict[str, Any]]:
-        """Every virtual MFA device: its serial number and user (None: unassigned)."""
-        devices: list[dict[str, Any]] = self._control("GET", "devices")["devices"]
+    def virtual_devices(self, *, account: str | None = None) -> list[dict[str, Any]]:
+        """Every virtual MFA device of ``account``: its serial number and user (None:
+        unassigned)."""
+        route = "devices" if account is None else f"devices?account={account}"
+        devices: list[dict[str, Any]] = self._control("GET", route)["devices"]
         return devices
 
-    def unassigned_devices(self) -> list[str]:
-        return [d["serial"] for d in self.virtual_devices() if d["user"] is None]
+    def unassigned_devices(self, *, account: str | None = None) -> list[str]:
+        return [d["serial"] for d in self.virtual_devices(account=account) if d["user"] is None]
+
+    def create_account_role(
+        self,
+        account: str,
+        name: str,
+        *,
+        trusted: Iterable[str] = (DEFAULT_ACCOUNT_ID,),
+        external_id: str | None = None,
+        policy: Mapping[str, Any] | str | None = None,
+        path: str = "/",
+    ) -> AccountRole:
+        """A role in ``account`` holding ``policy`` inline, which ``trusted`` principals
+        (ARNs or account ids; default: the dummy credentials' account) may assume with
+        ``external_id``. Credentials from assuming it see ``account``'s IAM only."""
+        spec: dict[str, Any] = {
+            "account": account,
+            "name": name,
+            "trust": trust_policy(trusted, external_id),
+            "path": path,
+        }
+        if policy is not None:
+            spec["policy"] = dict(policy) if isinstance(policy, Mapping) else policy
+        created = self._control("POST", "roles", spec)["role"]
+        return AccountRole(str(created["account"]), str(created["role_name"]), str(created["arn"]))
 
     def admin_client(self, service: str = "iam") -> Any:
         """A boto3 client of ``service`` (iam, sts) at this server, with the dummy
@@ -301,14 +356,22 @@ class LocalIamServer:
         )
 
     def create_principal(
-        self, name: str, policy: Mapping[str, Any] | str, *, path: str = "/"
+        self,
+        name: str,
+        policy: Mapping[str, Any] | str,
+        *,
+        path: str = "/",
+        account: str | None = None,
     ) -> Principal:
-        """An IAM user holding ``policy`` (a document) inline, with an access key.
+        """An IAM user of ``account`` holding ``policy`` (a document) inline, with an
+        access key (which moto keys to that account).
 
         Its calls are judged by that policy once enforcement is on.
         """
         spec = {"name": name, "policy": dict(policy) if isinstance(policy, Mapping) else policy}
-        created = self._control("POST", "principals", spec | {"path": path})["principal"]
+        created = self._control(
+            "POST", "principals", _with_account(spec | {"path": path}, account)
+        )["principal"]
         return Principal(**{k: str(v) for k, v in created.items()})
 
     def set_auth_enforced(self, enforced: bool) -> None:
