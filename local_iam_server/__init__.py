@@ -22,6 +22,14 @@ policies on the resource AWS judges it on; SimulatePrincipalPolicy evaluates the
 policies. When the call is signed with an IAM user's key, the login device must be that
 user's, enforced or not.
 
+Several accounts (``accounts.py``): moto keeps one IAM per account id, and the
+credentials ``sts:AssumeRole`` returns for a role are keyed to the role's account, so a
+client made from them sees that account only, with the rules above holding there.
+``create_account_role`` makes a role in any 12-digit account; AssumeRole is refused
+(403 AccessDenied) unless the role exists and its trust policy allows the caller with
+the ``sts:ExternalId`` it asks for. ``set_latency`` delays every call (or the named
+Actions) as a real network would; calls are served concurrently.
+
 Importing this package is cheap: it exposes the subprocess client only; moto is
 imported by the server process, never here. It only looks for moto (and the web server
 that ``moto[server]`` brings) and fails at once if they are missing, where the caller can
@@ -52,11 +60,23 @@ _require(SERVER_NEEDS)
 
 # Only once moto is known to be there.
 from local_iam_server.client import (  # noqa: E402
+    DEFAULT_ACCOUNT_ID,
+    AccountRole,
     Attempt,
     LocalIamError,
     LocalIamServer,
     Principal,
     aws_env,
+    trust_policy,
 )
 
-__all__ = ["Attempt", "LocalIamError", "LocalIamServer", "Principal", "aws_env"]
+__all__ = [
+    "DEFAULT_ACCOUNT_ID",
+    "AccountRole",
+    "Attempt",
+    "LocalIamError",
+    "LocalIamServer",
+    "Principal",
+    "aws_env",
+    "trust_policy",
+]

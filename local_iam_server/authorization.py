@@ -29,6 +29,7 @@ from moto.iam.responses import IamResponse
 from moto.sts.responses import TokenResponse
 from werkzeug.exceptions import HTTPException
 
+from local_iam_server.accounts import caller_arn
 from local_iam_server.aws_errors import query_error_body
 from local_iam_server.control import AuthSwitch
 from local_iam_server.strict import paginate
@@ -193,15 +194,19 @@ def authorize_iam(response: IamResponse, switch: AuthSwitch) -> None:
     caller = backend.get_user_from_access_key_id(response.get_access_key())
     params = dict(response.params) if response.params else {}
     checks = required_checks(backend, response._get_action(), params, caller)
-    if caller is None:  # an assumed role's temporary key: moto's own check and message
+    key = backend.access_keys.get(response.get_access_key())
+    role_arn = getattr(key, "role_arn", None) if caller is None else None
+    if caller is None and not role_arn:  # a key moto issued otherwise: its own check
         for _action, resource in checks:
             request.check_action_permitted(resource)
         return
-    documents = identity_policies(backend, str(caller.arn))
+    # An assumed role is judged, like a user, on the ARN AWS judges each call on.
+    documents = identity_policies(backend, str(caller.arn if caller else role_arn))
+    who = str(caller.arn) if caller else caller_arn(backend.account_id, response.get_access_key())
     for action, resource in checks:
         decision = evaluate(documents, action, resource)
         if decision is not Decision.ALLOWED:
-            raise _denial(str(caller.arn), action, resource, decision)
+            raise _denial(who, action, resource, decision)
 
 
 def authorize_sts(response: TokenResponse, switch: AuthSwitch) -> None:

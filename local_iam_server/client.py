@@ -16,6 +16,7 @@ import json
 import os
 import selectors
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,8 @@ FaultKindName = Literal["error", "garbage", "drop", "delay"]
 DUMMY_ACCESS_KEY_ID = "testing"
 DUMMY_SECRET_ACCESS_KEY = "testing"  # noqa: S105 - not a secret, moto's convention
 DEFAULT_REGION = "us-east-1"
+# moto's default account: the one the dummy credentials (and the control API by default) see.
+DEFAULT_ACCOUNT_ID = "123456789012"
 
 
 class LocalIamError(RuntimeError):
@@ -81,16 +84,41 @@ class Principal:
         }
 
 
-def aws_env(endpoint_url: str, base: dict[str, str] | None = None) -> dict[str, str]:
+@dataclass(frozen=True)
+class AccountRole:
+    """A role in one of the stand-in's accounts, to be assumed with ``sts:AssumeRole``."""
+
+    account: str
+    role_name: str
+    arn: str
+
+
+def trust_policy(trusted: Iterable[str], external_id: str | None = None) -> dict[str, Any]:
+    """A role's trust policy: the ``trusted`` principals (ARNs or account ids) may assume
+    it, presenting ``external_id`` when one is given."""
+    statement: dict[str, Any] = {
+        "Effect": "Allow",
+        "Principal": {"AWS": sorted(trusted)},
+        "Action": "sts:AssumeRole",
+    }
+    if external_id:
+        statement["Condition"] = {"StringEquals": {"sts:ExternalId": external_id}}
+    return {"Version": "2012-10-17", "Statement": [statement]}
+
+
+def aws_env(
+    endpoint_url: str, base: dict[str, str] | None = None, ca_bundle: Path | None = None
+) -> dict[str, str]:
     """The environment a boto3 client needs to reach the stand-in (dummy credentials).
 
     Points IAM and STS (only) at ``endpoint_url``; keeps loopback out of any proxy.
-    ``base`` (e.g. ``os.environ``) supplies the NO_PROXY value to extend.
+    ``base`` (e.g. ``os.environ``) supplies the NO_PROXY value to extend; ``ca_bundle``
+    (an HTTPS stand-in's CA) becomes AWS_CA_BUNDLE.
     """
     no_proxy = ",".join(
         part for part in ((base or {}).get("NO_PROXY", ""), "127.0.0.1", "localhost") if part
     )
-    return {
+    env = {
         "AWS_ENDPOINT_URL_IAM": endpoint_url,
         "AWS_ENDPOINT_URL_STS": endpoint_url,
         "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY_ID,
@@ -98,13 +126,21 @@ def aws_env(endpoint_url: str, base: dict[str, str] | None = None) -> dict[str, 
         "AWS_DEFAULT_REGION": DEFAULT_REGION,
         "NO_PROXY": no_proxy,
     }
+    if ca_bundle is not None:
+        env["AWS_CA_BUNDLE"] = str(ca_bundle)
+    return env
+
+
+def _with_account(spec: dict[str, Any], account: str | None) -> dict[str, Any]:
+    return spec if account is None else spec | {"account": account}
 
 
 class LocalIamServer:
     """The strict local IAM stand-in, run as ``python -m local_iam_server``.
 
     A context manager: entering starts the process and waits for its listening line,
-    leaving stops it (SIGTERM, then SIGKILL after ``stop_timeout``).
+    leaving stops it (SIGTERM, then SIGKILL after ``stop_timeout``). With ``tls`` it
+    serves HTTPS with a CA of its own, whose file is :attr:`ca_bundle`.
     """
 
     def __init__(
@@ -113,11 +149,14 @@ class LocalIamServer:
         startup_timeout: float = 30.0,
         stop_timeout: float = 5.0,
         verbose: bool = False,
+        tls: bool = False,
         python: str = sys.executable,
     ) -> None:
         self._startup_timeout = startup_timeout
         self._stop_timeout = stop_timeout
         self._verbose = verbose
+        self._tls = tls
+        self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
         self._python = python
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
@@ -148,6 +187,9 @@ class LocalIamServer:
         command = [self._python, "-m", "local_iam_server", "--port", "0"]
         if self._verbose:
             command.append("--verbose")
+        if self._tls:
+            self._tls_dir = tempfile.TemporaryDirectory(prefix="local-iam-tls-")
+            command += ["--tls-dir", self._tls_dir.name]
         # stderr goes to a file, not a pipe: nobody has to drain it, and its tail
         # explains a failed start.
         self._stderr = tempfile.TemporaryFile(prefix="local-iam-stderr-")
@@ -160,6 +202,11 @@ class LocalIamServer:
         )
         try:
             self._endpoint_url = self._read_listening_line()
+            if self.ca_bundle is not None:
+                context = ssl.create_default_context(cafile=str(self.ca_bundle))
+                self._opener = urllib.request.build_opener(
+                    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+                )
         except BaseException:
             self.stop()
             raise
@@ -183,15 +230,23 @@ class LocalIamServer:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+        if self._tls_dir is not None:
+            self._tls_dir.cleanup()
+            self._tls_dir = None
         self._endpoint_url = None
         return status
 
     @property
     def endpoint_url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the running server."""
+        """``http://127.0.0.1:PORT`` (``https://`` with ``tls``) of the running server."""
         if self._endpoint_url is None:
             raise LocalIamError("the local IAM server is not running")
         return self._endpoint_url
+
+    @property
+    def ca_bundle(self) -> Path | None:
+        """The CA file an HTTPS server's clients trust (AWS_CA_BUNDLE); None over HTTP."""
+        return Path(self._tls_dir.name) / "ca.pem" if self._tls_dir is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -199,7 +254,7 @@ class LocalIamServer:
 
     def aws_env(self) -> dict[str, str]:
         """Environment variables pointing boto3's IAM and STS at this server."""
-        return aws_env(self.endpoint_url, dict(os.environ))
+        return aws_env(self.endpoint_url, dict(os.environ), self.ca_bundle)
 
     def log_tail(self, max_chars: int = 4000) -> str:
         """The end of the server's stderr (requests and attempts with ``verbose``)."""
@@ -275,17 +330,44 @@ class LocalIamServer:
         """Calls received per Action so far (including those a fault answered)."""
         return {k: int(v) for k, v in self._control("GET", "calls")["calls"].items()}
 
-    def create_user(self, name: str) -> None:
-        """An IAM user to enroll (the demo's users; tests may use boto3 instead)."""
-        self._control("POST", "users", {"name": name})
+    def create_user(self, name: str, *, account: str | None = None) -> None:
+        """An IAM user to enroll (the demo's users; tests may use boto3 instead), in
+        ``account`` (default: the dummy credentials' account)."""
+        self._control("POST", "users", _with_account({"name": name}, account))
 
-    def virtual_devices(self) -> list[dict[str, Any]]:
-        """Every virtual MFA device: its serial number and user (None: unassigned)."""
-        devices: list[dict[str, Any]] = self._control("GET", "devices")["devices"]
+    def virtual_devices(self, *, account: str | None = None) -> list[dict[str, Any]]:
+        """Every virtual MFA device of ``account``: its serial number and user (None:
+        unassigned)."""
+        route = "devices" if account is None else f"devices?account={account}"
+        devices: list[dict[str, Any]] = self._control("GET", route)["devices"]
         return devices
 
-    def unassigned_devices(self) -> list[str]:
-        return [d["serial"] for d in self.virtual_devices() if d["user"] is None]
+    def unassigned_devices(self, *, account: str | None = None) -> list[str]:
+        return [d["serial"] for d in self.virtual_devices(account=account) if d["user"] is None]
+
+    def create_account_role(
+        self,
+        account: str,
+        name: str,
+        *,
+        trusted: Iterable[str] = (DEFAULT_ACCOUNT_ID,),
+        external_id: str | None = None,
+        policy: Mapping[str, Any] | str | None = None,
+        path: str = "/",
+    ) -> AccountRole:
+        """A role in ``account`` holding ``policy`` inline, which ``trusted`` principals
+        (ARNs or account ids; default: the dummy credentials' account) may assume with
+        ``external_id``. Credentials from assuming it see ``account``'s IAM only."""
+        spec: dict[str, Any] = {
+            "account": account,
+            "name": name,
+            "trust": trust_policy(trusted, external_id),
+            "path": path,
+        }
+        if policy is not None:
+            spec["policy"] = dict(policy) if isinstance(policy, Mapping) else policy
+        created = self._control("POST", "roles", spec)["role"]
+        return AccountRole(str(created["account"]), str(created["role_name"]), str(created["arn"]))
 
     def admin_client(self, service: str = "iam") -> Any:
         """A boto3 client of ``service`` (iam, sts) at this server, with the dummy
@@ -298,17 +380,26 @@ class LocalIamServer:
             region_name=DEFAULT_REGION,
             aws_access_key_id=DUMMY_ACCESS_KEY_ID,
             aws_secret_access_key=DUMMY_SECRET_ACCESS_KEY,
+            verify=str(self.ca_bundle) if self.ca_bundle else None,
         )
 
     def create_principal(
-        self, name: str, policy: Mapping[str, Any] | str, *, path: str = "/"
+        self,
+        name: str,
+        policy: Mapping[str, Any] | str,
+        *,
+        path: str = "/",
+        account: str | None = None,
     ) -> Principal:
-        """An IAM user holding ``policy`` (a document) inline, with an access key.
+        """An IAM user of ``account`` holding ``policy`` (a document) inline, with an
+        access key (which moto keys to that account).
 
         Its calls are judged by that policy once enforcement is on.
         """
         spec = {"name": name, "policy": dict(policy) if isinstance(policy, Mapping) else policy}
-        created = self._control("POST", "principals", spec | {"path": path})["principal"]
+        created = self._control(
+            "POST", "principals", _with_account(spec | {"path": path}, account)
+        )["principal"]
         return Principal(**{k: str(v) for k, v in created.items()})
 
     def set_auth_enforced(self, enforced: bool) -> None:
@@ -372,14 +463,14 @@ class LocalIamServer:
         self, method: str, route: str, payload: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         data = json.dumps(payload).encode("utf-8") if payload is not None else None
-        request = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
+        request = urllib.request.Request(  # noqa: S310 - this server's own URL only
             self.endpoint_url + CONTROL_PREFIX + route,
             data=data,
             method=method,
             headers={"Content-Type": "application/json"},
         )
         try:
-            # S310: the URL is always this server's http:// endpoint.
+            # S310: the URL is always this server's endpoint.
             with self._opener.open(request, timeout=10) as response:
                 answer: dict[str, Any] = json.loads(response.read())
         except urllib.error.HTTPError as error:

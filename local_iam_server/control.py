@@ -13,8 +13,14 @@ Control endpoints (JSON over HTTP, under a prefix no AWS call uses):
 * ``GET|PUT /_local_iam/clock``: read ``{"offset", "time", "step"}``, set ``{"offset"}``.
 * ``GET /_local_iam/attempts``: enable/resync/login attempts, oldest first.
 * ``GET /_local_iam/calls``: calls received per Action (faulted ones included).
+* ``POST /_local_iam/users`` (``{"name", "account"}``), ``GET /_local_iam/devices[?account=]``:
+  the demo's users and every virtual device (never a seed).
 * ``POST /_local_iam/principals``: an IAM user holding one inline policy
-  (``{"name", "policy", "path"}``) and an access key for it.
+  (``{"name", "policy", "path", "account"}``) and an access key for it.
+* ``POST /_local_iam/roles``: a role in another account (``{"account", "name", "trust",
+  "policy", "path"}``) that ``sts:AssumeRole`` judges by its trust policy (principal,
+  ``sts:ExternalId``); its credentials see that account only (``accounts.py``).
+  ``account`` is a 12-digit id; absent, moto's default account (the dummy credentials').
 * ``GET|PUT /_local_iam/auth``: read or set ``{"enforced"}``. Off (the default), any
   credentials do anything, as moto's dummy ones do; on, every IAM and STS call must be
   signed with a key of a principal and allowed by its policies (``authorization.py``).
@@ -38,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qs
 
 from local_iam_server.aws_errors import KNOWN_ERRORS, query_error_body
@@ -51,6 +57,7 @@ GARBAGE_BODY = b"local-iam fault injection: this body is not XML {\x00\n"
 _log = logging.getLogger(__name__)
 
 StartResponse = Callable[..., Any]
+_T = TypeVar("_T")
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 _SCOPE_RE = re.compile(r"Credential=[^/,\s]+/\d{8}/[^/]+/([^/]+)/aws4_request")
@@ -303,17 +310,30 @@ def _json_response(
 
 
 class Directory(Protocol):
-    """Setting up and looking at the stand-in's IAM state (for the demo and tests)."""
+    """Setting up and looking at the stand-in's IAM state (for the demo and tests).
 
-    def create_user(self, name: str) -> None: ...
+    ``account`` is a 12-digit account id; None is the default account (moto's), the one
+    moto's dummy credentials call.
+    """
 
-    def virtual_devices(self) -> list[dict[str, Any]]:
+    def create_user(self, name: str, account: str | None = None) -> None: ...
+
+    def virtual_devices(self, account: str | None = None) -> list[dict[str, Any]]:
         """Serial number and user of every virtual device; never a seed."""
         ...
 
-    def create_principal(self, name: str, policy: str, path: str) -> dict[str, str]:
+    def create_principal(
+        self, name: str, policy: str, path: str, account: str | None = None
+    ) -> dict[str, str]:
         """An IAM user with ``policy`` inline and an access key: ``user_name``, ``arn``,
         ``access_key_id``, ``secret_access_key``. ValueError if IAM would refuse it."""
+        ...
+
+    def create_role(
+        self, account: str, name: str, trust: str, policy: str | None, path: str
+    ) -> dict[str, str]:
+        """A role that AssumeRole judges by ``trust``, holding ``policy`` inline:
+        ``arn``, ``role_name``, ``account``. ValueError if IAM would refuse it."""
         ...
 
 
@@ -455,15 +475,19 @@ class ControlMiddleware:
         elif route == "calls" and method == "GET":
             return {"calls": state.calls.snapshot()}
         elif route == "users" and method == "POST" and self._directory is not None:
-            name = _json_body(environ).get("name")
+            spec = _json_body(environ)
+            name = spec.get("name")
             if not isinstance(name, str) or not name:
                 raise _ControlError("400 Bad Request", "'name' (an IAM user name) is required")
-            self._directory.create_user(name)
+            _refused_as_400(self._directory.create_user, name, _account_of(spec))
             return {"created": name}
         elif route == "devices" and method == "GET" and self._directory is not None:
-            return {"devices": self._directory.virtual_devices()}
+            account = _account_of(parse_qs(environ.get("QUERY_STRING", "")))
+            return {"devices": _refused_as_400(self._directory.virtual_devices, account)}
         elif route == "principals" and method == "POST" and self._directory is not None:
             return {"principal": self._create_principal(_json_body(environ))}
+        elif route == "roles" and method == "POST" and self._directory is not None:
+            return {"role": self._create_role(_json_body(environ))}
         elif route == "auth":
             if method == "PUT":
                 enforced = _json_body(environ).get("enforced")
@@ -491,10 +515,51 @@ class ControlMiddleware:
             raise _ControlError("400 Bad Request", "'policy' (a policy document) is required")
         if not isinstance(path, str) or not (path.startswith("/") and path.endswith("/")):
             raise _ControlError("400 Bad Request", "'path' must begin and end with /")
-        try:
-            return self._directory.create_principal(name, policy, path)
-        except ValueError as error:  # moto refused it: a bad name or policy, or a duplicate
-            raise _ControlError("400 Bad Request", str(error)) from None
+        return _refused_as_400(
+            self._directory.create_principal, name, policy, path, _account_of(spec)
+        )
+
+    def _create_role(self, spec: dict[str, Any]) -> dict[str, str]:
+        assert self._directory is not None
+        account, name, path = spec.get("account"), spec.get("name"), spec.get("path", "/")
+        trust, policy = _document(spec, "trust"), _document(spec, "policy")
+        if not isinstance(account, str) or not account:
+            raise _ControlError("400 Bad Request", "'account' (a 12-digit account id) is required")
+        if not isinstance(name, str) or not name:
+            raise _ControlError("400 Bad Request", "'name' (an IAM role name) is required")
+        if trust is None:
+            raise _ControlError("400 Bad Request", "'trust' (a trust policy) is required")
+        if not isinstance(path, str) or not (path.startswith("/") and path.endswith("/")):
+            raise _ControlError("400 Bad Request", "'path' must begin and end with /")
+        return _refused_as_400(self._directory.create_role, account, name, trust, policy, path)
+
+
+def _account_of(spec: dict[str, Any]) -> str | None:
+    """The optional ``account`` of a request (a JSON field or a query parameter)."""
+    account = spec.get("account")
+    if isinstance(account, list):  # parse_qs
+        account = account[0]
+    if account is not None and not isinstance(account, str):
+        raise _ControlError("400 Bad Request", "'account' must be a 12-digit account id")
+    return account or None
+
+
+def _document(spec: dict[str, Any], field: str) -> str | None:
+    """A policy document given as JSON text or as an object; None when absent."""
+    document = spec.get(field)
+    if isinstance(document, dict):
+        document = json.dumps(document)
+    if document is not None and (not isinstance(document, str) or not document):
+        raise _ControlError("400 Bad Request", f"'{field}' must be a policy document")
+    return document
+
+
+def _refused_as_400(call: Callable[..., _T], *args: Any) -> _T:
+    """Call the directory; what IAM (or the account id) refuses is the caller's 400."""
+    try:
+        return call(*args)
+    except ValueError as error:  # a bad name, account or policy, or a duplicate
+        raise _ControlError("400 Bad Request", str(error)) from None
 
 
 class _ControlError(Exception):

@@ -21,7 +21,7 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.test import Client
 
-from local_iam_server import authorization, strict
+from local_iam_server import accounts, authorization, strict
 from local_iam_server.control import ControlMiddleware, ControlState, ServerClock
 
 # Only the services the product talks to are warmed up; moto routes any other.
@@ -70,23 +70,25 @@ def _reset_moto() -> None:
 
 
 class _MotoDirectory:
-    """The Directory of the control API, over moto's IAM backend."""
+    """The Directory of the control API, over moto's IAM backends (one per account)."""
 
     @staticmethod
-    def _backend() -> Any:
-        return iam_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    def _backend(account: str | None) -> Any:
+        return accounts.backend_of(account or DEFAULT_ACCOUNT_ID)
 
-    def create_user(self, name: str) -> None:
-        self._backend().create_user("us-east-1", name)
+    def create_user(self, name: str, account: str | None = None) -> None:
+        self._backend(account).create_user("us-east-1", name)
 
-    def virtual_devices(self) -> list[dict[str, Any]]:
+    def virtual_devices(self, account: str | None = None) -> list[dict[str, Any]]:
         return [
             {"serial": d.serial_number, "user": d.user.name if d.user else None}
-            for d in self._backend().virtual_mfa_devices.values()
+            for d in self._backend(account).virtual_mfa_devices.values()
         ]
 
-    def create_principal(self, name: str, policy: str, path: str) -> dict[str, str]:
-        backend = self._backend()
+    def create_principal(
+        self, name: str, policy: str, path: str, account: str | None = None
+    ) -> dict[str, str]:
+        backend = self._backend(account)
         try:
             user = backend.create_user("us-east-1", name, path)
             try:
@@ -104,11 +106,20 @@ class _MotoDirectory:
             "secret_access_key": key.secret_access_key,
         }
 
+    def create_role(
+        self, account: str, name: str, trust: str, policy: str | None, path: str
+    ) -> dict[str, str]:
+        try:
+            return accounts.create_role(account, name, trust, policy, path)
+        except accounts.AccountSpecError as error:
+            raise ValueError(str(error)) from None
+
 
 def build_app(state: ControlState) -> ControlMiddleware:
     """Patch moto with the strict rules and wrap its dispatcher in the control layer."""
     strict.install(strict.StrictIamRules(state.clock, state.attempts))
     authorization.install(state.auth)
+    accounts.install()
     dispatcher = DomainDispatcherApplication(create_backend_app)
     _warm_up(dispatcher)
     return ControlMiddleware(dispatcher, state, _reset_moto, _MotoDirectory())

@@ -1,6 +1,9 @@
 """Run the strict local IAM stand-in: moto's server app in its own process.
 
-``python -m local_iam_server [--host 127.0.0.1] [--port 0] [--verbose]``
+``python -m local_iam_server [--host 127.0.0.1] [--port 0] [--tls-dir DIR] [--verbose]``
+
+With ``--tls-dir`` it serves HTTPS with a certificate from a CA of its own, written to
+``DIR/ca.pem`` (for ``AWS_CA_BUNDLE``), and the URL it prints is ``https://``.
 
 Exactly one line goes to stdout, ``local-iam listening on URL``, once the socket accepts
 connections; after that stdout is pointed at stderr, so that nothing moto prints can
@@ -17,6 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from provisioner.adapters.signals import SignalPipe
 
@@ -40,10 +44,10 @@ def _check_host(host: str, allow_non_loopback: bool) -> None:
         )
 
 
-def _url(host: str | bytes | bytearray, port: int) -> str:
+def _url(host: str | bytes | bytearray, port: int, scheme: str = "http") -> str:
     name = bytes(host).decode() if isinstance(host, bytes | bytearray) else host
     shown = f"[{name}]" if ":" in name else name
-    return f"http://{shown}:{port}"
+    return f"{scheme}://{shown}:{port}"
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,6 +61,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--allow-non-loopback",
         action="store_true",
         help="allow binding a non-loopback address (dummy credentials, no auth!)",
+    )
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        help="serve HTTPS; write its own CA to TLS_DIR/ca.pem (for AWS_CA_BUNDLE)",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="log requests and attempts to stderr"
@@ -84,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     state = ControlState.fresh()
     app = build_app(state)
+    ssl_context = None
+    if args.tls_dir is not None:
+        from local_iam_server.tls import server_context
+
+        ssl_context = server_context(args.tls_dir, args.host)
     try:
         server = make_server(
             args.host,
@@ -91,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app,
             threaded=True,
             request_handler=handler_class(state.clock, args.verbose),
+            ssl_context=ssl_context,
         )
     except OSError as error:
         raise SystemExit(f"local-iam: cannot listen on {args.host}:{args.port}: {error}") from None
@@ -105,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serving.start()
     print(
-        f"{LISTENING_PREFIX}{_url(server.server_address[0], server.server_address[1])}", flush=True
+        LISTENING_PREFIX
+        + _url(*server.server_address[:2], scheme="https" if ssl_context else "http"),
+        flush=True,
     )
     # From now on fd 1 is stderr: a parent that read the line may stop reading stdout.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
