@@ -59,8 +59,12 @@ class Device:
 class FakeIam:
     device_limit = 8
 
-    def __init__(self, clock: FakeClock, users: tuple[str, ...] = ("alice",)) -> None:
+    def __init__(
+        self, clock: FakeClock, users: tuple[str, ...] = ("alice",), account: str = ACCOUNT
+    ) -> None:
         self.clock = clock
+        #: Each account's devices get seeds of their own.
+        self.account = account
         self.users: dict[str, list[str]] = {u: [] for u in users}
         self.devices: dict[str, Device] = {}
         self.calls: list[str] = []
@@ -89,7 +93,7 @@ class FakeIam:
         self._enter("user_account")
         if user not in self.users:
             raise UserNotFound(f"IAM user {user} does not exist")
-        return ACCOUNT
+        return self.account
 
     def device_id(self, account: str, path: str, name: str) -> str:
         return f"arn:aws:iam::{account}:mfa{path}{name}"
@@ -108,10 +112,11 @@ class FakeIam:
 
     def create_virtual_mfa_device(self, spec: DeviceSpec) -> tuple[str, Seed]:
         self._enter("create_virtual_mfa_device")
-        arn = f"arn:aws:iam::{ACCOUNT}:mfa{spec.path}{spec.name}"
+        arn = f"arn:aws:iam::{self.account}:mfa{spec.path}{spec.name}"
         if arn in self.devices:
             raise AlreadyExists(f"{arn} exists")
-        seed = bytes(range(1, 41))
+        shift = int(self.account) - int(ACCOUNT)
+        seed = bytes((b + shift) % 256 for b in range(1, 41))
         self.devices[arn] = Device(arn, seed, spec.tags)
         return arn, Seed(seed)
 

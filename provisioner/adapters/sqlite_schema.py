@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS queue (
     enrollment_id INTEGER,
     kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
     old_serial INTEGER,                      -- replace: the token to revoke, if given
-    followed INTEGER NOT NULL DEFAULT 0      -- 1: a client waits on it (enroll, not queue)
+    followed INTEGER NOT NULL DEFAULT 0,     -- 1: a client waits on it (enroll, not queue)
+    accounts TEXT NOT NULL DEFAULT ''        -- enroll in these accounts (a;b); '': all
 );
 CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
 CREATE TABLE IF NOT EXISTS enrollments (
@@ -47,7 +48,10 @@ CREATE TABLE IF NOT EXISTS enrollments (
                                                     -- enabled, confirmed, deleted
     credential_state TEXT NOT NULL DEFAULT 'none',  -- none, maybe, written, deleted
     owner TEXT,                        -- the owning process's token (ownership.py)
-    owner_pid INTEGER                  -- its pid, for the operator
+    owner_pid INTEGER,                 -- its pid, for the operator
+    account TEXT NOT NULL DEFAULT '',  -- the account's name ('': the desk's own)
+    batch INTEGER                      -- the first record of an enrollment in several
+                                       -- accounts: settled together, all or nothing
 );
 CREATE TABLE IF NOT EXISTS token_cleanups (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -67,7 +71,8 @@ CREATE TABLE IF NOT EXISTS audit (
     serial INTEGER,
     device_arn TEXT,
     outcome TEXT,
-    reason TEXT
+    reason TEXT,
+    account TEXT                       -- the account it happened in (NULL: the desk's own)
 );
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
@@ -88,6 +93,10 @@ _ADDED_COLUMNS = (
     ("enrollments", "owner", "TEXT"),
     ("enrollments", "owner_pid", "INTEGER"),
     ("queue", "followed", "INTEGER NOT NULL DEFAULT 0"),
+    ("queue", "accounts", "TEXT NOT NULL DEFAULT ''"),
+    ("enrollments", "account", "TEXT NOT NULL DEFAULT ''"),
+    ("enrollments", "batch", "INTEGER"),
+    ("audit", "account", "TEXT"),
 )
 
 

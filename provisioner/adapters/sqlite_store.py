@@ -24,7 +24,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,6 +108,7 @@ class SqliteStore:
         old_serial: int | None = None,
         followed: bool = False,
         limit: int | None = None,
+        accounts: str = "",
     ) -> QueueEntry:
         """A new request; QueueFull when ``limit`` requests are already open."""
         if kind not in tuple(RequestKind):
@@ -122,10 +123,21 @@ class SqliteStore:
                     )
             cur = db.execute(
                 "INSERT INTO queue (user, serial, requested_by, requested_at, kind, old_serial, "
-                "followed) VALUES (?,?,?,?,?,?,?)",
-                (user, serial, requested_by, self._clock(), kind, old_serial, int(followed)),
+                "followed, accounts) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    user,
+                    serial,
+                    requested_by,
+                    self._clock(),
+                    kind,
+                    old_serial,
+                    int(followed),
+                    accounts,
+                ),
             )
             reason = None if kind is RequestKind.ENROLL else str(kind)
+            if accounts:
+                reason = "; ".join(filter(None, (reason, f"accounts {accounts}")))
             self._audit(db, requested_by, "queued", user=user, serial=serial, reason=reason)
             row = db.execute("SELECT * FROM queue WHERE id = ?", (cur.lastrowid,)).fetchone()
         return QueueEntry.from_row(row)
@@ -263,22 +275,42 @@ class SqliteStore:
         owner: RecordOwner | None = None,
     ) -> int:
         """A new record, owned by ``owner`` (default: this store's owner)."""
+        return self.start_enrollments([("", user)], serial, reader, source, owner=owner)[0]
+
+    def start_enrollments(
+        self,
+        users: Sequence[tuple[str, str]],
+        serial: int | None,
+        reader: str,
+        source: str,
+        *,
+        owner: RecordOwner | None = None,
+    ) -> list[int]:
+        """One record per (account, user; account '' is the desk's own), in one
+        transaction; several name the first as their batch: settled together."""
         owner = owner or self._owner
+        ids: list[int] = []
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO enrollments (user, serial, reader, source, started_at, step, "
-                "owner, owner_pid) VALUES (?,?,?,?,?, 'check', ?,?)",
-                (
-                    user,
-                    serial,
-                    reader,
-                    source,
-                    self._clock(),
-                    owner.token if owner else None,
-                    owner.pid if owner else None,
-                ),
-            )
-            return int(cur.lastrowid or 0)
+            for account, user in users:
+                cur = db.execute(
+                    "INSERT INTO enrollments (user, serial, reader, source, started_at, step, "
+                    "owner, owner_pid, account, batch) VALUES (?,?,?,?,?, 'check', ?,?,?,?)",
+                    (
+                        user,
+                        serial,
+                        reader,
+                        source,
+                        self._clock(),
+                        owner.token if owner else None,
+                        owner.pid if owner else None,
+                        account,
+                        ids[0] if ids else None,
+                    ),
+                )
+                ids.append(int(cur.lastrowid or 0))
+            if len(ids) > 1:
+                db.execute("UPDATE enrollments SET batch = ? WHERE id = ?", (ids[0], ids[0]))
+        return ids
 
     def claim_enrollment(
         self, enrollment_id: int, previous: str | None, owner: RecordOwner | None = None
@@ -343,6 +375,7 @@ class SqliteStore:
                 device_arn=row["device_arn"],
                 outcome=outcome,
                 reason=reason,
+                account=row["account"] or None,
             )
 
     def journal(self, enrollment_id: int) -> EnrollmentJournal:
@@ -439,6 +472,7 @@ class SqliteStore:
         device_arn: str | None = None,
         outcome: str | None = None,
         reason: str | None = None,
+        account: str | None = None,
     ) -> None:
         with self._tx() as db:
             self._audit(
@@ -450,6 +484,7 @@ class SqliteStore:
                 device_arn=device_arn,
                 outcome=outcome,
                 reason=reason,
+                account=account,
             )
 
     def audit_resync(
@@ -492,12 +527,13 @@ class SqliteStore:
         device_arn: str | None = None,
         outcome: str | None = None,
         reason: str | None = None,
+        account: str | None = None,
     ) -> None:
         at = self._clock()
         db.execute(
-            "INSERT INTO audit (at, actor, event, user, serial, device_arn, outcome, reason) "
-            "VALUES (?,?,?,?,?,?,?,?)",
-            (at, actor, event, user, serial, device_arn, outcome, reason),
+            "INSERT INTO audit (at, actor, event, user, serial, device_arn, outcome, reason, "
+            "account) VALUES (?,?,?,?,?,?,?,?,?)",
+            (at, actor, event, user, serial, device_arn, outcome, reason, account),
         )
         audit_log.info(
             "%s",
@@ -511,6 +547,7 @@ class SqliteStore:
                     "device_arn": device_arn,
                     "outcome": outcome,
                     "reason": reason,
+                    **({"account": account} if account else {}),
                 }
             ),
         )

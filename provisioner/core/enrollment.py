@@ -44,9 +44,11 @@ from provisioner.core.model import (
     CredentialSpec,
     DeviceSpec,
     EnrollmentResult,
+    OathState,
     Step,
     StepTiming,
     TagKey,
+    TokenInfo,
     VirtualDevice,
 )
 from provisioner.core.ports import (
@@ -178,17 +180,34 @@ class EnrollmentSettings:
 
 
 @dataclass
-class _Undo:
-    """What this attempt has done so far, so that a failure can undo exactly that."""
+class Leg:
+    """One account's part of an enrollment: what is planned there, and what has been done
+    so far, so that a failure can undo exactly that. The seed lives here from "create
+    device" until the enrollment wipes it."""
 
+    user: str
+    credential: CredentialSpec | None = None
+    device: DeviceSpec | None = None
+    #: The id the device gets when created (recorded before the create).
+    expected_arn: str = ""
+    devices: int = 0
+    # --- done so far
     device_arn: str | None = None
     credential_id: str | None = None
     maybe_enabled: bool = False
+    seed: Seed | None = field(default=None, repr=False)
+    first_step: int = 0
     timings: list[StepTiming] = field(default_factory=list)
+
+    def wipe(self) -> None:
+        if self.seed is not None:
+            self.seed.wipe()
 
 
 class Enrollment:
-    """Enrolls tokens for users against one IAM account."""
+    """Enrolls tokens for users against one directory (one IAM account). The steps are
+    public so that an enrollment in several accounts (core/accounts.py) runs the same
+    steps side by side."""
 
     def __init__(
         self,
@@ -204,56 +223,41 @@ class Enrollment:
         self._progress = progress or NullProgress()
         self._journal = journal or NullJournal()
 
+    @property
+    def settings(self) -> EnrollmentSettings:
+        return self._settings
+
+    @property
+    def progress(self) -> Progress:
+        return self._progress
+
     def run(self, token: TokenSession, user: str) -> EnrollmentResult:
         validation.user_name(user)
         started = self._clock.monotonic()
-        undo = _Undo()
-        seed: Seed | None = None
+        leg = Leg(user)
         current = Step.CHECK
         try:
-            with self._timed(undo, Step.CHECK):
-                credential, device, expected_arn = self._check(token, user)
+            with self.timed(leg, Step.CHECK):
+                oath = check_token(token)
+                self.plan(token.info, oath, leg)
+                check_slots(token.info, oath, 1)
+            self.report_check(token.info, oath, leg)
 
             current = Step.CREATE_DEVICE
-            with self._timed(undo, current):
-                self._journal.record(Fact.DEVICE_REQUESTED, device_arn=expected_arn)
-                try:
-                    arn, seed = self._create(device, expected_arn)
-                except DirectoryError as e:
-                    if e.ambiguous:  # the device may exist though the answer was lost
-                        undo.device_arn = expected_arn
-                    raise
-                undo.device_arn = arn
-                self._journal.record(Fact.DEVICE_CREATED, device_arn=arn)
-            self._progress.step(current, f"virtual MFA device {arn}")
+            self.create(leg)
 
             current = Step.PROGRAM_TOKEN
-            with self._timed(undo, current):
-                # Recorded before the write: a pulled card may or may not have stored it.
-                undo.credential_id = credential.credential_id
-                self._journal.record(
-                    Fact.CREDENTIAL_REQUESTED, credential_id=credential.credential_id
-                )
-                token.put_credential(credential, seed)
-                self._journal.record(Fact.CREDENTIAL_WRITTEN)
-            self._progress.step(
-                current,
-                f"TOTP credential {credential.credential_id} written "
-                f"(touch {'required' if credential.touch else 'not required'})",
-            )
+            self.program(token, leg)
 
             current = Step.ENABLE
-            first_step = self._enable(token, user, arn, credential, seed, undo)
+            self.enable(token, leg)
 
             current = Step.CONFIRM
-            with self._timed(undo, current):
-                self._confirm(user, arn)
-                self._journal.record(Fact.CONFIRMED)
-            self._progress.step(current, f"{user} lists the device")
+            self.confirm(leg)
         except ProvisionerError as e:
             if isinstance(e, AlreadyEnrolled):
                 raise
-            leftovers = self._rollback(token, user, undo)
+            leftovers = self.rollback(token, leg)
             raise EnrollmentFailed(
                 step=current.value,
                 user=user,
@@ -263,19 +267,22 @@ class Enrollment:
             ) from e
         except BaseException:
             # A bug or an interrupt: still undo, then let it propagate as it is.
-            self._rollback(token, user, undo)
+            self.rollback(token, leg)
             raise
         finally:
-            if seed is not None:
-                seed.wipe()
+            leg.wipe()
+        return self.result(token, leg, self._clock.monotonic() - started)
+
+    def result(self, token: TokenSession, leg: Leg, seconds: float) -> EnrollmentResult:
+        assert leg.device_arn is not None and leg.credential is not None
         return EnrollmentResult(
-            user=user,
+            user=leg.user,
             token_serial=token.info.serial,
-            device_arn=arn,
-            credential_id=credential.credential_id,
-            first_step=first_step,
-            seconds=self._clock.monotonic() - started,
-            timings=tuple(undo.timings),
+            device_arn=leg.device_arn,
+            credential_id=leg.credential.credential_id,
+            first_step=leg.first_step,
+            seconds=seconds,
+            timings=tuple(leg.timings),
         )
 
     def complete(
@@ -285,30 +292,20 @@ class Enrollment:
         credential is on the token, the only copy of its seed. No rollback here: if this
         fails, the recovery that called it removes both."""
         started = self._clock.monotonic()
-        undo = _Undo()
         issuer, _, account = credential_id.rpartition(":")
-        credential = CredentialSpec(issuer=issuer, account=account)
-        first_step = self._enable(token, user, arn, credential, None, undo)
+        leg = Leg(user, credential=CredentialSpec(issuer=issuer, account=account))
+        leg.device_arn = arn
+        self.enable(token, leg)
         self._confirm(user, arn)
         self._journal.record(Fact.CONFIRMED)
-        return EnrollmentResult(
-            user=user,
-            token_serial=token.info.serial,
-            device_arn=arn,
-            credential_id=credential_id,
-            first_step=first_step,
-            seconds=self._clock.monotonic() - started,
-            timings=tuple(undo.timings),
-        )
+        return self.result(token, leg, self._clock.monotonic() - started)
 
     # --- the steps ------------------------------------------------------------------
 
-    def _check(self, token: TokenSession, user: str) -> tuple[CredentialSpec, DeviceSpec, str]:
-        """Refuse before creating anything when the enrollment cannot succeed."""
-        info = token.info
-        if not info.has_oath:
-            raise TokenNoOath(f"token {info.label} has no OATH application enabled")
-        oath = token.oath_state()
+    def plan(self, info: TokenInfo, oath: OathState, leg: Leg) -> None:
+        """Name the device and credential, and refuse before anything is created when the
+        enrollment cannot succeed in this directory."""
+        user = leg.user
         account = self._iam.user_account(user)
         devices = self._iam.list_mfa_devices(user)
         credential, device = self._settings.names(
@@ -332,17 +329,53 @@ class Enrollment:
             raise DeviceLimitReached(
                 f"{user} already has {len(devices)} MFA devices, the most IAM allows"
             )
-        if oath.free_slots == 0:
-            raise TokenFull(
-                f"token {info.label} has no free OATH slot "
-                f"({len(oath.credential_ids)} of {oath.capacity} used)"
-            )
+        leg.credential, leg.device, leg.expected_arn = credential, device, arn
+        leg.devices = len(devices)
+
+    def report_check(self, info: TokenInfo, oath: OathState, leg: Leg) -> None:
         self._progress.step(
             Step.CHECK,
             f"token {info.label} (firmware {info.firmware_text}, "
-            f"{oath.free_slots} free OATH slots); {user} has {len(devices)} MFA devices",
+            f"{oath.free_slots} free OATH slots); {leg.user} has {leg.devices} MFA devices",
         )
-        return credential, device, arn
+
+    def create(self, leg: Leg) -> None:
+        """Create the virtual device; its seed is kept in ``leg`` for the credential."""
+        assert leg.device is not None
+        with self.timed(leg, Step.CREATE_DEVICE):
+            self._journal.record(Fact.DEVICE_REQUESTED, device_arn=leg.expected_arn)
+            try:
+                arn, leg.seed = self._create(leg.device, leg.expected_arn)
+            except DirectoryError as e:
+                if e.ambiguous:  # the device may exist though the answer was lost
+                    leg.device_arn = leg.expected_arn
+                raise
+            leg.device_arn = arn
+            self._journal.record(Fact.DEVICE_CREATED, device_arn=arn)
+        self._progress.step(Step.CREATE_DEVICE, f"virtual MFA device {arn}")
+
+    def program(self, token: TokenSession, leg: Leg) -> None:
+        """Write the credential into the token."""
+        credential, seed = leg.credential, leg.seed
+        assert credential is not None and seed is not None
+        with self.timed(leg, Step.PROGRAM_TOKEN):
+            # Recorded before the write: a pulled card may or may not have stored it.
+            leg.credential_id = credential.credential_id
+            self._journal.record(Fact.CREDENTIAL_REQUESTED, credential_id=credential.credential_id)
+            token.put_credential(credential, seed)
+            self._journal.record(Fact.CREDENTIAL_WRITTEN)
+        self._progress.step(
+            Step.PROGRAM_TOKEN,
+            f"TOTP credential {credential.credential_id} written "
+            f"(touch {'required' if credential.touch else 'not required'})",
+        )
+
+    def confirm(self, leg: Leg) -> None:
+        assert leg.device_arn is not None
+        with self.timed(leg, Step.CONFIRM):
+            self._confirm(leg.user, leg.device_arn)
+            self._journal.record(Fact.CONFIRMED)
+        self._progress.step(Step.CONFIRM, f"{leg.user} lists the device")
 
     def _create(self, device: DeviceSpec, arn: str) -> tuple[str, Seed]:
         try:
@@ -362,33 +395,29 @@ class Enrollment:
         self._progress.notice(f"deleted unusable unassigned device {arn} left from earlier")
         return self._iam.create_virtual_mfa_device(device)
 
-    def _enable(
-        self,
-        token: TokenSession,
-        user: str,
-        arn: str,
-        credential: CredentialSpec,
-        seed: Seed | None,
-        undo: _Undo,
-    ) -> int:
-        """Compute fresh codes and enable; retried only where AWS says "try again"."""
+    def enable(self, token: TokenSession, leg: Leg, codes: CodePair | None = None) -> None:
+        """Compute fresh codes (or use ``codes``, computed for several accounts in one
+        pass) and enable; retried only where AWS says "try again"."""
+        user, arn, credential = leg.user, leg.device_arn, leg.credential
+        assert arn is not None and credential is not None
         attempts = max(1, self._settings.enable_attempts)
         for attempt in range(1, attempts + 1):
-            with self._timed(undo, Step.COMPUTE_CODES):
-                codes = self._codes(token, credential, seed)
+            if codes is None or attempt > 1:
+                with self.timed(leg, Step.COMPUTE_CODES):
+                    codes = self._codes(token, credential, leg.seed)
             self._progress.step(
                 Step.COMPUTE_CODES,
                 f"codes for time steps {codes.first_step} and {codes.first_step + 1} "
                 f"computed on the token ({codes.seconds_left:.0f} s left to submit)",
             )
             try:
-                with self._timed(undo, Step.ENABLE):
-                    undo.maybe_enabled = True
+                with self.timed(leg, Step.ENABLE):
+                    leg.maybe_enabled = True
                     self._journal.record(Fact.ENABLE_REQUESTED)
                     self._iam.enable_mfa_device(user, arn, codes.first, codes.second)
                     self._journal.record(Fact.ENABLED)
             except (ChangeInProgress, ConcurrentChange) as e:
-                undo.maybe_enabled = False
+                leg.maybe_enabled = False
                 if attempt == attempts:
                     raise
                 self._progress.notice(f"IAM says {e.code}; trying again with fresh codes")
@@ -397,16 +426,17 @@ class Enrollment:
             except DirectoryError as e:
                 # A lost answer, or a retry that found its own first try done: look.
                 if not (e.ambiguous or isinstance(e, AlreadyExists)):
-                    undo.maybe_enabled = False
+                    leg.maybe_enabled = False
                     raise
                 if arn not in self._iam.list_mfa_devices(user):
-                    undo.maybe_enabled = False
+                    leg.maybe_enabled = False
                     if e.ambiguous and attempt < attempts:
                         continue
                     raise
                 self._journal.record(Fact.ENABLED)
             self._progress.step(Step.ENABLE, f"device enabled for {user}")
-            return codes.first_step
+            leg.first_step = codes.first_step
+            return
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _codes(
@@ -426,28 +456,33 @@ class Enrollment:
 
     # --- undo -----------------------------------------------------------------------
 
-    def _rollback(self, token: TokenSession, user: str, undo: _Undo) -> tuple[str, ...]:
+    def rollback(self, token: TokenSession, leg: Leg) -> tuple[str, ...]:
         """Undo in reverse order; return what could not be undone, in the operator's words."""
-        left: list[str] = []
-        arn = undo.device_arn
-        if arn is not None:
-            try:
-                self._remove_device(user, arn, undo.maybe_enabled)
-                self._progress.step(Step.ROLLBACK, f"deleted virtual MFA device {arn}")
-            except ProvisionerError as e:
-                left.append(f"virtual MFA device {arn} ({e.message})")
-        if undo.credential_id is not None:
-            try:
-                if self._delete_credential(token, undo.credential_id):
-                    self._progress.step(
-                        Step.ROLLBACK,
-                        f"deleted credential {undo.credential_id} from token {token.info.label}",
-                    )
-            except ProvisionerError as e:
-                left.append(
-                    f"credential {undo.credential_id} on token {token.info.label} ({e.message})"
+        return self.rollback_device(leg) + self.rollback_credential(token, leg)
+
+    def rollback_device(self, leg: Leg) -> tuple[str, ...]:
+        arn = leg.device_arn
+        if arn is None:
+            return ()
+        try:
+            self._remove_device(leg.user, arn, leg.maybe_enabled)
+        except ProvisionerError as e:
+            return (f"virtual MFA device {arn} ({e.message})",)
+        self._progress.step(Step.ROLLBACK, f"deleted virtual MFA device {arn}")
+        return ()
+
+    def rollback_credential(self, token: TokenSession, leg: Leg) -> tuple[str, ...]:
+        if leg.credential_id is None:
+            return ()
+        try:
+            if self._delete_credential(token, leg.credential_id):
+                self._progress.step(
+                    Step.ROLLBACK,
+                    f"deleted credential {leg.credential_id} from token {token.info.label}",
                 )
-        return tuple(left)
+        except ProvisionerError as e:
+            return (f"credential {leg.credential_id} on token {token.info.label} ({e.message})",)
+        return ()
 
     def _remove_device(self, user: str, arn: str, maybe_enabled: bool) -> None:
         if maybe_enabled:
@@ -484,8 +519,31 @@ class Enrollment:
 
     # --- timing ---------------------------------------------------------------------
 
-    def _timed(self, undo: _Undo, step: Step) -> _Timer:
-        return _Timer(self._clock, undo.timings, step)
+    def timed(self, leg: Leg, step: Step) -> _Timer:
+        return _Timer(self._clock, leg.timings, step)
+
+
+def check_token(token: TokenSession) -> OathState:
+    """The token's own check: an OATH applet, opened (and unlocked)."""
+    info = token.info
+    if not info.has_oath:
+        raise TokenNoOath(f"token {info.label} has no OATH application enabled")
+    return token.oath_state()
+
+
+def check_slots(info: TokenInfo, oath: OathState, needed: int) -> None:
+    """Refuse when the token has fewer free OATH slots than the credentials to write."""
+    if oath.free_slots >= needed:
+        return
+    if needed == 1:
+        raise TokenFull(
+            f"token {info.label} has no free OATH slot "
+            f"({len(oath.credential_ids)} of {oath.capacity} used)"
+        )
+    raise TokenFull(
+        f"token {info.label} has {oath.free_slots} free OATH slots, {needed} are needed "
+        f"({len(oath.credential_ids)} of {oath.capacity} used)"
+    )
 
 
 def codes_on_token(

@@ -218,19 +218,27 @@ class EnrollmentFailed(ProvisionerError):
         token: str,
         cause: ProvisionerError,
         leftovers: tuple[str, ...] = (),
+        account: str | None = None,
+        accounts: tuple[str, ...] = (),
     ) -> None:
         self.step = step
         self.user = user
         self.token = token
         self.cause = cause
         self.leftovers = leftovers
+        #: The account the step failed in, and every account the enrollment was in (an
+        #: enrollment in several accounts is undone in all of them).
+        self.account = account
+        self.accounts = accounts
+        everywhere = f" in every account ({', '.join(accounts)})" if len(accounts) > 1 else ""
         outcome = (
             "NOT fully rolled back, left behind: " + "; ".join(leftovers)
             if leftovers
-            else "rolled back, nothing left behind"
+            else f"rolled back{everywhere}, nothing left behind"
         )
+        where = f" in account {account}" if account else ""
         super().__init__(
-            f"enrollment of {user} on token {token} failed at step '{step}': "
+            f"enrollment of {user} on token {token} failed at step '{step}'{where}: "
             f"{cause.message}; {outcome}",
             hint=cause.hint,
         )

@@ -12,7 +12,11 @@ runs is not a leftover: it is left alone, and so is its device. Any other is tak
 - a credential that may be on the token while its device is gone: removed now if the
   token is present, else the next time the token is seen.
 
-Then the sweep: unassigned virtual devices under the desk's path carrying the tool's tag
+An enrollment in several accounts (a batch of records, one per account) is settled all
+or nothing: finished in every account (the user already has some devices enabled, the
+token holds the other credentials), else undone in every account, enabled devices too.
+
+Then the sweep, in every account the desk serves: unassigned virtual devices under the desk's path carrying the tool's tag
 (left by whatever cause: a process killed before it recorded its enrollment, another
 desk's crash) are listed and, unless told not to, deleted. By default only this desk's;
 ``all_desks`` widens it. A device younger than ``min_age`` (by the creation time the desk
@@ -22,15 +26,25 @@ unless an ended enrollment here says it left that device behind (a failed rollba
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from provisioner.core.enrollment import TOOL_TAG, Enrollment, created_at
-from provisioner.core.errors import NotFound, ProvisionerError, ReconcileFailed
+from provisioner.core.errors import ConfigError, NotFound, ProvisionerError, ReconcileFailed
 from provisioner.core.messages import Outcome
 from provisioner.core.model import TagKey, VirtualDevice
 from provisioner.core.ports import Fact, IamDirectory, TokenFinder
 from provisioner.core.store import DeskStore, EnrollmentRecord
+
+
+@dataclass(frozen=True)
+class AccountDirectory:
+    """An account recovery works in: its directory, the desk's device path there, and an
+    enrollment in it writing to a record's journal (to finish what a crash cut short)."""
+
+    directory: IamDirectory
+    device_path: str
+    enrollment: Callable[[int], Enrollment]
 
 
 @dataclass(frozen=True)
@@ -58,12 +72,16 @@ class Recovery:
         owner_alive: Callable[[str], bool] = lambda owner: False,
         now: Callable[[], float] | None = None,
         min_age: float = 0.0,
+        accounts: Mapping[str, AccountDirectory] | None = None,
     ) -> None:
-        self._iam = iam
+        """``iam``, ``enrollment`` and ``device_path`` are the desk's own account's (its
+        records name account ''); ``accounts`` the named accounts the desk serves. The
+        sweep covers the named accounts when there are any, else the desk's own."""
+        own = AccountDirectory(iam, device_path, enrollment)
+        self._accounts: dict[str, AccountDirectory] = {"": own, **(accounts or {})}
+        self._swept = dict(accounts) if accounts else {"": own}
         self._store = store
-        self._enrollment = enrollment
         self._find_token = find_token
-        self._path = device_path
         self._desk = desk
         self._owner_alive = owner_alive
         self._now = now
@@ -84,24 +102,24 @@ class Recovery:
         busy_arns: set[str] = set()
         step = "read the unfinished enrollments"
         try:
-            for record in self._store.unfinished_enrollments():
-                owner = record.owner
-                running = record.id in busy or (owner is not None and self._owner_alive(owner))
-                if not running and not dry_run:
-                    # Taken over before anything is done: another recovery now leaves it alone.
-                    running = not self._store.claim_enrollment(record.id, owner)
-                if running:
-                    if record.device_arn:
-                        busy_arns.add(record.device_arn)
-                    if record.id not in busy:
-                        actions.append(_left_alone(record))
+            for group in _batches(self._store.unfinished_enrollments()):
+                if not self._take(group, busy, dry_run):
+                    for record in group:
+                        if record.device_arn:
+                            busy_arns.add(record.device_arn)
+                        if record.id not in busy:
+                            actions.append(_left_alone(record))
                     continue
-                step = f"settle enrollment #{record.id} of {record.user}"
+                step = f"settle {_settling(group)}"
                 try:
-                    actions.extend(self._recover(record, dry_run))
+                    if len(group) == 1:
+                        actions.extend(self._recover(group[0], dry_run))
+                    else:
+                        actions.extend(self._recover_batch(group, dry_run))
                 except BaseException:
                     if not dry_run:  # unsettled: handed back for the next recovery to take
-                        self._store.release_enrollment(record.id)
+                        for record in group:
+                            self._store.release_enrollment(record.id)
                     raise
             step = "sweep orphaned devices"
             actions.extend(self._sweep(dry_run, delete_orphans, all_desks, frozenset(busy_arns)))
@@ -116,17 +134,46 @@ class Recovery:
                         self._store.audit("reconcile", "recovered", reason=action.text)
         return actions
 
+    def _take(self, group: list[EnrollmentRecord], busy: frozenset[int], dry_run: bool) -> bool:
+        """Whether this recovery settles ``group`` (one enrollment's records): none of them
+        is running, and (unless a dry run) every one was taken over here first, so that
+        another recovery now leaves them alone."""
+        for record in group:
+            owner = record.owner
+            if record.id in busy or (owner is not None and self._owner_alive(owner)):
+                return False
+        if dry_run:
+            return True
+        taken: list[EnrollmentRecord] = []
+        for record in group:
+            if not self._store.claim_enrollment(record.id, record.owner):
+                for mine in taken:
+                    self._store.release_enrollment(mine.id)
+                return False
+            taken.append(record)
+        return True
+
+    def _account(self, r: EnrollmentRecord) -> AccountDirectory:
+        where = self._accounts.get(r.account)
+        if where is None:
+            raise ConfigError(
+                f"{_label(r)} is in account {r.account}, which this desk no longer serves",
+                hint="add the account back to [[accounts]] and reconcile again",
+            )
+        return where
+
     # --- one unfinished enrollment ------------------------------------------------------
 
     def _recover(self, r: EnrollmentRecord, dry_run: bool) -> list[Action]:
         eid, user, serial = r.id, r.user, r.serial
         arn, cred = r.device_arn, r.credential_id
-        label = f"enrollment #{eid} of {user} on token {serial}"
+        label = _label(r)
+        where = self._account(r)
         device_may_exist = r.device_state.may_exist and arn
         credential_may_exist = r.credential_state.may_exist and cred
         if device_may_exist:
             try:
-                if arn in self._iam.list_mfa_devices(user):
+                if arn in where.directory.list_mfa_devices(user):
                     if not dry_run:
                         self._store.record_fact(eid, Fact.CONFIRMED)
                         self._store.finish_enrollment(
@@ -149,11 +196,11 @@ class Recovery:
             ]
         actions: list[Action] = []
         if device_may_exist and credential_may_exist and serial is not None:
-            finished = self._finish(eid, user, int(serial), str(arn), str(cred), label)
+            finished = self._finish(where, eid, user, int(serial), str(arn), str(cred), label)
             if finished is not None:
                 return [finished]
         if device_may_exist:
-            actions.append(self._delete_device(eid, str(arn), label))
+            actions.append(self._delete_device(where, eid, str(arn), label))
         if credential_may_exist and serial is not None:
             actions.append(self._remove_credential(eid, int(serial), str(cred), label))
         outcome = (
@@ -167,10 +214,17 @@ class Recovery:
         return actions or [Action(f"{label}: nothing had been created; closed", eid)]
 
     def _finish(
-        self, eid: int, user: str, serial: int, arn: str, cred: str, label: str
+        self,
+        where: AccountDirectory,
+        eid: int,
+        user: str,
+        serial: int,
+        arn: str,
+        cred: str,
+        label: str,
     ) -> Action | None:
         exists = any(
-            d.serial_number == arn for d in self._iam.list_virtual_mfa_devices(assigned=False)
+            d.serial_number == arn for d in where.directory.list_virtual_mfa_devices(assigned=False)
         )
         if not exists:
             return None
@@ -180,7 +234,7 @@ class Recovery:
             try:
                 if cred not in token.oath_state().credential_ids:
                     return None
-                result = self._enrollment(eid).complete(token, user, arn, cred)
+                result = where.enrollment(eid).complete(token, user, arn, cred)
             except ProvisionerError as e:
                 self._store.audit(
                     "reconcile",
@@ -200,9 +254,9 @@ class Recovery:
         )
         return Action(f"{label}: finished with the credential on the token; {arn} enabled", eid)
 
-    def _delete_device(self, eid: int, arn: str, label: str) -> Action:
+    def _delete_device(self, where: AccountDirectory, eid: int, arn: str, label: str) -> Action:
         try:
-            self._iam.delete_virtual_mfa_device(arn)
+            where.directory.delete_virtual_mfa_device(arn)
         except NotFound:
             self._store.record_fact(eid, Fact.DEVICE_DELETED)
             return Action(f"{label}: {arn} was never created", eid)
@@ -226,26 +280,152 @@ class Recovery:
             f"{label}: {cred} will be removed from token {serial} when it is next plugged in", eid
         )
 
+    # --- an enrollment in several accounts -------------------------------------------
+
+    def _recover_batch(self, group: list[EnrollmentRecord], dry_run: bool) -> list[Action]:
+        """All or nothing: finished in every account, or undone in every account."""
+        label = _batch_label(group)
+        enabled = {r.id: self._enabled(r) for r in group}
+        if all(enabled.values()):
+            for r in group:
+                if not dry_run:
+                    self._store.record_fact(r.id, Fact.CONFIRMED)
+                    self._store.finish_enrollment(
+                        r.id,
+                        outcome=Outcome.ENROLLED,
+                        actor="reconcile",
+                        device_arn=r.device_arn,
+                        reason="found enabled in every account after a restart",
+                    )
+            return [Action(f"{label}: enabled in every account; recorded as done", group[0].id)]
+        if dry_run:
+            return [
+                Action(
+                    f"{label}: would finish it in every account if the token is present, "
+                    "else undo it in every account",
+                    group[0].id,
+                )
+            ]
+        done: list[Action] = []
+        finished: set[int] = {r.id for r in group if enabled[r.id]}
+        if all(r.id in finished or _finishable(r) for r in group):
+            for r in group:
+                if r.id in finished:
+                    continue
+                action = self._finish(
+                    self._account(r),
+                    r.id,
+                    r.user,
+                    int(r.serial or 0),
+                    str(r.device_arn),
+                    str(r.credential_id),
+                    _label(r),
+                )
+                if action is None:
+                    break
+                done.append(action)
+                finished.add(r.id)
+        if len(finished) == len(group):
+            for r in group:
+                if enabled[r.id]:
+                    self._store.record_fact(r.id, Fact.CONFIRMED)
+                    self._store.finish_enrollment(
+                        r.id,
+                        outcome=Outcome.ENROLLED,
+                        actor="reconcile",
+                        device_arn=r.device_arn,
+                        reason="found enabled after a restart",
+                    )
+            return [*done, Action(f"{label}: finished in every account", group[0].id)]
+        return [*done, *self._undo_batch(group, finished | set(enabled_ids(enabled)))]
+
+    def _enabled(self, r: EnrollmentRecord) -> bool:
+        if not (r.device_state.may_exist and r.device_arn):
+            return False
+        try:
+            return r.device_arn in self._account(r).directory.list_mfa_devices(r.user)
+        except NotFound:
+            return False
+
+    def _undo_batch(self, group: list[EnrollmentRecord], assigned: set[int]) -> list[Action]:
+        """Undo every account's part: the assigned devices deactivated first."""
+        actions: list[Action] = []
+        for r in group:
+            where, label = self._account(r), _label(r)
+            mine: list[Action] = []
+            arn, cred, serial = r.device_arn, r.credential_id, r.serial
+            if arn and (r.id in assigned or r.device_state.may_exist):
+                if r.id in assigned:
+                    failed = self._deactivate(where, r, label)
+                    if failed is not None:
+                        mine.append(failed)
+                if not mine:
+                    mine.append(self._delete_device(where, r.id, arn, label))
+            if cred and serial is not None and (r.id in assigned or r.credential_state.may_exist):
+                mine.append(self._remove_credential(r.id, int(serial), cred, label))
+            outcome = (
+                Outcome.FAILED_NOT_ROLLED_BACK
+                if any(a.failed for a in mine)
+                else Outcome.ROLLED_BACK
+            )
+            self._store.finish_enrollment(
+                r.id,
+                outcome=outcome,
+                actor="reconcile",
+                reason="interrupted; undone in every account after a restart "
+                "(not every account could be finished)",
+            )
+            actions.extend(mine or [Action(f"{label}: nothing had been created; closed", r.id)])
+        return actions
+
+    def _deactivate(
+        self, where: AccountDirectory, r: EnrollmentRecord, label: str
+    ) -> Action | None:
+        try:
+            where.directory.deactivate_mfa_device(r.user, str(r.device_arn))
+        except NotFound:
+            return None
+        except ProvisionerError as e:
+            return Action(
+                f"{label}: could not deactivate {r.device_arn}: {e.one_line()}", r.id, failed=True
+            )
+        self._store.record_fact(r.id, Fact.DEVICE_DEACTIVATED)
+        return None
+
     # --- orphans ------------------------------------------------------------------------
 
     def orphans(
         self, all_desks: bool = False, busy: frozenset[str] = frozenset()
     ) -> list[VirtualDevice]:
-        return [
-            d
-            for d in self._iam.list_virtual_mfa_devices(assigned=False)
-            if self._iam.under_path(d.serial_number, self._path)
-            and d.tag(TagKey.TOOL) == TOOL_TAG
-            and (all_desks or d.tag(TagKey.DESK) == self._desk)
-            and d.serial_number not in busy
-        ]
+        """Unassigned devices of this desk (of every desk: ``all_desks``) in every account
+        it serves."""
+        return [d for _, d in self._orphans(all_desks, busy)]
+
+    def _orphans(
+        self, all_desks: bool, busy: frozenset[str]
+    ) -> list[tuple[AccountDirectory, VirtualDevice]]:
+        found: list[tuple[AccountDirectory, VirtualDevice]] = []
+        seen: set[str] = set()
+        for where in self._swept.values():
+            iam = where.directory
+            for d in iam.list_virtual_mfa_devices(assigned=False):
+                if (
+                    iam.under_path(d.serial_number, where.device_path)
+                    and d.tag(TagKey.TOOL) == TOOL_TAG
+                    and (all_desks or d.tag(TagKey.DESK) == self._desk)
+                    and d.serial_number not in busy
+                    and d.serial_number not in seen  # two names for one account
+                ):
+                    seen.add(d.serial_number)
+                    found.append((where, d))
+        return found
 
     def _sweep(
         self, dry_run: bool, delete: bool, all_desks: bool, busy: frozenset[str]
     ) -> list[Action]:
         actions = []
         left_behind = self._store.left_behind()
-        for device in self.orphans(all_desks, busy):
+        for where, device in self._orphans(all_desks, busy):
             who = (
                 f"{device.tag('provisioner:user')} on token "
                 f"{device.tag('provisioner:token-serial')}, desk {device.tag('provisioner:desk')}"
@@ -267,7 +447,7 @@ class Recovery:
                 actions.append(Action(f"orphaned device {device.serial_number} ({who}): {verb}"))
                 continue
             try:
-                self._iam.delete_virtual_mfa_device(device.serial_number)
+                where.directory.delete_virtual_mfa_device(device.serial_number)
             except NotFound:
                 continue
             except ProvisionerError as e:
@@ -290,12 +470,56 @@ class Recovery:
         return max(0.0, self._now() - created)
 
 
+def enabled_ids(enabled: Mapping[int, bool]) -> list[int]:
+    return [eid for eid, yes in enabled.items() if yes]
+
+
+def _finishable(r: EnrollmentRecord) -> bool:
+    """The device may exist and the token may hold its credential: finish it with codes."""
+    return bool(
+        r.device_state.may_exist
+        and r.device_arn
+        and r.credential_state.may_exist
+        and r.credential_id
+        and r.serial is not None
+    )
+
+
+def _batches(records: list[EnrollmentRecord]) -> list[list[EnrollmentRecord]]:
+    """The records grouped by the enrollment they belong to, in the order first seen."""
+    groups: dict[int, list[EnrollmentRecord]] = {}
+    for r in records:
+        groups.setdefault(r.batch if r.batch is not None else -r.id, []).append(r)
+    return list(groups.values())
+
+
+def _batch_label(group: list[EnrollmentRecord]) -> str:
+    first = group[0]
+    accounts = ", ".join(r.account for r in group)
+    return (
+        f"enrollment #{first.batch} of {first.user} in accounts {accounts} on token {first.serial}"
+    )
+
+
+def _settling(group: list[EnrollmentRecord]) -> str:
+    r = group[0]
+    if len(group) > 1:
+        return (
+            f"enrollment #{r.batch} of {r.user} in accounts {', '.join(x.account for x in group)}"
+        )
+    return f"enrollment #{r.id} of {r.user}" + (f" in account {r.account}" if r.account else "")
+
+
+def _label(r: EnrollmentRecord) -> str:
+    account = f" in account {r.account}" if r.account else ""
+    return f"enrollment #{r.id} of {r.user}{account} on token {r.serial}"
+
+
 def _left_alone(record: EnrollmentRecord) -> Action:
     pid = record.owner_pid
     where = f"in process {pid}" if pid is not None else "in the desk daemon"
     return Action(
-        f"enrollment #{record.id} of {record.user} on token {record.serial}: "
-        f"in progress {where}; left alone",
+        f"{_label(record)}: in progress {where}; left alone",
         record.id,
         done=False,
     )

@@ -10,7 +10,7 @@ before they existed reads the same.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Protocol, Self
@@ -120,6 +120,8 @@ class QueueEntry(_Record):
     #: A client follows it to its end (`provisioner enroll`, not `queue`): when that
     #: client is gone for good (a daemon restart), so is the request.
     followed: bool = False
+    #: The accounts to enroll in, ``a;b`` ('': every account the desk serves).
+    accounts: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", RequestState(self.state))
@@ -148,6 +150,10 @@ class EnrollmentRecord(_Record):
     #: The owning process's token (None: recorded before owners existed) and its pid.
     owner: str | None = None
     owner_pid: int | None = None
+    #: The account's name ('': the desk's own), and the first record of the enrollment
+    #: in several accounts this one belongs to (None: alone).
+    account: str = ""
+    batch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device_state", DeviceState(self.device_state))
@@ -182,6 +188,7 @@ class AuditRecord(_Record):
     device_arn: str | None
     outcome: str | None
     reason: str | None
+    account: str | None = None
 
 
 class RecordsFacts(Protocol):
@@ -232,6 +239,7 @@ class DeskStore(Protocol):
         old_serial: int | None = None,
         followed: bool = False,
         limit: int | None = None,
+        accounts: str = "",
     ) -> QueueEntry: ...
 
     def waiting(self, limit: int | None = None) -> list[QueueEntry]: ...
@@ -266,6 +274,18 @@ class DeskStore(Protocol):
         *,
         owner: RecordOwner | None = None,
     ) -> int: ...
+
+    def start_enrollments(
+        self,
+        users: Sequence[tuple[str, str]],
+        serial: int | None,
+        reader: str,
+        source: str,
+        *,
+        owner: RecordOwner | None = None,
+    ) -> list[int]:
+        """One record per (account, user), created together, settled together."""
+        ...
 
     def claim_enrollment(
         self, enrollment_id: int, previous: str | None, owner: RecordOwner | None = None
@@ -322,6 +342,7 @@ class DeskStore(Protocol):
         device_arn: str | None = None,
         outcome: str | None = None,
         reason: str | None = None,
+        account: str | None = None,
     ) -> None: ...
 
     def audit_resync(
