@@ -35,6 +35,7 @@ from provisioner.core.errors import (
     InvalidInput,
     ProvisionerError,
 )
+from provisioner.core.messages import Outcome
 from provisioner.core.model import (
     CodePair,
     CredentialSpec,
@@ -43,7 +44,6 @@ from provisioner.core.model import (
     Step,
     TokenInfo,
 )
-from provisioner.core.messages import Outcome
 from provisioner.core.ports import Journal, NullProgress, Progress, TokenSession
 from provisioner.core.secret import Seed
 from provisioner.core.store import DeskStore, RecordOwner
