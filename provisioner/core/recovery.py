@@ -18,8 +18,8 @@ token holds the other credentials), else undone in every account, enabled device
 
 Then the sweep, in every account the desk serves: unassigned virtual devices under the
 desk's path carrying the tool's tag (left by whatever cause: a process killed before it
-recorded its enrollment, another desk's crash) are listed and, unless told not to, deleted. By default only this desk's;
-``all_desks`` widens it. A device younger than ``min_age`` (by the creation time the desk
+recorded its enrollment, another desk's crash) are listed and, unless told not to,
+deleted. By default only this desk's; ``all_desks`` widens it. A device younger than ``min_age`` (by the creation time the desk
 tags it with; IAM keeps none) is kept: an enrollment elsewhere may be about to enable it,
 unless an ended enrollment here says it left that device behind (a failed rollback).
 """
