@@ -19,9 +19,10 @@ token holds the other credentials), else undone in every account, enabled device
 Then the sweep, in every account the desk serves: unassigned virtual devices under the
 desk's path carrying the tool's tag (left by whatever cause: a process killed before it
 recorded its enrollment, another desk's crash) are listed and, unless told not to,
-deleted. By default only this desk's; ``all_desks`` widens it. A device younger than ``min_age`` (by the creation time the desk
-tags it with; IAM keeps none) is kept: an enrollment elsewhere may be about to enable it,
-unless an ended enrollment here says it left that device behind (a failed rollback).
+deleted. By default only this desk's; ``all_desks`` widens it. A device younger than
+``min_age`` (by the creation time the desk tags it with; IAM keeps none) is kept: an
+enrollment elsewhere may be about to enable it, unless an ended enrollment here says it
+left that device behind (a failed rollback).
 """
 
 from __future__ import annotations
