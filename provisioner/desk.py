@@ -7,6 +7,7 @@ that all of them enroll the same way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +16,18 @@ from provisioner.adapters.ownership import alive
 from provisioner.adapters.sqlite_schema import STATE_FILE
 from provisioner.adapters.sqlite_store import SqliteStore
 from provisioner.adapters.yubikey import find_by_serial
-from provisioner.config import Config
+from provisioner.config import AccountConfig, Config
+from provisioner.core.accounts import (
+    Account,
+    AccountPlan,
+    AccountProgress,
+    AccountsEnrollment,
+)
 from provisioner.core.clock import AwsClock
-from provisioner.core.enrollment import Enrollment
+from provisioner.core.enrollment import Enrollment, EnrollmentSettings
 from provisioner.core.lifecycle import Lifecycle
-from provisioner.core.ports import Journal, Progress
-from provisioner.core.recovery import Recovery
+from provisioner.core.ports import Journal, NullProgress, Progress
+from provisioner.core.recovery import AccountDirectory, Recovery
 from provisioner.core.store import DeskStore, RecordOwner
 
 log = logging.getLogger("provisioner")
@@ -79,6 +86,14 @@ class Desk:
             owner_alive=lambda owner: alive(self.config.daemon.state_path(), owner),
             now=self.clock.now,
             min_age=self.config.daemon.orphan_min_age,
+            accounts={a.name: self._recovery_account(a, store) for a in self.config.accounts},
+        )
+
+    def _recovery_account(self, account: AccountConfig, store: DeskStore) -> AccountDirectory:
+        return AccountDirectory(
+            self.directory(account),
+            self.config.enrollment_settings(account).device_path,
+            lambda eid: self.account_enrollment(account, journal=store.journal(eid)),
         )
 
     def lifecycle(self, progress: Progress | None = None) -> Lifecycle:
@@ -90,4 +105,56 @@ class Desk:
     ) -> Enrollment:
         return Enrollment(
             self.iam, self.clock, self.config.enrollment_settings(), progress, journal
+        )
+
+    # --- several accounts ([[accounts]]) -------------------------------------------------
+
+    def every_settings(self) -> list[EnrollmentSettings]:
+        """The settings of every account the desk serves (its own when it names none):
+        how its credentials on a token are named."""
+        if not self.config.accounts:
+            return [self.config.enrollment_settings()]
+        return [self.config.enrollment_settings(a) for a in self.config.accounts]
+
+    def account_plans(self, person: str, accounts: Sequence[AccountConfig]) -> list[AccountPlan]:
+        """Each account with the IAM user ``person`` is there (its user_name template)."""
+        return [AccountPlan(a.name, a.iam_user(person)) for a in accounts]
+
+    def account_enrollment(
+        self,
+        account: AccountConfig,
+        progress: Progress | None = None,
+        journal: Journal | None = None,
+    ) -> Enrollment:
+        """One account's enrollment: its directory (the role assumed there), its settings."""
+        return Enrollment(
+            self.directory(account),
+            self.clock,
+            self.config.enrollment_settings(account),
+            progress,
+            journal,
+        )
+
+    def accounts_enrollment(
+        self,
+        person: str,
+        accounts: Sequence[AccountConfig],
+        progress: Progress | None,
+        journal: Callable[[str], Journal],
+    ) -> AccountsEnrollment:
+        """``person`` enrolled in every one of ``accounts`` at once, each account's steps
+        written to ``journal(name)``."""
+        progress = progress or NullProgress()
+        return AccountsEnrollment(
+            [
+                Account(
+                    a.name,
+                    a.iam_user(person),
+                    self.account_enrollment(a, AccountProgress(progress, a.name), journal(a.name)),
+                )
+                for a in accounts
+            ],
+            self.clock,
+            progress,
+            margin=self.config.enrollment.margin_seconds,
         )

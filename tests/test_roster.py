@@ -18,9 +18,18 @@ def test_reads_serials_and_users_in_any_column_order() -> None:
     assert roster.user_for(1) is None and roster.user_for(None) is None
 
 
+def test_an_accounts_column_names_the_accounts_each_token_is_enrolled_in() -> None:
+    roster = parse("serial,user,accounts\n1,alice,prod;dev\n2,bob,\n", "r.csv")
+    assert roster.accounts_for(1) == "prod,dev"
+    assert roster.accounts_for(2) == ""  # every account the desk serves
+    assert roster.accounts_for(None) == "" and roster.accounts_for(3) == ""
+
+
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
+        ("serial,user,accounts\n1,alice,prod;pr od\n", "r.csv:2: 'pr od' is not a valid account"),
+        ("serial,user,accounts\n1,alice,prod;prod\n", "r.csv:2: account prod is named twice"),
         ("serial,user\n1,alice\n1,bob\n", "r.csv:3: serial 1 is listed twice"),
         ("serial,user\n1,alice\n2,alice\n", "r.csv:3: user alice is listed twice"),
         ("serial,user\n1,alice smith\n", "r.csv:2: 'alice smith' is not a valid IAM user name"),

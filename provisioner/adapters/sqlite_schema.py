@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS queue (
     kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
     old_serial INTEGER,                      -- replace: the token to revoke, if given
     followed INTEGER NOT NULL DEFAULT 0,     -- 1: a client waits on it (enroll, not queue)
-    accounts TEXT NOT NULL DEFAULT ''        -- enroll in these accounts (a;b); '': all
+    accounts TEXT NOT NULL DEFAULT ''        -- enroll in these accounts (a,b); '': all
 );
 CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
 CREATE TABLE IF NOT EXISTS enrollments (

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from provisioner.adapters.control_socket import daemon_reachable
 from provisioner.config import Config, load, override
+from provisioner.core.accounts import AccountsResult
 from provisioner.core.errors import (
     DaemonNotRunning,
     DaemonRefused,
@@ -135,3 +136,18 @@ def print_result(out: TextIO, result: EnrollmentResult) -> None:
         f"enrolled {result.user}: token {result.token_serial} is MFA device "
         f"{result.device_arn} ({result.seconds * 1000:.0f} ms)\n"
     )
+
+
+def print_accounts_result(out: TextIO, result: AccountsResult) -> None:
+    """Every account's device, one line each, after the summary line."""
+    names = ", ".join(name for name, _ in result.enrolled)
+    out.write(
+        f"enrolled {result.user} in {names}: token {result.token_serial} "
+        f"({result.seconds * 1000:.0f} ms)\n"
+    )
+    for name, enrolled in result.enrolled:
+        out.write(
+            f"  {name}: MFA device {enrolled.device_arn} (credential {enrolled.credential_id})\n"
+        )
+    for name in result.already:
+        out.write(f"  {name}: already enrolled with this token; left as it was\n")

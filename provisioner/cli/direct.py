@@ -15,14 +15,15 @@ import contextlib
 import errno
 import os
 import pwd
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from provisioner.adapters.ownership import SERVICE_USER, Owner, prepare_directory, private_file
-from provisioner.config import Config
+from provisioner.config import AccountConfig, Config
 from provisioner.core import validation
+from provisioner.core.accounts import AccountsResult, RecordedAccounts
 from provisioner.core.errors import (
     AlreadyEnrolled,
     ConfigError,
@@ -122,6 +123,31 @@ def enroll(
     state.store.finish_enrollment(
         enrollment_id, outcome=Outcome.ENROLLED, actor=state.actor, device_arn=result.device_arn
     )
+    return result
+
+
+def enroll_accounts(
+    state: DeskState,
+    desk: Desk,
+    token: TokenSession,
+    user: str,
+    accounts: Sequence[AccountConfig],
+    progress: Progress | None = None,
+) -> AccountsResult:
+    """Enroll ``token`` for ``user`` in every one of ``accounts``, all or nothing, with a
+    record per account (one batch) from before any device is created."""
+    validation.user_name(user)  # before a record names it
+    records = RecordedAccounts(
+        state.store, desk.account_plans(user, accounts), token.info, "direct"
+    )
+    try:
+        result = desk.accounts_enrollment(user, accounts, progress, records.journal).run(
+            token, user
+        )
+    except ProvisionerError as e:
+        records.finish(e, state.actor)
+        raise
+    records.finish(result, state.actor)
     return result
 
 

@@ -12,6 +12,7 @@ from provisioner.cli.common import (
     TerminalProgress,
     ask_daemon,
     load_config,
+    print_accounts_result,
     print_result,
     setup_logging,
     through_daemon,
@@ -44,12 +45,17 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     config = override(config, token=token_changes, iam=iam_changes)
     setup_logging(config.log_level)
     out: TextIO = sys.stdout
+    accounts = config.select_accounts(args.accounts)
     socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
     if socket_path is not None:
-        return enroll_via_daemon(socket_path, args.user, args.serial, out)
+        return enroll_via_daemon(socket_path, args.user, args.serial, out, accounts=args.accounts)
     desk = Desk.from_config(config)
     progress = TerminalProgress(out)
-    out.write(f"enrolling {args.user} (IAM at {desk.iam.endpoint_url}, desk {config.desk})\n")
+    if accounts:
+        names = ", ".join(a.name for a in accounts)
+        out.write(f"enrolling {args.user} in {names} (desk {config.desk})\n")
+    else:
+        out.write(f"enrolling {args.user} (IAM at {desk.iam.endpoint_url}, desk {config.desk})\n")
     password = config.oath_password()
     # Recorded in the desk's state before anything exists in IAM (recovery and the orphan
     # sweep leave it alone while this runs), and in its audit trail.
@@ -62,6 +68,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         ) as token:
             progress.restart()
             try:
+                if accounts:
+                    several = direct.enroll_accounts(
+                        state, desk, token, args.user, accounts, progress
+                    )
+                    print_accounts_result(out, several)
+                    return EXIT_OK
                 result = direct.enroll(state, desk, token, args.user, progress)
             except AlreadyEnrolled as e:
                 out.write(f"nothing to do: {e.message}\n")
@@ -78,9 +90,12 @@ def enroll_via_daemon(
     *,
     kind: RequestKind = RequestKind.ENROLL,
     old_serial: int | None = None,
+    accounts: str | None = None,
 ) -> int:
     """Queue the user with the running daemon and follow the work to its end."""
     request: dict[str, Any] = {"op": "enroll", "user": user, "serial": serial}
+    if accounts:
+        request["accounts"] = accounts
     if kind != RequestKind.ENROLL:
         request |= {"kind": kind, "old_serial": old_serial}
     try:
@@ -127,7 +142,19 @@ def _follow_enrollment(socket_path: Path, request: dict[str, Any], out: TextIO) 
 
 def _print_outcome(event: dict[str, object], user: str, out: TextIO) -> int:
     code = ExitStatus.of(event.get("exit"))
-    if event.get("outcome") in (Outcome.ENROLLED, Outcome.REPLACED):
+    devices = event.get("accounts")
+    if event.get("outcome") == Outcome.ENROLLED and isinstance(devices, list):
+        seconds = event.get("seconds")
+        took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""
+        names = ", ".join(str(d.get("account")) for d in devices if d.get("device_arn"))
+        out.write(f"enrolled {user} in {names}: token {event.get('serial')}{took}\n")
+        for device in devices:
+            arn = device.get("device_arn")
+            done = (
+                f"MFA device {arn}" if arn else "already enrolled with this token; left as it was"
+            )
+            out.write(f"  {device.get('account')}: {done}\n")
+    elif event.get("outcome") in (Outcome.ENROLLED, Outcome.REPLACED):
         seconds = event.get("seconds")
         took = f" ({seconds * 1000:.0f} ms)" if isinstance(seconds, float) else ""
         out.write(

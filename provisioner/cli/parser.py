@@ -72,6 +72,7 @@ _limit = _checked(
         text, "a number of records", minimum=1, maximum=HISTORY_LIMIT_MAX
     )
 )
+_accounts = _checked(validation.account_names)
 _users = _checked(lambda text: [validation.user_name(u) for u in text.split(",") if u])
 
 
@@ -81,6 +82,17 @@ def token_choice(parser: argparse.ArgumentParser, which: str) -> None:
     group.add_argument("--reader", help=f"the reader holding {which} (its name, or part of it)")
     group.add_argument(
         "--serial", type=_serial, help=f"{which}'s serial number (printed on the key)"
+    )
+
+
+def accounts_choice(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--accounts: which of the desk's [[accounts]] (default: all of them)."""
+    parser.add_argument(
+        "--accounts",
+        metavar="NAMES",
+        type=_accounts,
+        help=f"{verb} in these of the desk's [[accounts]] only, comma-separated "
+        "(default: every account the desk serves)",
     )
 
 
@@ -128,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="examples:\n  provisioner enroll --user alice\n"
         "  provisioner enroll --user bob --serial 12345678\n"
+        "  provisioner enroll --user dave --accounts prod,dev   # of the desk's [[accounts]]\n"
         '  provisioner enroll --user carol --reader "Yubico YubiKey OTP+FIDO+CCID 00 01"\n\n'
         + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -136,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--user", required=True, type=_user, help="the IAM user name (case-sensitive)"
     )
     token_choice(enroll, "the token")
+    accounts_choice(enroll, "enroll")
     direct_choice(enroll, "enroll")
     enroll.add_argument("--profile", help="AWS profile to use (default: the boto3 chain)")
     common(enroll)
@@ -242,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     queue.add_argument("--user", type=_user, help="queue this IAM user")
     queue.add_argument("--serial", type=_serial, help="only for the token with this serial")
+    accounts_choice(queue, "enroll")
     common(queue)
     queue.set_defaults(func=cmd_queue)
 

@@ -26,9 +26,10 @@ def print_queue(entries: list[dict[str, Any]], total: object = None) -> None:
     for e in entries:
         token = f" (token {e['serial']})" if e.get("serial") is not None else ""
         kind = "" if e.get("kind", "enroll") == "enroll" else f"{e['kind']} "
+        where = f" in {e['accounts'].replace(',', ', ')}" if e.get("accounts") else ""
         print(
-            f"  #{e['id']} {kind}{e['user']}{token}: {e['state']}, asked by {e['requested_by']} "
-            f"at {when(e['requested_at'])}"
+            f"  #{e['id']} {kind}{e['user']}{where}{token}: {e['state']}, asked by "
+            f"{e['requested_by']} at {when(e['requested_at'])}"
         )
     if isinstance(total, int) and total > len(entries):
         print(f"  ... and {total - len(entries)} more")
@@ -36,9 +37,10 @@ def print_queue(entries: list[dict[str, Any]], total: object = None) -> None:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     if args.user:
-        answer = ask(
-            args, {"op": "enroll", "user": args.user, "serial": args.serial, "wait": False}
-        )
+        request = {"op": "enroll", "user": args.user, "serial": args.serial, "wait": False}
+        if args.accounts:
+            request["accounts"] = args.accounts
+        answer = ask(args, request)
         print(answer.get("detail"))
         return EXIT_OK
     answer = ask(args, {"op": "queue"})

@@ -120,7 +120,7 @@ class QueueEntry(_Record):
     #: A client follows it to its end (`provisioner enroll`, not `queue`): when that
     #: client is gone for good (a daemon restart), so is the request.
     followed: bool = False
-    #: The accounts to enroll in, ``a;b`` ('': every account the desk serves).
+    #: The accounts to enroll in, ``a,b`` ('': every account the desk serves).
     accounts: str = ""
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ _USER = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
 _DEVICE_NAME = re.compile(r"[\w+=,.@-]{1,226}", re.ASCII)
 _PATH = re.compile(r"/|/[\x21-\x7e]{1,510}/", re.ASCII)
 _SERIAL = re.compile(r"[\w+=/:,.@-]{9,256}", re.ASCII)
+_ACCOUNT = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 _CODE = re.compile(r"[0-9]{6}", re.ASCII)
 _TAG_KEY = re.compile(r"[\w\s.:/=+\-@]{1,128}")
 _TAG_VALUE = re.compile(r"[\w\s.:/=+\-@]{0,256}")
@@ -28,6 +29,27 @@ def user_name(value: str) -> str:
             f"{value!r} is not a valid IAM user name (1 to 64 of letters, digits and + = , . @ _ -)"
         )
     return value
+
+
+def account_name(value: str) -> str:
+    """An account's short name in the configuration (prod, dev, ...)."""
+    if not _ACCOUNT.fullmatch(value):
+        raise InvalidInput(
+            f"{value!r} is not a valid account name (1 to 32 of letters, digits, - and _)"
+        )
+    return value
+
+
+def account_names(text: str) -> str:
+    """``prod,dev`` (or ``prod;dev``, as a roster writes them) as ``prod,dev``: each a
+    valid name, none twice."""
+    names = [account_name(n.strip()) for n in re.split(r"[,;]", text) if n.strip()]
+    if not names:
+        raise InvalidInput(f"{text!r} names no account")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidInput(f"account {twice[0]} is named twice")
+    return ",".join(names)
 
 
 def device_name(value: str) -> str:

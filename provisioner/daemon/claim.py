@@ -33,14 +33,22 @@ class Claim:
     source: str = ""
     actor: str = ""
     why_not: str | None = None
+    #: The accounts to enroll in (``prod,dev``); '': every account the desk serves.
+    accounts: str = ""
 
     @classmethod
     def of(cls, entry: QueueEntry) -> Claim:
-        return cls(entry.user, entry, f"queue:{entry.id}", entry.requested_by)
+        return cls(
+            entry.user, entry, f"queue:{entry.id}", entry.requested_by, accounts=entry.accounts
+        )
 
 
 def choose(
-    serial: int | None, rostered: str | None, take: Take, may_take: Callable[[], MayTake]
+    serial: int | None,
+    rostered: str | None,
+    take: Take,
+    may_take: Callable[[], MayTake],
+    rostered_accounts: str = "",
 ) -> Claim:
     """A request for this very token, else the roster's user (through that user's request
     for any token, if one waits: it is served, not left for the next token), else the
@@ -51,7 +59,9 @@ def choose(
         return Claim.of(entry)
     if rostered is not None:
         entry = take(None, (rostered,))
-        return Claim.of(entry) if entry is not None else Claim(rostered, None, "roster", "roster")
+        if entry is not None:
+            return Claim.of(entry)
+        return Claim(rostered, None, "roster", "roster", accounts=rostered_accounts)
     users, why_not = may_take()
     entry = take(None, users)
     return Claim.of(entry) if entry is not None else Claim(None, why_not=why_not)
@@ -84,11 +94,12 @@ class Claims(LiveStatus):
     def _claim(self, token: YubiKeyToken) -> Claim:
         serial = token.info.serial
         rostered = self.roster.user_for(serial) if self.roster else None
+        accounts = self.roster.accounts_for(serial) if self.roster else ""
 
         def take(serial: int | None, users: Collection[str] | None) -> QueueEntry | None:
             return self.store.take_next(serial, users=users)
 
-        return choose(serial, rostered, take, lambda: self._who_may_take(token))
+        return choose(serial, rostered, take, lambda: self._who_may_take(token), accounts)
 
     def _who_may_take(self, token: YubiKeyToken) -> MayTake:
         """``who_may_take`` for the credentials on ``token``, named as token.issuer and
@@ -100,5 +111,7 @@ class Claims(LiveStatus):
             # Unreadable (locked, pulled): the enrollment's check fails on it before
             # anything is written, and says why to the request's operator.
             return None, None
-        settings = self.desk.config.enrollment_settings()
-        return who_may_take(settings.credential_owners(credential_ids, info.serial), info.serial)
+        owners: dict[str, str | None] = {}
+        for settings in self.desk.every_settings():
+            owners |= settings.credential_owners(credential_ids, info.serial)
+        return who_may_take(owners, info.serial)

@@ -107,8 +107,13 @@ class ControlHandlers(TokenWorkers):
                 "enroll needs a user name (and an optional integer serial)", ExitStatus.USAGE
             )
             return
+        accounts = request.get("accounts") or ""
         try:
             validation.user_name(user)
+            if accounts and kind != RequestKind.ENROLL:
+                raise InvalidInput(f"--accounts applies to an enrollment, not a {kind}")
+            # The names are checked against the configuration now, not at the plug.
+            self.desk.config.select_accounts(accounts or None)
             if kind == RequestKind.RESYNC and serial is None:
                 serial = self._the_users_token(user)
         except ProvisionerError as e:
@@ -127,6 +132,7 @@ class ControlHandlers(TokenWorkers):
                 old_serial=old_serial,
                 followed=follow,
                 limit=self.desk.config.daemon.max_queue,
+                accounts=accounts,
             )
         except ProvisionerError as e:
             log.warning("refused a request for %s from %s: %s", user, peer_name, e.message)
@@ -141,6 +147,8 @@ class ControlHandlers(TokenWorkers):
             self._offer_idle_tokens(entry.serial)
             which = f"token {serial}" if serial is not None else "a token"
             what = {"enroll": "", "resync": " for a resync", "replace": " for a new token"}[kind]
+            if accounts:
+                what += f" in {accounts.replace(',', ', ')}"
             yield {
                 "ok": True,
                 "event": EventKind.QUEUED,

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 from provisioner.adapters.yubikey import YubiKeyToken
+from provisioner.core.accounts import RecordedAccounts
 from provisioner.core.errors import (
     AlreadyEnrolled,
     EnrollmentFailed,
@@ -170,7 +171,12 @@ class Operations(Claims):
         entry: QueueEntry | None,
         source: str,
         actor: str,
+        accounts: str = "",
     ) -> None:
+        replacing = entry is not None and entry.kind is RequestKind.REPLACE
+        if self.desk.config.accounts and not replacing:
+            self._enroll_accounts(reader, token, user, entry, source, actor, accounts)
+            return
         serial = token.info.serial
         enrollment_id = self.store.start_enrollment(user, serial, reader, source)
         if entry is not None:
@@ -188,7 +194,6 @@ class Operations(Claims):
         self.events.publish({**base, "event": EventKind.ENROLLING})
         outcome: Event
         progress = _Progress(self, enrollment_id, base)
-        replacing = entry is not None and entry.kind is RequestKind.REPLACE
         try:
             enrollment = self.desk.enrollment(progress, self.store.journal(enrollment_id))
             if replacing:
@@ -261,6 +266,84 @@ class Operations(Claims):
         with self._lock:
             self._active.discard(enrollment_id)
         self._conclude(reader, base, outcome, state, entry, enrollment_id)
+
+    def _enroll_accounts(
+        self,
+        reader: str,
+        token: YubiKeyToken,
+        user: str,
+        entry: QueueEntry | None,
+        source: str,
+        actor: str,
+        names: str,
+    ) -> None:
+        """One plug, every account asked for (all the desk serves by default), all or
+        nothing; a record per account, one batch."""
+        serial = token.info.serial
+        base: Event = {"reader": reader, "serial": serial, "user": user}
+        base["queue"] = entry.id if entry else None
+        try:
+            accounts = self.desk.config.select_accounts(names or None)
+            records = RecordedAccounts(
+                self.store, self.desk.account_plans(user, accounts), token.info, source
+            )
+        except ProvisionerError as e:  # an account the configuration no longer has
+            self._set(reader, state=TokenState.FAILED, user=user)
+            self._conclude(
+                reader, base, failed_outcome(Outcome.FAILED, e), TokenState.FAILED, entry
+            )
+            return
+        base["enrollment"] = records.first
+        if entry is not None:
+            self.store.link_entry(entry.id, records.first)
+        with self._lock:
+            self._active.update(records.ids.values())
+        self._set(reader, state=TokenState.ENROLLING, user=user, step=Step.CHECK.value)
+        self.events.publish({**base, "event": EventKind.ENROLLING})
+        outcome: Event
+        progress = _Progress(self, records.first, base)
+        try:
+            result = self.desk.accounts_enrollment(user, accounts, progress, records.journal).run(
+                token, user
+            )
+        except AlreadyEnrolled as e:
+            records.finish(e, actor)
+            outcome = {
+                "ok": True,
+                "outcome": Outcome.ALREADY_ENROLLED,
+                "detail": e.message,
+                "exit": ExitStatus.OK,
+            }
+            state = TokenState.ENROLLED
+        except ProvisionerError as e:
+            records.finish(e, actor)
+            label = (
+                Outcome.FAILED_NOT_ROLLED_BACK
+                if isinstance(e, EnrollmentFailed) and e.leftovers
+                else Outcome.FAILED
+            )
+            outcome = failed_outcome(label, e)
+            state = TokenState.FAILED
+        else:
+            records.finish(result, actor)
+            outcome = {
+                "ok": True,
+                "outcome": Outcome.ENROLLED,
+                "device_arn": result.enrolled[0][1].device_arn if result.enrolled else None,
+                "accounts": [
+                    {"account": name, "device_arn": done.device_arn}
+                    for name, done in result.enrolled
+                ]
+                + [{"account": name, "device_arn": None} for name in result.already],
+                "seconds": result.seconds,
+                "exit": ExitStatus.OK,
+            }
+            state = TokenState.ENROLLED
+        for eid in records.ids.values():
+            self._schedule_cleanup(eid, serial)
+        with self._lock:
+            self._active.difference_update(records.ids.values())
+        self._conclude(reader, base, outcome, state, entry, records.first)
 
     def _conclude(
         self,

@@ -63,6 +63,15 @@ def _user(value: object) -> object:
     return value
 
 
+def _accounts(value: object) -> object:
+    if not isinstance(value, str):
+        raise _Bad("must be account names (a string: prod,dev)")
+    try:
+        return validation.account_names(value)
+    except InvalidInput as e:
+        raise _Bad(f"is not a list of account names ({e.message})") from None
+
+
 def _kind(value: object) -> object:
     if value not in tuple(RequestKind):
         raise _Bad(f"must be one of {', '.join(RequestKind)}")
@@ -92,6 +101,7 @@ OPS: Mapping[str, Mapping[str, Field]] = {
         "kind": Field(_kind),
         "old_serial": _SERIAL,
         "wait": Field(_flag),
+        "accounts": Field(_accounts),
     },
     "status": {},
     "queue": {},

@@ -195,4 +195,6 @@ class TokenWorkers(Operations):
         if claim.entry is not None and claim.entry.kind is RequestKind.RESYNC:
             self._resync(reader, token, claim.entry)
         else:
-            self._enroll(reader, token, claim.user, claim.entry, claim.source, claim.actor)
+            self._enroll(
+                reader, token, claim.user, claim.entry, claim.source, claim.actor, claim.accounts
+            )
