@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -19,6 +20,7 @@ from provisioner.adapters.files import read_trusted
 from provisioner.core import validation
 from provisioner.core.enrollment import EnrollmentSettings
 from provisioner.core.errors import ConfigError, InvalidInput
+from provisioner.core.ports import render_template
 
 DEFAULT_PATH = Path("/etc/provisioner/provisioner.toml")
 ENV_PATH = "PROVISIONER_CONFIG"
@@ -155,6 +157,38 @@ class DaemonConfig:
         return Path(runtime or "/run/provisioner") / "control.sock"
 
 
+_ROLE_ARN = re.compile(r"arn:aws[\w-]*:iam::[0-9]{12}:role/[\w+=,.@/-]{1,512}", re.ASCII)
+_EXTERNAL_ID = re.compile(r"[\w+=,.@:/-]{2,1224}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    """One AWS account the desk enrolls users in (``[[accounts]]``). An empty override
+    takes the desk's own value ([iam], [token]); the issuer defaults to ``AWS {name}`` so
+    that an authenticator app tells the accounts apart."""
+
+    name: str
+    #: The role the desk assumes there; empty: the desk's own credentials.
+    role_arn: str = ""
+    #: Passed to sts:AssumeRole when set (the role's trust policy asks for it).
+    external_id: str = ""
+    #: The IAM user there, from the person's name: ``{user}``, ``{user}.admin``.
+    user_name: str = "{user}"
+    device_path: str = ""
+    device_name: str = ""
+    issuer: str = ""
+    account_name: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def iam_user(self, user: str) -> str:
+        """The IAM user ``user`` is in this account."""
+        name = render_template(self.user_name, {"user": user})
+        try:
+            return validation.user_name(name)
+        except InvalidInput as e:
+            raise InvalidInput(f"account {self.name}: {e.message}") from None
+
+
 @dataclass(frozen=True)
 class Config:
     desk: str = field(default_factory=socket.gethostname)
@@ -163,17 +197,50 @@ class Config:
     iam: IamConfig = field(default_factory=IamConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    #: The accounts the desk serves; none: its own (the credentials it runs with).
+    accounts: tuple[AccountConfig, ...] = ()
     source: str = "built-in defaults"
 
-    def enrollment_settings(self) -> EnrollmentSettings:
+    def select_accounts(self, names: str | None) -> tuple[AccountConfig, ...]:
+        """The accounts named (``prod,dev``), in the configuration's order; every one the
+        desk serves for None. InvalidInput for a name it does not serve."""
+        if names is None:
+            return self.accounts
+        wanted = validation.account_names(names).split(",")
+        known = {a.name for a in self.accounts}
+        if not known:
+            raise InvalidInput(
+                f"--accounts {names}: this desk serves no [[accounts]], only its own account",
+                hint="configure [[accounts]] in the configuration file (provisioner.toml.example)",
+            )
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise InvalidInput(
+                f"unknown account {unknown[0]!r}; this desk serves "
+                + ", ".join(a.name for a in self.accounts)
+            )
+        return tuple(a for a in self.accounts if a.name in wanted)
+
+    def enrollment_settings(self, account: AccountConfig | None = None) -> EnrollmentSettings:
+        """Every enrollment's settings; in ``account``, with its overrides."""
+        tags = dict(self.iam.tags)
+        if account is None:
+            issuer, account_name = self.token.issuer, self.token.account_name
+            device_name, device_path = self.iam.device_name, self.iam.device_path
+        else:
+            issuer = account.issuer or f"AWS {account.name}"
+            account_name = account.account_name or self.token.account_name
+            device_name = account.device_name or self.iam.device_name
+            device_path = account.device_path or self.iam.device_path
+            tags |= account.tags
         return EnrollmentSettings(
             desk=self.desk,
-            issuer=self.token.issuer,
-            account_name=self.token.account_name,
+            issuer=issuer,
+            account_name=account_name,
             touch=self.token.touch,
-            device_name=self.iam.device_name,
-            device_path=self.iam.device_path,
-            extra_tags=tuple(sorted(self.iam.tags.items())),
+            device_name=device_name,
+            device_path=device_path,
+            extra_tags=tuple(sorted(tags.items())),
             margin=self.enrollment.margin_seconds,
             enable_attempts=self.enrollment.enable_attempts,
             reinsert_timeout=self.token.reinsert_timeout,
@@ -207,9 +274,10 @@ SECTIONS: dict[str, type[Any]] = {
 }
 
 
-def _section(cls: type[Any], data: Any, where: str) -> Any:
+def _section(cls: type[Any], data: Any, where: str, defaults: Any = None) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a table")
+    defaults = defaults if defaults is not None else cls()
     known = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in data.items():
@@ -219,7 +287,7 @@ def _section(cls: type[Any], data: Any, where: str) -> Any:
                 f"unknown key {where}.{key}",
                 hint="known keys: " + ", ".join(sorted(known)),
             )
-        default = getattr(cls(), key)
+        default = getattr(defaults, key)
         values[key] = _coerce(value, default, f"{where}.{key}", f.metadata.get("bounds"))
     return cls(**values)
 
@@ -270,6 +338,8 @@ def parse(text: str, source: str) -> Config:
     for key, value in data.items():
         if key in SECTIONS:
             top[key] = _section(SECTIONS[key], value, key)
+        elif key == "accounts":
+            top[key] = _accounts(value)
         elif key in ("desk", "log_level"):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{key} must be a non-empty string")
@@ -277,11 +347,43 @@ def parse(text: str, source: str) -> Config:
         else:
             raise ConfigError(
                 f"unknown key {key} in {source}",
-                hint="known: desk, log_level, [token], [iam], [enrollment], [daemon]",
+                hint="known: desk, log_level, [token], [iam], [enrollment], [daemon], [[accounts]]",
             )
     config = Config(**top, source=source)
     check(config)
     return config
+
+
+def _accounts(data: Any) -> tuple[AccountConfig, ...]:
+    """``[[accounts]]``: each a table of strings, its name unique, its role an IAM role's
+    ARN, an external id only with a role."""
+    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
+        raise ConfigError("accounts must be an array of tables ([[accounts]])")
+    accounts: list[AccountConfig] = []
+    for number, table in enumerate(data, start=1):
+        where = f"accounts[{number}]"
+        if "name" not in table:
+            raise ConfigError(f"{where} needs a name", hint='for example name = "prod"')
+        account = _section(AccountConfig, table, where, defaults=AccountConfig(name="x"))
+        try:
+            validation.account_name(account.name)
+        except InvalidInput as e:
+            raise ConfigError(f"{where}.name: {e.message}") from None
+        if any(a.name == account.name for a in accounts):
+            raise ConfigError(f"{where}.name: account {account.name} is configured twice")
+        if account.role_arn and not _ROLE_ARN.fullmatch(account.role_arn):
+            raise ConfigError(
+                f"{where}.role_arn {account.role_arn!r} is not an IAM role's ARN",
+                hint='for example "arn:aws:iam::111111111111:role/provisioner-desk"',
+            )
+        if account.external_id and not account.role_arn:
+            raise ConfigError(f"{where}.external_id is set without a role_arn to assume")
+        if account.external_id and not _EXTERNAL_ID.fullmatch(account.external_id):
+            raise ConfigError(
+                f"{where}.external_id must be 2 to 1224 of letters, digits and + = , . @ : / -"
+            )
+        accounts.append(account)
+    return tuple(accounts)
 
 
 def check(config: Config) -> None:
@@ -291,8 +393,30 @@ def check(config: Config) -> None:
     # Render the templates once with sample values so typos fail at start, not mid-desk.
     try:
         config.enrollment_settings().names("user", "123456789012", 12345678)
+        for account in config.accounts:
+            config.enrollment_settings(account).names("user", "123456789012", 12345678)
+            account.iam_user("user")
     except InvalidInput as e:
         raise ConfigError(f"{config.source}: {e.message}") from e
+    _no_two_accounts_write_one_credential(config)
+
+
+def _no_two_accounts_write_one_credential(config: Config) -> None:
+    """Two accounts whose credentials would have one name: the second would overwrite
+    the first on the token. Refused at load, as the enrollment would refuse it."""
+    seen: dict[str, str] = {}
+    for number, account in enumerate(config.accounts, start=1):
+        settings = config.enrollment_settings(account)
+        # each account a different id (as they are): when the issuers agree, the account
+        # id in the account_name template is what tells the credentials apart
+        probe = settings.names("user", f"{number:012d}", 12345678)[0].credential_id
+        if probe in seen:
+            raise ConfigError(
+                f"accounts {seen[probe]} and {account.name} would write credentials of one "
+                f"name ({probe})",
+                hint="give each account its own issuer (the default is 'AWS {name}')",
+            )
+        seen[probe] = account.name
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

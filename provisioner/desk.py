@@ -7,11 +7,12 @@ that all of them enroll the same way.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner.adapters.aws.iam import IamClient
+from provisioner.adapters.aws.iam import AssumedRole, IamClient
 from provisioner.adapters.ownership import alive
 from provisioner.adapters.sqlite_schema import STATE_FILE
 from provisioner.adapters.sqlite_store import SqliteStore
@@ -51,6 +52,10 @@ class Desk:
     config: Config
     clock: AwsClock
     iam: IamClient
+    #: The directories of the accounts the desk serves, made on first use (a role's
+    #: session is assumed on its first call). The daemon's workers share them.
+    _directories: dict[str, IamClient] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_config(cls, config: Config) -> Desk:
@@ -72,6 +77,30 @@ class Desk:
             read_timeout=config.iam.read_timeout,
         )
         return cls(config, clock, iam)
+
+    def directory(self, account: AccountConfig | None) -> IamClient:
+        """The directory of ``account``: the desk's own (``iam``) without a role to
+        assume, else one client per account over the role's refreshed session."""
+        if account is None or not account.role_arn:
+            return self.iam
+        with self._lock:
+            client = self._directories.get(account.name)
+            if client is None:
+                iam = self.config.iam
+                client = IamClient(
+                    self.clock,
+                    profile=iam.profile or None,
+                    region=iam.region or None,
+                    endpoint_url=iam.endpoint_url or None,
+                    max_attempts=iam.max_attempts,
+                    connect_timeout=iam.connect_timeout,
+                    read_timeout=iam.read_timeout,
+                    role=AssumedRole(
+                        account.name, account.role_arn, account.external_id, self.config.desk
+                    ),
+                )
+                self._directories[account.name] = client
+            return client
 
     def recovery(self, store: DeskStore, oath_password: str | None) -> Recovery:
         """What settles unfinished enrollments, with the journal in ``store``; their

@@ -10,7 +10,7 @@ from fakes import ACCOUNT, FakeClock, FakeIam
 from test_enrollment import Recorder
 
 from emulated_yubikey import EmulatedConnection, EmulatedYubiKey
-from emulated_yubikey.oath import INS_CALCULATE_ALL, INS_PUT
+from emulated_yubikey.oath import INS_CALCULATE, INS_CALCULATE_ALL, INS_PUT
 from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.accounts import Account, AccountsEnrollment, AccountsResult
 from provisioner.core.enrollment import Enrollment, EnrollmentSettings
@@ -131,11 +131,12 @@ def test_every_code_is_computed_in_one_pass_on_the_token() -> None:
     desk = Desk()
     count = len(desk.key.history)
     desk.enroll()
-    seen = [record.ins for record in desk.key.history[count:]]
-    # two CALCULATE ALL (one per time step) for three credentials, no per-credential call
-    assert seen.count(INS_CALCULATE_ALL) == 2
-    assert seen.count(0xA2) == 0  # CALCULATE
-    assert seen.count(INS_PUT) == 3
+    seen = [(r.ins, r.p1) for r in desk.key.history[count:]]
+    # two CALCULATE ALL (one per time step: A4 with P1 00; P1 04 is SELECT) for three
+    # credentials, and no per-credential CALCULATE
+    assert seen.count((INS_CALCULATE_ALL, 0)) == 2
+    assert [ins for ins, _ in seen].count(INS_CALCULATE) == 0
+    assert [ins for ins, _ in seen].count(INS_PUT) == 3
 
 
 @pytest.mark.parametrize("failing", NAMES)

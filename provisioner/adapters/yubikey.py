@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -414,6 +414,28 @@ class YubiKeyToken:
             if credential.touch_required:
                 raise TokenTouchTimeout(f"token {self.label} was not touched in time") from e
             raise
+
+    def calculate_many(self, credential_ids: Sequence[str], timestamp: int) -> dict[str, str]:
+        """Every code in one CALCULATE ALL; a credential that needs a touch (the token
+        answers CALCULATE ALL without its code) is then computed on its own."""
+        if timestamp <= 0:
+            raise ValueError("timestamp must be positive (0 means 'now' to yubikit)")
+        session = self._session()
+        wanted = list(dict.fromkeys(credential_ids))
+        with _translated(self.label, f"compute codes for {len(wanted)} credentials"):
+            answered = {
+                c.id.decode("utf-8", "replace"): code
+                for c, code in session.calculate_all(timestamp).items()
+            }
+        codes: dict[str, str] = {}
+        for credential_id in wanted:
+            if credential_id not in answered:
+                raise TokenCommandFailed(f"token {self.label} holds no credential {credential_id}")
+            code = answered[credential_id]
+            codes[credential_id] = (
+                str(code.value) if code is not None else self.calculate(credential_id, timestamp)
+            )
+        return codes
 
     def _find(self, credential_id: str) -> Credential:
         self.oath_state()

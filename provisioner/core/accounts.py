@@ -92,8 +92,8 @@ def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T | ProvisionerError]
     """Run ``calls`` at once and wait for all of them (so that every account's undo knows
     everything that was done); a ProvisionerError is returned in its place, anything else
     raised. One call runs here, without a thread."""
-    if len(calls) == 1:
-        return [_caught(calls[0])]
+    if len(calls) <= 1:
+        return [_caught(call) for call in calls]
     with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="account") as pool:
         futures = [pool.submit(_caught, call) for call in calls]
         return [f.result() for f in futures]

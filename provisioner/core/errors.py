@@ -187,6 +187,18 @@ class AccessDenied(DirectoryError):
             self.permission = permission
 
 
+class RoleNotAssumable(AccessDenied):
+    """The role of an account the desk serves cannot be assumed (trust policy, external
+    id, the desk's own sts:AssumeRole permission, a role that does not exist)."""
+
+    hint = (
+        "the role's trust policy must name the desk's AWS principal (and the external id "
+        "the desk sends), and the desk's own policy must allow sts:AssumeRole on it: "
+        "see docs/accounts.md"
+    )
+    permission = "sts:AssumeRole"
+
+
 class InUse(DirectoryError):
     code = "DeleteConflict"
 

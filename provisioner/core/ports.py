@@ -2,12 +2,12 @@
 
 The enrollment imports none of boto3, yubikit or pyusb: it sees a token session, an IAM
 directory and a clock through these protocols, so it reads as the steps of an enrollment
-and is tested without I/O. ``yubikey.py`` and ``aws_iam.py`` are the real adapters.
+and is tested without I/O. ``adapters/yubikey.py`` and ``adapters/aws/iam.py`` are the real adapters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from enum import StrEnum, unique
 from typing import Protocol
@@ -37,6 +37,11 @@ class TokenSession(Protocol):
 
     def calculate(self, credential_id: str, timestamp: int) -> str:
         """The code of a TOTP credential for ``timestamp``, computed on the token."""
+        ...
+
+    def calculate_many(self, credential_ids: Sequence[str], timestamp: int) -> dict[str, str]:
+        """The codes of several TOTP credentials for ``timestamp``, in one pass on the
+        token (CALCULATE ALL): id -> code."""
         ...
 
     def delete_credential(self, credential_id: str) -> bool:

@@ -16,6 +16,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -151,6 +152,27 @@ def _access_denied(action: str, subject: str, service: str, code: str, text: str
     )
 
 
+@dataclass(frozen=True)
+class AssumedRole:
+    """The role the desk assumes in an account it serves (``[[accounts]]``)."""
+
+    account: str
+    role_arn: str
+    external_id: str = ""
+    desk: str = "desk"
+
+    def denied(self, error: AccessDenied) -> AccessDenied:
+        """A permission the role lacks, said of the role (not of the desk's principal)."""
+        who = f"the role {self.role_arn} of account {self.account}"
+        return AccessDenied(
+            error.message.replace("the desk's AWS principal", who),
+            code=error.code,
+            permission=error.permission,
+            hint=f"grant {who} {error.permission or 'the permission'}, as "
+            "docs/member-account-role-policy.json does",
+        )
+
+
 class IamClient:
     """IamDirectory over boto3."""
 
@@ -168,11 +190,15 @@ class IamClient:
         connect_timeout: float = 5.0,
         read_timeout: float = 15.0,
         local_time: Callable[[], float] = time.time,
+        role: AssumedRole | None = None,
     ) -> None:
+        """The desk's own account (its profile's or the environment's credentials), or,
+        with ``role``, another account's through the role the desk assumes there."""
         guard_vendor_logging()
         self._observers: list[CallObserver] = []
         self._clock = clock
         self._local_time = local_time
+        self._role = role
         try:
             session = boto3.session.Session(profile_name=profile or None)
         except bce.ProfileNotFound as e:
@@ -184,6 +210,17 @@ class IamClient:
             read_timeout=read_timeout,
             user_agent_extra="provisioner",
         )
+        if role is not None:
+            from provisioner.adapters.aws.sts import assumed_role_session
+
+            session = assumed_role_session(
+                session,
+                role.account,
+                role.role_arn,
+                external_id=role.external_id,
+                desk=role.desk,
+                config=config,
+            )
         self._iam = session.client("iam", endpoint_url=endpoint_url or None, config=config)
         # STS (who the desk is) through boto3's own endpoint resolution: AWS_ENDPOINT_URL_STS
         # or AWS_ENDPOINT_URL, else AWS. Made on first use; enrollments never need it.
@@ -233,6 +270,8 @@ class IamClient:
             result: dict[str, Any] = method(**params)
         except (bce.BotoCoreError, bce.ClientError, ResponseParserError) as e:
             error = translate(e, name, subject)
+            if self._role is not None and isinstance(error, AccessDenied):
+                error = self._role.denied(error)
             logger.debug("IAM %s for %s failed: %s", name, subject, error.message)
             response = getattr(e, "response", None) or {}  # None when no answer came
             retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
