@@ -278,8 +278,10 @@ class LocalIamServer:
         kind: FaultKindName = "error",
         count: int = 1,
         delay: float = 0.0,
+        account: str | None = None,
     ) -> dict[str, Any]:
-        """Make the next ``count`` calls of ``action`` fail.
+        """Make the next ``count`` calls of ``action`` fail (only those signed with
+        ``account``'s credentials, an assumed role's, when given).
 
         ``kind``: ``error`` (AWS error ``code``; ``status``/``message`` default to AWS's
         for known codes), ``garbage`` (200 with a non-XML body), ``drop`` (connection
@@ -292,6 +294,8 @@ class LocalIamServer:
             spec["status"] = status
         if message is not None:
             spec["message"] = message
+        if account is not None:
+            spec["account"] = account
         fault: dict[str, Any] = self._control("POST", "faults", spec)["fault"]
         return fault
 

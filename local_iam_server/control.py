@@ -142,6 +142,8 @@ class Fault:
     status: int | None = None
     message: str | None = None
     delay: float = 0.0
+    #: Only calls signed with credentials of this account (an assumed role's); None: any.
+    account: str | None = None
 
     @classmethod
     def from_request(cls, spec: dict[str, Any]) -> Fault:
@@ -159,7 +161,12 @@ class Fault:
         delay = spec.get("delay", 0.0)
         if not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY_SECONDS:
             raise FaultSpecError(f"'delay' must be a number of seconds in 0..{MAX_DELAY_SECONDS}")
-        fault = cls(action=action, kind=kind, remaining=count, delay=float(delay))
+        account = spec.get("account")
+        if account is not None and not (isinstance(account, str) and _ACCOUNT_ID.fullmatch(account)):
+            raise FaultSpecError("'account' must be a 12-digit account id")
+        fault = cls(
+            action=action, kind=kind, remaining=count, delay=float(delay), account=account
+        )
         if kind is FaultKind.ERROR:
             code = spec.get("code")
             if not isinstance(code, str) or not code:
@@ -189,11 +196,14 @@ class FaultBook:
         with self._lock:
             self._faults.append(fault)
 
-    def take(self, action: str) -> Fault | None:
-        """The fault for this call of ``action``, if any (uses up one of its count)."""
+    def take(self, action: str, account: Callable[[], str | None]) -> Fault | None:
+        """The fault for this call of ``action`` (by the caller's ``account``, asked only
+        of a fault kept for one account), if any (uses up one of its count)."""
         with self._lock:
             for fault in self._faults:
-                if fault.action == action:
+                if fault.action == action and (
+                    fault.account is None or fault.account == account()
+                ):
                     fault.remaining -= 1
                     if fault.remaining <= 0:
                         self._faults.remove(fault)
@@ -373,7 +383,7 @@ class ControlMiddleware:
         delay = self._state.latency.for_action(action)
         if delay:
             time.sleep(delay)
-        fault = self._state.faults.take(action)
+        fault = self._state.faults.take(action, lambda: _caller_account(environ))
         if fault is None:
             return self._app(environ, start_response)
         return self._apply(fault, environ, start_response)
@@ -589,6 +599,19 @@ def _action_of(environ: dict[str, Any], body: bytes) -> str | None:
             return actions[0]
     actions = parse_qs(environ.get("QUERY_STRING", "")).get("Action")
     return actions[0] if actions else None
+
+
+_ACCOUNT_ID = re.compile(r"[0-9]{12}")
+_CREDENTIAL = re.compile(r"Credential=([A-Z0-9]+)/")
+
+
+def _caller_account(environ: dict[str, Any]) -> str | None:
+    """The account of the key a call is signed with (moto keys an assumed role's
+    temporary key to the role's account)."""
+    from moto.iam.models import get_account_id_from
+
+    found = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
+    return str(get_account_id_from(found.group(1))) if found else None
 
 
 def _is_signed(environ: dict[str, Any]) -> bool:
