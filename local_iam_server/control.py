@@ -162,11 +162,10 @@ class Fault:
         if not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY_SECONDS:
             raise FaultSpecError(f"'delay' must be a number of seconds in 0..{MAX_DELAY_SECONDS}")
         account = spec.get("account")
-        if account is not None and not (isinstance(account, str) and _ACCOUNT_ID.fullmatch(account)):
+        one_account = isinstance(account, str) and _ACCOUNT_ID.fullmatch(account)
+        if account is not None and not one_account:
             raise FaultSpecError("'account' must be a 12-digit account id")
-        fault = cls(
-            action=action, kind=kind, remaining=count, delay=float(delay), account=account
-        )
+        fault = cls(action=action, kind=kind, remaining=count, delay=float(delay), account=account)
         if kind is FaultKind.ERROR:
             code = spec.get("code")
             if not isinstance(code, str) or not code:
@@ -201,9 +200,7 @@ class FaultBook:
         of a fault kept for one account), if any (uses up one of its count)."""
         with self._lock:
             for fault in self._faults:
-                if fault.action == action and (
-                    fault.account is None or fault.account == account()
-                ):
+                if fault.action == action and (fault.account is None or fault.account == account()):
                     fault.remaining -= 1
                     if fault.remaining <= 0:
                         self._faults.remove(fault)

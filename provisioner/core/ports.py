@@ -2,7 +2,8 @@
 
 The enrollment imports none of boto3, yubikit or pyusb: it sees a token session, an IAM
 directory and a clock through these protocols, so it reads as the steps of an enrollment
-and is tested without I/O. ``adapters/yubikey.py`` and ``adapters/aws/iam.py`` are the real adapters.
+and is tested without I/O. ``adapters/yubikey.py`` and ``adapters/aws/iam.py`` are the
+real adapters.
 """
 
 from __future__ import annotations
