@@ -5,7 +5,7 @@ import pytest
 
 from provisioner import config as config_module
 from provisioner.config import Config, load, override, parse
-from provisioner.core.errors import ConfigError
+from provisioner.core.errors import ConfigError, InvalidInput
 
 EXAMPLE = Path(__file__).parent.parent / "provisioner.toml.example"
 
@@ -16,6 +16,87 @@ def test_the_shipped_example_is_valid_and_matches_the_defaults() -> None:
     assert config.token == defaults.token
     assert config.iam.device_path == defaults.iam.device_path
     assert config.enrollment == defaults.enrollment
+
+
+def test_the_examples_accounts_parse_when_uncommented() -> None:
+    text = EXAMPLE.read_text()
+    part = text[text.index("# [[accounts]]") :]
+    uncommented = "\n".join(
+        line[2:] if line.startswith("# ") and not line.startswith("# #") else ""
+        for line in part.splitlines()
+    )
+    config = parse(uncommented, "example")
+    assert [a.name for a in config.accounts] == ["prod", "staging", "sandbox"]
+    prod = config.accounts[0]
+    assert prod.role_arn == "arn:aws:iam::111111111111:role/provisioner-desk"
+    assert prod.external_id == "desk-berlin-7f3a"
+    assert config.enrollment_settings(prod).issuer == "AWS prod"
+    assert config.select_accounts("sandbox,prod") == (prod, config.accounts[2])
+
+
+def test_no_accounts_is_the_desks_own_account_as_before() -> None:
+    config = parse("", "x")
+    assert config.accounts == ()
+    assert config.select_accounts(None) == ()
+    assert config.enrollment_settings().issuer == "AWS"
+    with pytest.raises(InvalidInput, match="serves no \\[\\[accounts\\]\\]"):
+        config.select_accounts("prod")
+
+
+def test_an_accounts_overrides_and_user_template() -> None:
+    config = parse(
+        '[iam]\ntags = {team = "it"}\n[[accounts]]\nname = "dev"\nuser_name = "{user}.dev"\n'
+        'device_path = "/mfa/dev/"\nissuer = "Dev AWS"\ntags = {env = "dev"}\n',
+        "x",
+    )
+    dev = config.accounts[0]
+    settings = config.enrollment_settings(dev)
+    assert (settings.issuer, settings.device_path) == ("Dev AWS", "/mfa/dev/")
+    assert dict(settings.extra_tags) == {"team": "it", "env": "dev"}
+    assert dev.iam_user("alice") == "alice.dev"
+    with pytest.raises(InvalidInput, match="unknown account 'prod'; this desk serves dev"):
+        config.select_accounts("prod")
+
+
+ROLE = "arn:aws:iam::111111111111:role/r"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[[accounts]]\nrole_arn = ""\n', "accounts[1] needs a name"),
+        ('[[accounts]]\nname = "pr od"\n', "accounts[1].name: 'pr od' is not a valid account"),
+        (
+            '[[accounts]]\nname = "a"\n[[accounts]]\nname = "a"\n',
+            "accounts[2].name: account a is configured twice",
+        ),
+        ('[[accounts]]\nname = "a"\nrole_arn = "arn:aws:iam::1:user/x"\n', "accounts[1].role_arn"),
+        (
+            '[[accounts]]\nname = "a"\nexternal_id = "xyz"\n',
+            "external_id is set without a role_arn",
+        ),
+        (
+            f'[[accounts]]\nname = "a"\nrole_arn = "{ROLE}"\nexternal_id = "x"\n',
+            "external_id must be 2 to 1224",
+        ),
+        ('[[accounts]]\nname = "a"\ncolour = "red"\n', "unknown key accounts[1].colour"),
+        ('[[accounts]]\nname = "a"\nuser_name = "{usr}"\n', "bad template '{usr}'"),
+        (
+            '[[accounts]]\nname = "a"\nuser_name = "{user} x"\n',
+            "account a: 'user x' is not a valid IAM user name",
+        ),
+        ("accounts = 3\n", "accounts must be an array of tables"),
+        (
+            '[[accounts]]\nname = "a"\nissuer = "AWS"\naccount_name = "{user}"\n'
+            '[[accounts]]\nname = "b"\nissuer = "AWS"\naccount_name = "{user}"\n',
+            "accounts a and b would write credentials of one name",
+        ),
+    ],
+)
+def test_account_mistakes_are_named(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "x")
+    assert fragment in caught.value.one_line()
 
 
 def test_values_are_read() -> None:
