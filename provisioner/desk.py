@@ -26,7 +26,7 @@ from provisioner.core.accounts import (
 )
 from provisioner.core.clock import AwsClock
 from provisioner.core.enrollment import Enrollment, EnrollmentSettings
-from provisioner.core.lifecycle import Lifecycle
+from provisioner.core.lifecycle import InAccount, Lifecycle
 from provisioner.core.ports import Journal, NullProgress, Progress
 from provisioner.core.recovery import AccountDirectory, Recovery
 from provisioner.core.store import DeskStore, RecordOwner
@@ -144,6 +144,24 @@ class Desk:
         if not self.config.accounts:
             return [self.config.enrollment_settings()]
         return [self.config.enrollment_settings(a) for a in self.config.accounts]
+
+    def lifecycles(
+        self, person: str, accounts: Sequence[AccountConfig], progress: Progress | None = None
+    ) -> list[InAccount]:
+        """Revoke and resync in each of ``accounts``, as ``person``'s user there."""
+        return [
+            InAccount(
+                a.name,
+                a.iam_user(person),
+                Lifecycle(
+                    self.directory(a),
+                    self.clock,
+                    self.config.enrollment_settings(a),
+                    AccountProgress(progress or NullProgress(), a.name),
+                ),
+            )
+            for a in accounts
+        ]
 
     def account_plans(self, person: str, accounts: Sequence[AccountConfig]) -> list[AccountPlan]:
         """Each account with the IAM user ``person`` is there (its user_name template)."""

@@ -20,7 +20,12 @@ from local_iam_server import LocalIamServer
 from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.cli import direct
 from provisioner.config import load
-from provisioner.core.errors import EnrollmentFailed, RoleNotAssumable, UserNotFound
+from provisioner.core.errors import (
+    AccountsIncomplete,
+    EnrollmentFailed,
+    RoleNotAssumable,
+    UserNotFound,
+)
 from provisioner.core.messages import Outcome
 from provisioner.desk import Desk
 
@@ -185,3 +190,85 @@ def test_only_the_accounts_asked_for_and_then_one_more(accounts: Accounts) -> No
     assert more.already == ("prod", "dev")
     assert [n for n, _ in more.enrolled] == ["sandbox"]
     assert len(accounts.key.credentials()) == 3
+
+
+# --- revoke, resync, replace in every account -------------------------------------------
+
+
+def find_token(accounts: Accounts) -> Any:
+    @contextlib.contextmanager
+    def find(serial: int) -> Iterator[YubiKeyToken | None]:
+        if serial != accounts.key.serial:
+            yield None
+            return
+        with accounts.token() as token:
+            yield token
+
+    return find
+
+
+def test_revoke_acts_in_every_account_and_clears_the_token(accounts: Accounts) -> None:
+    accounts.enroll()
+    desk = Desk.from_config(accounts.config)
+    with direct.desk_state(accounts.config, service_user=None) as state:
+        done = direct.revoke_accounts(
+            state, desk, "alice", SERIAL, find_token(accounts), accounts.config.accounts
+        )
+        trail = state.store.history(user="alice")
+    assert [name for name, _ in done] == list(ACCOUNTS)
+    for name in ACCOUNTS:
+        assert accounts.devices(name) == []
+        assert accounts.unassigned(name) == []
+    assert accounts.key.credentials() == []
+    assert sorted(r.account for r in trail if r.event == "revoked") == sorted(ACCOUNTS), [
+        (r.event, r.user, r.account) for r in trail
+    ]
+
+
+def test_a_revoke_refused_in_one_account_still_revokes_the_others(accounts: Accounts) -> None:
+    accounts.enroll()
+    accounts.iam.inject_fault("DeactivateMFADevice", code="AccessDenied", account=ACCOUNTS["dev"])
+    desk = Desk.from_config(accounts.config)
+    with direct.desk_state(accounts.config, service_user=None) as state:
+        with pytest.raises(AccountsIncomplete) as caught:
+            direct.revoke_accounts(
+                state, desk, "alice", SERIAL, find_token(accounts), accounts.config.accounts
+            )
+    assert caught.value.account == "dev" and caught.value.done == ("prod", "sandbox")
+    assert "revoke failed in account dev" in caught.value.one_line()
+    assert accounts.devices("prod") == [] and accounts.devices("sandbox") == []
+    assert len(accounts.devices("dev")) == 1
+
+
+def test_resync_in_every_account(accounts: Accounts) -> None:
+    accounts.enroll()
+    desk = Desk.from_config(accounts.config)
+    with direct.desk_state(accounts.config, service_user=None) as state, accounts.token() as token:
+        done = direct.resync_accounts(state, desk, token, "alice", accounts.config.accounts)
+    assert [name for name, _, _ in done] == list(ACCOUNTS)
+    assert accounts.iam.call_counts()["ResyncMFADevice"] == 3
+
+
+def test_replace_enrolls_the_new_token_everywhere_then_revokes_the_old(
+    accounts: Accounts,
+) -> None:
+    accounts.enroll()
+    old = accounts.key
+    accounts.key = EmulatedYubiKey(serial=SERIAL + 1)
+    desk = Desk.from_config(accounts.config)
+    with direct.desk_state(accounts.config, service_user=None) as state, accounts.token() as token:
+        enrolled, revoked = direct.replace_accounts(
+            state,
+            desk,
+            token,
+            "alice",
+            None,
+            lambda serial: contextlib.nullcontext(None),
+            accounts.config.accounts,
+        )
+    assert [n for n, _ in enrolled.enrolled] == list(ACCOUNTS)
+    assert {one.token_serial for _, one in revoked} == {SERIAL}
+    for name, one in enrolled.enrolled:
+        assert accounts.devices(name) == [one.device_arn]
+        assert one.device_arn.endswith(f".{SERIAL + 1}")
+    assert len(old.credentials()) == 3  # the old token was not plugged in: said, not touched

@@ -23,8 +23,9 @@ from typing import Any
 from provisioner.adapters.ownership import SERVICE_USER, Owner, prepare_directory, private_file
 from provisioner.config import AccountConfig, Config
 from provisioner.core import validation
-from provisioner.core.accounts import AccountsResult, RecordedAccounts
+from provisioner.core.accounts import AccountsResult, RecordedAccounts, replace_everywhere
 from provisioner.core.errors import (
+    AccountsIncomplete,
     AlreadyEnrolled,
     ConfigError,
     EnrollmentFailed,
@@ -34,7 +35,7 @@ from provisioner.core.errors import (
     ReplaceIncomplete,
     StoreError,
 )
-from provisioner.core.lifecycle import Replaced, Revoked
+from provisioner.core.lifecycle import Replaced, Revoked, resync_everywhere, revoke_everywhere
 from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.messages import Outcome
 from provisioner.core.model import EnrollmentResult
@@ -151,6 +152,57 @@ def enroll_accounts(
     return result
 
 
+def replace_accounts(
+    state: DeskState,
+    desk: Desk,
+    token: TokenSession,
+    user: str,
+    old_serial: int | None,
+    find_token: TokenFinder,
+    accounts: Sequence[AccountConfig],
+    progress: Progress | None = None,
+) -> tuple[AccountsResult, list[tuple[str, Revoked]]]:
+    """Enroll ``token`` in every one of ``accounts`` (all or nothing), then revoke the old
+    token wherever it is enrolled; each in the trail."""
+    validation.user_name(user)
+    records = RecordedAccounts(
+        state.store, desk.account_plans(user, accounts), token.info, "direct"
+    )
+
+    def audited(account: str, done: Revoked) -> None:
+        state.store.audit(
+            state.actor,
+            "revoked",
+            user=done.user,
+            serial=done.token_serial,
+            device_arn=done.device_arn,
+            outcome=Outcome.REVOKED,
+            reason="replaced; " + "; ".join(done.actions),
+            account=account,
+        )
+
+    enrollment = desk.accounts_enrollment(user, accounts, progress, records.journal)
+    try:
+        enrolled, revoked = replace_everywhere(
+            enrollment,
+            desk.lifecycles(user, accounts, progress),
+            user,
+            token,
+            old_serial,
+            find_token,
+            on_revoked=audited,
+        )
+    except AccountsIncomplete as e:
+        # the new token is enrolled everywhere; the old one is not revoked everywhere
+        records.finish(e.enrolled or e, state.actor)
+        raise
+    except ProvisionerError as e:
+        records.finish(e, state.actor)
+        raise
+    records.finish(enrolled, state.actor)
+    return enrolled, revoked
+
+
 def replace(
     state: DeskState,
     desk: Desk,
@@ -213,6 +265,26 @@ def _failed(state: DeskState, enrollment_id: int, error: ProvisionerError) -> No
 # --- resync and revoke ----------------------------------------------------------------------
 
 
+def resync_accounts(
+    state: DeskState,
+    desk: Desk,
+    token: TokenSession,
+    user: str,
+    accounts: Sequence[AccountConfig],
+    progress: Progress | None = None,
+) -> list[tuple[str, str, int]]:
+    """ResyncMFADevice in every one of ``accounts`` that has the user's device of
+    ``token``: (account, device, first time step) each."""
+    try:
+        done = resync_everywhere(desk.lifecycles(user, accounts, progress), token)
+    except ProvisionerError as e:
+        state.store.audit_resync(state.actor, user, token.info.serial, e)
+        raise
+    for _account, device, first_step in done:
+        state.store.audit_resync(state.actor, user, token.info.serial, (device, first_step))
+    return done
+
+
 def resync(
     state: DeskState,
     desk: Desk,
@@ -228,6 +300,46 @@ def resync(
         raise
     state.store.audit_resync(state.actor, user, token.info.serial, done)
     return done
+
+
+def revoke_accounts(
+    state: DeskState,
+    desk: Desk,
+    user: str,
+    serial: int | None,
+    find_token: TokenFinder,
+    accounts: Sequence[AccountConfig],
+) -> list[tuple[str, Revoked]]:
+    """Revoke in every one of ``accounts`` that has the user's device; each revocation in
+    the trail as it is done, a failure too."""
+
+    def audited(account: str, done: Revoked) -> None:
+        state.store.audit(
+            state.actor,
+            "revoked",
+            user=done.user,
+            serial=done.token_serial,
+            device_arn=done.device_arn,
+            outcome=Outcome.REVOKED,
+            reason="; ".join(done.actions),
+            account=account,
+        )
+
+    try:
+        return revoke_everywhere(
+            desk.lifecycles(user, accounts), serial, find_token, on_done=audited
+        )
+    except ProvisionerError as e:
+        state.store.audit(
+            state.actor,
+            "revoke",
+            user=user,
+            serial=serial,
+            outcome=Outcome.FAILED,
+            reason=e.one_line(),
+            account=getattr(e, "account", None),
+        )
+        raise
 
 
 def revoke(

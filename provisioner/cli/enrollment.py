@@ -178,15 +178,37 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     setup_logging(config.log_level)
+    accounts = config.select_accounts(args.accounts)
     socket_path = through_daemon(config, here_only=args.direct)
     if socket_path is not None:
-        answer = ask_daemon(socket_path, {"op": "revoke", "user": args.user, "serial": args.serial})
+        request = {"op": "revoke", "user": args.user, "serial": args.serial}
+        if args.accounts:
+            request["accounts"] = args.accounts
+        answer = ask_daemon(socket_path, request)
         for line in answer["actions"]:
             print(line)
-        print(f"revoked {args.user}: {answer['device_arn']} (token {answer['serial']})")
+        for done in answer.get("accounts") or [answer]:
+            where = f" in {done['account']}" if done.get("account") else ""
+            print(f"revoked {args.user}{where}: {done['device_arn']} (token {done['serial']})")
         return EXIT_OK
     desk = Desk.from_config(config)
     password = config.oath_password()
+    if accounts:
+        with direct.desk_state(config) as state:
+            revoked = direct.revoke_accounts(
+                state,
+                desk,
+                args.user,
+                args.serial,
+                lambda serial: find_by_serial(serial, oath_password=password),
+                accounts,
+            )
+        for name, one in revoked:
+            for line in one.actions:
+                print(f"{name}: {line}")
+        for name, one in revoked:
+            print(f"revoked {one.user} in {name}: {one.device_arn} (token {one.token_serial})")
+        return EXIT_OK
     with direct.desk_state(config) as state:
         done = direct.revoke(
             state,
@@ -211,7 +233,12 @@ def cmd_resync(args: argparse.Namespace) -> int:
     socket_path = through_daemon(config, here_only=args.direct or bool(args.reader))
     if socket_path is not None:
         return enroll_via_daemon(
-            socket_path, args.user, args.serial, sys.stdout, kind=RequestKind.RESYNC
+            socket_path,
+            args.user,
+            args.serial,
+            sys.stdout,
+            kind=RequestKind.RESYNC,
+            accounts=args.accounts,
         )
     desk = Desk.from_config(config)
     with (
@@ -221,10 +248,20 @@ def cmd_resync(args: argparse.Namespace) -> int:
             pcsc, reader=args.reader, serial=args.serial, oath_password=config.oath_password()
         ) as token,
     ):
+        serial = token.info.serial
+        accounts = config.select_accounts(args.accounts)
+        if accounts:
+            for name, device, first_step in direct.resync_accounts(
+                state, desk, token, args.user, accounts, TerminalProgress(sys.stdout)
+            ):
+                print(
+                    f"resynced {args.user} in {name}: {device} with the codes of time steps "
+                    f"{first_step} and {first_step + 1} from token {serial}"
+                )
+            return EXIT_OK
         device, first_step = direct.resync(
             state, desk, token, args.user, TerminalProgress(sys.stdout)
         )
-        serial = token.info.serial
     print(
         f"resynced {args.user}: {device} with the codes of time steps {first_step} and "
         f"{first_step + 1} from token {serial}"
@@ -257,6 +294,24 @@ def cmd_replace(args: argparse.Namespace) -> int:
         Pcsc() as pcsc,
         open_token(pcsc, reader=args.reader, serial=args.serial, oath_password=password) as token,
     ):
+        if config.accounts:
+            enrolled, revoked = direct.replace_accounts(
+                state,
+                desk,
+                token,
+                args.user,
+                args.old_serial,
+                lambda serial: find_by_serial(serial, oath_password=password),
+                config.accounts,
+                progress,
+            )
+            for name, one in revoked:
+                for line in one.actions:
+                    print(f"{name}: {line}")
+            print_accounts_result(sys.stdout, enrolled)
+            old = ", ".join(sorted({str(one.token_serial) for _, one in revoked}))
+            print(f"replaced {args.user}'s token {old} with token {enrolled.token_serial}")
+            return EXIT_OK
         done = direct.replace(
             state,
             desk,

@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument(
         "--serial", type=_serial, help="the token to revoke, if the user has several"
     )
+    accounts_choice(revoke, "revoke")
     direct_choice(revoke, "revoke")
     common(revoke)
     revoke.set_defaults(func=cmd_revoke)
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resync.add_argument("--user", required=True, type=_user, help="the IAM user")
     token_choice(resync, "the user's token")
+    accounts_choice(resync, "resync")
     direct_choice(resync, "resync")
     common(resync)
     resync.set_defaults(func=cmd_resync)

@@ -29,11 +29,20 @@ from provisioner.core import validation
 from provisioner.core.clock import Clock
 from provisioner.core.enrollment import Enrollment, Leg, check_slots, check_token
 from provisioner.core.errors import (
+    AccountsIncomplete,
     AlreadyEnrolled,
     CodeMismatch,
     EnrollmentFailed,
     InvalidInput,
+    NotFound,
     ProvisionerError,
+)
+from provisioner.core.lifecycle import (
+    AbsentNote,
+    InAccount,
+    Revoked,
+    left_on_token,
+    revoke_everywhere,
 )
 from provisioner.core.messages import Outcome
 from provisioner.core.model import (
@@ -44,7 +53,7 @@ from provisioner.core.model import (
     Step,
     TokenInfo,
 )
-from provisioner.core.ports import Journal, NullProgress, Progress, TokenSession
+from provisioner.core.ports import Journal, NullProgress, Progress, TokenFinder, TokenSession
 from provisioner.core.secret import Seed
 from provisioner.core.store import DeskStore, RecordOwner
 from provisioner.core.totp import code_at, codes_equal, plan_window
@@ -449,3 +458,60 @@ class RecordedAccounts:
             else:
                 label, reason = Outcome.FAILED, outcome.one_line()
             store.finish_enrollment(eid, outcome=label, actor=actor, reason=reason)
+
+
+# --- a new token for an old one, in every account -----------------------------------------
+
+
+def replace_everywhere(
+    enrollment: AccountsEnrollment,
+    accounts: Sequence[InAccount],
+    person: str,
+    new_token: TokenSession,
+    old_serial: int | None,
+    find_token: TokenFinder,
+    absent: AbsentNote | None = None,
+    on_revoked: Callable[[str, Revoked], None] = lambda account, revoked: None,
+) -> tuple[AccountsResult, list[tuple[str, Revoked]]]:
+    """Enroll the new token in every account first (all or nothing), then revoke the old
+    one wherever it is enrolled: the person is never without MFA in any account."""
+    new_serial = new_token.info.serial
+    old: set[int | None] = set()
+    for account in accounts:
+        try:
+            devices = account.lifecycle.devices_of(account.user)
+        except NotFound:
+            continue
+        old |= {
+            d.token_serial
+            for d in devices
+            if d.token_serial != new_serial and (old_serial is None or d.token_serial == old_serial)
+        }
+    names = ", ".join(a.name for a in accounts)
+    if not old:
+        raise NotFound(
+            f"{person} has no other token enrolled by provisioner to replace in any of {names}",
+            hint="enroll the new token with provisioner enroll",
+        )
+    if len(old) > 1:
+        tokens = ", ".join(str(s) for s in sorted(old, key=str))
+        raise InvalidInput(
+            f"{person} has several tokens ({tokens})", hint="say which with --old-serial"
+        )
+    (serial,) = old
+    enrolled = enrollment.run(new_token, person)
+    try:
+        revoked = revoke_everywhere(
+            accounts, serial, find_token, absent or left_on_token, on_done=on_revoked
+        )
+    except ProvisionerError as e:
+        raise AccountsIncomplete(
+            f"{person} now has the new token {new_serial} in "
+            f"{', '.join(n for n, _ in enrolled.enrolled) or 'no account'} AND still the old "
+            f"token {serial}: revoking it failed: {e.message}",
+            account=getattr(e, "account", ""),
+            done=getattr(e, "done", ()),
+            hint=f"provisioner revoke --user {person} --serial {serial}",
+            enrolled=enrolled,
+        ) from e
+    return enrolled, revoked

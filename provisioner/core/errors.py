@@ -18,6 +18,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from provisioner.core.accounts import AccountsResult
     from provisioner.core.model import EnrollmentResult
 
 
@@ -302,6 +303,27 @@ class ReplaceIncomplete(ProvisionerError):
 
     def __init__(self, message: str, *, enrolled: EnrollmentResult, hint: str) -> None:
         super().__init__(message, hint=hint)
+        self.enrolled = enrolled
+
+
+class AccountsIncomplete(ProvisionerError):
+    """A revoke or resync done in some of the accounts and failed in one: ``done`` names
+    the accounts it was done in (they are recorded as such), ``account`` where it failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        account: str,
+        done: tuple[str, ...],
+        hint: str | None = None,
+        enrolled: AccountsResult | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.account = account
+        self.done = done
+        #: A replacement's new token, enrolled in every account before the old one's
+        #: revocation failed.
         self.enrolled = enrolled
 
 

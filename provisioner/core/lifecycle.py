@@ -7,12 +7,13 @@ the operator means.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from provisioner.core.clock import Clock
 from provisioner.core.enrollment import TOOL_TAG, Enrollment, EnrollmentSettings, codes_on_token
 from provisioner.core.errors import (
+    AccountsIncomplete,
     InvalidInput,
     NotFound,
     ProvisionerError,
@@ -27,7 +28,7 @@ from provisioner.core.ports import IamDirectory, NullProgress, Progress, TokenFi
 AbsentNote = Callable[[str, str], str]
 
 
-def _left_on_token(serial: str, credential: str) -> str:
+def left_on_token(serial: str, credential: str) -> str:
     return (
         f"{credential} stays on token {serial} (not plugged in): it is useless now; "
         "delete it with ykman oath accounts delete, or revoke with the token plugged in"
@@ -96,7 +97,7 @@ class Lifecycle:
         user: str,
         token_serial: int | None,
         find_token: TokenFinder,
-        absent: AbsentNote = _left_on_token,
+        absent: AbsentNote = left_on_token,
     ) -> Revoked:
         """Deactivate the device, delete it, and remove its credential if the token is here.
 
@@ -170,7 +171,7 @@ def replace(
     new_token: TokenSession,
     old_serial: int | None,
     find_token: TokenFinder,
-    absent: AbsentNote = _left_on_token,
+    absent: AbsentNote = left_on_token,
 ) -> Replaced:
     """Enroll the new token first, then revoke the old one: the user is never without MFA.
 
@@ -205,3 +206,93 @@ def replace(
             hint=f"provisioner revoke --user {user} --serial {old}",
         ) from e
     return Replaced(enrolled, revoked)
+
+
+# --- in every account the desk serves ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InAccount:
+    """An account's lifecycle (its directory, its settings) and the person's user there."""
+
+    name: str
+    user: str
+    lifecycle: Lifecycle
+
+
+def revoke_everywhere(
+    accounts: Sequence[InAccount],
+    token_serial: int | None,
+    find_token: TokenFinder,
+    absent: AbsentNote = left_on_token,
+    on_done: Callable[[str, Revoked], None] = lambda account, revoked: None,
+) -> list[tuple[str, Revoked]]:
+    """Revoke the person's device (of ``token_serial``) in every account that has one;
+    accounts without one are passed over. A failure in one account does not stop the
+    others (a revocation is wanted everywhere): AccountsIncomplete names it and what was
+    done. ``on_done`` hears of each revocation as it is done (the audit trail)."""
+    done: list[tuple[str, Revoked]] = []
+    failed: list[tuple[str, ProvisionerError]] = []
+    for account in accounts:
+        try:
+            revoked = account.lifecycle.revoke(account.user, token_serial, find_token, absent)
+        except NotFound:
+            continue
+        except ProvisionerError as e:
+            failed.append((account.name, e))
+        else:
+            on_done(account.name, revoked)
+            done.append((account.name, revoked))
+    _raise_incomplete("revoke", failed, [name for name, _ in done])
+    if not done:
+        which = f" for token {token_serial}" if token_serial is not None else ""
+        names = ", ".join(a.name for a in accounts)
+        user = accounts[0].user if accounts else "the user"
+        raise NotFound(
+            f"{user} has no MFA device enrolled by provisioner{which} in any of {names}",
+            hint=f"provisioner history --user {user} shows what was done",
+        )
+    return done
+
+
+def resync_everywhere(
+    accounts: Sequence[InAccount], token: TokenSession
+) -> list[tuple[str, str, int]]:
+    """Resync the person's device of ``token`` in every account that has one: (account,
+    device, first time step) each."""
+    done: list[tuple[str, str, int]] = []
+    failed: list[tuple[str, ProvisionerError]] = []
+    for account in accounts:
+        try:
+            device, first_step = account.lifecycle.resync(account.user, token)
+        except NotFound:
+            continue
+        except ProvisionerError as e:
+            failed.append((account.name, e))
+        else:
+            done.append((account.name, device, first_step))
+    _raise_incomplete("resync", failed, [name for name, _, _ in done])
+    if not done:
+        names = ", ".join(a.name for a in accounts)
+        user = accounts[0].user if accounts else "the user"
+        raise NotFound(
+            f"{user} has no MFA device enrolled by provisioner for token {token.info.label} "
+            f"in any of {names}"
+        )
+    return done
+
+
+def _raise_incomplete(
+    verb: str, failed: list[tuple[str, ProvisionerError]], done: list[str]
+) -> None:
+    if not failed:
+        return
+    name, error = failed[0]
+    others = "".join(f"; and in account {n}: {e.message}" for n, e in failed[1:])
+    did = f"; done in {', '.join(done)}" if done else "; done in no account"
+    raise AccountsIncomplete(
+        f"{verb} failed in account {name}: {error.message}{others}{did}",
+        account=name,
+        done=tuple(done),
+        hint=error.hint,
+    )

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+from provisioner.config import AccountConfig
 from provisioner.core.errors import (
     ExitStatus,
     InvalidInput,
     ProvisionerError,
 )
+from provisioner.core.lifecycle import Revoked, revoke_everywhere
 from provisioner.core.messages import (
     EventKind,
     Outcome,
@@ -42,6 +44,9 @@ class ControlHandlers(TokenWorkers):
             return refusal("revoke needs a user name", ExitStatus.USAGE)
         try:
             validation.user_name(user)
+            accounts = self.desk.config.select_accounts(request.get("accounts"))
+            if accounts:
+                return self._revoke_accounts(user, serial, accounts, peer_name)
             done = self.desk.lifecycle().revoke(
                 user, serial, no_token_here, self._removed_when_seen
             )
@@ -69,6 +74,61 @@ class ControlHandlers(TokenWorkers):
             serial=done.token_serial,
             device_arn=done.device_arn,
             actions=list(done.actions),
+        )
+
+    def _revoke_accounts(
+        self, user: str, serial: int | None, accounts: Sequence[AccountConfig], peer_name: str
+    ) -> Event:
+        def revoked(account: str, done: Revoked) -> None:
+            self.store.audit(
+                peer_name,
+                "revoked",
+                user=done.user,
+                serial=done.token_serial,
+                device_arn=done.device_arn,
+                outcome=Outcome.REVOKED,
+                reason="; ".join(done.actions),
+                account=account,
+            )
+            self._forget_on_token(done, peer_name)
+            self.events.publish(
+                {
+                    "event": EventKind.REVOKED,
+                    "user": done.user,
+                    "serial": done.token_serial,
+                    "account": account,
+                    "detail": f"{done.device_arn} revoked by {peer_name}",
+                }
+            )
+
+        try:
+            done = revoke_everywhere(
+                self.desk.lifecycles(user, accounts),
+                serial,
+                no_token_here,
+                self._removed_when_seen,
+                on_done=revoked,
+            )
+        except ProvisionerError as e:
+            self.store.audit(
+                peer_name,
+                "revoke",
+                user=user,
+                serial=serial,
+                outcome=Outcome.FAILED,
+                reason=e.one_line(),
+                account=getattr(e, "account", None),
+            )
+            return error_answer(e)
+        return success(
+            user=user,
+            serial=done[0][1].token_serial,
+            device_arn=done[0][1].device_arn,
+            actions=[f"{name}: {line}" for name, one in done for line in one.actions],
+            accounts=[
+                {"account": name, "device_arn": one.device_arn, "serial": one.token_serial}
+                for name, one in done
+            ],
         )
 
     def handle(self, request: Event, peer_name: str) -> Iterator[Event]:
@@ -110,8 +170,8 @@ class ControlHandlers(TokenWorkers):
         accounts = request.get("accounts") or ""
         try:
             validation.user_name(user)
-            if accounts and kind != RequestKind.ENROLL:
-                raise InvalidInput(f"--accounts applies to an enrollment, not a {kind}")
+            if accounts and kind == RequestKind.REPLACE:
+                raise InvalidInput("--accounts applies to an enrollment or a resync")
             # The names are checked against the configuration now, not at the plug.
             self.desk.config.select_accounts(accounts or None)
             if kind == RequestKind.RESYNC and serial is None:

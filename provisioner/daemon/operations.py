@@ -8,8 +8,9 @@ import time
 from collections.abc import Iterator
 
 from provisioner.adapters.yubikey import YubiKeyToken
-from provisioner.core.accounts import RecordedAccounts
+from provisioner.core.accounts import RecordedAccounts, replace_everywhere
 from provisioner.core.errors import (
+    AccountsIncomplete,
     AlreadyEnrolled,
     EnrollmentFailed,
     ExitStatus,
@@ -17,7 +18,7 @@ from provisioner.core.errors import (
     ReplaceIncomplete,
     failure_reason,
 )
-from provisioner.core.lifecycle import Revoked
+from provisioner.core.lifecycle import Revoked, resync_everywhere
 from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.messages import (
     EventKind,
@@ -78,6 +79,31 @@ class Operations(Claims):
         self.events.publish({**base, "event": EventKind.ENROLLING})
         outcome: Event
         try:
+            accounts = self.desk.config.select_accounts(entry.accounts or None)
+            if accounts:
+                done = resync_everywhere(
+                    self.desk.lifecycles(user, accounts, _Progress(self, None, base)), token
+                )
+                for _, one, step in done:
+                    self.store.audit_resync(entry.requested_by, user, serial, (one, step))
+                self._conclude(
+                    reader,
+                    base,
+                    {
+                        "ok": True,
+                        "outcome": Outcome.RESYNCED,
+                        "device_arn": done[0][1],
+                        "summary": "\n".join(
+                            f"resynced {user} in {name}: {one} with the codes of time steps "
+                            f"{step} and {step + 1} from token {serial}"
+                            for name, one, step in done
+                        ),
+                        "exit": ExitStatus.OK,
+                    },
+                    TokenState.ENROLLED,
+                    entry,
+                )
+                return
             device, first_step = self.desk.lifecycle(_Progress(self, None, base)).resync(
                 user, token
             )
@@ -127,6 +153,21 @@ class Operations(Claims):
         for reader in idle:
             self._start_worker(reader)
 
+    def _revoked_here(self, done: Revoked, actor: str, account: str) -> None:
+        """An old token's device revoked in ``account`` by a replacement: in the trail,
+        and its credential taken off the old token when the desk sees it."""
+        self.store.audit(
+            actor,
+            "revoked",
+            user=done.user,
+            serial=done.token_serial,
+            device_arn=done.device_arn,
+            outcome=Outcome.REVOKED,
+            reason="replaced; " + "; ".join(done.actions),
+            account=account,
+        )
+        self._forget_on_token(done, actor)
+
     def _clean_token(self, reader: str, token: YubiKeyToken, serial: int) -> None:
         """Remove credentials whose devices are gone (left when the token was away)."""
         for cleanup in self.store.token_cleanups(serial):
@@ -174,7 +215,7 @@ class Operations(Claims):
         accounts: str = "",
     ) -> None:
         replacing = entry is not None and entry.kind is RequestKind.REPLACE
-        if self.desk.config.accounts and not replacing:
+        if self.desk.config.accounts:
             self._enroll_accounts(reader, token, user, entry, source, actor, accounts)
             return
         serial = token.info.serial
@@ -302,10 +343,26 @@ class Operations(Claims):
         self.events.publish({**base, "event": EventKind.ENROLLING})
         outcome: Event
         progress = _Progress(self, records.first, base)
+        replacing = entry is not None and entry.kind is RequestKind.REPLACE
         try:
-            result = self.desk.accounts_enrollment(user, accounts, progress, records.journal).run(
-                token, user
-            )
+            enrollment = self.desk.accounts_enrollment(user, accounts, progress, records.journal)
+            if entry is not None and replacing:
+                result, _ = replace_everywhere(
+                    enrollment,
+                    self.desk.lifecycles(user, accounts, progress),
+                    user,
+                    token,
+                    entry.old_serial,
+                    no_token_here,
+                    self._removed_when_seen,
+                    on_revoked=lambda account, done: self._revoked_here(done, actor, account),
+                )
+            else:
+                result = enrollment.run(token, user)
+        except AccountsIncomplete as e:  # a replacement: the new token is enrolled
+            records.finish(e.enrolled or e, actor)
+            outcome = failed_outcome("enrolled, old token NOT revoked", e)
+            state = TokenState.ENROLLED if e.enrolled else TokenState.FAILED
         except AlreadyEnrolled as e:
             records.finish(e, actor)
             outcome = {
@@ -328,7 +385,7 @@ class Operations(Claims):
             records.finish(result, actor)
             outcome = {
                 "ok": True,
-                "outcome": Outcome.ENROLLED,
+                "outcome": Outcome.REPLACED if replacing else Outcome.ENROLLED,
                 "device_arn": result.enrolled[0][1].device_arn if result.enrolled else None,
                 "accounts": [
                     {"account": name, "device_arn": done.device_arn}

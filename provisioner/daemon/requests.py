@@ -118,7 +118,11 @@ OPS: Mapping[str, Mapping[str, Field]] = {
         "keep_orphans": Field(_flag),
         "all_desks": Field(_flag),
     },
-    "revoke": {"user": Field(_user, required=True), "serial": _SERIAL},
+    "revoke": {
+        "user": Field(_user, required=True),
+        "serial": _SERIAL,
+        "accounts": Field(_accounts),
+    },
 }
 
 
