@@ -154,6 +154,24 @@ def test_calculate_many_translates_removal_and_a_locked_applet(key: EmulatedYubi
         token.calculate_many(["AWS:alice@111111111111"], T)
 
 
+def test_calculate_many_unlocks_a_password_protected_applet_first() -> None:
+    password = "desk-password"  # noqa: S105  # a test value
+    key = EmulatedYubiKey(serial=12345678, oath_password=password)
+    seed = bytes(range(1, 21))
+    with (
+        YubiKeyToken(lambda: EmulatedConnection(key), "Emulated reader") as token,
+        pytest.raises(TokenLocked, match="none is configured"),
+    ):
+        token.calculate_many(["AWS:alice@111111111111"], T)
+    with YubiKeyToken(
+        lambda: EmulatedConnection(key), "Emulated reader", oath_password=password
+    ) as token:
+        _write(token, "AWS:alice@111111111111", seed)
+        assert token.calculate_many(["AWS:alice@111111111111"], T) == {
+            "AWS:alice@111111111111": _pyotp_code(seed, T)
+        }
+
+
 def test_calculate_many_refuses_time_zero_and_asks_nothing_for_no_credentials(
     key: EmulatedYubiKey, token: YubiKeyToken
 ) -> None:
