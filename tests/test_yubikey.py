@@ -122,6 +122,25 @@ def test_calculate_many_asks_for_each_touch_credential_after_the_pass(
         token.calculate_many([touchy], T)
 
 
+def test_calculate_many_knows_a_touch_credential_in_a_session_that_did_not_write_it(
+    key: EmulatedYubiKey, token: YubiKeyToken
+) -> None:
+    """LIST does not say which credentials need a touch; CALCULATE ALL does, so a touch
+    nobody gives is a touch timeout, not a locked applet, after a reopen too."""
+    touchy = "AWS security:alice@444444444444"
+    _write(token, touchy, bytes(range(81, 101)), touch=True)
+    token.close()
+    key.user_touches = False
+    start = len(key.history)
+    with (
+        YubiKeyToken(lambda: EmulatedConnection(key), "Emulated reader") as fresh,
+        pytest.raises(TokenTouchTimeout),
+    ):
+        fresh.calculate_many([*SEEDS, touchy], T)
+    assert code_exchanges(key.history[start:]) == ["all", "one"]
+    assert 0xA1 not in {r.ins for r in key.history[start:]}  # no LIST to find it again
+
+
 def test_calculate_many_names_a_credential_the_token_does_not_hold(
     key: EmulatedYubiKey, token: YubiKeyToken
 ) -> None:
