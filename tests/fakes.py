@@ -1,5 +1,9 @@
 """In-memory stand-ins for the enrollment's ports, for tests of the pure core.
 
+The token has no fake of its own: tests drive the real adapter over the emulated YubiKey
+(``emulated_yubikey.EmulatedConnection``), and ``code_exchanges`` reads its APDU history
+to count how the codes were computed.
+
 The IAM fake enforces the rules the engine relies on (TOTP check at its own clock,
 consecutive steps, 8 devices, device in use); the end-to-end tests run the real boto3
 against the strict local IAM server instead.
@@ -7,9 +11,10 @@ against the strict local IAM server instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from emulated_yubikey import ApduRecord
 from provisioner.core.errors import (
     AlreadyExists,
     CodesRejected,
@@ -24,6 +29,21 @@ from provisioner.core.secret import Seed
 from provisioner.core.totp import code_at, time_step
 
 ACCOUNT = "123456789012"
+
+_INS_CALCULATE = 0xA2
+_INS_CALCULATE_ALL = 0xA4  # with P1=00; P1=04 is SELECT
+
+
+def code_exchanges(records: Iterable[ApduRecord]) -> list[str]:
+    """How codes were computed in these APDUs (slice ``key.history``), in order: "all"
+    for a CALCULATE ALL, "one" for a CALCULATE of one credential."""
+    out = []
+    for record in records:
+        if record.ins == _INS_CALCULATE_ALL and record.p1 == 0:
+            out.append("all")
+        elif record.ins == _INS_CALCULATE:
+            out.append("one")
+    return out
 
 
 class FakeClock:

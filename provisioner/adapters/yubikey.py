@@ -406,6 +406,39 @@ class YubiKeyToken:
             raise ValueError("timestamp must be positive (0 means 'now' to yubikit)")
         session = self._session()
         credential = self._credentials.get(credential_id) or self._find(credential_id)
+        return self._calculate_one(session, credential_id, credential, timestamp)
+
+    def calculate_many(self, credential_ids: Sequence[str], timestamp: int) -> dict[str, str]:
+        """Every code in one CALCULATE ALL; a credential that needs a touch (the token
+        answers CALCULATE ALL without its code) is then computed on its own. Every id the
+        token lacks is named before anyone is asked to touch it."""
+        if timestamp <= 0:
+            raise ValueError("timestamp must be positive (0 means 'now' to yubikit)")
+        wanted = list(dict.fromkeys(credential_ids))
+        if not wanted:
+            return {}
+        session = self._session()
+        with _translated(self.label, f"compute codes for {len(wanted)} credentials"):
+            answered = {
+                c.id.decode("utf-8", "replace"): (c, code)
+                for c, code in session.calculate_all(timestamp).items()
+            }
+        missing = [i for i in wanted if i not in answered]
+        if missing:
+            raise self._missing(", ".join(missing))
+        codes: dict[str, str] = {}
+        for credential_id in wanted:
+            credential, code = answered[credential_id]
+            codes[credential_id] = (
+                str(code.value)
+                if code is not None
+                else self._calculate_one(session, credential_id, credential, timestamp)
+            )
+        return codes
+
+    def _calculate_one(
+        self, session: OathSession, credential_id: str, credential: Credential, timestamp: int
+    ) -> str:
         try:
             with _translated(self.label, f"compute a code for {credential_id}"):
                 return str(session.calculate_code(credential, timestamp).value)
@@ -415,36 +448,15 @@ class YubiKeyToken:
                 raise TokenTouchTimeout(f"token {self.label} was not touched in time") from e
             raise
 
-    def calculate_many(self, credential_ids: Sequence[str], timestamp: int) -> dict[str, str]:
-        """Every code in one CALCULATE ALL; a credential that needs a touch (the token
-        answers CALCULATE ALL without its code) is then computed on its own."""
-        if timestamp <= 0:
-            raise ValueError("timestamp must be positive (0 means 'now' to yubikit)")
-        session = self._session()
-        wanted = list(dict.fromkeys(credential_ids))
-        with _translated(self.label, f"compute codes for {len(wanted)} credentials"):
-            answered = {
-                c.id.decode("utf-8", "replace"): code
-                for c, code in session.calculate_all(timestamp).items()
-            }
-        codes: dict[str, str] = {}
-        for credential_id in wanted:
-            if credential_id not in answered:
-                raise TokenCommandFailed(f"token {self.label} holds no credential {credential_id}")
-            code = answered[credential_id]
-            codes[credential_id] = (
-                str(code.value) if code is not None else self.calculate(credential_id, timestamp)
-            )
-        return codes
-
     def _find(self, credential_id: str) -> Credential:
         self.oath_state()
         try:
             return self._credentials[credential_id]
         except KeyError:
-            raise TokenCommandFailed(
-                f"token {self.label} holds no credential {credential_id}"
-            ) from None
+            raise self._missing(credential_id) from None
+
+    def _missing(self, credential_ids: str) -> TokenCommandFailed:
+        return TokenCommandFailed(f"token {self.label} holds no credential {credential_ids}")
 
     def delete_credential(self, credential_id: str) -> bool:
         state = self.oath_state()

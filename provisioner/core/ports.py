@@ -42,7 +42,8 @@ class TokenSession(Protocol):
 
     def calculate_many(self, credential_ids: Sequence[str], timestamp: int) -> dict[str, str]:
         """The codes of several TOTP credentials for ``timestamp``, in one pass on the
-        token (CALCULATE ALL): id -> code."""
+        token (CALCULATE ALL; one more per credential that needs a touch): id -> code.
+        The same errors as ``calculate``, a missing credential among them."""
         ...
 
     def delete_credential(self, credential_id: str) -> bool:

@@ -7,7 +7,7 @@ import hashlib
 
 import pyotp
 import pytest
-from yubikit.core import TRANSPORT
+from yubikit.core import TRANSPORT, Tlv
 from yubikit.core.smartcard import ApduError
 from yubikit.oath import HASH_ALGORITHM, OATH_TYPE, CredentialData, OathSession
 
@@ -350,3 +350,38 @@ def test_usb_sends_extended_apdus(key: EmulatedYubiKey, session: OathSession) ->
     [put] = key.history[start:]
     # header, 00 Lc_hi Lc_lo, 71 81 FE "AWS:nnn..." (254), 73 1A 21 06 + 24-byte seed
     assert (put.cla, put.length) == (0x00, 4 + 3 + 3 + 254 + 2 + 2 + len(SECRET))
+
+
+@pytest.mark.parametrize(("p2", "code_tag"), [(0x01, 0x76), (0x00, 0x75)])
+def test_calculate_all_answers_in_the_layout_yubikit_parses(
+    conn: EmulatedConnection, session: OathSession, p2: int, code_tag: int
+) -> None:
+    """Per credential a name TLV, then: a code (0x76 truncated / 0x75 full: digits byte,
+    then the value) for TOTP, 0x7C + digits for touch, 0x77 + digits for HOTP."""
+    session.put_credential(cred_data("plain", digits=8))
+    session.put_credential(cred_data("touchy", digits=7), touch_required=True)
+    session.put_credential(cred_data("counter", oath_type=OATH_TYPE.HOTP))
+    t = 1_700_000_000
+    challenge = (t // 30).to_bytes(8, "big")
+    apdu = bytes([0x00, 0xA4, 0x00, p2, 10, 0x74, 8]) + challenge + b"\x00"
+    data, sw = conn.send_and_receive(apdu)
+    assert sw == 0x9000
+    entries = [(tlv.tag, tlv.value) for tlv in Tlv.parse_list(data)]
+    assert [tag for tag, _ in entries] == [0x71, code_tag, 0x71, 0x7C, 0x71, 0x77]
+    assert [value for tag, value in entries if tag == 0x71] == [
+        b"AWS:plain",
+        b"AWS:touchy",
+        b"AWS:counter",
+    ]
+    code = entries[1][1]
+    assert code[0] == 8
+    digest = code[1:]
+    if code_tag == 0x75:  # the whole HMAC: the host truncates
+        assert len(digest) == 20
+        offset = digest[-1] & 0x0F
+        digest = digest[offset : offset + 4]
+    assert len(digest) == 4
+    value = int.from_bytes(digest, "big") & 0x7FFFFFFF
+    assert f"{value % 10**8:08d}" == totp(SECRET, digits=8).at(t)
+    assert entries[3][1] == bytes([7])
+    assert entries[5][1] == bytes([6])
