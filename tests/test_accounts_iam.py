@@ -215,7 +215,9 @@ def test_revoke_acts_in_every_account_and_clears_the_token(accounts: Accounts) -
             state, desk, "alice", SERIAL, find_token(accounts), accounts.config.accounts
         )
         trail = state.store.history(user="alice")
+        dev_only = state.store.history(account="dev")
     assert [name for name, _ in done] == list(ACCOUNTS)
+    assert [(r.event, r.account) for r in dev_only] == [("enrollment", "dev"), ("revoked", "dev")]
     for name in ACCOUNTS:
         assert accounts.devices(name) == []
         assert accounts.unassigned(name) == []

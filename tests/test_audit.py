@@ -109,6 +109,18 @@ def test_formats() -> None:
         render(rows, "xml")
 
 
+def test_the_account_column_only_where_a_record_names_an_account() -> None:
+    plain = [RECORD, {**RECORD, "id": 2, "account": None}]
+    assert "account" not in json.loads(render(plain, "json"))[1]
+    assert "account" not in render(plain, "csv").splitlines()[0]
+    rows = [RECORD, {**RECORD, "id": 2, "account": "prod"}]
+    header = render(rows, "csv").splitlines()[0].split(",")
+    assert header[:5] == ["at", "actor", "event", "user", "account"]
+    assert json.loads(render(rows, "json"))[1]["account"] == "prod"
+    assert "prod" in render(rows, "table").splitlines()[2]
+    assert "account=prod" in log_line(rows[1]) and "account" not in log_line(RECORD)
+
+
 # --- CSV a spreadsheet opens: no cell it would evaluate (OWASP "CSV injection") ---------------
 
 #: What makes Excel, LibreOffice or Google Sheets read a cell as a formula.

@@ -100,3 +100,48 @@ def test_the_event_that_caused_an_update_is_described() -> None:
     )
     screen = render(update(cause=step), now=NOW)
     assert screen[-1] == "last event: enable for alice: EnableMFADevice"
+
+
+def test_the_accounts_of_the_desk_of_a_request_and_of_an_outcome_are_shown() -> None:
+    screen = "\n".join(
+        render(
+            update(
+                daemon={
+                    "desk": "d",
+                    "pcsc": "up",
+                    "iam": "x",
+                    "roster": 0,
+                    "accounts": ["prod", "dev"],
+                },
+                queue=[
+                    {
+                        "id": 4,
+                        "user": "erin",
+                        "serial": None,
+                        "accounts": "prod,dev",
+                        "requested_by": "root",
+                        "requested_at": 0,
+                    }
+                ],
+                recent=[
+                    {
+                        "at": 0,
+                        "user": "erin",
+                        "serial": 7,
+                        "outcome": "enrolled",
+                        "ok": True,
+                        "device_arn": "arn:1",
+                        "accounts": [
+                            {"account": "prod", "device_arn": "arn:1"},
+                            {"account": "dev", "device_arn": "arn:2"},
+                        ],
+                    }
+                ],
+            ),
+            now=0,
+            width=300,
+        )
+    )
+    assert "accounts prod, dev" in screen
+    assert "#4 erin in prod, dev on any token" in screen
+    assert "(prod: arn:1, dev: arn:2)" in screen

@@ -559,9 +559,13 @@ class SqliteStore:
         since: float | None = None,
         user: str | None = None,
         serial: int | None = None,
+        account: str | None = None,
     ) -> list[AuditRecord]:
         clauses: list[str] = []
         params: list[object] = []
+        if account is not None:
+            clauses.append("account = ?")
+            params.append(account)
         if since is not None:
             clauses.append("at >= ?")
             params.append(since)

@@ -379,6 +379,7 @@ def history(
     user: str | None = None,
     serial: int | None = None,
     since: float | None = None,
+    account: str | None = None,
 ) -> list[dict[str, Any]] | None:
     """The audit trail as the daemon answers it, read-only; None if there is none yet."""
     if not 0 < limit <= MAX_HISTORY:
@@ -394,7 +395,9 @@ def history(
     try:
         store = desk_store(config, read_only=True)
         try:
-            records = store.history(limit=limit, user=user, serial=serial, since=since)
+            records = store.history(
+                limit=limit, user=user, serial=serial, since=since, account=account
+            )
         finally:
             store.close()
     except StoreError as e:

@@ -70,6 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(
         f"desk {daemon['desk']}: daemon up since {when(daemon['since'])}, "
         f"pcscd {daemon['pcsc']}, IAM at {daemon['iam']}, roster of {daemon['roster']}"
+        + (f", accounts {', '.join(daemon['accounts'])}" if daemon.get("accounts") else "")
     )
     readers = answer.get("readers") or []
     tokens = {t["reader"]: t for t in answer.get("tokens") or []}
@@ -159,6 +160,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         request["serial"] = args.serial
     if args.since is not None:
         request["since"] = args.since
+    if args.account is not None:
+        request["account"] = args.account
     config = load_config(args)
     socket_path = through_daemon(config)
     if socket_path is not None:
@@ -171,6 +174,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             user=request.get("user"),
             serial=request.get("serial"),
             since=request.get("since"),
+            account=request.get("account"),
         )
         if found is None:
             from provisioner.desk import state_file

@@ -397,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--user", type=_user, help="only records about this IAM user")
     history.add_argument("--serial", type=_serial, help="only records about this token")
     history.add_argument(
+        "--account",
+        type=_checked(validation.account_name),
+        help="only records of this of the desk's [[accounts]]",
+    )
+    history.add_argument(
         "--since",
         type=_since,
         help="only records since then: 24h, 7d, 30m, or 2026-11-01[T09:30] (UTC)",

@@ -43,9 +43,10 @@ def _reader_line(reader: Mapping[str, Any], token: Mapping[str, Any] | None) -> 
 def _queue_line(entry: Mapping[str, Any]) -> str:
     which = _token(entry["serial"]) if entry.get("serial") is not None else "any token"
     kind = "" if entry.get("kind", "enroll") == "enroll" else f"{entry['kind']} "
+    accounts = f" in {entry['accounts'].replace(',', ', ')}" if entry.get("accounts") else ""
     return (
-        f"  #{entry['id']} {kind}{entry['user']} on {which}, asked by {entry.get('requested_by')} "
-        f"at {_clock(entry.get('requested_at'))}"
+        f"  #{entry['id']} {kind}{entry['user']}{accounts} on {which}, asked by "
+        f"{entry.get('requested_by')} at {_clock(entry.get('requested_at'))}"
     )
 
 
@@ -57,7 +58,14 @@ def _outcome_line(outcome: Mapping[str, Any]) -> str:
     seconds = outcome.get("seconds")
     if isinstance(seconds, int | float):
         line += f" in {seconds * 1000:.0f} ms"
-    if outcome.get("device_arn"):
+    accounts = outcome.get("accounts")
+    if isinstance(accounts, list) and accounts:
+        line += (
+            " ("
+            + ", ".join(f"{a.get('account')}: {a.get('device_arn') or 'already'}" for a in accounts)
+            + ")"
+        )
+    elif outcome.get("device_arn"):
         line += f" ({outcome['device_arn']})"
     elif outcome.get("detail") and not outcome.get("ok"):
         line += f": {outcome['detail']}"
@@ -94,7 +102,8 @@ def render(update: Mapping[str, Any], *, now: float, width: int = 100) -> list[s
 
     lines = [
         f"desk {daemon.get('desk', '?')} at {_clock(now)}: pcscd {daemon.get('pcsc', '?')}, "
-        f"IAM {daemon.get('iam', '?')}, roster of {daemon.get('roster', 0)}",
+        f"IAM {daemon.get('iam', '?')}, roster of {daemon.get('roster', 0)}"
+        + (f", accounts {', '.join(daemon['accounts'])}" if daemon.get("accounts") else ""),
         "",
         f"readers ({len(readers)}):" if readers else "readers: none (is a YubiKey plugged in?)",
         *(_reader_line(r, tokens.get(r["name"])) for r in readers),

@@ -20,6 +20,16 @@ from provisioner.core import validation
 from provisioner.core.errors import InvalidInput
 
 FIELDS = ("at", "actor", "event", "user", "serial", "device_arn", "outcome", "reason")
+#: With the account each record happened in: a desk that serves [[accounts]].
+ACCOUNT_FIELDS = ("at", "actor", "event", "user", "account", *FIELDS[4:])
+
+
+def columns(records: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The columns to show: the account's only where a record names one, so a desk that
+    serves its own account alone shows its trail as it always did."""
+    return ACCOUNT_FIELDS if any(r.get("account") for r in records) else FIELDS
+
+
 _PLAIN = re.compile(r"[\w.:/@+=,-]+")
 _RELATIVE = re.compile(r"([0-9]+)\s*([smhd])", re.ASCII)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -36,7 +46,7 @@ def _iso(epoch: float) -> str:
 def log_line(record: Mapping[str, Any]) -> str:
     """``event=enrollment actor=root user=alice ...``: stable keys, values quoted if needed."""
     parts = []
-    for key in FIELDS:
+    for key in ACCOUNT_FIELDS:
         value = record.get(key)
         if value is None:
             continue
@@ -85,20 +95,29 @@ def spreadsheet_safe(value: object) -> object:
 
 
 def render(records: Sequence[Mapping[str, Any]], fmt: str) -> str:
+    fields = columns(records)
     if fmt == "json":
-        return json.dumps([{**r, "at": _iso(r["at"])} for r in records], indent=2)
+        return json.dumps(
+            [
+                {k: v for k, v in {**r, "at": _iso(r["at"])}.items() if k != "account"}
+                if "account" not in fields
+                else {**r, "at": _iso(r["at"])}
+                for r in records
+            ],
+            indent=2,
+        )
     if fmt == "csv":
         out = io.StringIO()
         # RFC 4180's CRLF: the writer then quotes a cell holding a lone CR too, which
         # would otherwise end the row there and start the next with what follows it.
-        writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r in records:
             writer.writerow({k: spreadsheet_safe(v) for k, v in {**r, "at": _iso(r["at"])}.items()})
         return out.getvalue().rstrip("\r\n")
     if fmt == "table":
-        rows = [[_iso(r["at"]), *(str(r.get(k) or "") for k in FIELDS[1:])] for r in records]
-        header = list(FIELDS)
+        rows = [[_iso(r["at"]), *(str(r.get(k) or "") for k in fields[1:])] for r in records]
+        header = list(fields)
         widths = [
             max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
             for i, h in enumerate(header)

@@ -360,6 +360,7 @@ class DeskStore(Protocol):
         since: float | None = None,
         user: str | None = None,
         serial: int | None = None,
+        account: str | None = None,
     ) -> list[AuditRecord]: ...
 
     def close(self) -> None: ...

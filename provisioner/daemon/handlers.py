@@ -355,7 +355,9 @@ class ControlHandlers(TokenWorkers):
             or (since is not None and not isinstance(since, (int, float)))
         ):
             return refusal("bad history filter")
-        records = self.store.history(limit=limit, user=user, serial=serial, since=since)
+        records = self.store.history(
+            limit=limit, user=user, serial=serial, since=since, account=request.get("account")
+        )
         return success(history=[r.as_dict() for r in records])
 
     # --- state ------------------------------------------------------------------------

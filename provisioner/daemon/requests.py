@@ -72,6 +72,15 @@ def _accounts(value: object) -> object:
         raise _Bad(f"is not a list of account names ({e.message})") from None
 
 
+def _account(value: object) -> object:
+    if not isinstance(value, str):
+        raise _Bad("must be an account name (a string)")
+    try:
+        return validation.account_name(value)
+    except InvalidInput as e:
+        raise _Bad(f"is not an account name ({e.message})") from None
+
+
 def _kind(value: object) -> object:
     if value not in tuple(RequestKind):
         raise _Bad(f"must be one of {', '.join(RequestKind)}")
@@ -112,6 +121,7 @@ OPS: Mapping[str, Mapping[str, Field]] = {
         "user": Field(_user),
         "serial": _SERIAL,
         "since": Field(_time),
+        "account": Field(_account),
     },
     "reconcile": {
         "dry_run": Field(_flag),

@@ -62,6 +62,11 @@ class LiveStatus(ServiceState):
                 "pcsc": "up" if self.pcsc_up else "down",
                 "iam": self.desk.iam.endpoint_url,
                 "roster": len(self.roster) if self.roster else 0,
+                **(
+                    {"accounts": [a.name for a in self.desk.config.accounts]}
+                    if self.desk.config.accounts
+                    else {}
+                ),
             },
             "readers": readers,
             "tokens": tokens,
