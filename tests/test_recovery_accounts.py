@@ -197,3 +197,19 @@ def test_the_sweep_covers_every_account(world: World) -> None:
     actions = world.recovery().run()
     assert all(iam.devices == {} for iam in world.iam.values())
     assert sum("deleted orphaned device" in a.text for a in actions) == 3
+
+
+def test_an_account_that_cannot_be_listed_does_not_stop_the_sweep_of_the_others(
+    world: World,
+) -> None:
+    from provisioner.core.errors import AccessDenied
+
+    for name in NAMES:
+        _, device = world.settings[name].names("alice", IDS[name], SERIAL, created=0.0)
+        world.iam[name].create_virtual_mfa_device(device)
+    world.iam["dev"].fail("list_virtual_mfa_devices", AccessDenied("role refused"), times=9)
+    actions = world.recovery().run()
+    assert world.iam["prod"].devices == {} and world.iam["sandbox"].devices == {}
+    assert len(world.iam["dev"].devices) == 1
+    failed = [a.text for a in actions if a.failed]
+    assert [t.split(" (")[0] for t in failed] == ["could not sweep account dev: role refused"]

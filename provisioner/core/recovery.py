@@ -403,13 +403,24 @@ class Recovery:
         return [d for _, d in self._orphans(all_desks, busy)]
 
     def _orphans(
-        self, all_desks: bool, busy: frozenset[str]
+        self, all_desks: bool, busy: frozenset[str], unreachable: list[Action] | None = None
     ) -> list[tuple[AccountDirectory, VirtualDevice]]:
+        """The orphans of every account swept; with several accounts, one that cannot be
+        listed (its role refused, say) is put in ``unreachable`` and the others swept."""
         found: list[tuple[AccountDirectory, VirtualDevice]] = []
         seen: set[str] = set()
-        for where in self._swept.values():
+        for name, where in self._swept.items():
             iam = where.directory
-            for d in iam.list_virtual_mfa_devices(assigned=False):
+            try:
+                listed = iam.list_virtual_mfa_devices(assigned=False)
+            except ProvisionerError as e:
+                if unreachable is None or len(self._swept) == 1:
+                    raise
+                unreachable.append(
+                    Action(f"could not sweep account {name}: {e.one_line()}", failed=True)
+                )
+                continue
+            for d in listed:
                 if (
                     iam.under_path(d.serial_number, where.device_path)
                     and d.tag(TagKey.TOOL) == TOOL_TAG
@@ -424,9 +435,9 @@ class Recovery:
     def _sweep(
         self, dry_run: bool, delete: bool, all_desks: bool, busy: frozenset[str]
     ) -> list[Action]:
-        actions = []
+        actions: list[Action] = []
         left_behind = self._store.left_behind()
-        for where, device in self._orphans(all_desks, busy):
+        for where, device in self._orphans(all_desks, busy, actions):
             who = (
                 f"{device.tag('provisioner:user')} on token "
                 f"{device.tag('provisioner:token-serial')}, desk {device.tag('provisioner:desk')}"
