@@ -19,10 +19,16 @@ from pathlib import Path
 
 from provisioner import install
 from provisioner.adapters.aws.iam import IamClient
-from provisioner.adapters.aws.permissions import POLICY_FILE, checks, missing, policy_source_arn
+from provisioner.adapters.aws.permissions import (
+    MEMBER_POLICY_FILE,
+    POLICY_FILE,
+    checks,
+    missing,
+    policy_source_arn,
+)
 from provisioner.adapters.control_socket import socket_answers
 from provisioner.adapters.yubikey import Pcsc
-from provisioner.config import Config
+from provisioner.config import AccountConfig, Config
 from provisioner.core.clock import AwsClock
 from provisioner.core.errors import AccessDenied, ProvisionerError, TokenBusy, TokenRemoved
 
@@ -306,6 +312,49 @@ def check_aws(
         yield ok("clock", detail + "; codes follow AWS's clock")
 
 
+def check_account(
+    config: Config, account: AccountConfig, iam: IamClient, sample_user: str | None
+) -> Iterator[Finding]:
+    """One of the desk's [[accounts]]: its role assumed (trust policy, external id), then
+    each permission the desk needs there, asked of that account's policy simulator for
+    the role."""
+    check = f"account {account.name}"
+    try:
+        me = iam.caller_identity()
+    except ProvisionerError as e:
+        yield fail(check, e.message, e.hint or "check the role and its trust policy")
+        yield skip(f"{check} permissions", "the role could not be assumed")
+        return
+    how = "role assumed" if account.role_arn else "the desk's own credentials"
+    external = " with its external id" if account.external_id else ""
+    yield ok(check, f"{how}{external}: {me.arn} (account {me.account})")
+    principal = policy_source_arn(me.arn)
+    user = account.iam_user(sample_user or "provisioner-doctor-sample")
+    wanted = checks(
+        account=me.account,
+        device_path=config.enrollment_settings(account).device_path,
+        user_arn=f"arn:aws:iam::{me.account}:user/{user}",
+        principal_arn=principal,
+    )
+    try:
+        denied = sorted({e.action for e in missing(iam.simulate(principal, wanted))})
+    except ProvisionerError as e:
+        yield fail(
+            f"{check} permissions",
+            f"cannot check them: {e.message}",
+            f"grant the role iam:SimulatePrincipalPolicy as {MEMBER_POLICY_FILE} does",
+        )
+        return
+    if denied:
+        yield fail(
+            f"{check} permissions",
+            f"{principal} may not: {', '.join(denied)}",
+            f"attach {MEMBER_POLICY_FILE} (with the account's id) to the role",
+        )
+    else:
+        yield ok(f"{check} permissions", f"all {len(wanted)} actions allowed for {principal}")
+
+
 def run(
     config: Config,
     *,
@@ -314,6 +363,7 @@ def run(
     list_usb: Callable[[], object],
     root: Path = Path("/"),
     sample_user: str | None = None,
+    directory: Callable[[AccountConfig], IamClient] | None = None,
 ) -> list[Finding]:
     findings: list[Finding] = []
     pcscd, pcsc = check_pcscd(open_pcsc)
@@ -333,6 +383,11 @@ def run(
         findings.append(fail("AWS credentials", e.message, e.hint or "check [iam]"))
     else:
         findings += check_aws(config, client, clock, sample_user)
+        for account in config.accounts:
+            if directory is None:
+                findings.append(skip(f"account {account.name}", "not checked here"))
+                continue
+            findings += check_account(config, account, directory(account), sample_user)
     return findings
 
 

@@ -98,12 +98,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     config = load_config(args)
 
+    desk: list[Desk] = []
+
     def iam() -> tuple[Any, Any]:
-        desk = Desk.from_config(config)
-        return desk.iam, desk.clock
+        desk.append(Desk.from_config(config))
+        return desk[0].iam, desk[0].clock
 
     findings = doctor.run(
-        config, iam=iam, list_usb=list_yubikeys, root=Path(args.root), sample_user=args.user
+        config,
+        iam=iam,
+        list_usb=list_yubikeys,
+        root=Path(args.root),
+        sample_user=args.user,
+        directory=lambda account: desk[0].directory(account),
     )
     if args.json:
         print(json.dumps([vars(f) for f in findings], indent=2))

@@ -19,6 +19,10 @@ from typing import NamedTuple
 from provisioner.core.errors import AccessDenied
 
 POLICY_FILE = "docs/iam-policy.json"
+#: The role the desk assumes in each of its [[accounts]]: the same actions, in that account.
+MEMBER_POLICY_FILE = "docs/member-account-role-policy.json"
+#: What the desk's own principal needs on top of POLICY_FILE to serve [[accounts]].
+ASSUME_POLICY_FILE = "docs/desk-assume-role-policy.json"
 
 
 @unique
