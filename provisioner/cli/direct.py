@@ -28,16 +28,22 @@ from provisioner.core.errors import (
     AccountsIncomplete,
     AlreadyEnrolled,
     ConfigError,
-    EnrollmentFailed,
     InvalidInput,
     NotPermitted,
     ProvisionerError,
     ReplaceIncomplete,
     StoreError,
 )
-from provisioner.core.lifecycle import Replaced, Revoked, resync_everywhere, revoke_everywhere
+from provisioner.core.lifecycle import (
+    Replaced,
+    Revoked,
+    audit_revoke_failed,
+    audit_revoked,
+    resync_everywhere,
+    revoke_everywhere,
+)
 from provisioner.core.lifecycle import replace as replace_token
-from provisioner.core.messages import Outcome
+from provisioner.core.messages import Outcome, failure_outcome
 from provisioner.core.model import EnrollmentResult
 from provisioner.core.ports import Progress, TokenFinder, TokenSession
 from provisioner.core.store import DeskStore
@@ -170,16 +176,7 @@ def replace_accounts(
     )
 
     def audited(account: str, done: Revoked) -> None:
-        state.store.audit(
-            state.actor,
-            "revoked",
-            user=done.user,
-            serial=done.token_serial,
-            device_arn=done.device_arn,
-            outcome=Outcome.REVOKED,
-            reason="replaced; " + "; ".join(done.actions),
-            account=account,
-        )
+        audit_revoked(state.store, state.actor, done, account=account, replaced=True)
 
     enrollment = desk.accounts_enrollment(user, accounts, progress, records.journal)
     try:
@@ -255,10 +252,8 @@ def _start(state: DeskState, token: TokenSession, user: str) -> int:
 def _failed(state: DeskState, enrollment_id: int, error: ProvisionerError) -> None:
     if isinstance(error, AlreadyEnrolled):
         outcome, reason = Outcome.ALREADY_ENROLLED, error.message
-    elif isinstance(error, EnrollmentFailed) and error.leftovers:
-        outcome, reason = Outcome.FAILED_NOT_ROLLED_BACK, error.one_line()
     else:
-        outcome, reason = Outcome.FAILED, error.one_line()
+        outcome, reason = failure_outcome(error), error.one_line()
     state.store.finish_enrollment(enrollment_id, outcome=outcome, actor=state.actor, reason=reason)
 
 
@@ -314,31 +309,14 @@ def revoke_accounts(
     the trail as it is done, a failure too."""
 
     def audited(account: str, done: Revoked) -> None:
-        state.store.audit(
-            state.actor,
-            "revoked",
-            user=done.user,
-            serial=done.token_serial,
-            device_arn=done.device_arn,
-            outcome=Outcome.REVOKED,
-            reason="; ".join(done.actions),
-            account=account,
-        )
+        audit_revoked(state.store, state.actor, done, account=account)
 
     try:
         return revoke_everywhere(
             desk.lifecycles(user, accounts), serial, find_token, on_done=audited
         )
     except ProvisionerError as e:
-        state.store.audit(
-            state.actor,
-            "revoke",
-            user=user,
-            serial=serial,
-            outcome=Outcome.FAILED,
-            reason=e.one_line(),
-            account=getattr(e, "account", None),
-        )
+        audit_revoke_failed(state.store, state.actor, user, serial, e)
         raise
 
 
@@ -348,24 +326,9 @@ def revoke(
     try:
         done = desk.lifecycle().revoke(user, serial, find_token)
     except ProvisionerError as e:
-        state.store.audit(
-            state.actor,
-            "revoke",
-            user=user,
-            serial=serial,
-            outcome=Outcome.FAILED,
-            reason=e.one_line(),
-        )
+        audit_revoke_failed(state.store, state.actor, user, serial, e)
         raise
-    state.store.audit(
-        state.actor,
-        "revoked",
-        user=done.user,
-        serial=done.token_serial,
-        device_arn=done.device_arn,
-        outcome=Outcome.REVOKED,
-        reason="; ".join(done.actions),
-    )
+    audit_revoked(state.store, state.actor, done)
     return done
 
 

@@ -20,8 +20,10 @@ from provisioner.core.errors import (
     ReplaceIncomplete,
     TokenError,
 )
+from provisioner.core.messages import Outcome
 from provisioner.core.model import EnrollmentResult, TagKey, VirtualDevice
 from provisioner.core.ports import IamDirectory, NullProgress, Progress, TokenFinder, TokenSession
+from provisioner.core.store import DeskStore
 
 #: What becomes of a credential on a token that is not plugged in: (serial, credential id)
 #: -> a line for the operator.
@@ -156,6 +158,42 @@ class Lifecycle:
         )
         self._iam.resync_mfa_device(user, device.serial_number, codes.first, codes.second)
         return device.serial_number, codes.first_step
+
+
+def audit_revoked(
+    store: DeskStore,
+    actor: str,
+    done: Revoked,
+    *,
+    account: str | None = None,
+    replaced: bool = False,
+) -> None:
+    """A revocation in the audit trail (in ``account``, by a replacement if said)."""
+    store.audit(
+        actor,
+        "revoked",
+        user=done.user,
+        serial=done.token_serial,
+        device_arn=done.device_arn,
+        outcome=Outcome.REVOKED,
+        reason=("replaced; " if replaced else "") + "; ".join(done.actions),
+        account=account,
+    )
+
+
+def audit_revoke_failed(
+    store: DeskStore, actor: str, user: str, serial: int | None, error: ProvisionerError
+) -> None:
+    """A revocation that failed (in the account it names, if any) in the audit trail."""
+    store.audit(
+        actor,
+        "revoke",
+        user=user,
+        serial=serial,
+        outcome=Outcome.FAILED,
+        reason=error.one_line(),
+        account=getattr(error, "account", None),
+    )
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,12 @@ def error_answer(error: ProvisionerError) -> Answer:
     return refusal(error.one_line(), exit_status(error))
 
 
+def failure_outcome(error: ProvisionerError) -> Outcome:
+    """How a failed enrollment ends: rolled back, or not wholly (something left named)."""
+    leftovers = getattr(error, "leftovers", ())
+    return Outcome.FAILED_NOT_ROLLED_BACK if leftovers else Outcome.FAILED
+
+
 def failed_outcome(outcome: str, error: ProvisionerError, **extra: Any) -> Answer:
     """The outcome of work on a token that failed: what, why (a stable reason for the
     metrics), the operator's one line and the exit status; ``extra`` adds or overrides."""

@@ -14,7 +14,12 @@ from provisioner.core.errors import (
     InvalidInput,
     ProvisionerError,
 )
-from provisioner.core.lifecycle import Revoked, revoke_everywhere
+from provisioner.core.lifecycle import (
+    Revoked,
+    audit_revoke_failed,
+    audit_revoked,
+    revoke_everywhere,
+)
 from provisioner.core.messages import (
     EventKind,
     Outcome,
@@ -52,15 +57,7 @@ class ControlHandlers(TokenWorkers):
             )
         except ProvisionerError as e:
             return error_answer(e)
-        self.store.audit(
-            peer_name,
-            "revoked",
-            user=user,
-            serial=done.token_serial,
-            device_arn=done.device_arn,
-            outcome=Outcome.REVOKED,
-            reason="; ".join(done.actions),
-        )
+        audit_revoked(self.store, peer_name, done)
         self._forget_on_token(done, peer_name)
         event: Event = {
             "event": EventKind.REVOKED,
@@ -80,16 +77,7 @@ class ControlHandlers(TokenWorkers):
         self, user: str, serial: int | None, accounts: Sequence[AccountConfig], peer_name: str
     ) -> Event:
         def revoked(account: str, done: Revoked) -> None:
-            self.store.audit(
-                peer_name,
-                "revoked",
-                user=done.user,
-                serial=done.token_serial,
-                device_arn=done.device_arn,
-                outcome=Outcome.REVOKED,
-                reason="; ".join(done.actions),
-                account=account,
-            )
+            audit_revoked(self.store, peer_name, done, account=account)
             self._forget_on_token(done, peer_name)
             self.events.publish(
                 {
@@ -110,15 +98,7 @@ class ControlHandlers(TokenWorkers):
                 on_done=revoked,
             )
         except ProvisionerError as e:
-            self.store.audit(
-                peer_name,
-                "revoke",
-                user=user,
-                serial=serial,
-                outcome=Outcome.FAILED,
-                reason=e.one_line(),
-                account=getattr(e, "account", None),
-            )
+            audit_revoke_failed(self.store, peer_name, user, serial, e)
             return error_answer(e)
         return success(
             user=user,

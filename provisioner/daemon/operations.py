@@ -12,19 +12,19 @@ from provisioner.core.accounts import RecordedAccounts, replace_everywhere
 from provisioner.core.errors import (
     AccountsIncomplete,
     AlreadyEnrolled,
-    EnrollmentFailed,
     ExitStatus,
     ProvisionerError,
     ReplaceIncomplete,
     failure_reason,
 )
-from provisioner.core.lifecycle import Revoked, resync_everywhere
+from provisioner.core.lifecycle import Revoked, audit_revoked, resync_everywhere
 from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.messages import (
     EventKind,
     Outcome,
     TokenState,
     failed_outcome,
+    failure_outcome,
 )
 from provisioner.core.model import Step
 from provisioner.core.store import QueueEntry, RequestKind, RequestState
@@ -156,16 +156,7 @@ class Operations(Claims):
     def _revoked_here(self, done: Revoked, actor: str, account: str) -> None:
         """An old token's device revoked in ``account`` by a replacement: in the trail,
         and its credential taken off the old token when the desk sees it."""
-        self.store.audit(
-            actor,
-            "revoked",
-            user=done.user,
-            serial=done.token_serial,
-            device_arn=done.device_arn,
-            outcome=Outcome.REVOKED,
-            reason="replaced; " + "; ".join(done.actions),
-            account=account,
-        )
+        audit_revoked(self.store, actor, done, account=account, replaced=True)
         self._forget_on_token(done, actor)
 
     def _clean_token(self, reader: str, token: YubiKeyToken, serial: int) -> None:
@@ -281,11 +272,7 @@ class Operations(Claims):
             }
             state = TokenState.ENROLLED
         except ProvisionerError as e:
-            label = (
-                Outcome.FAILED_NOT_ROLLED_BACK
-                if isinstance(e, EnrollmentFailed) and e.leftovers
-                else Outcome.FAILED
-            )
+            label = failure_outcome(e)
             self.store.finish_enrollment(
                 enrollment_id, outcome=label, actor=actor, reason=e.one_line()
             )
@@ -374,11 +361,7 @@ class Operations(Claims):
             state = TokenState.ENROLLED
         except ProvisionerError as e:
             records.finish(e, actor)
-            label = (
-                Outcome.FAILED_NOT_ROLLED_BACK
-                if isinstance(e, EnrollmentFailed) and e.leftovers
-                else Outcome.FAILED
-            )
+            label = failure_outcome(e)
             outcome = failed_outcome(label, e)
             state = TokenState.FAILED
         else:
