@@ -279,3 +279,64 @@ def test_no_seed_in_the_result_or_the_error() -> None:
     seeds = [bytes(d.seed).hex() for iam in desk.iam.values() for d in iam.devices.values()]
     text = repr(result)
     assert seeds and not any(s in text for s in seeds)
+
+
+@pytest.mark.parametrize("failing", NAMES)
+def test_confirm_failing_in_one_account_after_every_enable_undoes_every_account(
+    failing: str,
+) -> None:
+    desk = Desk()
+    iam = desk.iam[failing]
+    calls = [0]
+
+    def second_list_fails() -> None:  # the check's listing passes, the confirm's does not
+        calls[0] += 1
+        if calls[0] > 1:
+            raise DirectoryUnavailable("IAM is down")
+
+    iam.faults["list_mfa_devices"] = second_list_fails
+    with pytest.raises(EnrollmentFailed) as caught:
+        desk.enroll()
+    assert caught.value.step == Step.CONFIRM and caught.value.account == failing
+    for name in NAMES:
+        assert "deactivate_mfa_device" in desk.iam[name].calls, name
+    desk.assert_nothing_anywhere()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_the_token_refusing_any_credential_undoes_every_account(k: int) -> None:
+    from provisioner.core.errors import TokenCommandFailed
+
+    desk = Desk()
+    with desk.token() as token:
+        real_put = token.put_credential
+        puts = [0]
+
+        def put(spec: Any, seed: Any) -> None:
+            puts[0] += 1
+            if puts[0] == k:
+                raise TokenCommandFailed("the token refused the credential")
+            real_put(spec, seed)
+
+        token.put_credential = put  # type: ignore[method-assign]
+        with pytest.raises(EnrollmentFailed) as caught:
+            AccountsEnrollment(desk.accounts(), desk.clock, desk.progress).run(token, "alice")
+    assert caught.value.step == Step.PROGRAM_TOKEN
+    assert caught.value.account == NAMES[k - 1]
+    desk.assert_nothing_anywhere()
+
+
+def test_the_token_failing_the_one_pass_calculation_undoes_every_account() -> None:
+    from provisioner.core.errors import TokenCommandFailed
+
+    desk = Desk()
+    with desk.token() as token:
+
+        def calculate_many(ids: Any, timestamp: int) -> dict[str, str]:
+            raise TokenCommandFailed("CALCULATE ALL failed")
+
+        token.calculate_many = calculate_many  # type: ignore[method-assign]
+        with pytest.raises(EnrollmentFailed) as caught:
+            AccountsEnrollment(desk.accounts(), desk.clock, desk.progress).run(token, "alice")
+    assert caught.value.step == Step.COMPUTE_CODES
+    desk.assert_nothing_anywhere()

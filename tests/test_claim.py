@@ -105,3 +105,24 @@ def test_a_token_with_several_or_unnamed_owners_serves_no_any_token_request() ->
     assert users == frozenset()
     assert why_not is not None and "an unnamed user (AWS:desk-1)" in why_not
     assert why_not.endswith("its serial is hidden: enroll it with provisioner enroll --direct")
+
+
+def test_the_accounts_go_with_the_claim_from_a_request_or_the_roster() -> None:
+    queue = Queue()
+    rostered = choose(7, "alice", queue.take, lambda: (None, None), "prod,dev")
+    assert (rostered.user, rostered.source, rostered.accounts) == ("alice", "roster", "prod,dev")
+    entry = QueueEntry(
+        id=3,
+        user="bob",
+        serial=8,
+        requested_by="root",
+        requested_at=1.0,
+        state=RequestState.WAITING,
+        accounts="staging",
+    )
+    asked = choose(8, None, Queue(entry).take, lambda: (None, None))
+    assert (asked.user, asked.accounts) == ("bob", "staging")
+    # a request for the rostered user carries its own accounts, not the roster's
+    anyone = QueueEntry(**{**entry.as_dict(), "serial": None})
+    queued = choose(7, "bob", Queue(anyone).take, lambda: (None, None), "prod")
+    assert queued.accounts == "staging"
