@@ -17,7 +17,7 @@ from provisioner.core.errors import StoreError
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user TEXT NOT NULL,
+    "user" TEXT NOT NULL,
     serial INTEGER,                    -- only this token, if given
     requested_by TEXT NOT NULL,
     requested_at REAL NOT NULL,
@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS queue (
 CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
 CREATE TABLE IF NOT EXISTS enrollments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user TEXT NOT NULL,
+    "user" TEXT NOT NULL,
     serial INTEGER,
     reader TEXT NOT NULL,
     source TEXT NOT NULL,              -- queue:<id> or roster
@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS audit (
     at REAL NOT NULL,
     actor TEXT NOT NULL,
     event TEXT NOT NULL,
-    user TEXT,
+    "user" TEXT,
     serial INTEGER,
     device_arn TEXT,
     outcome TEXT,

@@ -1,0 +1,579 @@
+"""The desk's store in SQL: the queue, one record per enrollment, the audit trail; the
+queries shared by SQLite (one desk, sqlite_store.py) and PostgreSQL (a fleet,
+postgres_store.py), which give it their connections and transactions.
+
+Each enrollment record names its owner, the process doing it (ownership.py), so that
+recovery never takes a running enrollment for a crash's leftover. The audit trail is
+append-only, enforced by the database itself (SQLite: triggers; PostgreSQL: the desks'
+role may only INSERT and SELECT it). Nothing secret is ever stored: users, serials,
+ARNs, steps and outcomes. Every write is its own transaction, committed before the call
+returns, so after a crash the records say how far each enrollment got. The drivers'
+errors become StoreError in the subclasses: nothing outside the adapters knows them.
+
+The SQL is the subset both speak: ``?`` placeholders (PostgreSQL's driver gets ``%s``),
+``"user"`` quoted (a reserved word to PostgreSQL), ``INSERT ... RETURNING id``, ``IS NOT
+DISTINCT FROM``. Still larger than most modules: writes that touch the queue, a record
+and the trail in one transaction (a cancel is audited in the same commit). The port and
+its records are in core/store.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from provisioner.core.audit import log_line
+from provisioner.core.errors import ProvisionerError, QueueFull
+from provisioner.core.messages import Outcome
+from provisioner.core.ports import Fact
+from provisioner.core.store import (
+    FACT_STATES,
+    AuditRecord,
+    DeviceState,
+    EnrollmentJournal,
+    EnrollmentRecord,
+    QueueEntry,
+    RecordOwner,
+    RequestKind,
+    RequestState,
+    Row,
+    TokenCleanup,
+)
+
+audit_log = logging.getLogger("provisioner.audit")
+
+#: The states of a request that counts against the queue's bound.
+_OPEN = "state IN ('waiting', 'taken')"
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What the queries need of a driver's connection (sqlite3's, psycopg's, wrapped)."""
+
+    def execute(self, sql: str, params: Any = ..., /) -> Cursor: ...
+
+
+class SqlStore:
+    """The store's queries over a connection the subclass hands out: ``_tx()`` for one
+    write transaction, ``_reading()`` for a read.
+
+    ``owner``: the process whose enrollments this store records (None: records without
+    an owner, as before owners existed).
+    """
+
+    def __init__(
+        self, clock: Callable[[], float] = time.time, *, owner: RecordOwner | None = None
+    ) -> None:
+        self._clock = clock
+        self._owner = owner
+
+    def _tx(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    def _reading(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- queue ------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        user: str,
+        requested_by: str,
+        serial: int | None = None,
+        *,
+        kind: RequestKind = RequestKind.ENROLL,
+        old_serial: int | None = None,
+        followed: bool = False,
+        limit: int | None = None,
+        accounts: str = "",
+    ) -> QueueEntry:
+        """A new request; QueueFull when ``limit`` requests are already open."""
+        if kind not in tuple(RequestKind):
+            raise ValueError(f"unknown request kind {kind!r}")
+        with self._tx() as db:
+            if limit is not None:
+                (open_now,) = db.execute(f"SELECT COUNT(*) FROM queue WHERE {_OPEN}").fetchone()  # noqa: S608 - a fixed clause
+                if open_now >= limit:
+                    raise QueueFull(
+                        f"the desk's queue is full: {open_now} requests are waiting "
+                        f"(daemon.max_queue = {limit})"
+                    )
+            (entry_id,) = db.execute(
+                'INSERT INTO queue ("user", serial, requested_by, requested_at, kind, old_serial, '
+                "followed, accounts) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
+                (
+                    user,
+                    serial,
+                    requested_by,
+                    self._clock(),
+                    kind,
+                    old_serial,
+                    int(followed),
+                    accounts,
+                ),
+            ).fetchone()
+            reason = None if kind is RequestKind.ENROLL else str(kind)
+            if accounts:
+                reason = "; ".join(filter(None, (reason, f"accounts {accounts}")))
+            self._audit(db, requested_by, "queued", user=user, serial=serial, reason=reason)
+            row = db.execute("SELECT * FROM queue WHERE id = ?", (entry_id,)).fetchone()
+        return QueueEntry.from_row(row)
+
+    def waiting(self, limit: int | None = None) -> list[QueueEntry]:
+        """The open requests, oldest first (the first ``limit`` of them, if given)."""
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT * FROM queue WHERE {_OPEN} ORDER BY id LIMIT ?",  # noqa: S608 - a fixed clause
+                (-1 if limit is None else limit,),
+            ).fetchall()
+        return [QueueEntry.from_row(r) for r in rows]
+
+    def queue_length(self, up_to: int | None = None) -> int:
+        """How many requests are open (those up to request #``up_to``, if given)."""
+        with self._reading() as db:
+            if up_to is None:
+                (count,) = db.execute(f"SELECT COUNT(*) FROM queue WHERE {_OPEN}").fetchone()  # noqa: S608 - a fixed clause
+            else:
+                (count,) = db.execute(
+                    f"SELECT COUNT(*) FROM queue WHERE {_OPEN} AND id <= ?",  # noqa: S608 - a fixed clause
+                    (up_to,),
+                ).fetchone()
+        return int(count)
+
+    def queue_entry(self, entry_id: int) -> QueueEntry | None:
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM queue WHERE id = ?", (entry_id,)).fetchone()
+        return QueueEntry.from_row(row) if row else None
+
+    def take_next(
+        self, serial: int | None, *, users: Collection[str] | None = None
+    ) -> QueueEntry | None:
+        """The oldest waiting request this token may serve: one for its serial first, else
+        one for any token; when ``users`` is given, only an enrollment (not a replace) of
+        one of them, none if it is empty."""
+        with self._tx() as db:
+            row = None
+            if serial is not None:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial = ? "
+                    "ORDER BY id LIMIT 1",
+                    (serial,),
+                ).fetchone()
+            if row is None and users is None:
+                row = db.execute(
+                    "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
+                    "ORDER BY id LIMIT 1"
+                ).fetchone()
+            elif row is None and users:
+                marks = ",".join("?" for _ in users)
+                where = f"AND kind = 'enroll' AND \"user\" IN ({marks})"  # only placeholders
+                sql = f"SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL {where} "  # noqa: S608
+                sql += "ORDER BY id LIMIT 1"
+                row = db.execute(sql, tuple(sorted(users))).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE queue SET state = 'taken' WHERE id = ?", (row["id"],))
+            row = db.execute("SELECT * FROM queue WHERE id = ?", (row["id"],)).fetchone()
+        return QueueEntry.from_row(row)
+
+    def finish_entry(self, entry_id: int, state: RequestState, enrollment_id: int | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE queue SET state = ?, enrollment_id = ? WHERE id = ?",
+                (state, enrollment_id, entry_id),
+            )
+
+    def cancel(self, entry_id: int, actor: str) -> QueueEntry | None:
+        return self._close_waiting(entry_id, RequestState.CANCELLED, actor)
+
+    def withdraw(self, entry_id: int) -> QueueEntry | None:
+        """Close a waiting request whose client left with the daemon."""
+        return self._close_waiting(entry_id, RequestState.WITHDRAWN, "daemon")
+
+    def _close_waiting(self, entry_id: int, state: RequestState, actor: str) -> QueueEntry | None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM queue WHERE id = ? AND state = 'waiting'", (entry_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            self._close(db, row, state, actor)
+        return QueueEntry.from_row(row)
+
+    def _close(self, db: Connection, row: Row, state: RequestState, actor: str) -> None:
+        """The request ends unserved, audited as ``state`` (cancelled, withdrawn)."""
+        db.execute("UPDATE queue SET state = ? WHERE id = ?", (state, row["id"]))
+        reason = None
+        if state is RequestState.WITHDRAWN:
+            reason = (
+                f"request #{row['id']} was followed by {row['requested_by']}, whose command "
+                "ended when the daemon stopped"
+            )
+        self._audit(db, actor, state, user=row["user"], serial=row["serial"], reason=reason)
+
+    def link_entry(self, entry_id: int, enrollment_id: int) -> None:
+        """The request's enrollment has started: from now on it is never served twice."""
+        with self._tx() as db:
+            db.execute("UPDATE queue SET enrollment_id = ? WHERE id = ?", (enrollment_id, entry_id))
+
+    def settle_taken(self) -> tuple[int, int]:
+        """At start-up, the requests a stopped daemon left open.
+
+        A request a client followed is withdrawn (that client left with the daemon: its
+        operator was told the request failed, and it must not take a token now), unless
+        its enrollment had started. A taken request whose enrollment had started is
+        closed as interrupted (recovery settles the enrollment, the history tells the
+        outcome); one whose enrollment had not started waits again.
+        Returns (requeued, interrupted)."""
+        with self._tx() as db:
+            orphans = db.execute(
+                "SELECT * FROM queue WHERE followed = 1 AND enrollment_id IS NULL "
+                "AND state IN ('waiting', 'taken') ORDER BY id"
+            ).fetchall()
+            for row in orphans:
+                self._close(db, row, RequestState.WITHDRAWN, "daemon")
+            requeued = db.execute(
+                "UPDATE queue SET state = 'waiting' WHERE state = 'taken' AND enrollment_id IS NULL"
+            ).rowcount
+            interrupted = db.execute(
+                "UPDATE queue SET state = 'interrupted' WHERE state = 'taken'"
+            ).rowcount
+        return requeued, interrupted
+
+    # --- enrollments ------------------------------------------------------------------
+
+    def start_enrollment(
+        self,
+        user: str,
+        serial: int | None,
+        reader: str,
+        source: str,
+        *,
+        owner: RecordOwner | None = None,
+    ) -> int:
+        """A new record, owned by ``owner`` (default: this store's owner)."""
+        return self.start_enrollments([("", user)], serial, reader, source, owner=owner)[0]
+
+    def start_enrollments(
+        self,
+        users: Sequence[tuple[str, str]],
+        serial: int | None,
+        reader: str,
+        source: str,
+        *,
+        owner: RecordOwner | None = None,
+    ) -> list[int]:
+        """One record per (account, user; account '' is the desk's own), in one
+        transaction; several name the first as their batch: settled together."""
+        owner = owner or self._owner
+        ids: list[int] = []
+        with self._tx() as db:
+            for account, user in users:
+                (enrollment_id,) = db.execute(
+                    'INSERT INTO enrollments ("user", serial, reader, source, started_at, step, '
+                    "owner, owner_pid, account, batch) VALUES (?,?,?,?,?, 'check', ?,?,?,?) "
+                    "RETURNING id",
+                    (
+                        user,
+                        serial,
+                        reader,
+                        source,
+                        self._clock(),
+                        owner.token if owner else None,
+                        owner.pid if owner else None,
+                        account,
+                        ids[0] if ids else None,
+                    ),
+                ).fetchone()
+                ids.append(int(enrollment_id))
+            if len(ids) > 1:
+                db.execute("UPDATE enrollments SET batch = ? WHERE id = ?", (ids[0], ids[0]))
+        return ids
+
+    def claim_enrollment(
+        self, enrollment_id: int, previous: str | None, owner: RecordOwner | None = None
+    ) -> bool:
+        """Take an unfinished record over from ``previous`` (an owner that has ended), for
+        ``owner`` (default: this store's). False if someone else took it first."""
+        owner = owner or self._owner
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE enrollments SET owner = ?, owner_pid = ? "
+                "WHERE id = ? AND finished_at IS NULL AND owner IS NOT DISTINCT FROM ?",
+                (
+                    owner.token if owner else None,
+                    owner.pid if owner else None,
+                    enrollment_id,
+                    previous,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def release_enrollment(self, enrollment_id: int) -> None:
+        """Hand an unfinished record this store's owner took over back: nobody owns it."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE enrollments SET owner = NULL, owner_pid = NULL "
+                "WHERE id = ? AND finished_at IS NULL AND owner IS NOT DISTINCT FROM ?",
+                (enrollment_id, self._owner.token if self._owner else None),
+            )
+
+    def record_step(self, enrollment_id: int, step: str, device_arn: str | None = None) -> None:
+        with self._tx() as db:
+            if device_arn is not None:
+                db.execute(
+                    "UPDATE enrollments SET step = ?, device_arn = ? WHERE id = ?",
+                    (step, device_arn, enrollment_id),
+                )
+            else:
+                db.execute("UPDATE enrollments SET step = ? WHERE id = ?", (step, enrollment_id))
+
+    def finish_enrollment(
+        self,
+        enrollment_id: int,
+        *,
+        outcome: Outcome,
+        actor: str,
+        device_arn: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE enrollments SET finished_at = ?, outcome = ?, reason = ?, "
+                "device_arn = COALESCE(?, device_arn) WHERE id = ?",
+                (self._clock(), outcome, reason, device_arn, enrollment_id),
+            )
+            row = db.execute("SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)).fetchone()
+            self._audit(
+                db,
+                actor,
+                "enrollment",
+                user=row["user"],
+                serial=row["serial"],
+                device_arn=row["device_arn"],
+                outcome=outcome,
+                reason=reason,
+                account=row["account"] or None,
+            )
+
+    def journal(self, enrollment_id: int) -> EnrollmentJournal:
+        return EnrollmentJournal(self, enrollment_id)
+
+    def record_fact(
+        self,
+        enrollment_id: int,
+        fact: Fact,
+        *,
+        device_arn: str | None = None,
+        credential_id: str | None = None,
+    ) -> None:
+        state = FACT_STATES[fact]
+        column = "device_state" if isinstance(state, DeviceState) else "credential_state"
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE enrollments SET {column} = ?, "  # noqa: S608 - column from a fixed table
+                "device_arn = COALESCE(?, device_arn), credential_id = COALESCE(?, credential_id) "
+                "WHERE id = ?",
+                (state.value, device_arn, credential_id, enrollment_id),
+            )
+
+    def enrollment(self, enrollment_id: int) -> EnrollmentRecord | None:
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)).fetchone()
+        return EnrollmentRecord.from_row(row) if row else None
+
+    # --- credentials to remove from tokens when they are next seen --------------------
+
+    def add_token_cleanup(
+        self, serial: int, credential_id: str, enrollment_id: int | None, reason: str
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO token_cleanups (serial, credential_id, enrollment_id, reason, "
+                "created_at) VALUES (?,?,?,?,?)",
+                (serial, credential_id, enrollment_id, reason, self._clock()),
+            )
+
+    def token_cleanups(self, serial: int | None = None) -> list[TokenCleanup]:
+        with self._reading() as db:
+            if serial is None:
+                rows = db.execute(
+                    "SELECT * FROM token_cleanups WHERE done_at IS NULL ORDER BY id"
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT * FROM token_cleanups WHERE done_at IS NULL AND serial = ? ORDER BY id",
+                    (serial,),
+                ).fetchall()
+        return [TokenCleanup.from_row(r) for r in rows]
+
+    def finish_token_cleanup(self, cleanup_id: int, actor: str, outcome: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE token_cleanups SET done_at = ? WHERE id = ?", (self._clock(), cleanup_id)
+            )
+            row = db.execute("SELECT * FROM token_cleanups WHERE id = ?", (cleanup_id,)).fetchone()
+            self._audit(
+                db,
+                actor,
+                "token cleanup",
+                serial=row["serial"],
+                outcome=outcome,
+                reason=f"{row['credential_id']}: {row['reason']}",
+            )
+
+    def left_behind(self) -> set[str]:
+        """Devices that ended enrollments (not enrolled) may have left in IAM: a rollback
+        that could not delete its device."""
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT device_arn FROM enrollments WHERE finished_at IS NOT NULL "
+                "AND outcome NOT IN ('enrolled', 'already enrolled') AND device_arn IS NOT NULL "
+                "AND device_state IN ('maybe', 'created', 'maybe enabled', 'enabled')"
+            ).fetchall()
+        return {str(r["device_arn"]) for r in rows}
+
+    def unfinished_enrollments(self) -> list[EnrollmentRecord]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT * FROM enrollments WHERE finished_at IS NULL ORDER BY id"
+            ).fetchall()
+        return [EnrollmentRecord.from_row(r) for r in rows]
+
+    # --- audit ------------------------------------------------------------------------
+
+    def audit(
+        self,
+        actor: str,
+        event: str,
+        *,
+        user: str | None = None,
+        serial: int | None = None,
+        device_arn: str | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+        account: str | None = None,
+    ) -> None:
+        with self._tx() as db:
+            self._audit(
+                db,
+                actor,
+                event,
+                user=user,
+                serial=serial,
+                device_arn=device_arn,
+                outcome=outcome,
+                reason=reason,
+                account=account,
+            )
+
+    def audit_resync(
+        self,
+        actor: str,
+        user: str,
+        serial: int | None,
+        outcome: tuple[str, int] | ProvisionerError,
+    ) -> None:
+        """A resync's record: ``outcome`` is (device, first time step) or what failed."""
+        if isinstance(outcome, ProvisionerError):
+            self.audit(
+                actor,
+                "resync",
+                user=user,
+                serial=serial,
+                outcome=Outcome.FAILED,
+                reason=outcome.one_line(),
+            )
+            return
+        device, first_step = outcome
+        self.audit(
+            actor,
+            "resync",
+            user=user,
+            serial=serial,
+            device_arn=device,
+            outcome=Outcome.RESYNCED,
+            reason=f"time steps {first_step} and {first_step + 1}",
+        )
+
+    def _audit(
+        self,
+        db: Connection,
+        actor: str,
+        event: str,
+        *,
+        user: str | None = None,
+        serial: int | None = None,
+        device_arn: str | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+        account: str | None = None,
+    ) -> None:
+        at = self._clock()
+        db.execute(
+            'INSERT INTO audit (at, actor, event, "user", serial, device_arn, outcome, reason, '
+            "account) VALUES (?,?,?,?,?,?,?,?,?)",
+            (at, actor, event, user, serial, device_arn, outcome, reason, account),
+        )
+        audit_log.info(
+            "%s",
+            log_line(
+                {
+                    "at": at,
+                    "actor": actor,
+                    "event": event,
+                    "user": user,
+                    "serial": serial,
+                    "device_arn": device_arn,
+                    "outcome": outcome,
+                    "reason": reason,
+                    **({"account": account} if account else {}),
+                }
+            ),
+        )
+
+    def history(
+        self,
+        *,
+        limit: int = 100,
+        since: float | None = None,
+        user: str | None = None,
+        serial: int | None = None,
+        account: str | None = None,
+    ) -> list[AuditRecord]:
+        clauses: list[str] = []
+        params: list[object] = []
+        if account is not None:
+            clauses.append("account = ?")
+            params.append(account)
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(since)
+        if user is not None:
+            clauses.append('"user" = ?')
+            params.append(user)
+        if serial is not None:
+            clauses.append("serial = ?")
+            params.append(serial)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._reading() as db:
+            rows = db.execute(
+                f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) "  # noqa: S608 - fixed clauses
+                "ORDER BY id",
+                (*params, limit),
+            ).fetchall()
+        return [AuditRecord.from_row(r) for r in rows]
