@@ -106,13 +106,15 @@ class SqlStore:
             raise ValueError(f"unknown request kind {kind!r}")
         with self._tx() as db:
             if limit is not None:
-                (open_now,) = db.execute(f"SELECT COUNT(*) FROM queue WHERE {_OPEN}").fetchone()  # noqa: S608 - a fixed clause
+                open_now = db.execute(f"SELECT COUNT(*) AS n FROM queue WHERE {_OPEN}").fetchone()[
+                    "n"
+                ]  # noqa: S608 - a fixed clause
                 if open_now >= limit:
                     raise QueueFull(
                         f"the desk's queue is full: {open_now} requests are waiting "
                         f"(daemon.max_queue = {limit})"
                     )
-            (entry_id,) = db.execute(
+            entry_id = db.execute(
                 'INSERT INTO queue ("user", serial, requested_by, requested_at, kind, old_serial, '
                 "followed, accounts) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
                 (
@@ -125,7 +127,7 @@ class SqlStore:
                     int(followed),
                     accounts,
                 ),
-            ).fetchone()
+            ).fetchone()["id"]
             reason = None if kind is RequestKind.ENROLL else str(kind)
             if accounts:
                 reason = "; ".join(filter(None, (reason, f"accounts {accounts}")))
@@ -146,12 +148,12 @@ class SqlStore:
         """How many requests are open (those up to request #``up_to``, if given)."""
         with self._reading() as db:
             if up_to is None:
-                (count,) = db.execute(f"SELECT COUNT(*) FROM queue WHERE {_OPEN}").fetchone()  # noqa: S608 - a fixed clause
+                count = db.execute(f"SELECT COUNT(*) AS n FROM queue WHERE {_OPEN}").fetchone()["n"]  # noqa: S608 - a fixed clause
             else:
-                (count,) = db.execute(
-                    f"SELECT COUNT(*) FROM queue WHERE {_OPEN} AND id <= ?",  # noqa: S608 - a fixed clause
+                count = db.execute(
+                    f"SELECT COUNT(*) AS n FROM queue WHERE {_OPEN} AND id <= ?",  # noqa: S608 - a fixed clause
                     (up_to,),
-                ).fetchone()
+                ).fetchone()["n"]
         return int(count)
 
     def queue_entry(self, entry_id: int) -> QueueEntry | None:
@@ -283,7 +285,7 @@ class SqlStore:
         ids: list[int] = []
         with self._tx() as db:
             for account, user in users:
-                (enrollment_id,) = db.execute(
+                enrollment_id = db.execute(
                     'INSERT INTO enrollments ("user", serial, reader, source, started_at, step, '
                     "owner, owner_pid, account, batch) VALUES (?,?,?,?,?, 'check', ?,?,?,?) "
                     "RETURNING id",
@@ -298,7 +300,7 @@ class SqlStore:
                         account,
                         ids[0] if ids else None,
                     ),
-                ).fetchone()
+                ).fetchone()["id"]
                 ids.append(int(enrollment_id))
             if len(ids) > 1:
                 db.execute("UPDATE enrollments SET batch = ? WHERE id = ?", (ids[0], ids[0]))
@@ -572,7 +574,7 @@ class SqlStore:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._reading() as db:
             rows = db.execute(
-                f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) "  # noqa: S608 - fixed clauses
+                f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) AS newest "  # noqa: S608 - fixed clauses
                 "ORDER BY id",
                 (*params, limit),
             ).fetchall()

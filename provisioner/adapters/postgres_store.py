@@ -1,0 +1,160 @@
+"""The desk's store in PostgreSQL: a fleet of desks on one database (``[store] url``).
+
+psycopg 3 with a small connection pool: the daemon's token workers each take a
+connection for one transaction and give it back. The queries are sql_store.py's, shared
+with SQLite; the schema and its grants are postgres_schema.py's, applied by the database's
+owner (``provisioner store migrate``), never by a desk. psycopg's errors become StoreError
+here (the cause kept); nothing outside the adapter knows psycopg. A password never
+appears in a message: the URL is shown without it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from provisioner.adapters.postgres_schema import (
+    DESK_ROLE,
+    GRANTS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    desk_role_name,
+    installed_version,
+)
+from provisioner.adapters.sql_store import Cursor, SqlStore
+from provisioner.core.errors import StoreError
+from provisioner.core.store import RecordOwner
+
+#: Seconds to wait for a connection (the pool's, or a new one) before saying so.
+CONNECT_TIMEOUT = 5.0
+
+
+def shown(url: str) -> str:
+    """The URL as a message may show it: without a password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+
+
+@contextmanager
+def translated(url: str) -> Iterator[None]:
+    """psycopg's errors as the port's: StoreError, naming the database, the cause kept."""
+    try:
+        yield
+    except PoolTimeout as e:
+        raise StoreError(
+            f"no connection to the fleet's database {shown(url)} within {CONNECT_TIMEOUT:.0f} s",
+            hint="check that PostgreSQL runs and the desk may reach it ([store] url)",
+        ) from e
+    except psycopg.Error as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StoreError(f"the fleet's database {shown(url)}: {detail}") from e
+
+
+class _Qmark:
+    """A psycopg connection that takes the shared queries' ``?`` placeholders."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Any = (), /) -> Cursor:
+        cursor: Cursor = self._connection.execute(sql.replace("?", "%s"), params or None)
+        return cursor
+
+
+class PostgresStore(SqlStore):
+    """The store on a PostgreSQL database whose schema ``migrate`` made; refuses one of
+    another version (StoreError saying the command to run)."""
+
+    def __init__(
+        self,
+        url: str,
+        clock: Callable[[], float] = time.time,
+        *,
+        owner: RecordOwner | None = None,
+        min_size: int = 1,
+        max_size: int = 8,
+    ) -> None:
+        super().__init__(clock, owner=owner)
+        self.url = url
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT)},
+            timeout=CONNECT_TIMEOUT,
+            open=False,
+            name="provisioner-store",
+        )
+        with translated(url):
+            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        try:
+            self._check_version()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _check_version(self) -> None:
+        with self._reading() as db:
+            version = installed_version(lambda sql: next(iter(db.execute(sql).fetchone().values())))
+        if version != SCHEMA_VERSION:
+            what = "no schema" if version == 0 else f"schema version {version}"
+            raise StoreError(
+                f"the fleet's database {shown(self.url)} has {what}; this provisioner "
+                f"needs version {SCHEMA_VERSION}",
+                hint="as the database's owner: provisioner store migrate --url OWNER_URL"
+                if version < SCHEMA_VERSION
+                else "upgrade provisioner on this desk to the fleet's version",
+            )
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Qmark]:
+        """One write transaction on a connection of the pool."""
+        with translated(self.url), self._pool.connection() as connection:
+            with connection.transaction():
+                yield _Qmark(connection)
+
+    @contextmanager
+    def _reading(self) -> Iterator[_Qmark]:
+        with translated(self.url), self._pool.connection() as connection:
+            yield _Qmark(connection)
+
+
+def migrate(owner_url: str, desk_role: str = DESK_ROLE) -> tuple[int, int]:
+    """Create or upgrade the schema as the database's owner, and grant ``desk_role`` what
+    desks need. Returns (version before, version after)."""
+    with (
+        translated(owner_url),
+        psycopg.connect(owner_url, connect_timeout=int(CONNECT_TIMEOUT)) as conn,
+    ):
+        with conn.transaction():
+            # one migration at a time, whoever else runs it
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('provisioner migrate'))")
+            before = installed_version(lambda sql: conn.execute(sql).fetchone()[0])  # type: ignore[index]
+            if before > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database has schema version {before}, newer than this "
+                    f"provisioner's {SCHEMA_VERSION}",
+                    hint="migrate with the newest provisioner of the fleet",
+                )
+            for version in range(before + 1, SCHEMA_VERSION + 1):
+                conn.execute(MIGRATIONS[version])
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+            role = sql.Identifier(desk_role_name(desk_role))
+            for grant in GRANTS:
+                conn.execute(sql.SQL(grant).format(role=role))
+    return before, SCHEMA_VERSION
