@@ -95,6 +95,32 @@ class EnrollmentConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the desk keeps its queue, records and audit trail."""
+
+    #: Empty: SQLite in the state directory. A libpq URL: the fleet's PostgreSQL
+    #: database, shared by every desk (``postgresql://provisioner_desk@db/provisioner``).
+    url: str = ""
+    #: A file holding the desk role's password (mode 600); empty: libpq's own
+    #: (PGPASSFILE, ~/.pgpass, PGPASSWORD) or none.
+    password_file: str = ""
+
+    def password(self) -> str | None:
+        if not self.password_file:
+            return None
+        try:
+            data = read_trusted(Path(self.password_file), "store.password_file", secret=True)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read store.password_file {self.password_file}: {e.strerror}"
+            ) from e
+        password = data.decode("utf-8", "replace").rstrip("\r\n")
+        if not password:
+            raise ConfigError(f"store.password_file {self.password_file} is empty")
+        return password
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     #: Where the queue, the enrollment records and the audit trail live.
     #: Empty: $STATE_DIRECTORY (set by systemd's StateDirectory=) or /var/lib/provisioner.
@@ -197,6 +223,7 @@ class Config:
     iam: IamConfig = field(default_factory=IamConfig)
     enrollment: EnrollmentConfig = field(default_factory=EnrollmentConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     #: The accounts the desk serves; none: its own (the credentials it runs with).
     accounts: tuple[AccountConfig, ...] = ()
     source: str = "built-in defaults"
@@ -271,6 +298,7 @@ SECTIONS: dict[str, type[Any]] = {
     "iam": IamConfig,
     "enrollment": EnrollmentConfig,
     "daemon": DaemonConfig,
+    "store": StoreConfig,
 }
 
 
@@ -347,7 +375,8 @@ def parse(text: str, source: str) -> Config:
         else:
             raise ConfigError(
                 f"unknown key {key} in {source}",
-                hint="known: desk, log_level, [token], [iam], [enrollment], [daemon], [[accounts]]",
+                hint="known: desk, log_level, [token], [iam], [enrollment], [daemon], [store], "
+                "[[accounts]]",
             )
     config = Config(**top, source=source)
     check(config)

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 from provisioner.adapters.aws.iam import AssumedRole, IamClient
 from provisioner.adapters.ownership import alive
@@ -26,6 +27,7 @@ from provisioner.core.accounts import (
 )
 from provisioner.core.clock import AwsClock
 from provisioner.core.enrollment import Enrollment, EnrollmentSettings
+from provisioner.core.errors import ConfigError
 from provisioner.core.lifecycle import InAccount, Lifecycle
 from provisioner.core.ports import Journal, NullProgress, Progress
 from provisioner.core.recovery import AccountDirectory, Recovery
@@ -42,9 +44,27 @@ def state_file(config: Config) -> Path:
 def desk_store(
     config: Config, *, owner: RecordOwner | None = None, read_only: bool = False
 ) -> DeskStore:
-    """The desk's store: the one place that picks its adapter. A second adapter (a
-    fleet's database) is chosen here from the configuration; nothing else changes."""
-    return SqliteStore(state_file(config), owner=owner, read_only=read_only)
+    """The desk's store: the one place that picks its adapter: SQLite in the state
+    directory, or the fleet's PostgreSQL database when ``[store] url`` names one."""
+    if not config.store.url:
+        return SqliteStore(state_file(config), owner=owner, read_only=read_only)
+    store: DeskStore = postgres().PostgresStore(
+        config.store.url, owner=owner, password=config.store.password()
+    )
+    return store
+
+
+def postgres() -> ModuleType:
+    """The PostgreSQL adapter, imported only where a fleet is configured (psycopg is an
+    extra: ``pip install 'provisioner[fleet]'``)."""
+    try:
+        from provisioner.adapters import postgres_store
+    except ImportError as e:
+        raise ConfigError(
+            f"[store] url names a PostgreSQL database but psycopg is not installed ({e.name})",
+            hint="pip install 'provisioner[fleet]'",
+        ) from None
+    return postgres_store
 
 
 @dataclass(frozen=True)

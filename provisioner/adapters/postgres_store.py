@@ -83,6 +83,7 @@ class PostgresStore(SqlStore):
         clock: Callable[[], float] = time.time,
         *,
         owner: RecordOwner | None = None,
+        password: str | None = None,
         min_size: int = 1,
         max_size: int = 8,
     ) -> None:
@@ -92,7 +93,11 @@ class PostgresStore(SqlStore):
             url,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT)},
+            kwargs={
+                "row_factory": dict_row,
+                "connect_timeout": int(CONNECT_TIMEOUT),
+                **({"password": password} if password else {}),
+            },
             timeout=CONNECT_TIMEOUT,
             open=False,
             name="provisioner-store",

@@ -47,6 +47,7 @@ audit_log = logging.getLogger("provisioner.audit")
 
 #: The states of a request that counts against the queue's bound.
 _OPEN = "state IN ('waiting', 'taken')"
+_COUNT_OPEN = f"SELECT COUNT(*) AS n FROM queue WHERE {_OPEN}"  # noqa: S608 - a fixed clause
 
 
 class Cursor(Protocol):
@@ -106,9 +107,7 @@ class SqlStore:
             raise ValueError(f"unknown request kind {kind!r}")
         with self._tx() as db:
             if limit is not None:
-                open_now = db.execute(f"SELECT COUNT(*) AS n FROM queue WHERE {_OPEN}").fetchone()[
-                    "n"
-                ]  # noqa: S608 - a fixed clause
+                open_now = db.execute(_COUNT_OPEN).fetchone()["n"]  # noqa: S608 - a fixed clause
                 if open_now >= limit:
                     raise QueueFull(
                         f"the desk's queue is full: {open_now} requests are waiting "
@@ -148,7 +147,7 @@ class SqlStore:
         """How many requests are open (those up to request #``up_to``, if given)."""
         with self._reading() as db:
             if up_to is None:
-                count = db.execute(f"SELECT COUNT(*) AS n FROM queue WHERE {_OPEN}").fetchone()["n"]  # noqa: S608 - a fixed clause
+                count = db.execute(_COUNT_OPEN).fetchone()["n"]
             else:
                 count = db.execute(
                     f"SELECT COUNT(*) AS n FROM queue WHERE {_OPEN} AND id <= ?",  # noqa: S608 - a fixed clause
