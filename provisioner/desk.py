@@ -47,9 +47,9 @@ def desk_store(
     """The desk's store: the one place that picks its adapter: SQLite in the state
     directory, or the fleet's PostgreSQL database when ``[store] url`` names one."""
     if not config.store.url:
-        return SqliteStore(state_file(config), owner=owner, read_only=read_only)
+        return SqliteStore(state_file(config), owner=owner, read_only=read_only, desk=config.desk)
     store: DeskStore = postgres().PostgresStore(
-        config.store.url, owner=owner, password=config.store.password()
+        config.store.url, owner=owner, password=config.store.password(), desk=config.desk
     )
     return store
 

@@ -83,8 +83,12 @@ CREATE TABLE audit (
     device_arn text,
     outcome text,
     reason text,
-    account text
+    account text,
+    desk text NOT NULL,
+    prev_hash text,
+    hash text NOT NULL
 );
+CREATE INDEX audit_chain ON audit (desk, id);
 """,
 }
 

@@ -29,7 +29,7 @@ from provisioner.adapters.postgres_schema import (
     desk_role_name,
     installed_version,
 )
-from provisioner.adapters.sql_store import Cursor, SqlStore
+from provisioner.adapters.sql_store import Connection, Cursor, SqlStore
 from provisioner.core.errors import StoreError
 from provisioner.core.store import RecordOwner
 
@@ -84,10 +84,11 @@ class PostgresStore(SqlStore):
         *,
         owner: RecordOwner | None = None,
         password: str | None = None,
+        desk: str = "",
         min_size: int = 1,
         max_size: int = 8,
     ) -> None:
-        super().__init__(clock, owner=owner)
+        super().__init__(clock, owner=owner, desk=desk)
         self.url = url
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
@@ -125,6 +126,9 @@ class PostgresStore(SqlStore):
 
     def close(self) -> None:
         self._pool.close()
+
+    def _lock_chain(self, db: Connection) -> None:
+        db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"audit {self._desk}",))
 
     @contextmanager
     def _tx(self) -> Iterator[_Qmark]:

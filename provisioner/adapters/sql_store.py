@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from provisioner.core.audit import log_line
+from provisioner.core.audit import log_line, record_hash
 from provisioner.core.errors import ProvisionerError, QueueFull
 from provisioner.core.messages import Outcome
 from provisioner.core.ports import Fact
@@ -74,10 +74,20 @@ class SqlStore:
     """
 
     def __init__(
-        self, clock: Callable[[], float] = time.time, *, owner: RecordOwner | None = None
+        self,
+        clock: Callable[[], float] = time.time,
+        *,
+        owner: RecordOwner | None = None,
+        desk: str = "",
     ) -> None:
         self._clock = clock
         self._owner = owner
+        #: The desk whose hash chain this store's audit records extend.
+        self._desk = desk
+
+    def _lock_chain(self, db: Connection) -> None:
+        """Hold the desk's chain for this transaction (no other writer of the desk's
+        records between reading its last hash and writing the next)."""
 
     def _tx(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
@@ -525,10 +535,41 @@ class SqlStore:
         account: str | None = None,
     ) -> None:
         at = self._clock()
+        record = {
+            "desk": self._desk,
+            "at": at,
+            "actor": actor,
+            "event": str(event),
+            "user": user,
+            "serial": serial,
+            "device_arn": device_arn,
+            "outcome": None if outcome is None else str(outcome),
+            "reason": reason,
+            "account": account,
+        }
+        self._lock_chain(db)
+        last = db.execute(
+            "SELECT hash FROM audit WHERE desk = ? AND hash IS NOT NULL ORDER BY id DESC LIMIT 1",
+            (self._desk,),
+        ).fetchone()
+        prev_hash = last["hash"] if last is not None else None
         db.execute(
             'INSERT INTO audit (at, actor, event, "user", serial, device_arn, outcome, reason, '
-            "account) VALUES (?,?,?,?,?,?,?,?,?)",
-            (at, actor, event, user, serial, device_arn, outcome, reason, account),
+            "account, desk, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                at,
+                actor,
+                record["event"],
+                user,
+                serial,
+                device_arn,
+                record["outcome"],
+                reason,
+                account,
+                self._desk,
+                prev_hash,
+                record_hash(prev_hash, record),
+            ),
         )
         audit_log.info(
             "%s",
@@ -576,5 +617,12 @@ class SqlStore:
                 f"SELECT * FROM (SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?) AS newest "  # noqa: S608 - fixed clauses
                 "ORDER BY id",
                 (*params, limit),
+            ).fetchall()
+        return [AuditRecord.from_row(r) for r in rows]
+
+    def audit_trail(self, after: int = 0, limit: int = 10_000) -> list[AuditRecord]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             ).fetchall()
         return [AuditRecord.from_row(r) for r in rows]

@@ -72,7 +72,10 @@ CREATE TABLE IF NOT EXISTS audit (
     device_arn TEXT,
     outcome TEXT,
     reason TEXT,
-    account TEXT                       -- the account it happened in (NULL: the desk's own)
+    account TEXT,                      -- the account it happened in (NULL: the desk's own)
+    desk TEXT,                         -- the desk that wrote it
+    prev_hash TEXT,                    -- the hash of that desk's record before it
+    hash TEXT                          -- this record's, over it and prev_hash (core/audit.py)
 );
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
@@ -97,6 +100,9 @@ _ADDED_COLUMNS = (
     ("enrollments", "account", "TEXT NOT NULL DEFAULT ''"),
     ("enrollments", "batch", "INTEGER"),
     ("audit", "account", "TEXT"),
+    ("audit", "desk", "TEXT"),
+    ("audit", "prev_hash", "TEXT"),
+    ("audit", "hash", "TEXT"),
 )
 
 

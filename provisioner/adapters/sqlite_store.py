@@ -36,8 +36,9 @@ class SqliteStore(SqlStore):
         *,
         owner: RecordOwner | None = None,
         read_only: bool = False,
+        desk: str = "",
     ) -> None:
-        super().__init__(clock, owner=owner)
+        super().__init__(clock, owner=owner, desk=desk)
         self.path = path
         self._lock = threading.Lock()
         self._db = open_read_only(path) if read_only else open_database(path)

@@ -24,6 +24,7 @@ from provisioner.adapters.ownership import SERVICE_USER, Owner, prepare_director
 from provisioner.config import AccountConfig, Config
 from provisioner.core import validation
 from provisioner.core.accounts import AccountsResult, RecordedAccounts, replace_everywhere
+from provisioner.core.audit import ChainWalk
 from provisioner.core.errors import (
     AccountsIncomplete,
     AlreadyEnrolled,
@@ -366,3 +367,27 @@ def history(
     except StoreError as e:
         raise _not_permitted("read", path, e) from e
     return [r.as_dict() for r in records]
+
+
+def verify_trail(config: Config) -> ChainWalk | None:
+    """Every desk's hash chain walked, read-only; None if there is no trail yet."""
+    if not config.store.url:
+        path = state_file(config)
+        try:
+            with path.open("rb"):
+                pass
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise _not_permitted("read", path, e) from e
+    walk = ChainWalk()
+    store = desk_store(config, read_only=True)
+    try:
+        after = 0
+        while page := store.audit_trail(after=after):
+            for record in page:
+                walk.see(record.as_dict())
+            after = page[-1].id
+    finally:
+        store.close()
+    return walk

@@ -156,10 +156,31 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verify_history(args: argparse.Namespace) -> int:
+    """Walk every desk's hash chain; one line per desk, the first broken record named."""
+    from provisioner.cli import direct
+
+    config = load_config(args)
+    walk = direct.verify_trail(config)
+    if walk is None:
+        print(f"provisioner: no audit trail yet ({config.desk})", file=sys.stderr)
+        return EXIT_OK
+    for desk, count in sorted(walk.checked.items()):
+        if desk not in walk.broken:
+            print(f"desk {desk or '(unnamed)'}: {count} records, chain intact")
+    if walk.unchained:
+        print(f"{walk.unchained} records from before the chain (not checked)")
+    for broken in walk.broken.values():
+        print(f"provisioner: BROKEN: {broken.line()}", file=sys.stderr)
+    return EXIT_FAILED if walk.broken else EXIT_OK
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from provisioner.cli import direct
     from provisioner.core.audit import render
 
+    if args.verify:
+        return _verify_history(args)
     request: dict[str, Any] = {"op": "history", "limit": args.limit}
     if args.user:
         request["user"] = args.user

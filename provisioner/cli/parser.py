@@ -410,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "json", "csv"), default="table", help="output format"
     )
     history.add_argument("--json", action="store_true", help="the same as --format json")
+    history.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every desk's hash chain instead: each record holds the hash of its "
+        "desk's record before it; names the first record changed or missing (exit 1)",
+    )
     common(history)
     history.set_defaults(func=cmd_history)
     return parser

@@ -189,6 +189,11 @@ class AuditRecord(_Record):
     outcome: str | None
     reason: str | None
     account: str | None = None
+    #: The desk that wrote it, and its place in that desk's hash chain (core/audit.py):
+    #: the hash of the desk's record before it, and its own.
+    desk: str | None = None
+    prev_hash: str | None = None
+    hash: str | None = None
 
 
 class RecordsFacts(Protocol):
@@ -362,5 +367,10 @@ class DeskStore(Protocol):
         serial: int | None = None,
         account: str | None = None,
     ) -> list[AuditRecord]: ...
+
+    def audit_trail(self, after: int = 0, limit: int = 10_000) -> list[AuditRecord]:
+        """The whole trail in order, ``limit`` records after record #``after``: what
+        ``history --verify`` walks."""
+        ...
 
     def close(self) -> None: ...
