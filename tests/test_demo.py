@@ -53,7 +53,22 @@ def check(demo: DemoRun, users: list[str]) -> None:
         check_steps(section(out, user), demo.steps)
     assert "failed as expected" in out and "rolled back, nothing left behind" in out
     assert "unassigned virtual MFA devices: 0; credentials left on the failed token" in out
-    assert out.rstrip().endswith("nothing else exists.")
+    assert "nothing else exists." in out
+    # one plug, three accounts: each lists erin's device and takes a fresh code
+    for name, account in (
+        ("prod", "111111111111"),
+        ("staging", "222222222222"),
+        ("sandbox", "333333333333"),
+    ):
+        assert (
+            f"  {name}: arn:aws:iam::{account}:mfa/provisioner/erin.yubikey.31000051 listed for "
+            f"erin: yes; credential AWS {name}:erin@{account}; login with a fresh code: accepted"
+        ) in out
+        assert f"  {name}: devices of frank or unassigned: 0" in out
+    assert "failed at step 'enable' in account sandbox" in out
+    assert "rolled back in every account (prod, staging, sandbox), nothing left behind" in out
+    assert "credentials left on token 31000052: 0" in out
+    assert out.rstrip().endswith("frank has nothing anywhere.")
 
 
 def section(out: str, user: str) -> str:

@@ -402,14 +402,14 @@ class Enrollment:
         assert arn is not None and credential is not None
         attempts = max(1, self._settings.enable_attempts)
         for attempt in range(1, attempts + 1):
-            if codes is None or attempt > 1:
+            if codes is None or attempt > 1:  # else computed for every account in one pass
                 with self.timed(leg, Step.COMPUTE_CODES):
                     codes = self._codes(token, credential, leg.seed)
-            self._progress.step(
-                Step.COMPUTE_CODES,
-                f"codes for time steps {codes.first_step} and {codes.first_step + 1} "
-                f"computed on the token ({codes.seconds_left:.0f} s left to submit)",
-            )
+                self._progress.step(
+                    Step.COMPUTE_CODES,
+                    f"codes for time steps {codes.first_step} and {codes.first_step + 1} "
+                    f"computed on the token ({codes.seconds_left:.0f} s left to submit)",
+                )
             try:
                 with self.timed(leg, Step.ENABLE):
                     leg.maybe_enabled = True

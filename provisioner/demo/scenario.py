@@ -21,10 +21,10 @@ from emulated_yubikey import (
 from local_iam_server import LocalIamServer
 from provisioner.adapters.aws.iam import login_with_mfa
 from provisioner.adapters.yubikey import Pcsc, YubiKeyToken, open_token
-from provisioner.config import Config
+from provisioner.config import AccountConfig, Config
 from provisioner.core.errors import EnrollmentFailed, ExitStatus, ProvisionerError
 from provisioner.core.model import TOTP_PERIOD, EnrollmentResult
-from provisioner.core.ports import Progress
+from provisioner.core.ports import NullJournal, Progress
 from provisioner.desk import Desk
 
 #: Makes the progress display for one enrollment (the CLI's terminal lines, indented).
@@ -194,12 +194,107 @@ def _enroll_all(
             _login(desk, token, result, out)
 
     victim = users[min(1, len(users) - 1)]
+    # (the accounts part below follows the single-account one, after its summary)
     out.write(
         f"\n== what a failure looks like: IAM fails at EnableMFADevice for {victim}'s second key\n"
     )
     spare = _show_rollback(server, tokens, desk, victim, out, progress)
 
-    return _summary(server, results, spare, out)
+    status = _summary(server, results, spare, out)
+    if status != ExitStatus.OK:
+        return status
+    return _accounts(server, tokens, out, progress)
+
+
+# --- one plug, three accounts -------------------------------------------------------------
+
+DEMO_ACCOUNTS = {"prod": "111111111111", "staging": "222222222222", "sandbox": "333333333333"}
+EXTERNAL_ID = "demo-desk-external-id"
+
+
+def _accounts(
+    server: LocalIamServer, tokens: _Tokens, out: TextIO, progress: ProgressFactory
+) -> int:
+    """One person enrolled in three accounts with one plug, a login to each with a fresh
+    code from the token; then a failure in the third account undoing all three."""
+    out.write("\n== one plug, three AWS accounts (the desk assumes a role in each)\n")
+    accounts = []
+    for name, account in DEMO_ACCOUNTS.items():
+        role = server.create_account_role(account, "provisioner-desk", external_id=EXTERNAL_ID)
+        accounts.append(AccountConfig(name, role_arn=role.arn, external_id=EXTERNAL_ID))
+        for person in ("erin", "frank"):
+            server.create_user(person, account=account)
+        out.write(f"  account {name} ({account}): role {role.arn}, users erin and frank\n")
+    desk = Desk.from_config(Config(desk="demo-desk", accounts=tuple(accounts)))
+    key = EmulatedYubiKey(serial=FIRST_SERIAL + 50)
+    out.write(f"\n== erin: YubiKey {key.serial} plugged in, enrolled in every account at once\n")
+    with tokens.plugged(key, 0) as token:
+        try:
+            result = desk.accounts_enrollment(
+                "erin", desk.config.accounts, progress(), lambda name: NullJournal()
+            ).run(token, "erin")
+        except ProvisionerError as e:
+            out.write(f"  FAILED: {e.one_line()}\n")
+            return ExitStatus.FAILED
+        out.write(
+            f"  enrolled in {len(result.enrolled)} accounts in {result.seconds * 1000:.0f} ms\n"
+        )
+        for name, one in result.enrolled:
+            listed = server.virtual_devices(account=DEMO_ACCOUNTS[name])
+            assigned = any(d["serial"] == one.device_arn and d["user"] == "erin" for d in listed)
+            code = token.calculate(one.credential_id, int(desk.clock.now()))
+            _login_in(server, name, one.device_arn, code)
+            out.write(
+                f"  {name}: {one.device_arn} listed for erin: {'yes' if assigned else 'NO'}; "
+                f"credential {one.credential_id}; login with a fresh code: accepted\n"
+            )
+    spare = EmulatedYubiKey(serial=FIRST_SERIAL + 51)
+    out.write(f"\n== frank: YubiKey {spare.serial}; IAM refuses EnableMFADevice in sandbox only\n")
+    server.inject_fault(
+        "EnableMFADevice", code="InvalidAuthenticationCode", account=DEMO_ACCOUNTS["sandbox"]
+    )
+    with tokens.plugged(spare, 0) as token:
+        try:
+            desk.accounts_enrollment(
+                "frank", desk.config.accounts, progress(), lambda name: NullJournal()
+            ).run(token, "frank")
+        except EnrollmentFailed as e:
+            out.write(f"  failed as expected: {e.one_line()}\n")
+        else:
+            out.write("  (the fault did not fire)\n")
+    server.clear_faults()
+    left = {
+        name: [d["serial"] for d in server.virtual_devices(account=account) if d["user"] != "erin"]
+        for name, account in DEMO_ACCOUNTS.items()
+    }
+    on_token = [c.id for c in spare.credentials()]
+    for name, devices in left.items():
+        out.write(f"  {name}: devices of frank or unassigned: {len(devices)}\n")
+    out.write(f"  credentials left on token {spare.serial}: {len(on_token)}\n")
+    if any(left.values()) or on_token:
+        out.write("demo FAILED: the accounts' failure left something behind\n")
+        return ExitStatus.FAILED
+    out.write("erin holds a working device in every account; frank has nothing anywhere.\n")
+    return ExitStatus.OK
+
+
+def _login_in(server: LocalIamServer, name: str, device: str, code: str) -> None:
+    """A login to ``name``'s account with a code from the token (its role's session)."""
+    import boto3
+
+    creds = server.admin_client("sts").assume_role(
+        RoleArn=f"arn:aws:iam::{DEMO_ACCOUNTS[name]}:role/provisioner-desk",
+        RoleSessionName="demo-login",
+        ExternalId=EXTERNAL_ID,
+    )["Credentials"]
+    boto3.client(
+        "sts",
+        endpoint_url=server.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=creds["AccessKeyId"],
+        aws_secret_access_key=creds["SecretAccessKey"],
+        aws_session_token=creds["SessionToken"],
+    ).get_session_token(SerialNumber=device, TokenCode=code)
 
 
 def _show_server_check(server: LocalIamServer, result: EnrollmentResult, out: TextIO) -> None:
