@@ -40,7 +40,9 @@ CREATE TABLE queue (
     kind text NOT NULL DEFAULT 'enroll',
     old_serial bigint,
     followed integer NOT NULL DEFAULT 0,
-    accounts text NOT NULL DEFAULT ''
+    accounts text NOT NULL DEFAULT '',
+    desk text,
+    taken_by text
 );
 CREATE INDEX queue_by_state ON queue (state, id);
 CREATE TABLE enrollments (
@@ -61,7 +63,8 @@ CREATE TABLE enrollments (
     owner text,
     owner_pid integer,
     account text NOT NULL DEFAULT '',
-    batch bigint
+    batch bigint,
+    desk text NOT NULL
 );
 CREATE INDEX enrollments_unfinished ON enrollments (id) WHERE finished_at IS NULL;
 CREATE TABLE token_cleanups (

@@ -127,6 +127,8 @@ class PostgresStore(SqlStore):
     def close(self) -> None:
         self._pool.close()
 
+    _skip_locked = " FOR UPDATE SKIP LOCKED"
+
     def _lock_chain(self, db: Connection) -> None:
         db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"audit {self._desk}",))
 

@@ -82,12 +82,16 @@ class SqlStore:
     ) -> None:
         self._clock = clock
         self._owner = owner
-        #: The desk whose hash chain this store's audit records extend.
+        #: This desk: whose hash chain its audit records extend, which requests it may
+        #: take, which records it settles ('' for a store without a desk name).
         self._desk = desk
 
     def _lock_chain(self, db: Connection) -> None:
         """Hold the desk's chain for this transaction (no other writer of the desk's
         records between reading its last hash and writing the next)."""
+
+    #: Appended to a SELECT of waiting requests: skip a row another desk is taking.
+    _skip_locked = ""
 
     def _tx(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
@@ -111,10 +115,15 @@ class SqlStore:
         followed: bool = False,
         limit: int | None = None,
         accounts: str = "",
+        desk: str | None = None,
     ) -> QueueEntry:
-        """A new request; QueueFull when ``limit`` requests are already open."""
+        """A new request; QueueFull when ``limit`` requests are already open. For
+        ``desk`` only (None: any desk of the fleet); a request a client follows waits for
+        this desk, where that client's operator plugs the token in."""
         if kind not in tuple(RequestKind):
             raise ValueError(f"unknown request kind {kind!r}")
+        if followed and desk is None:
+            desk = self._desk or None
         with self._tx() as db:
             if limit is not None:
                 open_now = db.execute(_COUNT_OPEN).fetchone()["n"]  # noqa: S608 - a fixed clause
@@ -125,7 +134,7 @@ class SqlStore:
                     )
             entry_id = db.execute(
                 'INSERT INTO queue ("user", serial, requested_by, requested_at, kind, old_serial, '
-                "followed, accounts) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
+                "followed, accounts, desk) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
                 (
                     user,
                     serial,
@@ -135,6 +144,7 @@ class SqlStore:
                     old_serial,
                     int(followed),
                     accounts,
+                    desk,
                 ),
             ).fetchone()["id"]
             reason = None if kind is RequestKind.ENROLL else str(kind)
@@ -176,28 +186,34 @@ class SqlStore:
         """The oldest waiting request this token may serve: one for its serial first, else
         one for any token; when ``users`` is given, only an enrollment (not a replace) of
         one of them, none if it is empty."""
+        # Requests for this desk or for any; a row another desk is taking is skipped
+        # (PostgreSQL: SKIP LOCKED; SQLite's writers take turns anyway).
+        mine = "state = 'waiting' AND (desk IS NULL OR desk = ?)"
         with self._tx() as db:
             row = None
             if serial is not None:
                 row = db.execute(
-                    "SELECT * FROM queue WHERE state = 'waiting' AND serial = ? "
-                    "ORDER BY id LIMIT 1",
-                    (serial,),
+                    f"SELECT * FROM queue WHERE {mine} AND serial = ? "  # noqa: S608 - fixed clauses
+                    f"ORDER BY id LIMIT 1{self._skip_locked}",
+                    (self._desk, serial),
                 ).fetchone()
             if row is None and users is None:
                 row = db.execute(
-                    "SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL "
-                    "ORDER BY id LIMIT 1"
+                    f"SELECT * FROM queue WHERE {mine} AND serial IS NULL "  # noqa: S608 - fixed clauses
+                    f"ORDER BY id LIMIT 1{self._skip_locked}",
+                    (self._desk,),
                 ).fetchone()
             elif row is None and users:
                 marks = ",".join("?" for _ in users)
-                where = f"AND kind = 'enroll' AND \"user\" IN ({marks})"  # only placeholders
-                sql = f"SELECT * FROM queue WHERE state = 'waiting' AND serial IS NULL {where} "  # noqa: S608
-                sql += "ORDER BY id LIMIT 1"
-                row = db.execute(sql, tuple(sorted(users))).fetchone()
+                where = f"{mine} AND serial IS NULL AND kind = 'enroll' AND \"user\" IN ({marks})"
+                sql = f"SELECT * FROM queue WHERE {where} ORDER BY id LIMIT 1"  # noqa: S608
+                row = db.execute(sql + self._skip_locked, (self._desk, *sorted(users))).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE queue SET state = 'taken' WHERE id = ?", (row["id"],))
+            db.execute(
+                "UPDATE queue SET state = 'taken', taken_by = ? WHERE id = ?",
+                (self._desk, row["id"]),
+            )
             row = db.execute("SELECT * FROM queue WHERE id = ?", (row["id"],)).fetchone()
         return QueueEntry.from_row(row)
 
@@ -251,17 +267,25 @@ class SqlStore:
         outcome); one whose enrollment had not started waits again.
         Returns (requeued, interrupted)."""
         with self._tx() as db:
+            # This desk's: the requests it took, and those followed by its own clients
+            # (a followed request waits for this desk: its enroll command runs here).
             orphans = db.execute(
                 "SELECT * FROM queue WHERE followed = 1 AND enrollment_id IS NULL "
-                "AND state IN ('waiting', 'taken') ORDER BY id"
+                "AND state IN ('waiting', 'taken') "
+                "AND (desk = ? OR taken_by = ? OR (desk IS NULL AND taken_by IS NULL)) ORDER BY id",
+                (self._desk, self._desk),
             ).fetchall()
             for row in orphans:
                 self._close(db, row, RequestState.WITHDRAWN, "daemon")
             requeued = db.execute(
-                "UPDATE queue SET state = 'waiting' WHERE state = 'taken' AND enrollment_id IS NULL"
+                "UPDATE queue SET state = 'waiting', taken_by = NULL WHERE state = 'taken' "
+                "AND enrollment_id IS NULL AND (taken_by = ? OR taken_by IS NULL)",
+                (self._desk,),
             ).rowcount
             interrupted = db.execute(
-                "UPDATE queue SET state = 'interrupted' WHERE state = 'taken'"
+                "UPDATE queue SET state = 'interrupted' WHERE state = 'taken' "
+                "AND (taken_by = ? OR taken_by IS NULL)",
+                (self._desk,),
             ).rowcount
         return requeued, interrupted
 
@@ -296,8 +320,8 @@ class SqlStore:
             for account, user in users:
                 enrollment_id = db.execute(
                     'INSERT INTO enrollments ("user", serial, reader, source, started_at, step, '
-                    "owner, owner_pid, account, batch) VALUES (?,?,?,?,?, 'check', ?,?,?,?) "
-                    "RETURNING id",
+                    "owner, owner_pid, account, batch, desk) "
+                    "VALUES (?,?,?,?,?, 'check', ?,?,?,?,?) RETURNING id",
                     (
                         user,
                         serial,
@@ -308,6 +332,7 @@ class SqlStore:
                         owner.pid if owner else None,
                         account,
                         ids[0] if ids else None,
+                        self._desk,
                     ),
                 ).fetchone()["id"]
                 ids.append(int(enrollment_id))
@@ -458,10 +483,16 @@ class SqlStore:
             ).fetchall()
         return {str(r["device_arn"]) for r in rows}
 
-    def unfinished_enrollments(self) -> list[EnrollmentRecord]:
+    def unfinished_enrollments(self, desk: str | None = None) -> list[EnrollmentRecord]:
+        """This desk's unfinished records (those of ``desk``, a dead desk's, when given;
+        records from before desks were named count as this desk's)."""
+        whose = self._desk if desk is None else desk
+        legacy = " OR desk IS NULL" if whose == self._desk else ""
         with self._reading() as db:
             rows = db.execute(
-                "SELECT * FROM enrollments WHERE finished_at IS NULL ORDER BY id"
+                "SELECT * FROM enrollments WHERE finished_at IS NULL "  # noqa: S608 - fixed clauses
+                f"AND (desk = ?{legacy}) ORDER BY id",
+                (whose,),
             ).fetchall()
         return [EnrollmentRecord.from_row(r) for r in rows]
 

@@ -27,7 +27,9 @@ CREATE TABLE IF NOT EXISTS queue (
     kind TEXT NOT NULL DEFAULT 'enroll',     -- enroll, resync, replace
     old_serial INTEGER,                      -- replace: the token to revoke, if given
     followed INTEGER NOT NULL DEFAULT 0,     -- 1: a client waits on it (enroll, not queue)
-    accounts TEXT NOT NULL DEFAULT ''        -- enroll in these accounts (a,b); '': all
+    accounts TEXT NOT NULL DEFAULT '',       -- enroll in these accounts (a,b); '': all
+    desk TEXT,                               -- only this desk may serve it (NULL: any)
+    taken_by TEXT                            -- the desk serving it
 );
 CREATE INDEX IF NOT EXISTS queue_by_state ON queue (state, id);
 CREATE TABLE IF NOT EXISTS enrollments (
@@ -50,8 +52,9 @@ CREATE TABLE IF NOT EXISTS enrollments (
     owner TEXT,                        -- the owning process's token (ownership.py)
     owner_pid INTEGER,                 -- its pid, for the operator
     account TEXT NOT NULL DEFAULT '',  -- the account's name ('': the desk's own)
-    batch INTEGER                      -- the first record of an enrollment in several
+    batch INTEGER,                     -- the first record of an enrollment in several
                                        -- accounts: settled together, all or nothing
+    desk TEXT                          -- the desk that runs it
 );
 CREATE TABLE IF NOT EXISTS token_cleanups (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -101,6 +104,9 @@ _ADDED_COLUMNS = (
     ("enrollments", "batch", "INTEGER"),
     ("audit", "account", "TEXT"),
     ("audit", "desk", "TEXT"),
+    ("queue", "desk", "TEXT"),
+    ("enrollments", "desk", "TEXT"),
+    ("queue", "taken_by", "TEXT"),
     ("audit", "prev_hash", "TEXT"),
     ("audit", "hash", "TEXT"),
 )

@@ -122,6 +122,9 @@ class QueueEntry(_Record):
     followed: bool = False
     #: The accounts to enroll in, ``a,b`` ('': every account the desk serves).
     accounts: str = ""
+    #: The desk it waits for (None: any desk of the fleet), and the desk that took it.
+    desk: str | None = None
+    taken_by: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", RequestState(self.state))
@@ -154,6 +157,8 @@ class EnrollmentRecord(_Record):
     #: in several accounts this one belongs to (None: alone).
     account: str = ""
     batch: int | None = None
+    #: The desk that ran it.
+    desk: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device_state", DeviceState(self.device_state))
@@ -245,6 +250,7 @@ class DeskStore(Protocol):
         followed: bool = False,
         limit: int | None = None,
         accounts: str = "",
+        desk: str | None = None,
     ) -> QueueEntry: ...
 
     def waiting(self, limit: int | None = None) -> list[QueueEntry]: ...
@@ -323,7 +329,9 @@ class DeskStore(Protocol):
 
     def enrollment(self, enrollment_id: int) -> EnrollmentRecord | None: ...
 
-    def unfinished_enrollments(self) -> list[EnrollmentRecord]: ...
+    def unfinished_enrollments(self, desk: str | None = None) -> list[EnrollmentRecord]:
+        """This desk's unfinished records, or another (dead) desk's."""
+        ...
 
     def left_behind(self) -> set[str]: ...
 
