@@ -58,3 +58,44 @@ def local_iam(iam_server: LocalIamServer, monkeypatch: pytest.MonkeyPatch) -> Lo
 def admin_iam(local_iam: LocalIamServer):  # type: ignore[no-untyped-def]
     """A plain boto3 IAM client for the test's own checks."""
     return boto3.client("iam", endpoint_url=local_iam.endpoint_url, region_name="us-east-1")
+
+
+# --- a fleet's database ---------------------------------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402
+from itertools import count  # noqa: E402
+
+from desk_harness.postgres import DESK, OWNER, PostgresCluster  # noqa: E402
+
+_databases = count(1)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster (Debian's server), one per test run, on a Unix
+    socket in a temporary directory."""
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@dataclass(frozen=True)
+class FleetDatabase:
+    cluster: PostgresCluster
+    name: str
+
+    @property
+    def owner_url(self) -> str:
+        return self.cluster.url(OWNER, self.name)
+
+    @property
+    def desk_url(self) -> str:
+        return self.cluster.url(DESK, self.name)
+
+
+@pytest.fixture
+def pg_db(pg_cluster: PostgresCluster) -> Iterator[FleetDatabase]:
+    """A fresh, empty database of the cluster for one test (not migrated)."""
+    name = f"provisioner_t{next(_databases)}"
+    pg_cluster.create_database(name)
+    yield FleetDatabase(pg_cluster, name)
+    pg_cluster.drop_database(name)

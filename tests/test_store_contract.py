@@ -41,12 +41,31 @@ def _sqlite(tmp_path: Path, clock: Callable[[], float]) -> DeskStore:
     return store
 
 
-ADAPTERS = {"sqlite": _sqlite}
+def _postgres(request: pytest.FixtureRequest, clock: Callable[[], float]) -> DeskStore:
+    """A fresh database of the session's private PostgreSQL cluster, migrated by its
+    owner, opened as the desks' role."""
+    from provisioner.adapters.postgres_store import PostgresStore, migrate
+
+    db = request.getfixturevalue("pg_db")
+    migrate(db.owner_url)
+    store: DeskStore = PostgresStore(db.desk_url, clock, desk="test-desk")
+    return store
 
 
-@pytest.fixture(params=sorted(ADAPTERS))
+ADAPTERS = {"sqlite": _sqlite, "postgres": _postgres}
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DeskStore]:
-    opened = ADAPTERS[request.param](tmp_path, _Clock())
+    if request.param == "sqlite":
+        opened = _sqlite(tmp_path, _Clock())
+    else:
+        opened = _postgres(request, _Clock())
     yield opened
     opened.close()
 

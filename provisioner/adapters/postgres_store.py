@@ -100,6 +100,8 @@ class PostgresStore(SqlStore):
                 **({"password": password} if password else {}),
             },
             timeout=CONNECT_TIMEOUT,
+            # a connection the server cut (a restart, a failover) is replaced, not used
+            check=ConnectionPool.check_connection,
             open=False,
             name="provisioner-store",
         )

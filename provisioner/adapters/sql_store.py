@@ -159,7 +159,7 @@ class SqlStore:
         with self._reading() as db:
             rows = db.execute(
                 f"SELECT * FROM queue WHERE {_OPEN} ORDER BY id LIMIT ?",  # noqa: S608 - a fixed clause
-                (-1 if limit is None else limit,),
+                (2**62 if limit is None else limit,),  # "no limit" in both dialects
             ).fetchall()
         return [QueueEntry.from_row(r) for r in rows]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
@@ -21,7 +22,7 @@ from provisioner.cli.inspection import (
     cmd_watch,
 )
 from provisioner.cli.queueing import cmd_cancel, cmd_queue
-from provisioner.cli.setup import cmd_daemon, cmd_demo, cmd_install
+from provisioner.cli.setup import cmd_daemon, cmd_demo, cmd_install, cmd_store_migrate
 from provisioner.config import DEFAULT_PATH, ENV_PATH
 from provisioner.core import validation
 from provisioner.core.audit import parse_since
@@ -73,6 +74,14 @@ _limit = _checked(
     )
 )
 _accounts = _checked(validation.account_names)
+
+
+def _role_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_$]{0,62}", text):
+        raise InvalidInput(f"{text!r} is not a role name (lower-case letters, digits, _)")
+    return text
+
+
 _users = _checked(lambda text: [validation.user_name(u) for u in text.split(",") if u])
 
 
@@ -357,6 +366,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(reconcile)
     reconcile.set_defaults(func=cmd_reconcile)
+
+    store = sub.add_parser(
+        "store",
+        help="the fleet's PostgreSQL database: create or upgrade its schema",
+        description="A fleet of desks shares one PostgreSQL database ([store] url). Its "
+        "schema is made and upgraded by the database's owner, never by a desk.",
+    )
+    store_sub = store.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
+    migrate = store_sub.add_parser(
+        "migrate",
+        help="create or upgrade the schema, and grant the desks' role what desks need",
+        description=(
+            "Run with the database owner's URL. Creates the tables (or brings them to this "
+            "version's schema, one versioned step at a time, each in one transaction) and "
+            "grants the desks' role exactly what desks need: the queue, the enrollments "
+            "and the credentials to clean to read and write, the audit trail to INSERT "
+            "and SELECT only (append-only by the database's grants). Running it again "
+            "changes nothing but renews the grants. Desks refuse to start on a schema of "
+            "another version and say to run this."
+        ),
+        epilog="example:\n  provisioner store migrate --url "
+        "postgresql://provisioner_owner@db.internal/provisioner?sslmode=verify-full\n\n"
+        + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    migrate.add_argument(
+        "--url",
+        required=True,
+        help="the database owner's libpq URL (a password from PGPASSFILE or ~/.pgpass)",
+    )
+    migrate.add_argument(
+        "--desk-role",
+        default="provisioner_desk",
+        type=_checked(_role_name),
+        help="the role desks log in as (default provisioner_desk)",
+    )
+    common(migrate)
+    migrate.set_defaults(func=cmd_store_migrate)
 
     install = sub.add_parser(
         "install",

@@ -56,3 +56,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=sys.stdout,
         progress=lambda: TerminalProgress(sys.stdout, prefix="  "),
     )
+
+
+# --- the fleet's database ------------------------------------------------------------------
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    """Create or upgrade the fleet's schema as the database's owner, and grant the desks'
+    role what desks need."""
+    from provisioner.desk import postgres
+
+    store = postgres()
+    before, after = store.migrate(args.url, args.desk_role)
+    where = store.shown(args.url)
+    if before == after:
+        print(f"{where}: schema version {after} already; grants to {args.desk_role} renewed")
+    else:
+        print(
+            f"{where}: schema version {before} -> {after}; {args.desk_role} granted what desks need"
+        )
+    return EXIT_OK

@@ -1,0 +1,162 @@
+"""The fleet's PostgreSQL store against a real server (a private cluster the session
+starts): the schema made by its owner and refused when unknown, the desks' role kept to
+its grants (the audit trail append-only by the database), the owner's tampering found by
+the hash chain, one request never served twice, and a cut connection or a restarted
+server survived. The store port's own contract runs on it in test_store_contract.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from provisioner.adapters.postgres_schema import SCHEMA_VERSION
+from provisioner.adapters.postgres_store import PostgresStore, migrate
+from provisioner.cli.main import main
+from provisioner.core.audit import ChainWalk
+from provisioner.core.errors import StoreError
+
+pytestmark = [pytest.mark.postgres]
+
+
+@pytest.fixture
+def fleet(pg_db: Any) -> Iterator[Any]:
+    migrate(pg_db.owner_url)
+    opened: list[PostgresStore] = []
+
+    def desk(name: str) -> PostgresStore:
+        store = PostgresStore(pg_db.desk_url, desk=name)
+        opened.append(store)
+        return store
+
+    yield desk
+    for store in opened:
+        store.close()
+
+
+def test_a_desk_refuses_a_database_without_the_schema_and_says_the_command(pg_db: Any) -> None:
+    with pytest.raises(StoreError) as caught:
+        PostgresStore(pg_db.desk_url, desk="a")
+    assert "has no schema; this provisioner needs version" in caught.value.one_line()
+    assert "provisioner store migrate --url OWNER_URL" in caught.value.one_line()
+
+
+def test_store_migrate_makes_the_schema_once_and_again_changes_nothing(
+    pg_db: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["store", "migrate", "--url", pg_db.owner_url]) == 0
+    assert f"schema version 0 -> {SCHEMA_VERSION}" in capsys.readouterr().out
+    assert main(["store", "migrate", "--url", pg_db.owner_url]) == 0
+    assert f"schema version {SCHEMA_VERSION} already" in capsys.readouterr().out
+    PostgresStore(pg_db.desk_url, desk="a").close()
+
+
+def test_a_newer_schema_is_refused(pg_db: Any) -> None:
+    migrate(pg_db.owner_url)
+    pg_db.cluster.psql("INSERT INTO schema_version (version) VALUES (99)", database=pg_db.name)
+    with pytest.raises(StoreError, match="schema version 99"):
+        PostgresStore(pg_db.desk_url, desk="a")
+    with pytest.raises(StoreError, match="newer than this provisioner"):
+        migrate(pg_db.owner_url)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE audit SET reason = 'nothing happened'",
+        "DELETE FROM audit",
+        "TRUNCATE audit",
+        "ALTER TABLE audit DISABLE TRIGGER ALL",
+        "CREATE TABLE mine (x int)",
+    ],
+)
+def test_the_desks_role_may_not_change_the_trail_or_the_schema(
+    fleet: Any, pg_db: Any, sql: str
+) -> None:
+    fleet("a").audit("root", "queued", user="alice")
+    with psycopg.connect(pg_db.desk_url) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(sql)
+
+
+def test_a_row_the_owner_changed_is_named_by_the_chain(fleet: Any, pg_db: Any) -> None:
+    a, b = fleet("berlin"), fleet("lisbon")
+    for i in range(3):
+        a.audit("root", "queued", user=f"a{i}")
+        b.audit("root", "queued", user=f"b{i}")
+    with psycopg.connect(pg_db.owner_url) as conn:
+        (target,) = conn.execute(
+            "SELECT id FROM audit WHERE desk = 'lisbon' ORDER BY id OFFSET 1 LIMIT 1"
+        ).fetchone()  # type: ignore[misc]
+        conn.execute("UPDATE audit SET \"user\" = 'mallory' WHERE id = %s", (target,))
+    walk = ChainWalk()
+    for record in a.audit_trail():
+        walk.see(record.as_dict())
+    assert walk.checked["berlin"] == 3
+    [broken] = walk.broken.values()
+    assert (broken.desk, broken.record) == ("lisbon", target)
+
+
+def test_one_request_is_served_once_whichever_desks_see_tokens_at_once(fleet: Any) -> None:
+    desks = [fleet(f"desk{i}") for i in range(3)]
+    desks[0].enqueue("alice", "root")
+    start = threading.Barrier(len(desks))
+    taken: list[Any] = []
+
+    def take(store: PostgresStore) -> None:
+        start.wait()
+        entry = store.take_next(None)
+        if entry is not None:
+            taken.append(entry)
+
+    threads = [threading.Thread(target=take, args=(d,)) for d in desks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(taken) == 1 and taken[0].user == "alice"
+
+
+def test_a_request_for_one_desk_waits_for_it(fleet: Any) -> None:
+    berlin, lisbon = fleet("berlin"), fleet("lisbon")
+    berlin.enqueue("alice", "root", desk="lisbon")
+    assert berlin.take_next(None) is None
+    entry = lisbon.take_next(None)
+    assert entry is not None and entry.taken_by == "lisbon"
+
+
+def test_a_cut_connection_is_replaced_and_nothing_is_lost(fleet: Any, pg_db: Any) -> None:
+    store = fleet("a")
+    store.enqueue("alice", "root")
+    assert pg_db.cluster.terminate_connections("provisioner_desk") >= 1
+    assert store.queue_length() == 1  # a new connection, the same data
+    store.enqueue("bob", "root")
+    assert [e.user for e in store.waiting()] == ["alice", "bob"]
+
+
+def test_the_database_stopped_is_one_line_and_its_return_is_taken_up(
+    fleet: Any, pg_db: Any
+) -> None:
+    store = fleet("a")
+    store.enqueue("alice", "root")
+    pg_db.cluster.stop()
+    try:
+        with pytest.raises(StoreError) as caught:
+            store.enqueue("bob", "root")
+        assert "\n" not in caught.value.one_line()
+        assert "the fleet's database postgresql://provisioner_desk@" in caught.value.one_line()
+    finally:
+        pg_db.cluster.start()
+    store.enqueue("bob", "root")
+    assert [e.user for e in store.waiting()] == ["alice", "bob"]
+
+
+def test_no_password_in_a_message(pg_db: Any, tmp_path: Path) -> None:
+    url = pg_db.desk_url.replace("provisioner_desk@", "provisioner_desk:s3cret-pw@")
+    with pytest.raises(StoreError) as caught:
+        PostgresStore(url, desk="a")
+    assert "s3cret-pw" not in caught.value.one_line()
