@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from provisioner.adapters.aws.iam import AssumedRole, IamClient
+from provisioner.adapters.aws.iam import AssumedRole, CallObserver, IamClient
 from provisioner.adapters.ownership import alive
 from provisioner.adapters.sqlite_schema import STATE_FILE
 from provisioner.adapters.sqlite_store import SqliteStore
@@ -76,6 +76,22 @@ class Desk:
     #: session is assumed on its first call). The daemon's workers share them.
     _directories: dict[str, IamClient] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _call_observers: list[CallObserver] = field(default_factory=list, repr=False)
+    _throttle_observers: list[Callable[[str], None]] = field(default_factory=list, repr=False)
+
+    def observe_calls(
+        self, calls: CallObserver, throttled: Callable[[str], None] | None = None
+    ) -> None:
+        """Tell the metrics of every directory's calls (the desk's own and every
+        account's, made now or later) and of each answer that was throttled."""
+        with self._lock:
+            self._call_observers.append(calls)
+            if throttled is not None:
+                self._throttle_observers.append(throttled)
+            for client in (self.iam, *self._directories.values()):
+                client.observe_calls(calls)
+                if throttled is not None:
+                    client.observe_throttling(throttled)
 
     @classmethod
     def from_config(cls, config: Config) -> Desk:
@@ -119,6 +135,10 @@ class Desk:
                         account.name, account.role_arn, account.external_id, self.config.desk
                     ),
                 )
+                for observer in self._call_observers:
+                    client.observe_calls(observer)
+                for throttled in self._throttle_observers:
+                    client.observe_throttling(throttled)
                 self._directories[account.name] = client
             return client
 

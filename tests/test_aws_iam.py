@@ -135,6 +135,20 @@ def test_transient_faults_are_retried_by_botocore(local_iam: LocalIamServer) -> 
     assert local_iam.call_counts()["ListMFADevices"] == 3
 
 
+def test_throttling_is_absorbed_and_counted(local_iam: LocalIamServer) -> None:
+    """Many desks on one account share its rate: AWS's Throttling is retried by
+    botocore's adaptive mode, and every throttled answer reaches the metrics."""
+    iam, _ = client(max_attempts=5)
+    throttled: list[str] = []
+    calls: list[tuple[str, int, str | None]] = []
+    iam.observe_throttling(throttled.append)
+    iam.observe_calls(lambda action, retries, code: calls.append((action, retries, code)))
+    local_iam.inject_fault("GetUser", code="Throttling", count=2)
+    assert iam.user_account("alice") == "123456789012"
+    assert throttled == ["GetUser", "GetUser"]
+    assert calls == [("GetUser", 2, None)]
+
+
 def test_unreachable_iam_is_not_ambiguous(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -69,6 +69,13 @@ class DeskMetrics:
             ["action"],
             registry=self.registry,
         )
+        self.iam_throttled = Counter(
+            "provisioner_iam_throttled",
+            "IAM answers that said the desk's account is throttled (botocore's adaptive "
+            "retries back off and try again).",
+            ["action"],
+            registry=self.registry,
+        )
         gauges = (
             ("provisioner_tokens_present", "Tokens in the desk's readers.", tokens_present),
             ("provisioner_queue_length", "Requests waiting for a token.", queue_length),
@@ -100,6 +107,9 @@ class DeskMetrics:
         if previous is not None:
             step, started = previous
             self.step_seconds.labels(step=step).observe(now - started)
+
+    def throttled(self, action: str) -> None:
+        self.iam_throttled.labels(action=action).inc()
 
     def iam_call(self, action: str, retries: int, error_code: str | None) -> None:
         """One IAM call as the adapter saw it: its retries, and how it ended."""

@@ -185,7 +185,7 @@ def _serve_metrics(config: Config, desk: Desk, service: DeskService) -> MetricsE
         in_progress=lambda: service.counts()["running"],
     )
     service.events.listen(metrics.observe)
-    desk.iam.observe_calls(metrics.iam_call)
+    desk.observe_calls(metrics.iam_call, metrics.throttled)
     host, port = address
     try:
         endpoint = MetricsEndpoint(metrics, host, port)

@@ -173,6 +173,12 @@ class AssumedRole:
         )
 
 
+#: The error codes with which AWS says "too many requests".
+THROTTLING_CODES = frozenset(
+    {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
+)
+
+
 class IamClient:
     """IamDirectory over boto3."""
 
@@ -205,7 +211,9 @@ class IamClient:
             raise AwsCredentialsMissing(f"AWS profile {profile!r} is not configured") from e
         config = Config(
             region_name=region or session.region_name or "us-east-1",
-            retries={"mode": "standard", "total_max_attempts": max_attempts},
+            # adaptive: botocore's standard retries, and a client-side rate limit that
+            # backs off when AWS throttles (many desks on one account share its limits)
+            retries={"mode": "adaptive", "total_max_attempts": max_attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             user_agent_extra="provisioner",
@@ -229,6 +237,8 @@ class IamClient:
         events = self._iam.meta.events
         events.register("before-call.iam", self._before_call)
         events.register("after-call.iam", self._after_call)
+        events.register("needs-retry.iam", self._throttled)
+        self._throttle_observers: list[Callable[[str], None]] = []
 
     def observe_calls(self, observer: CallObserver) -> None:
         """Tell ``observer`` about each call: its action, retries, and error code if any."""
@@ -241,6 +251,19 @@ class IamClient:
     @property
     def endpoint_url(self) -> str:
         return str(self._iam.meta.endpoint_url)
+
+    def observe_throttling(self, observer: Callable[[str], None]) -> None:
+        """Tell ``observer`` the action of each answer AWS throttled (retried or not)."""
+        self._throttle_observers.append(observer)
+
+    def _throttled(self, response: Any = None, operation: Any = None, **_: Any) -> None:
+        if not response:
+            return
+        code = (response[1] or {}).get("Error", {}).get("Code")
+        if code in THROTTLING_CODES:
+            action = getattr(operation, "name", "?")
+            for observer in self._throttle_observers:
+                observer(action)
 
     # --- AWS's clock --------------------------------------------------------------------
 
