@@ -160,3 +160,13 @@ def test_no_password_in_a_message(pg_db: Any, tmp_path: Path) -> None:
     with pytest.raises(StoreError) as caught:
         PostgresStore(url, desk="a")
     assert "s3cret-pw" not in caught.value.one_line()
+
+
+def test_every_desk_beats_into_one_fleet(fleet: Any) -> None:
+    for name in ("berlin", "lisbon", "porto"):
+        fleet(name).heartbeat("0.1.0", 100, 1.0, '{"tokens": 0}')
+    fleet("lisbon").heartbeat("0.1.0", 101, 2.0, '{"tokens": 1}', stopped=True)
+    desks = {d.name: d for d in fleet("any").desks()}
+    assert sorted(desks) == ["berlin", "lisbon", "porto"]
+    assert desks["lisbon"].pid == 101 and desks["lisbon"].stopped_at is not None
+    assert desks["berlin"].stopped_at is None

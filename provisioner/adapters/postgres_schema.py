@@ -92,6 +92,15 @@ CREATE TABLE audit (
     hash text NOT NULL
 );
 CREATE INDEX audit_chain ON audit (desk, id);
+CREATE TABLE desks (
+    name text PRIMARY KEY,
+    version text NOT NULL,
+    pid integer NOT NULL,
+    started_at double precision NOT NULL,
+    beat_at double precision NOT NULL,
+    status text NOT NULL,
+    stopped_at double precision
+);
 """,
 }
 
@@ -100,7 +109,7 @@ CREATE INDEX audit_chain ON audit (desk, id);
 GRANTS = (
     "GRANT USAGE ON SCHEMA public TO {role}",
     "GRANT SELECT ON schema_version TO {role}",
-    "GRANT SELECT, INSERT, UPDATE ON queue, enrollments, token_cleanups TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON queue, enrollments, token_cleanups, desks TO {role}",
     "GRANT SELECT, INSERT ON audit TO {role}",
     "REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM {role}",
 )

@@ -32,6 +32,7 @@ from provisioner.core.ports import Fact
 from provisioner.core.store import (
     FACT_STATES,
     AuditRecord,
+    DeskBeat,
     DeviceState,
     EnrollmentJournal,
     EnrollmentRecord,
@@ -657,3 +658,27 @@ class SqlStore:
                 "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             ).fetchall()
         return [AuditRecord.from_row(r) for r in rows]
+
+    # --- the fleet's desks ------------------------------------------------------------
+
+    def heartbeat(
+        self, version: str, pid: int, started_at: float, status: str, *, stopped: bool = False
+    ) -> None:
+        now = self._clock()
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE desks SET version = ?, pid = ?, started_at = ?, beat_at = ?, status = ?, "
+                "stopped_at = ? WHERE name = ?",
+                (version, pid, started_at, now, status, now if stopped else None, self._desk),
+            ).rowcount
+            if not changed:
+                db.execute(
+                    "INSERT INTO desks (name, version, pid, started_at, beat_at, status, "
+                    "stopped_at) VALUES (?,?,?,?,?,?,?)",
+                    (self._desk, version, pid, started_at, now, status, now if stopped else None),
+                )
+
+    def desks(self) -> list[DeskBeat]:
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM desks ORDER BY name").fetchall()
+        return [DeskBeat.from_row(r) for r in rows]

@@ -80,6 +80,15 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT,                    -- the hash of that desk's record before it
     hash TEXT                          -- this record's, over it and prev_hash (core/audit.py)
 );
+CREATE TABLE IF NOT EXISTS desks (
+    name TEXT PRIMARY KEY,             -- the desk's name (config: desk)
+    version TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    beat_at REAL NOT NULL,             -- its last heartbeat
+    status TEXT NOT NULL,              -- JSON: readers, tokens, work, last outcome
+    stopped_at REAL                    -- it said it stopped
+);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit

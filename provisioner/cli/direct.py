@@ -47,7 +47,7 @@ from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.messages import Outcome, failure_outcome
 from provisioner.core.model import EnrollmentResult
 from provisioner.core.ports import Progress, TokenFinder, TokenSession
-from provisioner.core.store import DeskStore
+from provisioner.core.store import DeskBeat, DeskStore
 from provisioner.desk import Desk, desk_store, state_file
 
 #: The most records one history answer holds (the daemon's limit too).
@@ -391,3 +391,21 @@ def verify_trail(config: Config) -> ChainWalk | None:
     finally:
         store.close()
     return walk
+
+
+def fleet(config: Config) -> list[DeskBeat]:
+    """Every desk's last heartbeat, read from the store (the fleet's, or this desk's)."""
+    if not config.store.url:
+        path = state_file(config)
+        try:
+            with path.open("rb"):
+                pass
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise _not_permitted("read", path, e) from e
+    store = desk_store(config, read_only=True)
+    try:
+        return store.desks()
+    finally:
+        store.close()

@@ -29,6 +29,7 @@ from provisioner.core.errors import (
     DaemonRefused,
 )
 from provisioner.core.messages import EventKind, TokenState
+from provisioner.core.store import DeskBeat
 
 log = logging.getLogger("provisioner")
 
@@ -250,3 +251,58 @@ def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
         return desk.recovery(here.store, password).run(
             dry_run=args.dry_run, delete_orphans=not args.keep_orphans, all_desks=args.all_desks
         )
+
+
+# --- the fleet -----------------------------------------------------------------------------
+
+#: A desk that has not beaten for this long is shown as silent (three missed beats).
+SILENT_AFTER = 30.0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Every desk of the fleet: alive or silent since when, what it does, its last outcome."""
+    from provisioner.cli import direct
+
+    config = load_config(args)
+    desks = direct.fleet(config)
+    now = time.time()
+    if args.json:
+        print(
+            json.dumps([{**d.as_dict(), "status": json.loads(d.status)} for d in desks], indent=2)
+        )
+        return EXIT_OK
+    if not desks:
+        print("fleet: no desk has written a heartbeat yet (is the daemon running?)")
+        return EXIT_OK
+    for desk in desks:
+        print(fleet_line(desk, now))
+    return EXIT_OK
+
+
+def fleet_line(desk: DeskBeat, now: float) -> str:
+    status = json.loads(desk.status or "{}")
+    if desk.stopped_at is not None:
+        state = f"stopped at {when(desk.stopped_at)}"
+    elif desk.silent_for(now) > SILENT_AFTER:
+        state = f"SILENT since {when(desk.beat_at)}"
+    else:
+        state = f"alive (beat {desk.silent_for(now):.0f} s ago)"
+    working = status.get("working") or []
+    doing = (
+        "; working: "
+        + ", ".join(f"{w.get('user')} in {w.get('reader')} ({w.get('step')})" for w in working)
+        if working
+        else "; idle"
+    )
+    last = status.get("last_outcome")
+    after = (
+        f"; last: {last.get('outcome')} {last.get('user')} at {when(last.get('at'))}"
+        if last
+        else ""
+    )
+    readers = len(status.get("readers") or [])
+    return (
+        f"{desk.name}: {state}, version {desk.version}, pid {desk.pid}, up since "
+        f"{when(desk.started_at)}; {readers} readers, {status.get('tokens', 0)} tokens"
+        f"{doing}{after}"
+    )

@@ -15,6 +15,7 @@ from provisioner.cli.common import (
 from provisioner.cli.enrollment import cmd_enroll, cmd_replace, cmd_resync, cmd_revoke
 from provisioner.cli.inspection import (
     cmd_doctor,
+    cmd_fleet,
     cmd_history,
     cmd_reconcile,
     cmd_status,
@@ -366,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(reconcile)
     reconcile.set_defaults(func=cmd_reconcile)
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="every desk of the fleet: alive or silent since when, and what it does",
+        description=(
+            "Each desk writes a heartbeat to the store every 10 s: its version, readers, "
+            "tokens, the work in progress and its last outcome. A desk silent for 30 s is "
+            "shown as SILENT since its last beat (crashed, cut off, or its machine down); "
+            "one that stopped says when. Reads the store ([store] url: the fleet's "
+            "database; else this desk's own state)."
+        ),
+    )
+    fleet.add_argument("--json", action="store_true", help="the heartbeats as JSON")
+    common(fleet)
+    fleet.set_defaults(func=cmd_fleet)
 
     store = sub.add_parser(
         "store",

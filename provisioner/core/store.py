@@ -201,6 +201,23 @@ class AuditRecord(_Record):
     hash: str | None = None
 
 
+@dataclass(frozen=True)
+class DeskBeat(_Record):
+    """A desk of the fleet as its last heartbeat said: what it is and what it does."""
+
+    name: str
+    version: str
+    pid: int
+    started_at: float
+    beat_at: float
+    #: JSON: {"readers": [...], "tokens": n, "working": [...], "last_outcome": {...}}
+    status: str = "{}"
+    stopped_at: float | None = None
+
+    def silent_for(self, now: float) -> float:
+        return max(0.0, now - self.beat_at)
+
+
 class RecordsFacts(Protocol):
     def record_fact(
         self,
@@ -375,6 +392,17 @@ class DeskStore(Protocol):
         serial: int | None = None,
         account: str | None = None,
     ) -> list[AuditRecord]: ...
+
+    # the fleet's desks
+    def heartbeat(
+        self, version: str, pid: int, started_at: float, status: str, *, stopped: bool = False
+    ) -> None:
+        """This desk's heartbeat: who it is, since when, and what it does now (JSON)."""
+        ...
+
+    def desks(self) -> list[DeskBeat]:
+        """Every desk that ever beat, by name."""
+        ...
 
     def audit_trail(self, after: int = 0, limit: int = 10_000) -> list[AuditRecord]:
         """The whole trail in order, ``limit`` records after record #``after``: what

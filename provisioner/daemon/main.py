@@ -31,6 +31,7 @@ from provisioner.config import Config
 from provisioner.core.errors import ConfigError, ExitStatus, ProvisionerError
 from provisioner.core.recovery import Recovery
 from provisioner.core.roster import Roster
+from provisioner.daemon.heartbeat import Heartbeat
 from provisioner.daemon.requests import valid_request
 from provisioner.daemon.service import DeskService
 from provisioner.desk import Desk, desk_store
@@ -118,6 +119,8 @@ def run(config: Config) -> int:
         interrupted,
     )
     usb = _watch_usb(service)
+    heartbeat = Heartbeat(store, service.status)
+    heartbeat.start()
     notifier.ready(f"listening on {control.path}")
     watcher = ReaderWatcher(service.on_reader_event)
     # What a crash left is settled before any token is served (it may need a token).
@@ -150,6 +153,7 @@ def run(config: Config) -> int:
         usb.stop()
     if endpoint is not None:
         endpoint.close()
+    heartbeat.stop()
     store.audit("daemon", "stopped")
     store.close()
     owner.release()

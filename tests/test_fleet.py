@@ -1,0 +1,112 @@
+"""Desks as a fleet: each desk's heartbeat in the store, and `provisioner fleet` showing
+every desk alive or silent since when, what it does, its last outcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from desk_harness import write_config
+from provisioner import __version__
+from provisioner.adapters.sqlite_store import SqliteStore
+from provisioner.cli.inspection import fleet_line
+from provisioner.cli.main import main
+from provisioner.core.errors import StoreError
+from provisioner.core.store import DeskBeat
+from provisioner.daemon.heartbeat import Heartbeat, summary
+
+STATUS = {
+    "readers": [
+        {"name": "reader 0", "card_present": True},
+        {"name": "reader 1", "card_present": False},
+    ],
+    "tokens": [{"reader": "reader 0", "serial": 7, "state": "enrolling"}],
+    "in_progress": [{"reader": "reader 0", "user": "alice", "step": "enable"}],
+    "queue_total": 2,
+    "recent": [{"user": "bob", "outcome": "enrolled", "at": 1_800_000_000.0}],
+}
+
+
+def test_a_beat_says_what_the_desk_does(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db", desk="berlin")
+    beat = Heartbeat(store, lambda: STATUS, period=3600)
+    beat.start()
+    [desk] = store.desks()
+    assert (desk.name, desk.version, desk.stopped_at) == ("berlin", __version__, None)
+    assert (
+        json.loads(desk.status)
+        == summary(STATUS)
+        == {
+            "readers": ["reader 0", "reader 1"],
+            "tokens": 1,
+            "working": [{"reader": "reader 0", "user": "alice", "step": "enable"}],
+            "queue": 2,
+            "last_outcome": {"user": "bob", "outcome": "enrolled", "at": 1_800_000_000.0},
+        }
+    )
+    beat.stop()
+    [desk] = store.desks()
+    assert desk.stopped_at is not None
+
+
+def test_a_store_that_refuses_a_beat_is_said_once_and_the_desk_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Down:
+        calls = 0
+
+        def heartbeat(self, *args: Any, **kw: Any) -> None:
+            self.calls += 1
+            raise StoreError("the fleet's database is restarting")
+
+    down = Down()
+    beat = Heartbeat(down, lambda: STATUS, period=3600)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="provisioner.service"):
+        beat.beat()
+        beat.beat()
+    assert down.calls == 2
+    assert [r.getMessage() for r in caplog.records].count(
+        "heartbeat not written (the next is tried in 3600 s): the fleet's database is restarting"
+    ) == 1
+
+
+def beat(**kw: Any) -> DeskBeat:
+    fields = {
+        "name": "lisbon",
+        "version": "0.1.0",
+        "pid": 42,
+        "started_at": 1_800_000_000.0,
+        "beat_at": 1_800_000_100.0,
+        "status": json.dumps(summary(STATUS)),
+    }
+    return DeskBeat(**(fields | kw))
+
+
+def test_alive_silent_and_stopped_desks_are_told_apart() -> None:
+    alive = fleet_line(beat(), now=1_800_000_105.0)
+    assert alive.startswith("lisbon: alive (beat 5 s ago), version 0.1.0, pid 42")
+    assert "2 readers, 1 tokens; working: alice in reader 0 (enable); last: enrolled bob" in alive
+    silent = fleet_line(beat(), now=1_800_000_200.0)
+    assert silent.startswith("lisbon: SILENT since ")
+    stopped = fleet_line(beat(stopped_at=1_800_000_100.0), now=1_800_009_999.0)
+    assert stopped.startswith("lisbon: stopped at ")
+
+
+def test_provisioner_fleet_lists_every_desk_of_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    path = tmp_path / "state" / "provisioner.db"
+    path.parent.mkdir()
+    for name in ("berlin", "lisbon"):
+        Heartbeat(SqliteStore(path, desk=name), lambda: STATUS, period=3600).beat()
+    assert main(["fleet", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["berlin", "lisbon"]
+    assert all(": alive (beat" in line for line in lines)
+    assert main(["fleet", "--json", "--config", str(config)]) == 0
+    assert [d["status"]["tokens"] for d in json.loads(capsys.readouterr().out)] == [1, 1]
