@@ -110,3 +110,61 @@ def test_provisioner_fleet_lists_every_desk_of_the_store(
     assert all(": alive (beat" in line for line in lines)
     assert main(["fleet", "--json", "--config", str(config)]) == 0
     assert [d["status"]["tokens"] for d in json.loads(capsys.readouterr().out)] == [1, 1]
+
+
+# --- a dead desk's records settled from another ------------------------------------------
+
+
+def _recovery(store: SqliteStore, iam: Any, clock: Any, desk: str) -> Any:
+    import contextlib
+
+    from provisioner.core.enrollment import Enrollment, EnrollmentSettings
+    from provisioner.core.recovery import Recovery
+
+    return Recovery(
+        iam,
+        store,
+        lambda eid: Enrollment(
+            iam, clock, EnrollmentSettings(desk=desk), journal=store.journal(eid)
+        ),
+        lambda serial: contextlib.nullcontext(None),
+        device_path="/provisioner/",
+        desk=desk,
+        now=clock.now,
+    )
+
+
+def test_reconcile_desk_settles_a_dead_desks_records_and_refuses_a_live_ones(
+    tmp_path: Path,
+) -> None:
+    from fakes import FakeClock, FakeIam
+
+    from provisioner.core.errors import InvalidInput
+    from provisioner.core.model import DeviceSpec
+    from provisioner.core.ports import Fact
+
+    clock = FakeClock()
+    iam = FakeIam(clock)
+    path = tmp_path / "s.db"
+    dead = SqliteStore(path, desk="porto", clock=clock.now)
+    eid = dead.start_enrollment("alice", 7, "reader", "roster")
+    arn, _ = iam.create_virtual_mfa_device(
+        DeviceSpec(
+            "alice.yubikey.7",
+            "/provisioner/",
+            (("provisioner:tool", "provisioner"), ("provisioner:desk", "porto")),
+        )
+    )
+    dead.record_fact(eid, Fact.DEVICE_REQUESTED, device_arn=arn)
+    dead.record_fact(eid, Fact.DEVICE_CREATED)
+    dead.heartbeat("0.1.0", 1, clock.now(), "{}")
+    here = SqliteStore(path, desk="lisbon", clock=clock.now)
+    # this desk's own reconcile leaves porto's record alone
+    assert _recovery(here, iam, clock, "lisbon").run(delete_orphans=False) == []
+    with pytest.raises(InvalidInput, match="desk porto is alive"):
+        _recovery(here, iam, clock, "lisbon").run(desk="porto")
+    clock.time += 120  # porto goes silent
+    actions = _recovery(here, iam, clock, "lisbon").run(desk="porto")
+    assert any(f"deleted unassigned device {arn}" in a.text for a in actions)
+    assert here.enrollment(eid).outcome == "rolled back"  # type: ignore[union-attr]
+    assert iam.devices == {}

@@ -222,6 +222,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         "keep_orphans": args.keep_orphans,
         "all_desks": args.all_desks,
     }
+    if args.desk:
+        request["desk"] = args.desk
     config = load_config(args)
     setup_logging(config.log_level)
     socket_path = through_daemon(config)
@@ -249,7 +251,10 @@ def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
     # (or another reconcile) leaves them alone.
     with direct.desk_state(config) as here:
         return desk.recovery(here.store, password).run(
-            dry_run=args.dry_run, delete_orphans=not args.keep_orphans, all_desks=args.all_desks
+            dry_run=args.dry_run,
+            delete_orphans=not args.keep_orphans,
+            all_desks=args.all_desks,
+            desk=args.desk,
         )
 
 

@@ -365,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--all-desks", action="store_true", help="also orphans tagged with other desks' names"
     )
+    reconcile.add_argument(
+        "--desk",
+        metavar="NAME",
+        help="settle a dead desk's records and orphans from here (a fleet's desks share "
+        "the store); refused while that desk's heartbeat says it is alive",
+    )
     common(reconcile)
     reconcile.set_defaults(func=cmd_reconcile)
 

@@ -31,11 +31,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from provisioner.core.enrollment import TOOL_TAG, Enrollment, created_at
-from provisioner.core.errors import ConfigError, NotFound, ProvisionerError, ReconcileFailed
+from provisioner.core.errors import (
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    ProvisionerError,
+    ReconcileFailed,
+)
 from provisioner.core.messages import Outcome
 from provisioner.core.model import TagKey, VirtualDevice
 from provisioner.core.ports import Fact, IamDirectory, TokenFinder
 from provisioner.core.store import DeskStore, EnrollmentRecord
+
+#: A desk whose heartbeat is younger than this is alive (three beats of ten seconds).
+ALIVE_WITHIN = 30.0
 
 
 @dataclass(frozen=True)
@@ -95,15 +104,20 @@ class Recovery:
         delete_orphans: bool = True,
         all_desks: bool = False,
         busy: frozenset[int] = frozenset(),
+        desk: str | None = None,
     ) -> list[Action]:
         """Recover every unfinished enrollment, then sweep orphans. ``busy`` names the
         enrollments in progress right now (in a running daemon): never touched, nor is
-        any whose owner runs."""
+        any whose owner runs. ``desk``: another desk of the fleet's records and orphans,
+        a desk that is dead (refused while its heartbeat says it is alive)."""
+        if desk is not None and desk != self._desk:
+            self._dead(desk)
+            self._desk = desk
         actions: list[Action] = []
         busy_arns: set[str] = set()
         step = "read the unfinished enrollments"
         try:
-            for group in _batches(self._store.unfinished_enrollments()):
+            for group in _batches(self._store.unfinished_enrollments(desk)):
                 if not self._take(group, busy, dry_run):
                     for record in group:
                         if record.device_arn:
@@ -134,6 +148,20 @@ class Recovery:
                     if action.done:
                         self._store.audit("reconcile", "recovered", reason=action.text)
         return actions
+
+    def _dead(self, desk: str) -> None:
+        """Refuse to settle the records of a desk that still beats: they are its own."""
+        if self._now is None:
+            return
+        for beat in self._store.desks():
+            alive = beat.stopped_at is None and beat.silent_for(self._now()) < ALIVE_WITHIN
+            if beat.name == desk and alive:
+                raise InvalidInput(
+                    f"desk {desk} is alive (its last heartbeat {beat.silent_for(self._now()):.0f} "
+                    "s ago): it settles its own records",
+                    hint=f"stop that desk first, or wait until provisioner fleet shows {desk} "
+                    "silent",
+                )
 
     def _take(self, group: list[EnrollmentRecord], busy: frozenset[int], dry_run: bool) -> bool:
         """Whether this recovery settles ``group`` (one enrollment's records): none of them

@@ -319,6 +319,7 @@ class ControlHandlers(TokenWorkers):
             delete_orphans=not request.get("keep_orphans"),
             all_desks=bool(request.get("all_desks")),
             busy=busy,
+            desk=request.get("desk"),
         )
         return success(actions=[a.text for a in actions])
 

@@ -81,6 +81,12 @@ def _account(value: object) -> object:
         raise _Bad(f"is not an account name ({e.message})") from None
 
 
+def _desk(value: object) -> object:
+    if not isinstance(value, str) or not 0 < len(value) <= 255 or not value.isprintable():
+        raise _Bad("must be a desk's name (a string)")
+    return value
+
+
 def _kind(value: object) -> object:
     if value not in tuple(RequestKind):
         raise _Bad(f"must be one of {', '.join(RequestKind)}")
@@ -127,6 +133,7 @@ OPS: Mapping[str, Mapping[str, Field]] = {
         "dry_run": Field(_flag),
         "keep_orphans": Field(_flag),
         "all_desks": Field(_flag),
+        "desk": Field(_desk),
     },
     "revoke": {
         "user": Field(_user, required=True),
