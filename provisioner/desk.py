@@ -6,6 +6,7 @@ that all of them enroll the same way.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -54,17 +55,16 @@ def desk_store(
     return store
 
 
-def postgres() -> ModuleType:
-    """The PostgreSQL adapter, imported only where a fleet is configured (psycopg is an
-    extra: ``pip install 'provisioner[fleet]'``)."""
+def postgres(module: str = "postgres_store") -> ModuleType:
+    """The PostgreSQL adapter (or its importer, ``postgres_import``), imported only where
+    a fleet is configured (psycopg is an extra: ``pip install 'provisioner[fleet]'``)."""
     try:
-        from provisioner.adapters import postgres_store
+        return importlib.import_module(f"provisioner.adapters.{module}")
     except ImportError as e:
         raise ConfigError(
             f"[store] url names a PostgreSQL database but psycopg is not installed ({e.name})",
             hint="pip install 'provisioner[fleet]'",
         ) from None
-    return postgres_store
 
 
 @dataclass(frozen=True)

@@ -170,3 +170,69 @@ def test_every_desk_beats_into_one_fleet(fleet: Any) -> None:
     assert sorted(desks) == ["berlin", "lisbon", "porto"]
     assert desks["lisbon"].pid == 101 and desks["lisbon"].stopped_at is not None
     assert desks["berlin"].stopped_at is None
+
+
+# --- a desk's SQLite history moved into the fleet ----------------------------------------
+
+
+def _sqlite_history(path: Path) -> None:
+    from provisioner.adapters.sqlite_store import SqliteStore
+    from provisioner.core.messages import Outcome
+
+    old = SqliteStore(path, desk="berlin")
+    old.enqueue("carol", "root")
+    eid = old.start_enrollment("alice", 7, "reader", "roster")
+    old.finish_enrollment(eid, outcome=Outcome.ENROLLED, actor="roster", device_arn="arn:a")
+    old.add_token_cleanup(8, "AWS:bob@123456789012", None, "revoked")
+    old.audit("root", "revoked", user="bob", serial=8)
+    old.close()
+
+
+def test_import_sqlite_moves_a_desks_history_once(
+    fleet: Any, pg_db: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from desk_harness import write_config
+
+    path = tmp_path / "old.db"
+    _sqlite_history(path)
+    fleet("berlin").audit("root", "started")  # the desk already wrote to the fleet
+    config = write_config(tmp_path, f'[store]\nurl = "{pg_db.desk_url}"\n')
+    args = ["store", "import-sqlite", str(path), "--desk", "berlin", "--config", str(config)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "imported 1 enrollments, 1 token_cleanups, 1 queue, 3 audit records" in out
+    assert main(args) == 0
+    assert (
+        "imported 0 enrollments, 0 token_cleanups, 0 queue, 0 audit records; 6 already there"
+        in (capsys.readouterr().out)
+    )
+    store = fleet("berlin")
+    walk = ChainWalk()
+    for record in store.audit_trail():
+        walk.see(record.as_dict())
+    assert walk.broken == {} and walk.checked == {"berlin": 4}
+    assert [e.user for e in store.waiting()] == ["carol"]
+    assert [c.serial for c in store.token_cleanups()] == [8]
+
+
+def test_import_sqlite_refuses_a_broken_trail_or_unfinished_work(
+    fleet: Any, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    from provisioner.adapters.postgres_import import import_sqlite
+    from provisioner.adapters.sqlite_store import SqliteStore
+
+    path = tmp_path / "old.db"
+    _sqlite_history(path)
+    db = sqlite3.connect(path)
+    db.execute("DROP TRIGGER audit_no_update")
+    db.execute("UPDATE audit SET actor = 'mallory' WHERE id = 1")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="its audit trail is not intact: desk berlin: record #1"):
+        import_sqlite(fleet("berlin"), path, "berlin")
+    busy = tmp_path / "busy.db"
+    SqliteStore(busy, desk="porto").start_enrollment("dave", 9, "reader", "roster")
+    with pytest.raises(StoreError, match="holds unfinished enrollments"):
+        import_sqlite(fleet("porto"), busy, "porto")

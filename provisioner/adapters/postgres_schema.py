@@ -42,7 +42,8 @@ CREATE TABLE queue (
     followed integer NOT NULL DEFAULT 0,
     accounts text NOT NULL DEFAULT '',
     desk text,
-    taken_by text
+    taken_by text,
+    origin text UNIQUE                 -- imported: where from (store import-sqlite)
 );
 CREATE INDEX queue_by_state ON queue (state, id);
 CREATE TABLE enrollments (
@@ -64,7 +65,8 @@ CREATE TABLE enrollments (
     owner_pid integer,
     account text NOT NULL DEFAULT '',
     batch bigint,
-    desk text NOT NULL
+    desk text NOT NULL,
+    origin text UNIQUE
 );
 CREATE INDEX enrollments_unfinished ON enrollments (id) WHERE finished_at IS NULL;
 CREATE TABLE token_cleanups (
@@ -74,7 +76,8 @@ CREATE TABLE token_cleanups (
     enrollment_id bigint,
     reason text NOT NULL,
     created_at double precision NOT NULL,
-    done_at double precision
+    done_at double precision,
+    origin text UNIQUE
 );
 CREATE TABLE audit (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -89,7 +92,8 @@ CREATE TABLE audit (
     account text,
     desk text NOT NULL,
     prev_hash text,
-    hash text NOT NULL
+    hash text NOT NULL,
+    origin text UNIQUE
 );
 CREATE INDEX audit_chain ON audit (desk, id);
 CREATE TABLE desks (

@@ -23,7 +23,13 @@ from provisioner.cli.inspection import (
     cmd_watch,
 )
 from provisioner.cli.queueing import cmd_cancel, cmd_queue
-from provisioner.cli.setup import cmd_daemon, cmd_demo, cmd_install, cmd_store_migrate
+from provisioner.cli.setup import (
+    cmd_daemon,
+    cmd_demo,
+    cmd_install,
+    cmd_store_import,
+    cmd_store_migrate,
+)
 from provisioner.config import DEFAULT_PATH, ENV_PATH
 from provisioner.core import validation
 from provisioner.core.audit import parse_since
@@ -426,6 +432,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(migrate)
     migrate.set_defaults(func=cmd_store_migrate)
+    imports = store_sub.add_parser(
+        "import-sqlite",
+        help="move a desk's SQLite history into the fleet's database, without duplicates",
+        description=(
+            "Appends FILE's audit trail to the desk's hash chain in the fleet (the file's "
+            "own chain checked first), and moves its finished enrollments, the credentials "
+            "still to remove from tokens and the waiting requests. Each row remembers "
+            "where it came from: running it again adds nothing. A file with unfinished "
+            "enrollments is refused (settle them with provisioner reconcile first). Uses "
+            "[store] url, as the desks' role."
+        ),
+    )
+    imports.add_argument(
+        "file", help="the desk's state file (e.g. /var/lib/provisioner/provisioner.db)"
+    )
+    imports.add_argument("--desk", help="the desk the history is from (default: this desk's name)")
+    common(imports)
+    imports.set_defaults(func=cmd_store_import)
 
     install = sub.add_parser(
         "install",

@@ -14,6 +14,7 @@ from provisioner.cli.common import (
 )
 from provisioner.core.errors import (
     EXIT_OK,
+    ConfigError,
 )
 
 log = logging.getLogger("provisioner")
@@ -75,4 +76,24 @@ def cmd_store_migrate(args: argparse.Namespace) -> int:
         print(
             f"{where}: schema version {before} -> {after}; {args.desk_role} granted what desks need"
         )
+    return EXIT_OK
+
+
+def cmd_store_import(args: argparse.Namespace) -> int:
+    """A desk's SQLite history into the fleet's database, as this desk's (or --desk's)."""
+    from provisioner.desk import desk_store, postgres
+
+    config = load_config(args)
+    if not config.store.url:
+        raise ConfigError(
+            "import-sqlite moves a desk's history into the fleet: [store] url names none",
+            hint="set [store] url (and password_file) to the fleet's database first",
+        )
+    desk = args.desk or config.desk
+    fleet = desk_store(config)
+    try:
+        done = postgres("postgres_import").import_sqlite(fleet, Path(args.file), desk)
+    finally:
+        fleet.close()
+    print(f"{args.file} -> the fleet, as desk {desk}: {done.line()}")
     return EXIT_OK
