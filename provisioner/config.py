@@ -6,6 +6,7 @@ with every key and its default is provisioner.toml.example.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import math
 import os
@@ -146,6 +147,19 @@ class DaemonConfig:
     client_idle_timeout: float = field(default=30.0, metadata=within(0, 86400, above=True))
     #: Requests that may wait at once; one more is refused (exit status 6).
     max_queue: int = field(default=1000, metadata=within(1, 1_000_000))
+    #: The readers this desk serves: glob patterns of reader names ("*Yubico*00 00*"),
+    #: or parts of them; empty: every reader. Two desks can share a machine (or a hub
+    #: be split) by serving different readers.
+    readers: list[str] = field(default_factory=list)
+
+    def serves_reader(self, name: str) -> bool:
+        """Whether a reader of this name is this desk's to serve."""
+        if not self.readers:
+            return True
+        return any(
+            fnmatch.fnmatchcase(name, p) if any(c in p for c in "*?[") else p in name
+            for p in self.readers
+        )
 
     def metrics_address(self) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint, None when off; raises ConfigError."""
@@ -333,6 +347,10 @@ def _coerce(value: Any, default: Any, where: str, bounds: Bounds | None) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string")
         return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where} must be a list of non-empty strings")
+        return list(value)
     if isinstance(default, dict):
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()

@@ -99,6 +99,28 @@ def test_account_mistakes_are_named(text: str, fragment: str) -> None:
     assert fragment in caught.value.one_line()
 
 
+def test_readers_the_desk_serves() -> None:
+    every = parse("", "x").daemon
+    assert every.serves_reader("anything")
+    some = parse('[daemon]\nreaders = ["OTP+FIDO+CCID 00 00", "*vpcd*1"]\n', "x").daemon
+    assert some.serves_reader("Yubico YubiKey OTP+FIDO+CCID 00 00")
+    assert some.serves_reader("Virtual PCD vpcd 00 01")
+    assert not some.serves_reader("Yubico YubiKey OTP+FIDO+CCID 01 00")
+    with pytest.raises(ConfigError, match="daemon.readers must be a list of non-empty strings"):
+        parse('[daemon]\nreaders = "all"\n', "x")
+
+
+def test_the_store_is_sqlite_unless_a_url_names_the_fleets_database(tmp_path: Path) -> None:
+    assert parse("", "x").store.url == ""
+    password = tmp_path / "pw"
+    password.write_text("s3cret\n")
+    password.chmod(0o600)
+    config = parse(f'[store]\nurl = "postgresql://d@db/p"\npassword_file = "{password}"\n', "x")
+    assert config.store.password() == "s3cret"
+    with pytest.raises(ConfigError, match="unknown key store.uri"):
+        parse('[store]\nuri = "x"\n', "x")
+
+
 def test_values_are_read() -> None:
     config = parse(
         """

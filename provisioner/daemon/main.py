@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from provisioner.adapters.control_socket import DEAF_AFTER, Authorizer, ControlServer, Peer
 from provisioner.adapters.files import load_roster
 from provisioner.adapters.ownership import DaemonLock, Owner
-from provisioner.adapters.reader_watch import ReaderWatcher
+from provisioner.adapters.reader_watch import ReaderEvent, ReaderWatcher
 from provisioner.adapters.signals import SignalPipe
 from provisioner.adapters.systemd_notify import Notifier
 from provisioner.adapters.usb import UsbWatcher, list_yubikeys
@@ -122,7 +122,7 @@ def run(config: Config) -> int:
     heartbeat = Heartbeat(store, service.status)
     heartbeat.start()
     notifier.ready(f"listening on {control.path}")
-    watcher = ReaderWatcher(service.on_reader_event)
+    watcher = ReaderWatcher(_only_readers_served(config, service.on_reader_event))
     # What a crash left is settled before any token is served (it may need a token).
     threading.Thread(
         target=_recover_then_watch, args=(recovery, watcher, notifier), name="recovery", daemon=True
@@ -161,6 +161,21 @@ def run(config: Config) -> int:
     notifier.close()
     signals.close()
     return ExitStatus.OK
+
+
+def _only_readers_served(
+    config: Config, handle: Callable[[ReaderEvent], None]
+) -> Callable[[ReaderEvent], None]:
+    """Reader events for the readers ``daemon.readers`` gives this desk (all without it);
+    pcscd's own going up and down always."""
+    if not config.daemon.readers:
+        return handle
+
+    def served(event: ReaderEvent) -> None:
+        if not event.reader or config.daemon.serves_reader(event.reader):
+            handle(event)
+
+    return served
 
 
 def _control_trouble(control: ControlServer, notifier: Notifier, before: str | None) -> str | None:
