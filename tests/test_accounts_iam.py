@@ -274,3 +274,22 @@ def test_replace_enrolls_the_new_token_everywhere_then_revokes_the_old(
         assert accounts.devices(name) == [one.device_arn]
         assert one.device_arn.endswith(f".{SERIAL + 1}")
     assert len(old.credentials()) == 3  # the old token was not plugged in: said, not touched
+
+
+def test_a_lost_token_is_revoked_everywhere_and_marked_lost(
+    accounts: Accounts, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from provisioner.core.store import InventoryState
+
+    accounts.enroll()
+    desk = Desk.from_config(accounts.config)
+    with direct.desk_state(accounts.config, service_user=None) as state:
+        done = direct.lost(state, desk, SERIAL)
+        [record] = state.store.inventory(serial=SERIAL)
+        cleanups = state.store.token_cleanups(SERIAL)
+    assert sorted(name for name, _ in done) == sorted(ACCOUNTS)
+    for name in ACCOUNTS:
+        assert accounts.devices(name) == []
+    assert record.state is InventoryState.LOST
+    assert record.users == "alice" and record.accounts == "prod;dev;sandbox"
+    assert len(cleanups) == 3  # wiped if it is ever seen again

@@ -292,3 +292,31 @@ def test_a_store_that_cannot_answer_says_so_in_the_ports_error(store: DeskStore)
         store.queue_length()
     with pytest.raises(StoreError):
         store.enqueue("alice", "root")
+
+
+def test_the_inventory_follows_what_the_store_records(store: DeskStore) -> None:
+    from provisioner.core.store import InventoryState
+
+    store.token_seen(7, "5.7.1")
+    [blank] = store.inventory()
+    assert (blank.serial, blank.state, blank.firmware, blank.users) == (
+        7,
+        InventoryState.BLANK,
+        "5.7.1",
+        "",
+    )
+    eid = store.start_enrollment("alice", 7, "reader", "roster")
+    store.finish_enrollment(eid, outcome=Outcome.ENROLLED, actor="roster", device_arn=ARN)
+    store.token_seen(7, "5.7.1")  # seen again: still enrolled
+    [enrolled] = store.inventory(user="alice")
+    assert enrolled.state is InventoryState.ENROLLED and enrolled.users == "alice"
+    assert store.inventory(user="bob") == [] and store.inventory(serial=8) == []
+    store.audit("root", "revoked", user="alice", serial=7, device_arn=ARN)
+    assert store.inventory()[0].state is InventoryState.REVOKED
+    store.add_token_cleanup(7, "AWS:alice@123456789012", eid, "revoked")
+    [cleanup] = store.token_cleanups(7)
+    store.finish_token_cleanup(cleanup.id, "desk", "removed")
+    assert store.inventory()[0].state is InventoryState.WIPED
+    store.mark_lost(7, "root", "reported by alice")
+    assert store.inventory()[0].state is InventoryState.LOST
+    assert store.history()[-1].event == "lost"

@@ -96,6 +96,16 @@ CREATE TABLE audit (
     origin text UNIQUE
 );
 CREATE INDEX audit_chain ON audit (desk, id);
+CREATE TABLE tokens (
+    serial bigint PRIMARY KEY,
+    state text NOT NULL,
+    users text NOT NULL DEFAULT '',
+    accounts text NOT NULL DEFAULT '',
+    firmware text,
+    desk text,
+    changed_at double precision NOT NULL,
+    first_seen_at double precision NOT NULL
+);
 CREATE TABLE desks (
     name text PRIMARY KEY,
     version text NOT NULL,
@@ -113,7 +123,7 @@ CREATE TABLE desks (
 GRANTS = (
     "GRANT USAGE ON SCHEMA public TO {role}",
     "GRANT SELECT ON schema_version TO {role}",
-    "GRANT SELECT, INSERT, UPDATE ON queue, enrollments, token_cleanups, desks TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON queue, enrollments, token_cleanups, desks, tokens TO {role}",
     "GRANT SELECT, INSERT ON audit TO {role}",
     "REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM {role}",
 )

@@ -36,12 +36,14 @@ from provisioner.core.store import (
     DeviceState,
     EnrollmentJournal,
     EnrollmentRecord,
+    InventoryState,
     QueueEntry,
     RecordOwner,
     RequestKind,
     RequestState,
     Row,
     TokenCleanup,
+    TokenRecord,
 )
 
 audit_log = logging.getLogger("provisioner.audit")
@@ -395,6 +397,8 @@ class SqlStore:
                 (self._clock(), outcome, reason, device_arn, enrollment_id),
             )
             row = db.execute("SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)).fetchone()
+            if outcome in (Outcome.ENROLLED,) and row["serial"] is not None:
+                self._token(db, row["serial"], InventoryState.ENROLLED, row["user"], row["account"])
             self._audit(
                 db,
                 actor,
@@ -464,6 +468,7 @@ class SqlStore:
                 "UPDATE token_cleanups SET done_at = ? WHERE id = ?", (self._clock(), cleanup_id)
             )
             row = db.execute("SELECT * FROM token_cleanups WHERE id = ?", (cleanup_id,)).fetchone()
+            self._token(db, row["serial"], InventoryState.WIPED, only_if=InventoryState.REVOKED)
             self._audit(
                 db,
                 actor,
@@ -512,6 +517,8 @@ class SqlStore:
         account: str | None = None,
     ) -> None:
         with self._tx() as db:
+            if event == "revoked" and serial is not None:
+                self._token(db, serial, InventoryState.REVOKED)
             self._audit(
                 db,
                 actor,
@@ -682,3 +689,70 @@ class SqlStore:
         with self._reading() as db:
             rows = db.execute("SELECT * FROM desks ORDER BY name").fetchall()
         return [DeskBeat.from_row(r) for r in rows]
+
+    # --- the token inventory ----------------------------------------------------------
+
+    def _token(
+        self,
+        db: Connection,
+        serial: int,
+        state: InventoryState,
+        user: str | None = None,
+        account: str | None = None,
+        *,
+        firmware: str | None = None,
+        only_if: InventoryState | None = None,
+    ) -> None:
+        """The token's row: its new state, here and now; the user and account added."""
+        now = self._clock()
+        row = db.execute("SELECT * FROM tokens WHERE serial = ?", (serial,)).fetchone()
+        if row is None:
+            if only_if is not None:
+                return
+            db.execute(
+                "INSERT INTO tokens (serial, state, users, accounts, firmware, desk, "
+                "changed_at, first_seen_at) VALUES (?,?,?,?,?,?,?,?)",
+                (serial, state, user or "", account or "", firmware, self._desk, now, now),
+            )
+            return
+        if only_if is not None and row["state"] != only_if:
+            return
+        users, accounts = row["users"], row["accounts"]
+        if state is InventoryState.ENROLLED:
+            users, accounts = _added(users, user), _added(accounts, account)
+        if state is InventoryState.BLANK and row["state"] != InventoryState.BLANK:
+            state = InventoryState(row["state"])  # seen again: its state is what was done to it
+        db.execute(
+            "UPDATE tokens SET state = ?, users = ?, accounts = ?, "
+            "firmware = COALESCE(?, firmware), desk = ?, changed_at = ? WHERE serial = ?",
+            (state, users, accounts, firmware, self._desk, now, serial),
+        )
+
+    def token_seen(self, serial: int, firmware: str) -> None:
+        with self._tx() as db:
+            self._token(db, serial, InventoryState.BLANK, firmware=firmware)
+
+    def mark_lost(self, serial: int, actor: str, reason: str) -> None:
+        with self._tx() as db:
+            self._token(db, serial, InventoryState.LOST)
+            lost = InventoryState.LOST
+            self._audit(db, actor, "lost", serial=serial, outcome=lost, reason=reason)
+
+    def inventory(self, *, user: str | None = None, serial: int | None = None) -> list[TokenRecord]:
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM tokens ORDER BY serial").fetchall()
+        records = [TokenRecord.from_row(r) for r in rows]
+        return [
+            r
+            for r in records
+            if (serial is None or r.serial == serial)
+            and (user is None or user in r.users.split(";"))
+        ]
+
+
+def _added(listed: str, item: str | None) -> str:
+    """``a;b`` with ``item`` added (once)."""
+    items = [i for i in listed.split(";") if i]
+    if item and item not in items:
+        items.append(item)
+    return ";".join(items)

@@ -80,6 +80,16 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT,                    -- the hash of that desk's record before it
     hash TEXT                          -- this record's, over it and prev_hash (core/audit.py)
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    serial INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,               -- blank, enrolled, revoked, wiped, lost
+    users TEXT NOT NULL DEFAULT '',    -- a;b
+    accounts TEXT NOT NULL DEFAULT '', -- the accounts it holds credentials of (a;b)
+    firmware TEXT,
+    desk TEXT,                         -- where it last changed
+    changed_at REAL NOT NULL,
+    first_seen_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS desks (
     name TEXT PRIMARY KEY,             -- the desk's name (config: desk)
     version TEXT NOT NULL,

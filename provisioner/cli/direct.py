@@ -36,6 +36,7 @@ from provisioner.core.errors import (
     StoreError,
 )
 from provisioner.core.lifecycle import (
+    Lifecycle,
     Replaced,
     Revoked,
     audit_revoke_failed,
@@ -47,7 +48,7 @@ from provisioner.core.lifecycle import replace as replace_token
 from provisioner.core.messages import Outcome, failure_outcome
 from provisioner.core.model import EnrollmentResult
 from provisioner.core.ports import Progress, TokenFinder, TokenSession
-from provisioner.core.store import DeskBeat, DeskStore
+from provisioner.core.store import DeskBeat, DeskStore, TokenRecord
 from provisioner.desk import Desk, desk_store, state_file
 
 #: The most records one history answer holds (the daemon's limit too).
@@ -407,5 +408,48 @@ def fleet(config: Config) -> list[DeskBeat]:
     store = desk_store(config, read_only=True)
     try:
         return store.desks()
+    finally:
+        store.close()
+
+
+def lost(state: DeskState, desk: Desk, serial: int) -> list[tuple[str, Revoked]]:
+    """A token reported lost: every device it holds revoked, in every account the desk
+    serves, its credentials removed if it is ever plugged in at any desk again."""
+    accounts: Sequence[AccountConfig | None] = desk.config.accounts or (None,)
+    done: list[tuple[str, Revoked]] = []
+    for account in accounts:
+        name = account.name if account is not None else ""
+        lifecycle = Lifecycle(
+            desk.directory(account), desk.clock, desk.config.enrollment_settings(account)
+        )
+        for device in lifecycle.devices_of_token(serial):
+            assert device.user is not None
+            revoked = lifecycle.revoke(
+                device.user, serial, lambda s: contextlib.nullcontext(None), _wiped_when_seen
+            )
+            audit_revoked(state.store, state.actor, revoked, account=name or None)
+            state.store.add_token_cleanup(
+                serial, revoked.credential_id, None, f"token {serial} reported lost"
+            )
+            done.append((name, revoked))
+    state.store.mark_lost(
+        serial, state.actor, f"{len(done)} devices revoked" if done else "no device held"
+    )
+    return done
+
+
+def _wiped_when_seen(serial: str, credential: str) -> str:
+    return f"{credential} is removed from token {serial} if it is plugged in at any desk"
+
+
+def inventory(
+    config: Config, *, user: str | None = None, serial: int | None = None
+) -> list[TokenRecord]:
+    """The token inventory, read from the store."""
+    if not config.store.url and not state_file(config).exists():
+        return []
+    store = desk_store(config, read_only=True)
+    try:
+        return store.inventory(user=user, serial=serial)
     finally:
         store.close()

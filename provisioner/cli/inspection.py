@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import sys
@@ -21,12 +23,14 @@ from provisioner.cli.common import (
 )
 from provisioner.cli.queueing import print_queue
 from provisioner.config import Config
+from provisioner.core.audit import spreadsheet_safe
 from provisioner.core.errors import (
     EXIT_FAILED,
     EXIT_OK,
     ConfigError,
     DaemonNotRunning,
     DaemonRefused,
+    InvalidInput,
 )
 from provisioner.core.messages import EventKind, TokenState
 from provisioner.core.store import DeskBeat
@@ -42,6 +46,10 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from provisioner.core.model import TokenInfo
 
     config = load_config(args)
+    if args.inventory:
+        return _inventory(config, args)
+    if args.user or args.serial is not None:
+        raise InvalidInput("--user and --serial go with --inventory")
     setup_logging(config.log_level)
     with Pcsc() as pcsc:
         entries = list_tokens(pcsc)
@@ -311,3 +319,57 @@ def fleet_line(desk: DeskBeat, now: float) -> str:
         f"{when(desk.started_at)}; {readers} readers, {status.get('tokens', 0)} tokens"
         f"{doing}{after}"
     )
+
+
+INVENTORY_FIELDS = ("serial", "state", "users", "accounts", "firmware", "desk", "changed_at")
+
+
+def _inventory(config: Config, args: argparse.Namespace) -> int:
+    """Every token the fleet (or this desk) has seen, with where and when it changed."""
+    from provisioner.cli import direct
+
+    records = direct.inventory(config, user=args.user, serial=args.serial)
+    rows = [
+        {**{k: r.as_dict()[k] for k in INVENTORY_FIELDS}, "changed_at": when(r.changed_at)}
+        for r in records
+    ]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=INVENTORY_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
+        print(out.getvalue(), end="")
+    elif not rows:
+        print("inventory: no token seen yet")
+    else:
+        for row in rows:
+            users = row["users"].replace(";", ", ") or "nobody"
+            accounts = f" in {row['accounts'].replace(';', ', ')}" if row["accounts"] else ""
+            print(
+                f"token {row['serial']}: {row['state']}, {users}{accounts}; firmware "
+                f"{row['firmware'] or '?'}; last changed at desk {row['desk']} "
+                f"{row['changed_at']}"
+            )
+    return EXIT_OK
+
+
+def cmd_lost(args: argparse.Namespace) -> int:
+    """Revoke everything a lost token holds, from any desk."""
+    from provisioner.cli import direct
+    from provisioner.desk import Desk
+
+    config = load_config(args)
+    setup_logging(config.log_level)
+    desk = Desk.from_config(config)
+    with direct.desk_state(config) as state:
+        done = direct.lost(state, desk, args.serial)
+    for account, revoked in done:
+        where = f" in {account}" if account else ""
+        print(f"revoked {revoked.user}{where}: {revoked.device_arn}")
+    print(
+        f"token {args.serial} marked lost: {len(done)} devices revoked; its credentials are "
+        "removed if it is ever plugged in at a desk"
+    )
+    return EXIT_OK

@@ -17,6 +17,7 @@ from provisioner.cli.inspection import (
     cmd_doctor,
     cmd_fleet,
     cmd_history,
+    cmd_lost,
     cmd_reconcile,
     cmd_status,
     cmd_tokens,
@@ -176,8 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="list readers and the YubiKeys in them",
         description="List PC/SC readers, and serial, firmware and OATH support of each YubiKey.",
     )
+    tokens.add_argument(
+        "--inventory",
+        action="store_true",
+        help="instead: every token the fleet (or this desk) has seen, its state (blank, "
+        "enrolled, revoked, wiped, lost), users, accounts, and where and when it changed",
+    )
+    tokens.add_argument("--user", type=_user, help="with --inventory: only this user's tokens")
+    tokens.add_argument("--serial", type=_serial, help="with --inventory: only this token")
+    tokens.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="with --inventory"
+    )
     common(tokens)
     tokens.set_defaults(func=cmd_tokens)
+
+    lost = sub.add_parser(
+        "lost",
+        help="a token was lost: revoke every device it holds, in every account",
+        description=(
+            "Deactivates and deletes every virtual MFA device enrolled on the token with "
+            "this serial, for every user, in every account the desk serves, from any desk "
+            "of the fleet; marks it lost in the inventory; and removes its credentials if "
+            "it is ever plugged in at a desk again. Recorded in the audit trail."
+        ),
+    )
+    lost.add_argument("--serial", required=True, type=_serial, help="the lost token's serial")
+    common(lost)
+    lost.set_defaults(func=cmd_lost)
 
     demo = sub.add_parser(
         "demo",

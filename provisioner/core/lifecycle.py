@@ -73,6 +73,14 @@ class Lifecycle:
             and (token_serial is None or d.token_serial == token_serial)
         ]
 
+    def devices_of_token(self, token_serial: int) -> list[VirtualDevice]:
+        """Every user's device this tool enrolled on the token with this serial."""
+        return [
+            d
+            for d in self._iam.list_virtual_mfa_devices(assigned=True)
+            if d.tag(TagKey.TOOL) == TOOL_TAG and d.token_serial == token_serial and d.user
+        ]
+
     def _the_device(self, user: str, token_serial: int | None) -> VirtualDevice:
         found = self.devices_of(user, token_serial)
         which = f" for token {token_serial}" if token_serial is not None else ""

@@ -201,6 +201,34 @@ class AuditRecord(_Record):
     hash: str | None = None
 
 
+class InventoryState(StrEnum):
+    """A token's life in the fleet's inventory."""
+
+    BLANK = "blank"  # seen, holding none of the desks' credentials
+    ENROLLED = "enrolled"
+    REVOKED = "revoked"  # its devices gone; a credential may still be on it
+    WIPED = "wiped"  # the revoked credential removed from it too
+    LOST = "lost"  # reported lost: everything it held revoked
+
+
+@dataclass(frozen=True)
+class TokenRecord(_Record):
+    """One token of the inventory: where and when it last changed."""
+
+    serial: int
+    state: InventoryState
+    #: ``;``-separated: the users and the accounts it holds credentials of.
+    users: str
+    accounts: str
+    firmware: str | None
+    desk: str | None
+    changed_at: float
+    first_seen_at: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", InventoryState(self.state))
+
+
 @dataclass(frozen=True)
 class DeskBeat(_Record):
     """A desk of the fleet as its last heartbeat said: what it is and what it does."""
@@ -392,6 +420,15 @@ class DeskStore(Protocol):
         serial: int | None = None,
         account: str | None = None,
     ) -> list[AuditRecord]: ...
+
+    # the token inventory (kept by the store from what it records; seen and lost told)
+    def token_seen(self, serial: int, firmware: str) -> None: ...
+
+    def mark_lost(self, serial: int, actor: str, reason: str) -> None: ...
+
+    def inventory(
+        self, *, user: str | None = None, serial: int | None = None
+    ) -> list[TokenRecord]: ...
 
     # the fleet's desks
     def heartbeat(

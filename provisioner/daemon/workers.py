@@ -175,6 +175,7 @@ class TokenWorkers(Operations):
             )
             return
         if info.serial is not None:
+            self._seen(info.serial, info.firmware_text)
             self._clean_token(reader, token, info.serial)
         claim = self._claim(token)
         if claim.user is None:
@@ -198,3 +199,11 @@ class TokenWorkers(Operations):
             self._enroll(
                 reader, token, claim.user, claim.entry, claim.source, claim.actor, claim.accounts
             )
+
+    def _seen(self, serial: int, firmware: str) -> None:
+        """The token in the inventory (where and when it was last seen); a store that
+        cannot take it now does not keep the token from being served."""
+        try:
+            self.store.token_seen(serial, firmware)
+        except ProvisionerError as e:
+            log.warning("token %s not recorded in the inventory: %s", serial, e.one_line())

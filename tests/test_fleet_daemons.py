@@ -1,0 +1,133 @@
+"""Desks as a fleet, as processes: two desk daemons on one PostgreSQL database, each
+serving its own vpcd reader, through the real PC/SC stack and the strict local IAM
+server. A request queued for any desk is served by the desk where the token is plugged
+in, once; `provisioner fleet` on either shows both; a desk killed mid-enrollment is
+settled from the other with `reconcile --desk`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from desk_harness import Daemon, arn, make_workdir, wait_for, write_config
+from emulated_yubikey import EmulatedYubiKey, PcscStack
+from local_iam_server import LocalIamServer
+from provisioner.adapters.postgres_store import migrate
+
+pytestmark = [pytest.mark.pcsc, pytest.mark.iam_server, pytest.mark.postgres, pytest.mark.slow]
+
+SERIALS = iter(range(43_000_001, 43_000_100))
+
+
+class Fleet:
+    def __init__(self, stack: PcscStack, iam: LocalIamServer, db: Any) -> None:
+        migrate(db.owner_url)
+        self.stack, self.iam, self.db = stack, iam, db
+        self.dirs: list[Path] = []
+        self.desks: dict[str, Daemon] = {}
+        for slot, name in enumerate(("berlin", "lisbon")):
+            workdir = make_workdir()
+            self.dirs.append(workdir)
+            config = write_config(
+                workdir,
+                f'readers = ["{stack.reader_names[slot]}"]\n[store]\nurl = "{db.desk_url}"\n',
+            )
+            config.write_text(config.read_text().replace('desk = "test-desk"', f'desk = "{name}"'))
+            self.desks[name] = Daemon(stack, iam, iam.admin_client("iam"), workdir, config)
+
+    def start(self) -> None:
+        for desk in self.desks.values():
+            desk.start()
+
+    def close(self) -> None:
+        for desk in self.desks.values():
+            if desk.proc is not None and desk.proc.poll() is None:
+                desk.stop()
+        for workdir in self.dirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def records(self) -> list[dict[str, Any]]:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(self.db.owner_url, row_factory=dict_row) as conn:
+            return list(conn.execute("SELECT * FROM enrollments ORDER BY id").fetchall())
+
+
+@pytest.fixture
+def fleet(pcsc_stack: PcscStack, local_iam: LocalIamServer, pg_db: Any) -> Iterator[Fleet]:
+    f = Fleet(pcsc_stack, local_iam, pg_db)
+    f.start()
+    yield f
+    local_iam.clear_faults()
+    f.close()
+    for slot in (0, 1):
+        pcsc_stack.remove(slot, wait=True)
+
+
+def test_a_request_for_any_desk_is_served_where_the_token_is_plugged_in(fleet: Fleet) -> None:
+    berlin, lisbon = fleet.desks["berlin"], fleet.desks["lisbon"]
+    queued = berlin.cli("queue", "--user", "alice")
+    assert queued.returncode == 0, queued.stderr
+    key = EmulatedYubiKey(serial=next(SERIALS))
+    fleet.stack.insert(key, 1)  # lisbon's reader
+    wait_for(lambda: berlin.devices_of("alice") == [arn("alice", key.serial)], what="enrolled")
+    [record] = fleet.records()
+    assert record["desk"] == "lisbon" and record["outcome"] == "enrolled"
+    # both desks see the whole fleet
+    for desk in (berlin, lisbon):
+        listed = desk.cli("fleet", "--json")
+        assert listed.returncode == 0, listed.stderr
+        beats = {d["name"]: d for d in json.loads(listed.stdout)}
+        assert sorted(beats) == ["berlin", "lisbon"]
+    history = lisbon.cli("history", "--verify")
+    assert history.returncode == 0, history.stdout + history.stderr
+    assert "desk lisbon:" in history.stdout and "chain intact" in history.stdout
+
+
+def test_one_request_and_two_tokens_at_two_desks_one_enrollment(fleet: Fleet) -> None:
+    berlin = fleet.desks["berlin"]
+    assert berlin.cli("queue", "--user", "bob").returncode == 0
+    keys = [EmulatedYubiKey(serial=next(SERIALS)) for _ in range(2)]
+    fleet.stack.insert(keys[0], 0)
+    fleet.stack.insert(keys[1], 1)
+    wait_for(lambda: len(berlin.devices_of("bob")) == 1, what="one enrollment")
+    time.sleep(2.0)  # the other token had every chance
+    assert len(berlin.devices_of("bob")) == 1
+    assert len([r for r in fleet.records() if r["user"] == "bob"]) == 1
+
+
+def test_a_desk_killed_mid_enrollment_is_settled_from_another(fleet: Fleet) -> None:
+    berlin, lisbon = fleet.desks["berlin"], fleet.desks["lisbon"]
+    fleet.iam.inject_fault("EnableMFADevice", kind="delay", delay=4.0, count=3)
+    assert berlin.cli("queue", "--user", "carol").returncode == 0
+    key = EmulatedYubiKey(serial=next(SERIALS))
+    fleet.stack.insert(key, 0)  # berlin's reader
+    wait_for(lambda: any(r["user"] == "carol" for r in fleet.records()), what="started")
+    time.sleep(1.0)
+    assert berlin.proc is not None
+    berlin.proc.send_signal(signal.SIGKILL)
+    berlin.proc.wait(10)
+    fleet.iam.clear_faults()
+    time.sleep(4.0)
+    refused = lisbon.cli("reconcile", "--desk", "berlin")
+    assert refused.returncode == 2 and "desk berlin is alive" in refused.stderr
+    # berlin's heartbeat goes silent after 30 s; the operator settles it from lisbon then
+    import psycopg
+
+    with psycopg.connect(fleet.db.owner_url) as conn:
+        conn.execute("UPDATE desks SET beat_at = beat_at - 60 WHERE name = 'berlin'")
+    done = lisbon.cli("reconcile", "--desk", "berlin")
+    assert done.returncode == 0, done.stderr
+    [record] = [r for r in fleet.records() if r["user"] == "carol"]
+    assert record["outcome"] != "in progress"
+    devices = berlin.devices_of("carol")
+    assert (record["outcome"] == "enrolled") == bool(devices)
+    assert fleet.iam.unassigned_devices() == []
