@@ -121,6 +121,15 @@ def test_the_account_column_only_where_a_record_names_an_account() -> None:
     assert "account=prod" in log_line(rows[1]) and "account" not in log_line(RECORD)
 
 
+def test_a_fleets_trail_shows_the_desk_and_never_the_chain() -> None:
+    one = [{**RECORD, "desk": "berlin", "prev_hash": "a", "hash": "b"}]
+    assert set(json.loads(render(one, "json"))[0]) & {"desk", "prev_hash", "hash"} == set()
+    two = [*one, {**RECORD, "id": 2, "desk": "lisbon", "prev_hash": None, "hash": "c"}]
+    assert render(two, "csv").splitlines()[0].split(",")[:2] == ["at", "desk"]
+    parsed = json.loads(render(two, "json"))
+    assert [r["desk"] for r in parsed] == ["berlin", "lisbon"] and "hash" not in parsed[0]
+
+
 # --- CSV a spreadsheet opens: no cell it would evaluate (OWASP "CSV injection") ---------------
 
 #: What makes Excel, LibreOffice or Google Sheets read a cell as a formula.

@@ -635,9 +635,13 @@ class SqlStore:
         user: str | None = None,
         serial: int | None = None,
         account: str | None = None,
+        desk: str | None = None,
     ) -> list[AuditRecord]:
         clauses: list[str] = []
         params: list[object] = []
+        if desk is not None:
+            clauses.append("desk = ?")
+            params.append(desk)
         if account is not None:
             clauses.append("account = ?")
             params.append(account)

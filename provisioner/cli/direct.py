@@ -345,6 +345,7 @@ def history(
     serial: int | None = None,
     since: float | None = None,
     account: str | None = None,
+    desk: str | None = None,
 ) -> list[dict[str, Any]] | None:
     """The audit trail as the daemon answers it, read-only; None if there is none yet."""
     if not 0 < limit <= MAX_HISTORY:
@@ -361,7 +362,7 @@ def history(
         store = desk_store(config, read_only=True)
         try:
             records = store.history(
-                limit=limit, user=user, serial=serial, since=since, account=account
+                limit=limit, user=user, serial=serial, since=since, account=account, desk=desk
             )
         finally:
             store.close()

@@ -199,6 +199,8 @@ def cmd_history(args: argparse.Namespace) -> int:
         request["since"] = args.since
     if args.account is not None:
         request["account"] = args.account
+    if args.desk is not None:
+        request["desk"] = args.desk
     config = load_config(args)
     socket_path = through_daemon(config)
     if socket_path is not None:
@@ -212,6 +214,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             serial=request.get("serial"),
             since=request.get("since"),
             account=request.get("account"),
+            desk=request.get("desk"),
         )
         if found is None:
             from provisioner.desk import state_file

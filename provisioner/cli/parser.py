@@ -520,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_checked(validation.account_name),
         help="only records of this of the desk's [[accounts]]",
     )
+    history.add_argument("--desk", metavar="NAME", help="only records this desk of the fleet wrote")
     history.add_argument(
         "--since",
         type=_since,

@@ -29,7 +29,14 @@ ACCOUNT_FIELDS = ("at", "actor", "event", "user", "account", *FIELDS[4:])
 def columns(records: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
     """The columns to show: the account's only where a record names one, so a desk that
     serves its own account alone shows its trail as it always did."""
-    return ACCOUNT_FIELDS if any(r.get("account") for r in records) else FIELDS
+    fields = ACCOUNT_FIELDS if any(r.get("account") for r in records) else FIELDS
+    if len({r.get("desk") for r in records if r.get("desk")}) > 1:
+        fields = (fields[0], "desk", *fields[1:])
+    return fields
+
+
+#: Kept in the store, not shown: the chain is what `history --verify` checks.
+_HIDDEN = frozenset({"prev_hash", "hash"})
 
 
 _PLAIN = re.compile(r"[\w.:/@+=,-]+")
@@ -175,13 +182,16 @@ def spreadsheet_safe(value: object) -> object:
 def render(records: Sequence[Mapping[str, Any]], fmt: str) -> str:
     fields = columns(records)
     if fmt == "json":
+        shown = [
+            {
+                k: v
+                for k, v in {**r, "at": _iso(r["at"])}.items()
+                if k not in _HIDDEN and (k not in ("account", "desk") or k in fields)
+            }
+            for r in records
+        ]
         return json.dumps(
-            [
-                {k: v for k, v in {**r, "at": _iso(r["at"])}.items() if k != "account"}
-                if "account" not in fields
-                else {**r, "at": _iso(r["at"])}
-                for r in records
-            ],
+            shown,
             indent=2,
         )
     if fmt == "csv":

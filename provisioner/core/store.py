@@ -419,6 +419,7 @@ class DeskStore(Protocol):
         user: str | None = None,
         serial: int | None = None,
         account: str | None = None,
+        desk: str | None = None,
     ) -> list[AuditRecord]: ...
 
     # the token inventory (kept by the store from what it records; seen and lost told)

@@ -337,7 +337,12 @@ class ControlHandlers(TokenWorkers):
         ):
             return refusal("bad history filter")
         records = self.store.history(
-            limit=limit, user=user, serial=serial, since=since, account=request.get("account")
+            limit=limit,
+            user=user,
+            serial=serial,
+            since=since,
+            account=request.get("account"),
+            desk=request.get("desk"),
         )
         return success(history=[r.as_dict() for r in records])
 

@@ -128,6 +128,7 @@ OPS: Mapping[str, Mapping[str, Field]] = {
         "serial": _SERIAL,
         "since": Field(_time),
         "account": Field(_account),
+        "desk": Field(_desk),
     },
     "reconcile": {
         "dry_run": Field(_flag),
