@@ -37,17 +37,14 @@ def test_a_beat_says_what_the_desk_does(tmp_path: Path) -> None:
     beat.start()
     [desk] = store.desks()
     assert (desk.name, desk.version, desk.stopped_at) == ("berlin", __version__, None)
-    assert (
-        json.loads(desk.status)
-        == summary(STATUS)
-        == {
-            "readers": ["reader 0", "reader 1"],
-            "tokens": 1,
-            "working": [{"reader": "reader 0", "user": "alice", "step": "enable"}],
-            "queue": 2,
-            "last_outcome": {"user": "bob", "outcome": "enrolled", "at": 1_800_000_000.0},
-        }
-    )
+    assert json.loads(desk.status) == {**summary(STATUS), "unwritten": 0}
+    assert summary(STATUS) == {
+        "readers": ["reader 0", "reader 1"],
+        "tokens": 1,
+        "working": [{"reader": "reader 0", "user": "alice", "step": "enable"}],
+        "queue": 2,
+        "last_outcome": {"user": "bob", "outcome": "enrolled", "at": 1_800_000_000.0},
+    }
     beat.stop()
     [desk] = store.desks()
     assert desk.stopped_at is not None
@@ -168,3 +165,39 @@ def test_reconcile_desk_settles_a_dead_desks_records_and_refuses_a_live_ones(
     assert any(f"deleted unassigned device {arn}" in a.text for a in actions)
     assert here.enrollment(eid).outcome == "rolled back"  # type: ignore[union-attr]
     assert iam.devices == {}
+
+
+def test_writes_the_store_refused_are_kept_in_order_and_written_when_it_is_back() -> None:
+    import threading
+    from collections import deque
+
+    from provisioner.daemon.state import ServiceState
+
+    class State(ServiceState):
+        def __init__(self) -> None:
+            self._lock = threading.Lock()
+            self._unwritten = deque()
+
+    written: list[str] = []
+    down = [True]
+
+    def write(name: str) -> Any:
+        def attempt() -> None:
+            if down[0]:
+                raise StoreError("the fleet's database is restarting")
+            written.append(name)
+
+        return attempt
+
+    state = State()
+    state._lasting(write("finish #1"))
+    down[0] = False
+    state._lasting(write("finish #2"))  # waits behind #1: the order is kept
+    assert written == []
+    down[0] = True
+    assert state.retry_unwritten() == 2
+    down[0] = False
+    assert state.retry_unwritten() == 0
+    assert written == ["finish #1", "finish #2"]
+    state._lasting(write("finish #3"))
+    assert written[-1] == "finish #3"

@@ -104,3 +104,57 @@ def test_a_file_that_is_no_database_is_a_store_error(tmp_path: Path) -> None:
     assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
     with pytest.raises(StoreError):
         Store(path, read_only=True)
+
+
+# --- the journal while the store is away -------------------------------------------------
+
+
+class _Flaky:
+    """A store that refuses writes while ``down``."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.facts: list[str] = []
+
+    def record_fact(self, enrollment_id: int, fact: object, **_: object) -> None:
+        from provisioner.core.errors import StoreError
+
+        if self.down:
+            raise StoreError("the fleet's database is restarting")
+        self.facts.append(str(fact))
+
+
+def test_facts_of_what_was_done_are_kept_while_the_store_is_away_and_written_in_order() -> None:
+    from provisioner.core.ports import Fact
+    from provisioner.core.store import EnrollmentJournal
+
+    store = _Flaky()
+    journal = EnrollmentJournal(store, 1)
+    journal.record(Fact.DEVICE_REQUESTED)
+    store.down = True
+    journal.record(Fact.DEVICE_CREATED)  # done in IAM: kept, the enrollment goes on
+    journal.record(Fact.DEVICE_DELETED)
+    assert journal.pending == 2 and store.facts == ["device requested"]
+    store.down = False
+    journal.record(Fact.CREDENTIAL_DELETED)
+    assert journal.pending == 0
+    assert store.facts == [
+        "device requested",
+        "device created",
+        "device deleted",
+        "credential deleted",
+    ]
+
+
+def test_a_fact_written_before_its_side_effect_is_never_kept() -> None:
+    from provisioner.core.errors import StoreError
+    from provisioner.core.ports import Fact
+    from provisioner.core.store import EnrollmentJournal
+
+    store = _Flaky()
+    journal = EnrollmentJournal(store, 1)
+    store.down = True
+    for fact in (Fact.DEVICE_REQUESTED, Fact.CREDENTIAL_REQUESTED, Fact.ENABLE_REQUESTED):
+        with pytest.raises(StoreError):
+            journal.record(fact)
+    assert journal.pending == 0

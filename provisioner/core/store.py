@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Any, Protocol, Self
 
-from provisioner.core.errors import ProvisionerError
+from provisioner.core.errors import ProvisionerError, StoreError
 from provisioner.core.messages import Outcome
 from provisioner.core.ports import Fact, Journal
 
@@ -257,18 +257,53 @@ class RecordsFacts(Protocol):
     ) -> None: ...
 
 
+#: Facts written before their side effect: one the store cannot take stops the step
+#: (nothing may exist that the journal does not say may exist).
+BEFORE_FACTS = frozenset({Fact.DEVICE_REQUESTED, Fact.CREDENTIAL_REQUESTED, Fact.ENABLE_REQUESTED})
+
+
 class EnrollmentJournal:
     """The Journal port of one enrollment, written to its record: what an adapter's
-    ``journal()`` hands out."""
+    ``journal()`` hands out.
+
+    A fact that says what was done (written after its side effect) and that the store
+    cannot take now (the fleet's database restarting) is kept, in order, and written
+    before the next fact, or by ``flush``: the enrollment goes on to its end or its
+    rollback rather than leaving a side effect unundone. A fact written before its side
+    effect is never kept: the store refusing it stops the step (StoreError).
+    """
 
     def __init__(self, store: RecordsFacts, enrollment_id: int) -> None:
         self._store = store
         self._id = enrollment_id
+        self._pending: list[tuple[Fact, str | None, str | None]] = []
+
+    @property
+    def pending(self) -> int:
+        """Facts not yet in the store."""
+        return len(self._pending)
 
     def record(
         self, fact: Fact, *, device_arn: str | None = None, credential_id: str | None = None
     ) -> None:
-        self._store.record_fact(self._id, fact, device_arn=device_arn, credential_id=credential_id)
+        try:
+            self.flush()
+            self._store.record_fact(
+                self._id, fact, device_arn=device_arn, credential_id=credential_id
+            )
+        except StoreError:
+            if fact in BEFORE_FACTS:
+                raise
+            self._pending.append((fact, device_arn, credential_id))
+
+    def flush(self) -> None:
+        """Write the facts kept; StoreError (and they stay kept) if the store still refuses."""
+        while self._pending:
+            fact, device_arn, credential_id = self._pending[0]
+            self._store.record_fact(
+                self._id, fact, device_arn=device_arn, credential_id=credential_id
+            )
+            self._pending.pop(0)
 
 
 class RecordOwner(Protocol):

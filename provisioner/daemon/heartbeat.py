@@ -54,7 +54,11 @@ class Heartbeat:
         *,
         period: float = BEAT_SECONDS,
         clock: Callable[[], float] = time.time,
+        before: Callable[[], int] = lambda: 0,
     ) -> None:
+        """``before`` runs ahead of each beat: the daemon writes what the store refused
+        while it was away (and says how many writes still wait)."""
+        self._before = before
         self._store = store
         self._status = status
         self._period = period
@@ -79,7 +83,10 @@ class Heartbeat:
 
     def beat(self, *, stopped: bool = False) -> None:
         try:
-            status = json.dumps(summary(self._status()), default=str, sort_keys=True)
+            waiting = self._before()
+            status = json.dumps(
+                {**summary(self._status()), "unwritten": waiting}, default=str, sort_keys=True
+            )
             self._store.heartbeat(__version__, os.getpid(), self._started, status, stopped=stopped)
         except ProvisionerError as e:
             if not self._failing:

@@ -119,7 +119,7 @@ def run(config: Config) -> int:
         interrupted,
     )
     usb = _watch_usb(service)
-    heartbeat = Heartbeat(store, service.status)
+    heartbeat = Heartbeat(store, service.status, before=service.retry_unwritten)
     heartbeat.start()
     notifier.ready(f"listening on {control.path}")
     watcher = ReaderWatcher(_only_readers_served(config, service.on_reader_event))

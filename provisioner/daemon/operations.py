@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from functools import partial
 
 from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.accounts import RecordedAccounts, replace_everywhere
@@ -244,12 +245,15 @@ class Operations(Claims):
             else:
                 result = enrollment.run(token, user)
         except ReplaceIncomplete as e:
-            self.store.finish_enrollment(
-                enrollment_id,
-                outcome=Outcome.ENROLLED,
-                actor=actor,
-                device_arn=e.enrolled.device_arn,
-                reason=e.one_line(),
+            self._lasting(
+                partial(
+                    self.store.finish_enrollment,
+                    enrollment_id,
+                    outcome=Outcome.ENROLLED,
+                    actor=actor,
+                    device_arn=e.enrolled.device_arn,
+                    reason=e.one_line(),
+                )
             )
             outcome = failed_outcome(
                 "enrolled, old token NOT revoked",
@@ -261,8 +265,14 @@ class Operations(Claims):
             )
             state = TokenState.ENROLLED
         except AlreadyEnrolled as e:
-            self.store.finish_enrollment(
-                enrollment_id, outcome=Outcome.ALREADY_ENROLLED, actor=actor, reason=e.message
+            self._lasting(
+                partial(
+                    self.store.finish_enrollment,
+                    enrollment_id,
+                    outcome=Outcome.ALREADY_ENROLLED,
+                    actor=actor,
+                    reason=e.message,
+                )
             )
             outcome = {
                 "ok": True,
@@ -273,14 +283,26 @@ class Operations(Claims):
             state = TokenState.ENROLLED
         except ProvisionerError as e:
             label = failure_outcome(e)
-            self.store.finish_enrollment(
-                enrollment_id, outcome=label, actor=actor, reason=e.one_line()
+            self._lasting(
+                partial(
+                    self.store.finish_enrollment,
+                    enrollment_id,
+                    outcome=label,
+                    actor=actor,
+                    reason=e.one_line(),
+                )
             )
             outcome = failed_outcome(label, e)
             state = TokenState.FAILED
         else:
-            self.store.finish_enrollment(
-                enrollment_id, outcome=Outcome.ENROLLED, actor=actor, device_arn=result.device_arn
+            self._lasting(
+                partial(
+                    self.store.finish_enrollment,
+                    enrollment_id,
+                    outcome=Outcome.ENROLLED,
+                    actor=actor,
+                    device_arn=result.device_arn,
+                )
             )
             outcome = {
                 "ok": True,
@@ -347,11 +369,11 @@ class Operations(Claims):
             else:
                 result = enrollment.run(token, user)
         except AccountsIncomplete as e:  # a replacement: the new token is enrolled
-            records.finish(e.enrolled or e, actor)
+            self._lasting(partial(records.finish, e.enrolled or e, actor))
             outcome = failed_outcome("enrolled, old token NOT revoked", e)
             state = TokenState.ENROLLED if e.enrolled else TokenState.FAILED
         except AlreadyEnrolled as e:
-            records.finish(e, actor)
+            self._lasting(partial(records.finish, e, actor))
             outcome = {
                 "ok": True,
                 "outcome": Outcome.ALREADY_ENROLLED,
@@ -360,12 +382,12 @@ class Operations(Claims):
             }
             state = TokenState.ENROLLED
         except ProvisionerError as e:
-            records.finish(e, actor)
+            self._lasting(partial(records.finish, e, actor))
             label = failure_outcome(e)
             outcome = failed_outcome(label, e)
             state = TokenState.FAILED
         else:
-            records.finish(result, actor)
+            self._lasting(partial(records.finish, result, actor))
             outcome = {
                 "ok": True,
                 "outcome": Outcome.REPLACED if replacing else Outcome.ENROLLED,

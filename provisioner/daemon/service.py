@@ -84,6 +84,7 @@ class DeskService(ControlHandlers):
         self._workers: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
         self._recent: deque[Event] = deque(maxlen=RECENT_OUTCOMES)
+        self._unwritten = deque()
         self.pcsc_up = False
         self.started = time.time()
 
