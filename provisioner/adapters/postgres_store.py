@@ -63,12 +63,15 @@ def translated(url: str) -> Iterator[None]:
 
 
 class _Qmark:
-    """A psycopg connection that takes the shared queries' ``?`` placeholders."""
+    """A psycopg connection that takes the shared queries' ``?`` placeholders, counting
+    the statements it sends (round trips to the database: the bench reports them)."""
 
-    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+    def __init__(self, connection: psycopg.Connection[Any], count: Callable[[], None]) -> None:
         self._connection = connection
+        self._count = count
 
     def execute(self, sql: str, params: Any = (), /) -> Cursor:
+        self._count()
         cursor: Cursor = self._connection.execute(sql.replace("?", "%s"), params or None)
         return cursor
 
@@ -90,6 +93,8 @@ class PostgresStore(SqlStore):
     ) -> None:
         super().__init__(clock, owner=owner, desk=desk)
         self.url = url
+        #: Statements sent so far (with each transaction's BEGIN and COMMIT).
+        self.round_trips = 0
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
             min_size=min_size,
@@ -129,6 +134,9 @@ class PostgresStore(SqlStore):
     def close(self) -> None:
         self._pool.close()
 
+    def _counted(self) -> None:
+        self.round_trips += 1
+
     _skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def _lock_chain(self, db: Connection) -> None:
@@ -139,12 +147,13 @@ class PostgresStore(SqlStore):
         """One write transaction on a connection of the pool."""
         with translated(self.url), self._pool.connection() as connection:
             with connection.transaction():
-                yield _Qmark(connection)
+                self.round_trips += 2  # BEGIN and COMMIT
+                yield _Qmark(connection, self._counted)
 
     @contextmanager
     def _reading(self) -> Iterator[_Qmark]:
         with translated(self.url), self._pool.connection() as connection:
-            yield _Qmark(connection)
+            yield _Qmark(connection, self._counted)
 
 
 def migrate(owner_url: str, desk_role: str = DESK_ROLE) -> tuple[int, int]:
