@@ -22,6 +22,7 @@ CLI_REQUESTS: list[dict[str, Any]] = [
     {"op": "enroll", "user": "alice", "serial": 12345678},
     {"op": "enroll", "user": "bob", "serial": None, "wait": False},
     {"op": "enroll", "user": "dave", "serial": None, "accounts": "prod,dev"},
+    {"op": "enroll", "user": "erin", "serial": None, "wait": False, "desk": "lisbon-2"},
     {"op": "enroll", "user": "bob", "serial": 7, "kind": "resync", "old_serial": None},
     {"op": "enroll", "user": "bob", "serial": None, "kind": "replace", "old_serial": 9},
     {"op": "cancel", "id": 3},

@@ -299,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     queue.add_argument("--user", type=_user, help="queue this IAM user")
     queue.add_argument("--serial", type=_serial, help="only for the token with this serial")
     accounts_choice(queue, "enroll")
+    queue.add_argument(
+        "--desk",
+        metavar="NAME",
+        help="only this desk of the fleet may serve it (default: whichever desk the token "
+        "is plugged in at)",
+    )
     common(queue)
     queue.set_defaults(func=cmd_queue)
 

@@ -40,6 +40,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
         request = {"op": "enroll", "user": args.user, "serial": args.serial, "wait": False}
         if args.accounts:
             request["accounts"] = args.accounts
+        if args.desk:
+            request["desk"] = args.desk
         answer = ask(args, request)
         print(answer.get("detail"))
         return EXIT_OK

@@ -173,6 +173,7 @@ class ControlHandlers(TokenWorkers):
                 followed=follow,
                 limit=self.desk.config.daemon.max_queue,
                 accounts=accounts,
+                desk=request.get("desk"),
             )
         except ProvisionerError as e:
             log.warning("refused a request for %s from %s: %s", user, peer_name, e.message)
@@ -189,6 +190,8 @@ class ControlHandlers(TokenWorkers):
             what = {"enroll": "", "resync": " for a resync", "replace": " for a new token"}[kind]
             if accounts:
                 what += f" in {accounts.replace(',', ', ')}"
+            if request.get("desk"):
+                what += f" at desk {request['desk']}"
             yield {
                 "ok": True,
                 "event": EventKind.QUEUED,

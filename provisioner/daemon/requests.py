@@ -117,6 +117,7 @@ OPS: Mapping[str, Mapping[str, Field]] = {
         "old_serial": _SERIAL,
         "wait": Field(_flag),
         "accounts": Field(_accounts),
+        "desk": Field(_desk),
     },
     "status": {},
     "queue": {},
