@@ -236,3 +236,30 @@ def test_import_sqlite_refuses_a_broken_trail_or_unfinished_work(
     SqliteStore(busy, desk="porto").start_enrollment("dave", 9, "reader", "roster")
     with pytest.raises(StoreError, match="holds unfinished enrollments"):
         import_sqlite(fleet("porto"), busy, "porto")
+
+
+def test_two_desks_claiming_one_rostered_serial_one_wins(fleet: Any) -> None:
+    from provisioner.core.roster import parse
+
+    berlin, lisbon = fleet("berlin"), fleet("lisbon")
+    berlin.load_roster(parse("serial,user\n7,alice\n", "r.csv"), "root")
+    start = threading.Barrier(2)
+    got: dict[str, Any] = {}
+
+    def take(name: str, store: PostgresStore) -> None:
+        start.wait()
+        got[name] = store.take_rostered(7)
+
+    threads = [
+        threading.Thread(target=take, args=item)
+        for item in (("berlin", berlin), ("lisbon", lisbon))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(v is None for v in got.values()) == [False, True]
+    winner = next(name for name, v in got.items() if v is not None)
+    loser = fleet("berlin" if winner == "lisbon" else "lisbon")
+    fleet(winner).release_rostered(7)  # its enrollment failed: free again
+    assert loser.take_rostered(7) == ("alice", "")

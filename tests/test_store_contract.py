@@ -320,3 +320,17 @@ def test_the_inventory_follows_what_the_store_records(store: DeskStore) -> None:
     store.mark_lost(7, "root", "reported by alice")
     assert store.inventory()[0].state is InventoryState.LOST
     assert store.history()[-1].event == "lost"
+
+
+def test_a_rostered_serial_is_served_by_one_desk_only(store: DeskStore) -> None:
+    from provisioner.core.roster import parse
+
+    assert (
+        store.load_roster(parse("serial,user,accounts\n7,alice,prod\n8,bob,\n", "r.csv"), "root")
+        == 2
+    )
+    assert store.roster_size() == 2
+    assert store.take_rostered(7) == ("alice", "prod")
+    assert store.take_rostered(7) == ("alice", "prod")  # the same desk, plugged again
+    assert store.take_rostered(9) is None
+    assert store.history()[-1].event == "roster loaded"

@@ -96,6 +96,12 @@ CREATE TABLE audit (
     origin text UNIQUE
 );
 CREATE INDEX audit_chain ON audit (desk, id);
+CREATE TABLE roster (
+    serial bigint PRIMARY KEY,
+    "user" text NOT NULL,
+    accounts text NOT NULL DEFAULT '',
+    taken_by text
+);
 CREATE TABLE tokens (
     serial bigint PRIMARY KEY,
     state text NOT NULL,
@@ -124,6 +130,7 @@ GRANTS = (
     "GRANT USAGE ON SCHEMA public TO {role}",
     "GRANT SELECT ON schema_version TO {role}",
     "GRANT SELECT, INSERT, UPDATE ON queue, enrollments, token_cleanups, desks, tokens TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON roster TO {role}",
     "GRANT SELECT, INSERT ON audit TO {role}",
     "REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM {role}",
 )

@@ -29,6 +29,7 @@ from provisioner.core.audit import log_line, record_hash
 from provisioner.core.errors import ProvisionerError, QueueFull
 from provisioner.core.messages import Outcome
 from provisioner.core.ports import Fact
+from provisioner.core.roster import Roster
 from provisioner.core.store import (
     FACT_STATES,
     AuditRecord,
@@ -693,6 +694,49 @@ class SqlStore:
         with self._reading() as db:
             rows = db.execute("SELECT * FROM desks ORDER BY name").fetchall()
         return [DeskBeat.from_row(r) for r in rows]
+
+    # --- the fleet's roster -----------------------------------------------------------
+
+    def load_roster(self, roster: Roster, actor: str) -> int:
+        with self._tx() as db:
+            db.execute("DELETE FROM roster")
+            for serial, user in sorted(roster.users_by_serial.items()):
+                db.execute(
+                    'INSERT INTO roster (serial, "user", accounts) VALUES (?,?,?)',
+                    (serial, user, roster.accounts_for(serial)),
+                )
+            self._audit(
+                db,
+                actor,
+                "roster loaded",
+                reason=f"{len(roster)} tokens from {roster.source}",
+            )
+        return len(roster)
+
+    def take_rostered(self, serial: int) -> tuple[str, str] | None:
+        with self._tx() as db:
+            taken = db.execute(
+                "UPDATE roster SET taken_by = ? WHERE serial = ? "
+                "AND (taken_by IS NULL OR taken_by = ?)",
+                (self._desk, serial, self._desk),
+            ).rowcount
+            if not taken:
+                return None
+            row = db.execute(
+                'SELECT "user", accounts FROM roster WHERE serial = ?', (serial,)
+            ).fetchone()
+        return str(row["user"]), str(row["accounts"])
+
+    def release_rostered(self, serial: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE roster SET taken_by = NULL WHERE serial = ? AND taken_by = ?",
+                (serial, self._desk),
+            )
+
+    def roster_size(self) -> int:
+        with self._reading() as db:
+            return int(db.execute("SELECT COUNT(*) AS n FROM roster").fetchone()["n"])
 
     # --- the token inventory ----------------------------------------------------------
 

@@ -80,6 +80,12 @@ CREATE TABLE IF NOT EXISTS audit (
     prev_hash TEXT,                    -- the hash of that desk's record before it
     hash TEXT                          -- this record's, over it and prev_hash (core/audit.py)
 );
+CREATE TABLE IF NOT EXISTS roster (
+    serial INTEGER PRIMARY KEY,
+    "user" TEXT NOT NULL,
+    accounts TEXT NOT NULL DEFAULT '',
+    taken_by TEXT                      -- the desk serving it
+);
 CREATE TABLE IF NOT EXISTS tokens (
     serial INTEGER PRIMARY KEY,
     state TEXT NOT NULL,               -- blank, enrolled, revoked, wiped, lost

@@ -23,7 +23,7 @@ from provisioner.cli.inspection import (
     cmd_tokens,
     cmd_watch,
 )
-from provisioner.cli.queueing import cmd_cancel, cmd_queue
+from provisioner.cli.queueing import cmd_cancel, cmd_queue, cmd_roster_load
 from provisioner.cli.setup import (
     cmd_daemon,
     cmd_demo,
@@ -411,6 +411,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(reconcile)
     reconcile.set_defaults(func=cmd_reconcile)
+
+    roster = sub.add_parser(
+        "roster",
+        help="the fleet's roster: token serial -> user (and accounts), for every desk",
+        description="A fleet keeps one roster in its database; each desk takes a rostered "
+        "token's entry as it serves it, so no two desks serve one serial.",
+    )
+    roster_sub = roster.add_subparsers(dest="roster_command", metavar="COMMAND", required=True)
+    roster_load = roster_sub.add_parser(
+        "load",
+        help="replace the fleet's roster with a CSV (serial,user[,accounts])",
+        description="Checks FILE as a desk's roster file is checked (every mistake named "
+        "with its line; nothing loaded from a file with one), then replaces the fleet's "
+        "roster with it. Recorded in the audit trail.",
+    )
+    roster_load.add_argument("file", help="the CSV: serial,user and optionally accounts")
+    common(roster_load)
+    roster_load.set_defaults(func=cmd_roster_load)
 
     fleet = sub.add_parser(
         "fleet",

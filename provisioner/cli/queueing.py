@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from provisioner.cli.common import (
@@ -12,6 +13,7 @@ from provisioner.cli.common import (
 )
 from provisioner.core.errors import (
     EXIT_OK,
+    ConfigError,
 )
 
 log = logging.getLogger("provisioner")
@@ -55,4 +57,24 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     cancelled = answer["cancelled"]
     assert isinstance(cancelled, dict)
     print(f"cancelled #{cancelled['id']} ({cancelled['user']})")
+    return EXIT_OK
+
+
+def cmd_roster_load(args: argparse.Namespace) -> int:
+    """The fleet's roster from a CSV (checked as a desk's roster file is), replacing the
+    one before."""
+    from provisioner.adapters.files import load_roster
+    from provisioner.cli import direct
+    from provisioner.cli.common import load_config
+
+    config = load_config(args)
+    if not config.store.url:
+        raise ConfigError(
+            "roster load fills the fleet's roster: [store] url names no fleet database",
+            hint="a desk of its own reads its roster from daemon.roster",
+        )
+    roster = load_roster(Path(args.file))
+    with direct.desk_state(config) as state:
+        count = state.store.load_roster(roster, state.actor)
+    print(f"the fleet's roster: {count} tokens from {args.file}")
     return EXIT_OK

@@ -18,6 +18,7 @@ from typing import Any, Protocol, Self
 from provisioner.core.errors import ProvisionerError, StoreError
 from provisioner.core.messages import Outcome
 from provisioner.core.ports import Fact, Journal
+from provisioner.core.roster import Roster
 
 
 class DeviceState(StrEnum):
@@ -456,6 +457,22 @@ class DeskStore(Protocol):
         account: str | None = None,
         desk: str | None = None,
     ) -> list[AuditRecord]: ...
+
+    # the fleet's roster (`provisioner roster load`): serial -> user, accounts
+    def load_roster(self, roster: Roster, actor: str) -> int:
+        """Replace the fleet's roster with ``roster`` (validated); how many entries."""
+        ...
+
+    def take_rostered(self, serial: int) -> tuple[str, str] | None:
+        """The (user, accounts) the fleet's roster names for this serial, taken by this
+        desk (None: not rostered, or another desk has taken it)."""
+        ...
+
+    def release_rostered(self, serial: int) -> None:
+        """A rostered token this desk took and did not enroll: free for any desk again."""
+        ...
+
+    def roster_size(self) -> int: ...
 
     # the token inventory (kept by the store from what it records; seen and lost told)
     def token_seen(self, serial: int, firmware: str) -> None: ...

@@ -95,6 +95,11 @@ class Claims(LiveStatus):
         serial = token.info.serial
         rostered = self.roster.user_for(serial) if self.roster else None
         accounts = self.roster.accounts_for(serial) if self.roster else ""
+        if self.roster is None and self.desk.config.store.url and serial is not None:
+            # the fleet's roster: taken by this desk, so no other desk serves this serial
+            taken = self.store.take_rostered(serial)
+            if taken is not None:
+                rostered, accounts = taken
 
         def take(serial: int | None, users: Collection[str] | None) -> QueueEntry | None:
             return self.store.take_next(serial, users=users)

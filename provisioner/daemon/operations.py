@@ -154,6 +154,13 @@ class Operations(Claims):
         for reader in idle:
             self._start_worker(reader)
 
+    def _release_roster(self, source: str, serial: int | None, state: TokenState) -> None:
+        """A token the fleet's roster gave this desk and that did not end enrolled: any
+        desk may take it again."""
+        if source == "roster" and serial is not None and state is not TokenState.ENROLLED:
+            if self.roster is None and self.desk.config.store.url:
+                self._lasting(partial(self.store.release_rostered, serial))
+
     def _revoked_here(self, done: Revoked, actor: str, account: str) -> None:
         """An old token's device revoked in ``account`` by a replacement: in the trail,
         and its credential taken off the old token when the desk sees it."""
@@ -313,6 +320,7 @@ class Operations(Claims):
             }
             state = TokenState.ENROLLED
         self._schedule_cleanup(enrollment_id, serial)
+        self._release_roster(source, serial, state)
         with self._lock:
             self._active.discard(enrollment_id)
         self._conclude(reader, base, outcome, state, entry, enrollment_id)
@@ -403,6 +411,7 @@ class Operations(Claims):
             state = TokenState.ENROLLED
         for eid in records.ids.values():
             self._schedule_cleanup(eid, serial)
+        self._release_roster(source, serial, state)
         with self._lock:
             self._active.difference_update(records.ids.values())
         self._conclude(reader, base, outcome, state, entry, records.first)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from provisioner.core.errors import ProvisionerError
 from provisioner.core.messages import (
     TokenState,
 )
@@ -61,7 +62,7 @@ class LiveStatus(ServiceState):
                 "since": self.started,
                 "pcsc": "up" if self.pcsc_up else "down",
                 "iam": self.desk.iam.endpoint_url,
-                "roster": len(self.roster) if self.roster else 0,
+                "roster": len(self.roster) if self.roster else self._fleet_roster(),
                 **(
                     {"accounts": [a.name for a in self.desk.config.accounts]}
                     if self.desk.config.accounts
@@ -76,6 +77,15 @@ class LiveStatus(ServiceState):
             ],
             "recent": recent,
         }
+
+    def _fleet_roster(self) -> int:
+        """The fleet's roster's size (0 for a desk of its own, or a store away)."""
+        if not self.desk.config.store.url:
+            return 0
+        try:
+            return self.store.roster_size()
+        except ProvisionerError:
+            return 0
 
     def _queue_view(self) -> Event:
         """The first requests of the queue and how many there are: an answer that stays
