@@ -107,10 +107,10 @@ def test_one_request_and_two_tokens_at_two_desks_one_enrollment(fleet: Fleet) ->
 def test_a_desk_killed_mid_enrollment_is_settled_from_another(fleet: Fleet) -> None:
     berlin, lisbon = fleet.desks["berlin"], fleet.desks["lisbon"]
     fleet.iam.inject_fault("EnableMFADevice", kind="delay", delay=4.0, count=3)
-    assert berlin.cli("queue", "--user", "carol").returncode == 0
+    assert berlin.cli("queue", "--user", "alice").returncode == 0
     key = EmulatedYubiKey(serial=next(SERIALS))
     fleet.stack.insert(key, 0)  # berlin's reader
-    wait_for(lambda: any(r["user"] == "carol" for r in fleet.records()), what="started")
+    wait_for(lambda: any(r["user"] == "alice" for r in fleet.records()), what="started")
     time.sleep(1.0)
     assert berlin.proc is not None
     berlin.proc.send_signal(signal.SIGKILL)
@@ -126,8 +126,8 @@ def test_a_desk_killed_mid_enrollment_is_settled_from_another(fleet: Fleet) -> N
         conn.execute("UPDATE desks SET beat_at = beat_at - 60 WHERE name = 'berlin'")
     done = lisbon.cli("reconcile", "--desk", "berlin")
     assert done.returncode == 0, done.stderr
-    [record] = [r for r in fleet.records() if r["user"] == "carol"]
+    [record] = [r for r in fleet.records() if r["user"] == "alice"]
     assert record["outcome"] != "in progress"
-    devices = berlin.devices_of("carol")
+    devices = berlin.devices_of("alice")
     assert (record["outcome"] == "enrolled") == bool(devices)
     assert fleet.iam.unassigned_devices() == []
