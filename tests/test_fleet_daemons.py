@@ -131,3 +131,41 @@ def test_a_desk_killed_mid_enrollment_is_settled_from_another(fleet: Fleet) -> N
     devices = berlin.devices_of("alice")
     assert (record["outcome"] == "enrolled") == bool(devices)
     assert fleet.iam.unassigned_devices() == []
+
+
+def test_a_token_revoked_at_one_desk_is_wiped_at_another(fleet: Fleet) -> None:
+    berlin, lisbon = fleet.desks["berlin"], fleet.desks["lisbon"]
+    key = EmulatedYubiKey(serial=next(SERIALS))
+    assert lisbon.cli("queue", "--user", "bob").returncode == 0
+    fleet.stack.insert(key, 1)  # enrolled at lisbon
+    wait_for(lambda: lisbon.devices_of("bob") == [arn("bob", key.serial)], what="enrolled")
+    fleet.stack.remove(1, wait=True)
+    revoked = berlin.cli("revoke", "--user", "bob")  # from another desk, the token away
+    assert revoked.returncode == 0, revoked.stderr
+    assert berlin.devices_of("bob") == []
+    assert any(c.id.startswith("AWS:bob@") for c in key.credentials())
+    fleet.stack.insert(key, 0)  # seen next at berlin
+    wait_for(
+        lambda: not any(c.id.startswith("AWS:bob@") for c in key.credentials()),
+        what="the credential wiped at berlin",
+    )
+    inventory = json.loads(lisbon.cli("tokens", "--inventory", "--format", "json").stdout)
+    [token] = [t for t in inventory if t["serial"] == key.serial]
+    assert token["state"] == "wiped" and token["desk"] == "berlin"
+
+
+def test_the_database_stopped_mid_run_is_said_and_taken_back(fleet: Fleet) -> None:
+    berlin = fleet.desks["berlin"]
+    fleet.db.cluster.stop()
+    try:
+        refused = berlin.cli("queue", "--user", "alice")
+        assert refused.returncode != 0
+        assert "the fleet's database" in refused.stderr and "\n" not in refused.stderr.strip()
+    finally:
+        fleet.db.cluster.start()
+    queued = berlin.cli("queue", "--user", "alice")
+    assert queued.returncode == 0, queued.stderr
+    key = EmulatedYubiKey(serial=next(SERIALS))
+    fleet.stack.insert(key, 0)
+    wait_for(lambda: berlin.devices_of("alice") == [arn("alice", key.serial)], what="enrolled")
+    wait_for(lambda: any(r["outcome"] == "enrolled" for r in fleet.records()), what="recorded")
