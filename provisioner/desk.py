@@ -134,6 +134,7 @@ class Desk:
                     role=AssumedRole(
                         account.name, account.role_arn, account.external_id, self.config.desk
                     ),
+                    base=self.iam.base_session,
                 )
                 for observer in self._call_observers:
                     client.observe_calls(observer)

@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 import botocore.exceptions as bce
+import botocore.session
 import pytest
 from botocore.config import Config
 
@@ -42,6 +43,7 @@ class FakeSession:
 
     def __init__(self, sts: FakeSts) -> None:
         self.sts = sts
+        self._session = botocore.session.Session()  # its service models are shared
 
     def client(self, service: str, config: Config | None = None) -> FakeSts:
         assert service == "sts"

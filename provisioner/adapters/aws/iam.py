@@ -197,16 +197,19 @@ class IamClient:
         read_timeout: float = 15.0,
         local_time: Callable[[], float] = time.time,
         role: AssumedRole | None = None,
+        base: boto3.session.Session | None = None,
     ) -> None:
         """The desk's own account (its profile's or the environment's credentials), or,
-        with ``role``, another account's through the role the desk assumes there."""
+        with ``role``, another account's through the role the desk assumes there
+        (starting from ``base``, the desk's own session, when given: its credentials and
+        the service models it has read)."""
         guard_vendor_logging()
         self._observers: list[CallObserver] = []
         self._clock = clock
         self._local_time = local_time
         self._role = role
         try:
-            session = boto3.session.Session(profile_name=profile or None)
+            session = base or boto3.session.Session(profile_name=profile or None)
         except bce.ProfileNotFound as e:
             raise AwsCredentialsMissing(f"AWS profile {profile!r} is not configured") from e
         config = Config(
@@ -233,6 +236,9 @@ class IamClient:
         # STS (who the desk is) through boto3's own endpoint resolution: AWS_ENDPOINT_URL_STS
         # or AWS_ENDPOINT_URL, else AWS. Made on first use; enrollments never need it.
         self._session, self._config = session, config
+        #: The desk's own session (its credentials), which another account's client can
+        #: start from: ``IamClient(..., role=..., base=client.base_session)``.
+        self.base_session = base or session if role is None else base
         self._sts: Any = None
         events = self._iam.meta.events
         events.register("before-call.iam", self._before_call)
