@@ -201,3 +201,20 @@ def test_writes_the_store_refused_are_kept_in_order_and_written_when_it_is_back(
     assert written == ["finish #1", "finish #2"]
     state._lasting(write("finish #3"))
     assert written[-1] == "finish #3"
+
+
+def test_status_and_watch_desk_show_another_desk_from_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    path = tmp_path / "state" / "provisioner.db"
+    path.parent.mkdir()
+    for name in ("berlin", "lisbon"):
+        Heartbeat(SqliteStore(path, desk=name), lambda: STATUS, period=3600).beat()
+    assert main(["status", "--desk", "lisbon", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith("lisbon: alive (beat")
+    assert main(["watch", "--desk", "all", "--once", "--config", str(config)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["berlin:", "lisbon:"]
+    assert main(["status", "--desk", "porto", "--config", str(config)]) == 2
+    assert "no desk 'porto' in the fleet (desks: berlin, lisbon)" in capsys.readouterr().err

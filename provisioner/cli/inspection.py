@@ -70,6 +70,8 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.desk:
+        return _desks_once(load_config(args), args.desk, args.json)
     answer = ask(args, {"op": "status"})
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
@@ -140,6 +142,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from provisioner.cli.watch import CLEAR, render
     from provisioner.daemon.service import HEARTBEAT_SECONDS
 
+    if args.desk:
+        return _watch_desks(load_config(args), args.desk, once=args.once)
     path = running_daemon(args)
     redraw = sys.stdout.isatty() and not args.once
     try:
@@ -376,3 +380,48 @@ def cmd_lost(args: argparse.Namespace) -> int:
         "removed if it is ever plugged in at a desk"
     )
     return EXIT_OK
+
+
+def _desks(config: Config, name: str) -> list[DeskBeat]:
+    """The heartbeats of desk ``name`` (every desk's for 'all'); InvalidInput if the
+    fleet has no such desk."""
+    from provisioner.cli import direct
+
+    beats = direct.fleet(config)
+    chosen = beats if name == "all" else [b for b in beats if b.name == name]
+    if not chosen:
+        known = ", ".join(b.name for b in beats) or "none yet"
+        raise InvalidInput(f"no desk {name!r} in the fleet (desks: {known})")
+    return chosen
+
+
+def _desks_once(config: Config, name: str, as_json: bool) -> int:
+    chosen = _desks(config, name)
+    if as_json:
+        print(
+            json.dumps([{**d.as_dict(), "status": json.loads(d.status)} for d in chosen], indent=2)
+        )
+    else:
+        now = time.time()
+        for desk in chosen:
+            print(fleet_line(desk, now))
+    return EXIT_OK
+
+
+def _watch_desks(config: Config, name: str, *, once: bool) -> int:
+    """Another desk's (or every desk's) heartbeats as they change; Ctrl-C ends it."""
+    shown: dict[str, tuple[str, bool, bool]] = {}
+    try:
+        while True:
+            now = time.time()
+            for desk in _desks(config, name):
+                # what it does, and whether it beats: not how long ago it last did
+                seen = (desk.status, desk.stopped_at is None, desk.silent_for(now) > SILENT_AFTER)
+                if shown.get(desk.name) != seen:
+                    shown[desk.name] = seen
+                    print(f"{time.strftime('%H:%M:%S')}  {fleet_line(desk, now)}", flush=True)
+            if once:
+                return EXIT_OK
+            time.sleep(2.0)
+    except KeyboardInterrupt:
+        return EXIT_OK

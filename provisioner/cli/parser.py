@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--desk",
+        metavar="NAME",
+        help="another desk of the fleet (or 'all'): its last heartbeat, from the store",
+    )
     common(status)
     status.set_defaults(func=cmd_status)
 
@@ -287,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     watch.add_argument("--once", action="store_true", help="print the view once and exit")
+    watch.add_argument(
+        "--desk",
+        metavar="NAME",
+        help="another desk of the fleet (or 'all'): its heartbeats as they come, from the store",
+    )
     common(watch)
     watch.set_defaults(func=cmd_watch)
 
