@@ -169,3 +169,33 @@ def test_the_database_stopped_mid_run_is_said_and_taken_back(fleet: Fleet) -> No
     fleet.stack.insert(key, 0)
     wait_for(lambda: berlin.devices_of("alice") == [arn("alice", key.serial)], what="enrolled")
     wait_for(lambda: any(r["outcome"] == "enrolled" for r in fleet.records()), what="recorded")
+
+
+def test_an_enrollment_in_flight_when_the_database_stops_finishes_and_loses_nothing(
+    fleet: Fleet,
+) -> None:
+    berlin = fleet.desks["berlin"]
+    assert berlin.cli("queue", "--user", "bob").returncode == 0
+    fleet.iam.inject_fault("EnableMFADevice", kind="delay", delay=3.0, count=3)
+    key = EmulatedYubiKey(serial=next(SERIALS))
+    fleet.stack.insert(key, 0)
+    wait_for(lambda: any(r["user"] == "bob" for r in fleet.records()), what="started")
+    time.sleep(1.0)  # inside EnableMFADevice: its "requested" fact is written
+    fleet.db.cluster.stop()
+    try:
+        # the enrollment needs no database to finish: IAM enables the device
+        wait_for(lambda: berlin.devices_of("bob") == [arn("bob", key.serial)], what="enabled")
+        time.sleep(1.0)
+    finally:
+        fleet.db.cluster.start()
+    fleet.iam.clear_faults()
+    # what it could not write waits for the database and is written at a heartbeat
+    wait_for(
+        lambda: [r["outcome"] for r in fleet.records() if r["user"] == "bob"] == ["enrolled"],
+        timeout=40,
+        what="the outcome written once the database is back",
+    )
+    [record] = [r for r in fleet.records() if r["user"] == "bob"]
+    assert record["device_state"] == "confirmed" and record["credential_state"] == "written"
+    history = berlin.cli("history", "--verify")
+    assert history.returncode == 0, history.stdout + history.stderr

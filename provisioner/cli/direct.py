@@ -337,6 +337,21 @@ def revoke(
 # --- the trail, read here -------------------------------------------------------------------
 
 
+def _store_to_read(config: Config) -> bool:
+    """Whether there is a store to read: the fleet's database always; this desk's SQLite
+    file once the desk has made it (NotPermitted when this user may not read it)."""
+    if config.store.url:
+        return True
+    path = state_file(config)
+    try:
+        with path.open("rb"):
+            return True
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise _not_permitted("read", path, e) from e
+
+
 def history(
     config: Config,
     *,
@@ -350,14 +365,9 @@ def history(
     """The audit trail as the daemon answers it, read-only; None if there is none yet."""
     if not 0 < limit <= MAX_HISTORY:
         raise InvalidInput(f"limit must be 1..{MAX_HISTORY}")
-    path = state_file(config)
-    try:
-        with path.open("rb"):
-            pass
-    except FileNotFoundError:
+    if not _store_to_read(config):
         return None
-    except OSError as e:
-        raise _not_permitted("read", path, e) from e
+    path = state_file(config)
     try:
         store = desk_store(config, read_only=True)
         try:
@@ -367,21 +377,16 @@ def history(
         finally:
             store.close()
     except StoreError as e:
+        if config.store.url:  # the fleet's database: its own one line says what is wrong
+            raise
         raise _not_permitted("read", path, e) from e
     return [r.as_dict() for r in records]
 
 
 def verify_trail(config: Config) -> ChainWalk | None:
     """Every desk's hash chain walked, read-only; None if there is no trail yet."""
-    if not config.store.url:
-        path = state_file(config)
-        try:
-            with path.open("rb"):
-                pass
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise _not_permitted("read", path, e) from e
+    if not _store_to_read(config):
+        return None
     walk = ChainWalk()
     store = desk_store(config, read_only=True)
     try:
@@ -397,15 +402,8 @@ def verify_trail(config: Config) -> ChainWalk | None:
 
 def fleet(config: Config) -> list[DeskBeat]:
     """Every desk's last heartbeat, read from the store (the fleet's, or this desk's)."""
-    if not config.store.url:
-        path = state_file(config)
-        try:
-            with path.open("rb"):
-                pass
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise _not_permitted("read", path, e) from e
+    if not _store_to_read(config):
+        return []
     store = desk_store(config, read_only=True)
     try:
         return store.desks()
@@ -447,7 +445,7 @@ def inventory(
     config: Config, *, user: str | None = None, serial: int | None = None
 ) -> list[TokenRecord]:
     """The token inventory, read from the store."""
-    if not config.store.url and not state_file(config).exists():
+    if not _store_to_read(config):
         return []
     store = desk_store(config, read_only=True)
     try:
