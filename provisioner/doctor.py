@@ -20,6 +20,7 @@ from pathlib import Path
 from provisioner import install
 from provisioner.adapters.aws.iam import IamClient
 from provisioner.adapters.aws.permissions import (
+    MEMBER_PERMISSIONS,
     MEMBER_POLICY_FILE,
     POLICY_FILE,
     checks,
@@ -335,6 +336,7 @@ def check_account(
         device_path=config.enrollment_settings(account).device_path,
         user_arn=f"arn:aws:iam::{me.account}:user/{user}",
         principal_arn=principal,
+        table=MEMBER_PERMISSIONS,
     )
     try:
         denied = sorted({e.action for e in missing(iam.simulate(principal, wanted))})

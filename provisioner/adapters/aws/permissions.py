@@ -116,6 +116,16 @@ PERMISSIONS: tuple[Permission, ...] = (
 )
 
 
+#: What the role the desk assumes in each member account needs there (MEMBER_POLICY_FILE):
+#: the same actions on the same resources as the desk's own, in that account; the
+#: doctor's ``{principal_arn}`` is then the role itself.
+MEMBER_PERMISSIONS: tuple[Permission, ...] = PERMISSIONS
+
+#: The only actions the desk's own principal needs on top of POLICY_FILE to serve
+#: [[accounts]] (ASSUME_POLICY_FILE), each on the member accounts' roles only.
+ASSUME_ROLE_ACTIONS: tuple[str, ...] = ("sts:AssumeRole",)
+
+
 class Check(NamedTuple):
     """An action to simulate on a resource."""
 
@@ -151,9 +161,14 @@ class CallerIdentity:
 
 
 def checks(
-    *, account: str, device_path: str, user_arn: str, principal_arn: str
+    *,
+    account: str,
+    device_path: str,
+    user_arn: str,
+    principal_arn: str,
+    table: tuple[Permission, ...] = PERMISSIONS,
 ) -> tuple[Check, ...]:
-    """Every permission of the table on the resources of this desk."""
+    """Every permission of ``table`` on the resources of this desk (in ``account``)."""
     return tuple(
         Check(
             p.action,
@@ -164,7 +179,7 @@ def checks(
                 principal_arn=principal_arn,
             ),
         )
-        for p in PERMISSIONS
+        for p in table
     )
 
 
