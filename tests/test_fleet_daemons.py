@@ -179,22 +179,30 @@ def test_an_enrollment_in_flight_when_the_database_stops_finishes_and_loses_noth
     fleet.iam.inject_fault("EnableMFADevice", kind="delay", delay=3.0, count=3)
     key = EmulatedYubiKey(serial=next(SERIALS))
     fleet.stack.insert(key, 0)
-    wait_for(lambda: any(r["user"] == "bob" for r in fleet.records()), what="started")
-    time.sleep(1.0)  # inside EnableMFADevice: its "requested" fact is written
+    wait_for(
+        lambda: any(
+            r["user"] == "bob" and r["device_state"] == "maybe enabled" for r in fleet.records()
+        ),
+        what="inside EnableMFADevice, its 'requested' fact written",
+    )
     fleet.db.cluster.stop()
     try:
         # the enrollment needs no database to finish: IAM enables the device
         wait_for(lambda: berlin.devices_of("bob") == [arn("bob", key.serial)], what="enabled")
-        time.sleep(1.0)
+        time.sleep(8.0)  # longer than a store call waits for a connection: it gives up
     finally:
         fleet.db.cluster.start()
     fleet.iam.clear_faults()
     # what it could not write waits for the database and is written at a heartbeat
-    wait_for(
-        lambda: [r["outcome"] for r in fleet.records() if r["user"] == "bob"] == ["enrolled"],
-        timeout=40,
-        what="the outcome written once the database is back",
-    )
+    try:
+        wait_for(
+            lambda: [r["outcome"] for r in fleet.records() if r["user"] == "bob"] == ["enrolled"],
+            timeout=40,
+            what="the outcome written once the database is back",
+        )
+    except AssertionError:
+        print("\n".join(berlin.log[-40:]))
+        raise
     [record] = [r for r in fleet.records() if r["user"] == "bob"]
     assert record["device_state"] == "confirmed" and record["credential_state"] == "written"
     history = berlin.cli("history", "--verify")

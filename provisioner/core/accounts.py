@@ -55,7 +55,7 @@ from provisioner.core.model import (
 )
 from provisioner.core.ports import Journal, NullProgress, Progress, TokenFinder, TokenSession
 from provisioner.core.secret import Seed
-from provisioner.core.store import DeskStore, RecordOwner
+from provisioner.core.store import DeskStore, EnrollmentJournal, RecordOwner
 from provisioner.core.totp import code_at, codes_equal, plan_window
 
 T = TypeVar("T")
@@ -420,6 +420,7 @@ class RecordedAccounts:
             [(p.name, p.user) for p in plans], token.serial, token.reader, source, owner=owner
         )
         self.ids: dict[str, int] = dict(zip((p.name for p in plans), ids, strict=True))
+        self._journals: dict[str, EnrollmentJournal] = {}
 
     @property
     def first(self) -> int:
@@ -427,11 +428,17 @@ class RecordedAccounts:
         return next(iter(self.ids.values()))
 
     def journal(self, account: str) -> Journal:
-        return self._store.journal(self.ids[account])
+        journal = self._journals.get(account)
+        if journal is None:
+            journal = self._journals[account] = self._store.journal(self.ids[account])
+        return journal
 
     def finish(self, outcome: AccountsResult | ProvisionerError, actor: str) -> None:
-        """Every account's record closed with the outcome of the whole."""
+        """Every account's record closed with the outcome of the whole (after the facts
+        its journal kept while the store was away)."""
         store = self._store
+        for journal in self._journals.values():
+            journal.flush()
         if isinstance(outcome, AccountsResult):
             for name, result in outcome.enrolled:
                 store.finish_enrollment(

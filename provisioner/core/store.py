@@ -17,7 +17,7 @@ from typing import Any, Protocol, Self
 
 from provisioner.core.errors import ProvisionerError, StoreError
 from provisioner.core.messages import Outcome
-from provisioner.core.ports import Fact, Journal
+from provisioner.core.ports import Fact
 from provisioner.core.roster import Roster
 
 
@@ -397,7 +397,7 @@ class DeskStore(Protocol):
         reason: str | None = None,
     ) -> None: ...
 
-    def journal(self, enrollment_id: int) -> Journal: ...
+    def journal(self, enrollment_id: int) -> EnrollmentJournal: ...
 
     def record_fact(
         self,

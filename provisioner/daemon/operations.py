@@ -16,6 +16,7 @@ from provisioner.core.errors import (
     ExitStatus,
     ProvisionerError,
     ReplaceIncomplete,
+    StoreError,
     failure_reason,
 )
 from provisioner.core.lifecycle import Revoked, audit_revoked, resync_everywhere
@@ -53,7 +54,10 @@ class _Progress:
 
     def step(self, step: Step, detail: str) -> None:
         if step is not Step.ROLLBACK and self._id is not None:
-            self._service.store.record_step(self._id, step.value)
+            try:
+                self._service.store.record_step(self._id, step.value)
+            except StoreError:
+                pass  # the step reached is for the operator; the journal is what counts
         self._service.note_step(self._base["reader"], step.value)
         self._service.events.publish(
             {**self._base, "event": EventKind.STEP, "step": step.value, "detail": detail}
@@ -234,8 +238,9 @@ class Operations(Claims):
         self.events.publish({**base, "event": EventKind.ENROLLING})
         outcome: Event
         progress = _Progress(self, enrollment_id, base)
+        journal = self.store.journal(enrollment_id)
         try:
-            enrollment = self.desk.enrollment(progress, self.store.journal(enrollment_id))
+            enrollment = self.desk.enrollment(progress, journal)
             if replacing:
                 assert entry is not None
                 done = replace_token(
@@ -252,6 +257,7 @@ class Operations(Claims):
             else:
                 result = enrollment.run(token, user)
         except ReplaceIncomplete as e:
+            self._lasting(journal.flush)  # facts kept while the store was away
             self._lasting(
                 partial(
                     self.store.finish_enrollment,
@@ -272,6 +278,7 @@ class Operations(Claims):
             )
             state = TokenState.ENROLLED
         except AlreadyEnrolled as e:
+            self._lasting(journal.flush)  # facts kept while the store was away
             self._lasting(
                 partial(
                     self.store.finish_enrollment,
@@ -289,6 +296,7 @@ class Operations(Claims):
             }
             state = TokenState.ENROLLED
         except ProvisionerError as e:
+            self._lasting(journal.flush)  # facts kept while the store was away
             label = failure_outcome(e)
             self._lasting(
                 partial(
@@ -302,6 +310,7 @@ class Operations(Claims):
             outcome = failed_outcome(label, e)
             state = TokenState.FAILED
         else:
+            self._lasting(journal.flush)
             self._lasting(
                 partial(
                     self.store.finish_enrollment,

@@ -119,11 +119,14 @@ class LiveStatus(ServiceState):
                 if t.state in (TokenState.ENROLLING, TokenState.RESYNCING)
             ]
             present = len(self._present)
-        waiting = self.store.queue_length()
         if busy:
             text = "; ".join(f"{t.state} {t.user} on token {t.serial} ({t.step})" for t in busy)
         else:
-            text = f"idle: {present} token(s) present, {waiting} request(s) queued"
+            try:
+                waiting = f"{self.store.queue_length()} request(s) queued"
+            except ProvisionerError as e:  # the fleet's database away: said, work goes on
+                waiting = f"the store is unreachable ({e.one_line()})"
+            text = f"idle: {present} token(s) present, {waiting}"
         if not self.pcsc_up:
             text += " (pcscd not reachable)"
         self._notifier.status(text)

@@ -249,9 +249,12 @@ def _accounts(
                 f"credential {one.credential_id}; login with a fresh code: accepted\n"
             )
     spare = EmulatedYubiKey(serial=FIRST_SERIAL + 51)
-    out.write(f"\n== frank: YubiKey {spare.serial}; IAM refuses EnableMFADevice in sandbox only\n")
+    out.write(f"\n== frank: YubiKey {spare.serial}; IAM fails EnableMFADevice in sandbox only\n")
     server.inject_fault(
-        "EnableMFADevice", code="InvalidAuthenticationCode", account=DEMO_ACCOUNTS["sandbox"]
+        "EnableMFADevice",
+        code="ServiceFailure",
+        count=desk.config.iam.max_attempts,
+        account=DEMO_ACCOUNTS["sandbox"],
     )
     with tokens.plugged(spare, 0) as token:
         try:
