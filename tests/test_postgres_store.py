@@ -7,6 +7,7 @@ server survived. The store port's own contract runs on it in test_store_contract
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 
 from provisioner.adapters.postgres_schema import SCHEMA_VERSION
-from provisioner.adapters.postgres_store import PostgresStore, migrate
+from provisioner.adapters.postgres_store import RETRY_AFTER, PostgresStore, migrate
 from provisioner.cli.main import main
 from provisioner.core.audit import ChainWalk
 from provisioner.core.errors import StoreError
@@ -151,6 +152,7 @@ def test_the_database_stopped_is_one_line_and_its_return_is_taken_up(
         assert "the fleet's database postgresql://provisioner_desk@" in caught.value.one_line()
     finally:
         pg_db.cluster.start()
+    time.sleep(RETRY_AFTER)  # calls fail at once for a moment after one found it away
     store.enqueue("bob", "root")
     assert [e.user for e in store.waiting()] == ["alice", "bob"]
 
@@ -263,3 +265,31 @@ def test_two_desks_claiming_one_rostered_serial_one_wins(fleet: Any) -> None:
     loser = fleet("berlin" if winner == "lisbon" else "lisbon")
     fleet(winner).release_rostered(7)  # its enrollment failed: free again
     assert loser.take_rostered(7) == ("alice", "")
+
+
+def test_while_the_database_is_away_calls_fail_at_once_then_it_is_tried_again(
+    pg_db: Any,
+) -> None:
+    import time as clock_time
+
+    migrate(pg_db.owner_url)
+    now = [1_000.0]
+    store = PostgresStore(pg_db.desk_url, lambda: now[0], desk="a")
+    try:
+        store.enqueue("alice", "root")
+        pg_db.cluster.stop()
+        try:
+            with pytest.raises(StoreError):
+                store.queue_length()  # finds it away (after waiting for a connection)
+            started = clock_time.monotonic()
+            with pytest.raises(StoreError, match="is unreachable"):
+                store.queue_length()
+            assert clock_time.monotonic() - started < 0.5  # at once, not 5 s
+        finally:
+            pg_db.cluster.start()
+        with pytest.raises(StoreError, match="is unreachable"):
+            store.queue_length()  # not tried again yet
+        now[0] += 10
+        assert store.queue_length() == 1
+    finally:
+        store.close()

@@ -33,8 +33,13 @@ from provisioner.adapters.sql_store import Connection, Cursor, SqlStore
 from provisioner.core.errors import StoreError
 from provisioner.core.store import RecordOwner
 
-#: Seconds to wait for a connection (the pool's, or a new one) before saying so.
+#: Seconds one connection attempt may take (libpq's connect_timeout).
 CONNECT_TIMEOUT = 5.0
+#: Seconds a call waits for a connection from the pool before saying the database is
+#: away: short, so that a control request answers within its client's patience.
+POOL_WAIT = 2.0
+#: Seconds after a call found the database away during which calls fail at once.
+RETRY_AFTER = 3.0
 
 
 def shown(url: str) -> str:
@@ -54,7 +59,7 @@ def translated(url: str) -> Iterator[None]:
         yield
     except PoolTimeout as e:
         raise StoreError(
-            f"no connection to the fleet's database {shown(url)} within {CONNECT_TIMEOUT:.0f} s",
+            f"no connection to the fleet's database {shown(url)} within {POOL_WAIT:.0f} s",
             hint="check that PostgreSQL runs and the desk may reach it ([store] url)",
         ) from e
     except psycopg.Error as e:
@@ -95,6 +100,7 @@ class PostgresStore(SqlStore):
         self.url = url
         #: Statements sent so far (with each transaction's BEGIN and COMMIT).
         self.round_trips = 0
+        self._away_since = self._away_until = 0.0
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
             min_size=min_size,
@@ -104,7 +110,7 @@ class PostgresStore(SqlStore):
                 "connect_timeout": int(CONNECT_TIMEOUT),
                 **({"password": password} if password else {}),
             },
-            timeout=CONNECT_TIMEOUT,
+            timeout=POOL_WAIT,
             # a connection the server cut (a restart, a failover) is replaced, not used
             check=ConnectionPool.check_connection,
             open=False,
@@ -145,15 +151,36 @@ class PostgresStore(SqlStore):
     @contextmanager
     def _tx(self) -> Iterator[_Qmark]:
         """One write transaction on a connection of the pool."""
-        with translated(self.url), self._pool.connection() as connection:
+        with self._reachable(), self._pool.connection() as connection:
             with connection.transaction():
                 self.round_trips += 2  # BEGIN and COMMIT
                 yield _Qmark(connection, self._counted)
 
     @contextmanager
     def _reading(self) -> Iterator[_Qmark]:
-        with translated(self.url), self._pool.connection() as connection:
+        with self._reachable(), self._pool.connection() as connection:
             yield _Qmark(connection, self._counted)
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """``translated``, and fail fast: after a call found the database away, the next
+        ones for ``RETRY_AFTER`` seconds say so at once instead of each waiting for a
+        connection (a desk's steps must not stall while the database restarts)."""
+        now = self._clock()
+        if now < self._away_until:
+            raise StoreError(
+                f"the fleet's database {shown(self.url)} is unreachable (tried "
+                f"{now - self._away_since:.0f} s ago; tried again in "
+                f"{self._away_until - now:.0f} s)",
+                hint="check that PostgreSQL runs and the desk may reach it ([store] url)",
+            )
+        try:
+            with translated(self.url):
+                yield
+        except StoreError as e:
+            if isinstance(e.__cause__, PoolTimeout | psycopg.OperationalError):
+                self._away_since, self._away_until = now, self._clock() + RETRY_AFTER
+            raise
 
 
 def migrate(owner_url: str, desk_role: str = DESK_ROLE) -> tuple[int, int]:
