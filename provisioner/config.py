@@ -211,7 +211,7 @@ class AccountConfig:
     #: The role the desk assumes there; empty: the desk's own credentials.
     role_arn: str = ""
     #: Passed to sts:AssumeRole when set (the role's trust policy asks for it).
-    external_id: str = ""
+    external_id: str = field(default="", repr=False)  # kept out of reprs and logs
     #: The IAM user there, from the person's name: ``{user}``, ``{user}.admin``.
     user_name: str = "{user}"
     device_path: str = ""

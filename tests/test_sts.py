@@ -107,3 +107,35 @@ def test_a_refused_renewal_names_the_account_and_the_role_and_no_secret() -> Non
 def test_the_session_name_is_one_sts_takes() -> None:
     assert session_name("desk/7 (lisbon)") == "provisioner-desk-7--lisbon-"
     assert len(session_name("x" * 100)) == 64
+
+
+@pytest.mark.parametrize(
+    ("code", "refusal"),
+    [
+        ("AccessDenied", True),
+        ("NoSuchEntity", True),
+        ("Throttling", False),
+        ("ServiceFailure", False),
+    ],
+)
+def test_only_a_refusal_says_the_role_cannot_be_assumed(code: str, refusal: bool) -> None:
+    from provisioner.adapters.aws.sts import refused
+
+    error = bce.ClientError({"Error": {"Code": code, "Message": "m"}}, "AssumeRole")
+    answer = refused("prod", ROLE, error)
+    assert isinstance(answer, RoleNotAssumable) is refusal
+    assert not getattr(answer, "ambiguous", False)
+
+
+def test_no_answer_from_sts_is_not_ambiguous_and_names_the_account() -> None:
+    from provisioner.adapters.aws.sts import refused
+
+    answer = refused("prod", ROLE, bce.ReadTimeoutError(endpoint_url="https://sts"))
+    assert not answer.ambiguous  # type: ignore[attr-defined]
+    assert answer.message.startswith("account prod: no answer from STS to assume role")
+
+
+def test_the_external_id_is_kept_out_of_reprs() -> None:
+    from provisioner.config import AccountConfig
+
+    assert "ext-42" not in repr(AccountConfig("prod", role_arn=ROLE, external_id="ext-42"))

@@ -18,7 +18,7 @@ from botocore.config import Config
 from botocore.credentials import DeferredRefreshableCredentials
 
 from provisioner.adapters.aws.iam import translate
-from provisioner.core.errors import ProvisionerError, RoleNotAssumable
+from provisioner.core.errors import DirectoryError, ProvisionerError, RoleNotAssumable
 
 #: How long each assumed session lasts (AWS's default and the roles' default maximum).
 SESSION_SECONDS = 3600
@@ -73,16 +73,31 @@ def assumed_role_session(
     return boto3.session.Session(botocore_session=core, region_name=base.region_name)
 
 
+#: STS's codes for "this role may not be assumed by you" (trust policy, external id, the
+#: desk's own permission, no such role).
+_REFUSALS = frozenset({"AccessDenied", "AccessDeniedException", "NoSuchEntity"})
+
+
 def refused(account: str, role_arn: str, error: Exception) -> ProvisionerError:
-    """A failed AssumeRole in the operator's words: refused (RoleNotAssumable) or, when
-    STS could not be reached, the transport's own error."""
+    """A failed AssumeRole in the operator's words: a refusal is RoleNotAssumable; any
+    other answer (throttling, STS failing) or no answer is the directory's own error,
+    never ambiguous: the call that needed the role was not sent."""
     translated = translate(error, "AssumeRole", role_arn, service="sts")
+    code = ""
     if isinstance(error, bce.ClientError):
-        code = str(error.response.get("Error", {}).get("Code", "AccessDenied"))
-        text = str(error.response.get("Error", {}).get("Message", "")).strip()
+        code = str(error.response.get("Error", {}).get("Code", ""))
+    if code in _REFUSALS:
+        text = str(error.response.get("Error", {}).get("Message", "")).strip()  # type: ignore[attr-defined]
         return RoleNotAssumable(
             f"account {account}: cannot assume role {role_arn}: {code}"
             + (f": {text}" if text else ""),
             code=code,
+        )
+    if getattr(translated, "ambiguous", False):
+        return DirectoryError(
+            f"account {account}: no answer from STS to assume role {role_arn}: "
+            f"{translated.message}",
+            code="Unreachable",
+            hint=translated.hint,
         )
     return translated
