@@ -366,7 +366,7 @@ class Recovery:
                         reason="found enabled after a restart",
                     )
             return [*done, Action(f"{label}: finished in every account", group[0].id)]
-        return [*done, *self._undo_batch(group, finished | set(enabled_ids(enabled)))]
+        return [*done, *self._undo_batch(group, finished)]
 
     def _enabled(self, r: EnrollmentRecord) -> bool:
         if not (r.device_state.may_exist and r.device_arn):
@@ -508,10 +508,6 @@ class Recovery:
         if created is None or self._now is None:
             return None
         return max(0.0, self._now() - created)
-
-
-def enabled_ids(enabled: Mapping[int, bool]) -> list[int]:
-    return [eid for eid, yes in enabled.items() if yes]
 
 
 def _finishable(r: EnrollmentRecord) -> bool:
