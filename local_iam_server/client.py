@@ -387,6 +387,27 @@ class LocalIamServer:
             verify=str(self.ca_bundle) if self.ca_bundle else None,
         )
 
+    def role_client(
+        self, role_arn: str, service: str = "iam", *, external_id: str | None = None
+    ) -> Any:
+        """A boto3 client of ``service`` as ``role_arn`` (assumed with the dummy
+        credentials): what a member account's role sees, for checks and logins."""
+        import boto3
+
+        params = {"RoleArn": role_arn, "RoleSessionName": "local-check"}
+        if external_id:
+            params["ExternalId"] = external_id
+        creds = self.admin_client("sts").assume_role(**params)["Credentials"]
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=DEFAULT_REGION,
+            aws_access_key_id=creds["AccessKeyId"],
+            aws_secret_access_key=creds["SecretAccessKey"],
+            aws_session_token=creds["SessionToken"],
+            verify=str(self.ca_bundle) if self.ca_bundle else None,
+        )
+
     def create_principal(
         self,
         name: str,

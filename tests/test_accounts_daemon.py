@@ -13,7 +13,6 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from yubikit.oath import OathSession
 
@@ -59,17 +58,7 @@ class Desk:
         self.workdir = workdir
 
     def client(self, name: str, service: str) -> Any:
-        creds = self.iam.admin_client("sts").assume_role(
-            RoleArn=self.roles[name], RoleSessionName="test", ExternalId=EXTERNAL_ID
-        )["Credentials"]
-        return boto3.client(
-            service,
-            endpoint_url=self.iam.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id=creds["AccessKeyId"],
-            aws_secret_access_key=creds["SecretAccessKey"],
-            aws_session_token=creds["SessionToken"],
-        )
+        return self.iam.role_client(self.roles[name], service, external_id=EXTERNAL_ID)
 
     def devices(self, name: str) -> list[str]:
         found = self.client(name, "iam").list_mfa_devices(UserName=USER)["MFADevices"]

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from desk_harness import write_config
@@ -78,18 +77,7 @@ class Accounts:
 
     def client(self, name: str, service: str) -> Any:
         """A client of ``service`` in account ``name``, through its role."""
-        sts = self.iam.admin_client("sts")
-        creds = sts.assume_role(
-            RoleArn=self.roles[name], RoleSessionName="test", ExternalId=EXTERNAL_ID
-        )["Credentials"]
-        return boto3.client(
-            service,
-            endpoint_url=self.iam.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id=creds["AccessKeyId"],
-            aws_secret_access_key=creds["SecretAccessKey"],
-            aws_session_token=creds["SessionToken"],
-        )
+        return self.iam.role_client(self.roles[name], service, external_id=EXTERNAL_ID)
 
     def devices(self, name: str, user: str = "alice") -> list[str]:
         return [

@@ -283,21 +283,9 @@ def _accounts(
 
 def _login_in(server: LocalIamServer, name: str, device: str, code: str) -> None:
     """A login to ``name``'s account with a code from the token (its role's session)."""
-    import boto3
-
-    creds = server.admin_client("sts").assume_role(
-        RoleArn=f"arn:aws:iam::{DEMO_ACCOUNTS[name]}:role/provisioner-desk",
-        RoleSessionName="demo-login",
-        ExternalId=EXTERNAL_ID,
-    )["Credentials"]
-    boto3.client(
-        "sts",
-        endpoint_url=server.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id=creds["AccessKeyId"],
-        aws_secret_access_key=creds["SecretAccessKey"],
-        aws_session_token=creds["SessionToken"],
-    ).get_session_token(SerialNumber=device, TokenCode=code)
+    role = f"arn:aws:iam::{DEMO_ACCOUNTS[name]}:role/provisioner-desk"
+    sts = server.role_client(role, "sts", external_id=EXTERNAL_ID)
+    sts.get_session_token(SerialNumber=device, TokenCode=code)
 
 
 def _show_server_check(server: LocalIamServer, result: EnrollmentResult, out: TextIO) -> None:
