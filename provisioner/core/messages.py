@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from provisioner.core.errors import ProvisionerError, exit_status, failure_reason
+from provisioner.core.errors import ExitStatus, ProvisionerError, exit_status, failure_reason
 
 
 class EventKind(StrEnum):
@@ -101,6 +101,17 @@ def success(**fields: Any) -> Answer:
 def error_answer(error: ProvisionerError) -> Answer:
     """The final answer for a request an error stopped."""
     return refusal(error.one_line(), exit_status(error))
+
+
+def already_enrolled(error: ProvisionerError) -> Answer:
+    """The outcome of work on a token that was already enrolled for the user: nothing to
+    do, and no failure."""
+    return {
+        "ok": True,
+        "outcome": Outcome.ALREADY_ENROLLED,
+        "detail": error.message,
+        "exit": int(ExitStatus.OK),
+    }
 
 
 def failure_outcome(error: ProvisionerError) -> Outcome:

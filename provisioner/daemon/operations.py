@@ -25,6 +25,7 @@ from provisioner.core.messages import (
     EventKind,
     Outcome,
     TokenState,
+    already_enrolled,
     failed_outcome,
     failure_outcome,
 )
@@ -288,12 +289,7 @@ class Operations(Claims):
                     reason=e.message,
                 )
             )
-            outcome = {
-                "ok": True,
-                "outcome": Outcome.ALREADY_ENROLLED,
-                "detail": e.message,
-                "exit": ExitStatus.OK,
-            }
+            outcome = already_enrolled(e)
             state = TokenState.ENROLLED
         except ProvisionerError as e:
             self._lasting(journal.flush)  # facts kept while the store was away
@@ -391,12 +387,7 @@ class Operations(Claims):
             state = TokenState.ENROLLED if e.enrolled else TokenState.FAILED
         except AlreadyEnrolled as e:
             self._lasting(partial(records.finish, e, actor))
-            outcome = {
-                "ok": True,
-                "outcome": Outcome.ALREADY_ENROLLED,
-                "detail": e.message,
-                "exit": ExitStatus.OK,
-            }
+            outcome = already_enrolled(e)
             state = TokenState.ENROLLED
         except ProvisionerError as e:
             self._lasting(partial(records.finish, e, actor))
