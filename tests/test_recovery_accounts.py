@@ -213,3 +213,31 @@ def test_an_account_that_cannot_be_listed_does_not_stop_the_sweep_of_the_others(
     assert len(world.iam["dev"].devices) == 1
     failed = [a.text for a in actions if a.failed]
     assert [t.split(" (")[0] for t in failed] == ["could not sweep account dev: role refused"]
+
+
+def test_finishing_again_after_the_store_refused_half_closes_each_record_once(
+    world: World,
+) -> None:
+    from provisioner.core.accounts import AccountPlan, RecordedAccounts
+    from provisioner.core.errors import StoreError
+    from provisioner.core.model import TokenInfo
+
+    store = world.store
+    info = TokenInfo("reader", SERIAL, (5, 7, 1), "keychain", True)
+    records = RecordedAccounts(store, [AccountPlan(n, "alice") for n in NAMES], info, "roster")
+    real = store.finish_enrollment
+    calls = [0]
+
+    def second_refused(*args: object, **kw: object) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise StoreError("the fleet's database is restarting")
+        real(*args, **kw)  # type: ignore[arg-type]
+
+    store.finish_enrollment = second_refused  # type: ignore[method-assign]
+    failure = StoreError("nothing was created")
+    with pytest.raises(StoreError):
+        records.finish(failure, "desk")
+    records.finish(failure, "desk")  # the retry at the next heartbeat
+    closed = [r.account for r in store.history() if r.event == "enrollment"]
+    assert sorted(closed) == sorted(NAMES)  # each once

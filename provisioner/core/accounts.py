@@ -421,6 +421,7 @@ class RecordedAccounts:
         )
         self.ids: dict[str, int] = dict(zip((p.name for p in plans), ids, strict=True))
         self._journals: dict[str, EnrollmentJournal] = {}
+        self._finished: set[str] = set()
 
     @property
     def first(self) -> int:
@@ -435,36 +436,47 @@ class RecordedAccounts:
 
     def finish(self, outcome: AccountsResult | ProvisionerError, actor: str) -> None:
         """Every account's record closed with the outcome of the whole (after the facts
-        its journal kept while the store was away)."""
-        store = self._store
+        its journal kept while the store was away). Called again after the store refused
+        part of it, it closes only the records not yet closed (no second audit record)."""
         for journal in self._journals.values():
             journal.flush()
+        for name, (label, device_arn, reason) in self._ends(outcome).items():
+            if name in self._finished:
+                continue
+            self._store.finish_enrollment(
+                self.ids[name], outcome=label, actor=actor, device_arn=device_arn, reason=reason
+            )
+            self._finished.add(name)
+
+    def _ends(
+        self, outcome: AccountsResult | ProvisionerError
+    ) -> dict[str, tuple[Outcome, str | None, str | None]]:
+        """Each account's record's end: (outcome, device, reason)."""
         if isinstance(outcome, AccountsResult):
-            for name, result in outcome.enrolled:
-                store.finish_enrollment(
-                    self.ids[name],
-                    outcome=Outcome.ENROLLED,
-                    actor=actor,
-                    device_arn=result.device_arn,
-                )
+            ends: dict[str, tuple[Outcome, str | None, str | None]] = {
+                name: (Outcome.ENROLLED, result.device_arn, None)
+                for name, result in outcome.enrolled
+            }
             for name in outcome.already:
-                store.finish_enrollment(
-                    self.ids[name],
-                    outcome=Outcome.ALREADY_ENROLLED,
-                    actor=actor,
-                    reason="already enrolled with this token; left as it was",
+                ends[name] = (
+                    Outcome.ALREADY_ENROLLED,
+                    None,
+                    "already enrolled with this token; left as it was",
                 )
-            return
-        for name, eid in self.ids.items():
-            if isinstance(outcome, AlreadyEnrolled):
-                label, reason = Outcome.ALREADY_ENROLLED, outcome.message
-            elif isinstance(outcome, EnrollmentFailed) and any(
-                text.startswith(f"{name}: ") for text in outcome.leftovers
-            ):
-                label, reason = Outcome.FAILED_NOT_ROLLED_BACK, outcome.one_line()
-            else:
-                label, reason = Outcome.FAILED, outcome.one_line()
-            store.finish_enrollment(eid, outcome=label, actor=actor, reason=reason)
+            return ends
+        if isinstance(outcome, AlreadyEnrolled):
+            return {name: (Outcome.ALREADY_ENROLLED, None, outcome.message) for name in self.ids}
+        left = outcome.leftovers if isinstance(outcome, EnrollmentFailed) else ()
+        return {
+            name: (
+                Outcome.FAILED_NOT_ROLLED_BACK
+                if any(text.startswith(f"{name}: ") for text in left)
+                else Outcome.FAILED,
+                None,
+                outcome.one_line(),
+            )
+            for name in self.ids
+        }
 
 
 # --- a new token for an old one, in every account -----------------------------------------
