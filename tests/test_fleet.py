@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,23 @@ def test_a_beat_says_what_the_desk_does(tmp_path: Path) -> None:
     assert desk.stopped_at is not None
 
 
+def test_a_change_of_readers_is_beaten_at_once_not_at_the_next_period(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "p.db", desk="porto")
+    status = {"readers": []}
+    beat = Heartbeat(store, lambda: status, period=3600)
+    beat.start()  # the first beat: no reader seen yet
+    try:
+        status = {"readers": [{"name": "reader 0"}]}
+        beat.soon()
+        deadline = time.monotonic() + 10
+        while json.loads(store.desks()[0].status)["readers"] == []:
+            assert time.monotonic() < deadline, "no beat after soon(): the hour's period waited"
+            time.sleep(0.01)
+        assert json.loads(store.desks()[0].status)["readers"] == ["reader 0"]
+    finally:
+        beat.stop()
+
+
 def test_a_store_that_refuses_a_beat_is_said_once_and_the_desk_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -91,6 +109,10 @@ def test_alive_silent_and_stopped_desks_are_told_apart() -> None:
     assert silent.startswith("lisbon: SILENT since ")
     stopped = fleet_line(beat(stopped_at=1_800_000_100.0), now=1_800_009_999.0)
     assert stopped.startswith("lisbon: stopped at ")
+    # the same three states for scripts (`fleet --json`)
+    assert beat().state(1_800_000_130.0) == "alive"
+    assert beat().state(1_800_000_131.0) == "silent"
+    assert beat(stopped_at=1_800_000_100.0).state(1_800_000_101.0) == "stopped"
 
 
 def test_provisioner_fleet_lists_every_desk_of_the_store(
@@ -106,7 +128,8 @@ def test_provisioner_fleet_lists_every_desk_of_the_store(
     assert [line.split(":")[0] for line in lines] == ["berlin", "lisbon"]
     assert all(": alive (beat" in line for line in lines)
     assert main(["fleet", "--json", "--config", str(config)]) == 0
-    assert [d["status"]["tokens"] for d in json.loads(capsys.readouterr().out)] == [1, 1]
+    listed = json.loads(capsys.readouterr().out)
+    assert [(d["status"]["tokens"], d["state"]) for d in listed] == [(1, "alive"), (1, "alive")]
 
 
 # --- a dead desk's records settled from another ------------------------------------------

@@ -276,7 +276,6 @@ def _reconcile_here(config: Config, args: argparse.Namespace) -> list[Any]:
 # --- the fleet -----------------------------------------------------------------------------
 
 #: A desk that has not beaten for this long is shown as silent (three missed beats).
-SILENT_AFTER = 30.0
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
@@ -287,9 +286,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     desks = direct.fleet(config)
     now = time.time()
     if args.json:
-        print(
-            json.dumps([{**d.as_dict(), "status": json.loads(d.status)} for d in desks], indent=2)
-        )
+        print(json.dumps([desk_json(d, now) for d in desks], indent=2))
         return EXIT_OK
     if not desks:
         print("fleet: no desk has written a heartbeat yet (is the daemon running?)")
@@ -299,11 +296,16 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def desk_json(desk: DeskBeat, now: float) -> dict[str, object]:
+    """A heartbeat for scripts: its fields, its status parsed, and whether it beats."""
+    return {**desk.as_dict(), "status": json.loads(desk.status), "state": desk.state(now)}
+
+
 def fleet_line(desk: DeskBeat, now: float) -> str:
     status = json.loads(desk.status or "{}")
-    if desk.stopped_at is not None:
+    if desk.state(now) == "stopped":
         state = f"stopped at {when(desk.stopped_at)}"
-    elif desk.silent_for(now) > SILENT_AFTER:
+    elif desk.state(now) == "silent":
         state = f"SILENT since {when(desk.beat_at)}"
     else:
         state = f"alive (beat {desk.silent_for(now):.0f} s ago)"
@@ -398,9 +400,7 @@ def _desks(config: Config, name: str) -> list[DeskBeat]:
 def _desks_once(config: Config, name: str, as_json: bool) -> int:
     chosen = _desks(config, name)
     if as_json:
-        print(
-            json.dumps([{**d.as_dict(), "status": json.loads(d.status)} for d in chosen], indent=2)
-        )
+        print(json.dumps([desk_json(d, time.time()) for d in chosen], indent=2))
     else:
         now = time.time()
         for desk in chosen:
@@ -410,13 +410,13 @@ def _desks_once(config: Config, name: str, as_json: bool) -> int:
 
 def _watch_desks(config: Config, name: str, *, once: bool) -> int:
     """Another desk's (or every desk's) heartbeats as they change; Ctrl-C ends it."""
-    shown: dict[str, tuple[str, bool, bool]] = {}
+    shown: dict[str, tuple[str, str]] = {}
     try:
         while True:
             now = time.time()
             for desk in _desks(config, name):
                 # what it does, and whether it beats: not how long ago it last did
-                seen = (desk.status, desk.stopped_at is None, desk.silent_for(now) > SILENT_AFTER)
+                seen = (desk.status, desk.state(now))
                 if shown.get(desk.name) != seen:
                     shown[desk.name] = seen
                     print(f"{time.strftime('%H:%M:%S')}  {fleet_line(desk, now)}", flush=True)

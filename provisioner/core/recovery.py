@@ -44,7 +44,6 @@ from provisioner.core.ports import Fact, IamDirectory, TokenFinder
 from provisioner.core.store import DeskStore, EnrollmentRecord
 
 #: A desk whose heartbeat is younger than this is alive (three beats of ten seconds).
-ALIVE_WITHIN = 30.0
 
 
 @dataclass(frozen=True)
@@ -154,8 +153,7 @@ class Recovery:
         if self._now is None:
             return
         for beat in self._store.desks():
-            alive = beat.stopped_at is None and beat.silent_for(self._now()) < ALIVE_WITHIN
-            if beat.name == desk and alive:
+            if beat.name == desk and beat.state(self._now()) == "alive":
                 raise InvalidInput(
                     f"desk {desk} is alive (its last heartbeat {beat.silent_for(self._now()):.0f} "
                     "s ago): it settles its own records",

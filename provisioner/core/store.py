@@ -230,6 +230,11 @@ class TokenRecord(_Record):
         object.__setattr__(self, "state", InventoryState(self.state))
 
 
+#: A desk beats every 10 s; one whose last beat is older than this is silent (dead or cut
+#: off), and another desk may settle its records.
+SILENT_AFTER = 30.0
+
+
 @dataclass(frozen=True)
 class DeskBeat(_Record):
     """A desk of the fleet as its last heartbeat said: what it is and what it does."""
@@ -245,6 +250,12 @@ class DeskBeat(_Record):
 
     def silent_for(self, now: float) -> float:
         return max(0.0, now - self.beat_at)
+
+    def state(self, now: float) -> str:
+        """ "stopped" (said so on its way out), "silent" or "alive"."""
+        if self.stopped_at is not None:
+            return "stopped"
+        return "silent" if self.silent_for(now) > SILENT_AFTER else "alive"
 
 
 class RecordsFacts(Protocol):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from provisioner.adapters.control_socket import DEAF_AFTER, Authorizer, ControlServer, Peer
 from provisioner.adapters.files import load_roster
 from provisioner.adapters.ownership import DaemonLock, Owner
-from provisioner.adapters.reader_watch import ReaderEvent, ReaderWatcher
+from provisioner.adapters.reader_watch import ReaderEvent, ReaderEventKind, ReaderWatcher
 from provisioner.adapters.signals import SignalPipe
 from provisioner.adapters.systemd_notify import Notifier
 from provisioner.adapters.usb import UsbWatcher, list_yubikeys
@@ -122,7 +122,9 @@ def run(config: Config) -> int:
     heartbeat = Heartbeat(store, service.status, before=service.retry_unwritten)
     heartbeat.start()
     notifier.ready(f"listening on {control.path}")
-    watcher = ReaderWatcher(_only_readers_served(config, service.on_reader_event))
+    watcher = ReaderWatcher(
+        _only_readers_served(config, _beat_on_reader_change(heartbeat, service.on_reader_event))
+    )
     # What a crash left is settled before any token is served (it may need a token).
     threading.Thread(
         target=_recover_then_watch, args=(recovery, watcher, notifier), name="recovery", daemon=True
@@ -176,6 +178,29 @@ def _only_readers_served(
             handle(event)
 
     return served
+
+
+#: Changes of the readers themselves (not of the cards in them): the heartbeat says them
+#: at once, so `provisioner fleet` shows a desk's readers as soon as it has them.
+_READERS_CHANGED = frozenset(
+    {
+        ReaderEventKind.READER_ADDED,
+        ReaderEventKind.READER_REMOVED,
+        ReaderEventKind.PCSC_DOWN,
+        ReaderEventKind.PCSC_UP,
+    }
+)
+
+
+def _beat_on_reader_change(
+    heartbeat: Heartbeat, handle: Callable[[ReaderEvent], None]
+) -> Callable[[ReaderEvent], None]:
+    def handled(event: ReaderEvent) -> None:
+        handle(event)
+        if event.kind in _READERS_CHANGED:
+            heartbeat.soon()
+
+    return handled
 
 
 def _control_trouble(control: ControlServer, notifier: Notifier, before: str | None) -> str | None:
