@@ -37,7 +37,7 @@ DEFAULT_READER_NAME = "Yubico YubiKey OTP+FIDO+CCID"
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
 VPCD_CHANNEL = 0x8C7B  # = TCP port 35963; the driver also opens the next port
-SLOTS = 2
+SLOTS_PER_BANK = 2  # Debian's vpcd makes two readers per configured channel
 
 _STOP_FIX = (
     "Stop it first: `systemctl stop pcscd.socket pcscd.service` where systemd runs it "
@@ -50,8 +50,13 @@ class PcscStack:
     """Start pcscd with the vpcd readers on enter, stop it (and pull all cards) on exit.
 
     `reader_names` are "<reader_name> 00 00" (TCP 35963, slot 0) and
-    "<reader_name> 00 01" (TCP 35964, slot 1). `busy_timeout`: how long to wait for
-    another pcscd (another test session, the demo) to exit before giving up.
+    "<reader_name> 00 01" (TCP 35964, slot 1). `banks` > 1 adds two readers per bank,
+    "<reader_name> B 00 00" and "... B 00 01" (slots 2 and 3, TCP 35965/35966), "C" and
+    so on: enough readers for several desks on one machine. vpcd keeps its readers in one
+    static table per loaded library, so each bank after the first loads its own copy of
+    the driver (pcscd shares a library only between entries naming the same path).
+    `busy_timeout`: how long to wait for another pcscd (another test session, the demo)
+    to exit before giving up.
     """
 
     def __init__(
@@ -64,8 +69,12 @@ class PcscStack:
         debug: bool = False,
         keep_workdir: bool = False,
         busy_timeout: float = 0.0,
+        banks: int = 1,
     ) -> None:
+        if not 1 <= banks <= 4:
+            raise ValueError("banks must be 1..4 (pcscd serves at most 16 readers)")
         self.reader_name = reader_name
+        self.banks = banks
         self._pcscd = pcscd
         self._driver = driver
         self._start_timeout = start_timeout
@@ -82,8 +91,18 @@ class PcscStack:
         return f"PcscStack(pid={pid}, readers={self.reader_names}, cards={sorted(self._cards)})"
 
     @property
+    def slots(self) -> int:
+        return SLOTS_PER_BANK * self.banks
+
+    @property
     def reader_names(self) -> tuple[str, ...]:
-        return tuple(f"{self.reader_name} 00 {slot:02d}" for slot in range(SLOTS))
+        return tuple(
+            f"{self._friendly_name(slot // SLOTS_PER_BANK)} 00 {slot % SLOTS_PER_BANK:02d}"
+            for slot in range(self.slots)
+        )
+
+    def _friendly_name(self, bank: int) -> str:
+        return self.reader_name if bank == 0 else f"{self.reader_name} {chr(ord('A') + bank)}"
 
     @property
     def log_path(self) -> Path | None:
@@ -114,12 +133,18 @@ class PcscStack:
         self._workdir = Path(tempfile.mkdtemp(prefix="provisioner-pcscd-"))
         conf = self._workdir / "reader.conf.d"
         conf.mkdir()
-        (conf / "yubikey-vpcd").write_text(
-            f'FRIENDLYNAME "{self.reader_name}"\n'
-            f"DEVICENAME /dev/null:0x{VPCD_CHANNEL:04X}\n"
-            f"LIBPATH {self._driver}\n"
-            f"CHANNELID 0x{VPCD_CHANNEL:04X}\n"
-        )
+        for bank in range(self.banks):
+            driver = self._driver
+            if bank:
+                driver = self._workdir / f"libifdvpcd-{bank}.so"
+                shutil.copyfile(self._driver, driver)
+            channel = VPCD_CHANNEL + SLOTS_PER_BANK * bank  # slot n listens on 35963 + n
+            (conf / f"yubikey-vpcd-{bank}").write_text(
+                f'FRIENDLYNAME "{self._friendly_name(bank)}"\n'
+                f"DEVICENAME /dev/null:0x{channel:04X}\n"
+                f"LIBPATH {driver}\n"
+                f"CHANNELID 0x{channel:04X}\n"
+            )
         cmd = [pcscd, "--foreground", "--config", str(conf)]
         if self._debug:
             cmd.append("--debug")
@@ -159,7 +184,7 @@ class PcscStack:
     def insert(
         self, key: EmulatedYubiKey, slot: int = 0, *, wait: bool = True, timeout: float = 3.0
     ) -> VpcdCard:
-        """Put `key` into reader `slot` (0 or 1); by default wait until pcscd sees it."""
+        """Put `key` into reader `slot` (0 .. slots-1); by default wait until pcscd sees it."""
         self._require_running()
         self._check_slot(slot)
         card = self._cards.get(slot)
@@ -277,8 +302,8 @@ class PcscStack:
             raise PcscStackError(f"pcscd is not running{self._log_excerpt()}")
 
     def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < SLOTS:
-            raise ValueError(f"slot must be 0..{SLOTS - 1}")
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot must be 0..{self.slots - 1}")
 
     def _reader_state(self, reader: str) -> int:
         hresult, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)

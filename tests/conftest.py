@@ -18,11 +18,12 @@ from local_iam_server import LocalIamServer  # noqa: E402
 
 @pytest.fixture(scope="session")
 def pcsc_stack() -> Iterator[PcscStack]:
-    """The real pcscd with two vpcd readers: one per machine, so one per test run.
+    """The real pcscd with six vpcd readers (three banks of two, one per desk of the fleet
+    tests): one pcscd per machine, so one per test run.
 
     Another run (the demo, a developer's tests) may hold the one pcscd: wait for it.
     """
-    with PcscStack(busy_timeout=90) as stack:
+    with PcscStack(busy_timeout=90, banks=3) as stack:
         yield stack
 
 

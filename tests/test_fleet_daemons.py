@@ -1,8 +1,8 @@
-"""Desks as a fleet, as processes: two desk daemons on one PostgreSQL database (vpcd
-gives the emulated PC/SC stack two readers), each serving its own reader, through the real PC/SC stack and the strict local IAM
-server. A request queued for any desk is served by the desk where the token is plugged
-in, once; `provisioner fleet` on either shows both; a desk killed mid-enrollment is
-settled from the other with `reconcile --desk`."""
+"""Desks as a fleet, as processes: three desk daemons on one PostgreSQL database, each
+serving its own two vpcd readers (the session's PC/SC stack has three banks), through the
+real PC/SC stack and the strict local IAM server. A request queued for any desk is served
+by the desk where the token is plugged in, once; `provisioner fleet` on any shows all
+three; a desk killed mid-enrollment is settled from another with `reconcile --desk`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ from provisioner.adapters.postgres_store import migrate
 pytestmark = [pytest.mark.pcsc, pytest.mark.iam_server, pytest.mark.postgres, pytest.mark.slow]
 
 SERIALS = iter(range(43_000_001, 43_000_100))
+DESKS = ("berlin", "lisbon", "porto")
+
+
+def slots(desk: str) -> tuple[int, int]:
+    """The two readers (slots of the session's PC/SC stack) a desk serves."""
+    bank = DESKS.index(desk)
+    return (2 * bank, 2 * bank + 1)
 
 
 class Fleet:
@@ -32,12 +39,12 @@ class Fleet:
         self.stack, self.iam, self.db = stack, iam, db
         self.dirs: list[Path] = []
         self.desks: dict[str, Daemon] = {}
-        for slot, name in enumerate(("berlin", "lisbon")):
+        for name in DESKS:
             workdir = make_workdir()
             self.dirs.append(workdir)
+            readers = ", ".join(f'"{stack.reader_names[slot]}"' for slot in slots(name))
             config = write_config(
-                workdir,
-                f'readers = ["{stack.reader_names[slot]}"]\n[store]\nurl = "{db.desk_url}"\n',
+                workdir, f'readers = [{readers}]\n[store]\nurl = "{db.desk_url}"\n'
             )
             config.write_text(config.read_text().replace('desk = "test-desk"', f'desk = "{name}"'))
             self.desks[name] = Daemon(stack, iam, iam.admin_client("iam"), workdir, config)
@@ -68,7 +75,7 @@ def fleet(pcsc_stack: PcscStack, local_iam: LocalIamServer, pg_db: Any) -> Itera
     yield f
     local_iam.clear_faults()
     f.close()
-    for slot in (0, 1):
+    for slot in range(len(pcsc_stack.reader_names)):
         pcsc_stack.remove(slot, wait=True)
 
 
@@ -77,27 +84,34 @@ def test_a_request_for_any_desk_is_served_where_the_token_is_plugged_in(fleet: F
     queued = berlin.cli("queue", "--user", "alice")
     assert queued.returncode == 0, queued.stderr
     key = EmulatedYubiKey(serial=next(SERIALS))
-    fleet.stack.insert(key, 1)  # lisbon's reader
+    fleet.stack.insert(key, slots("lisbon")[1])
     wait_for(lambda: berlin.devices_of("alice") == [arn("alice", key.serial)], what="enrolled")
     [record] = fleet.records()
     assert record["desk"] == "lisbon" and record["outcome"] == "enrolled"
-    # every desk sees the whole fleet
+    # every desk sees the whole fleet, and history and the inventory of any desk the same
     for desk in fleet.desks.values():
         listed = desk.cli("fleet", "--json")
         assert listed.returncode == 0, listed.stderr
         beats = {d["name"]: d for d in json.loads(listed.stdout)}
-        assert sorted(beats) == ["berlin", "lisbon"]
+        assert sorted(beats) == sorted(DESKS)
+        assert {b["state"] for b in beats.values()} == {"alive"}, beats
+        assert beats["porto"]["status"]["readers"] == [
+            fleet.stack.reader_names[s] for s in slots("porto")
+        ]
+        inventory = json.loads(desk.cli("tokens", "--inventory", "--format", "json").stdout)
+        [token] = [t for t in inventory if t["serial"] == key.serial]
+        assert (token["state"], token["desk"]) == ("enrolled", "lisbon")
     history = lisbon.cli("history", "--verify")
     assert history.returncode == 0, history.stdout + history.stderr
     assert "desk lisbon:" in history.stdout and "chain intact" in history.stdout
 
 
-def test_one_request_and_two_tokens_at_two_desks_one_enrollment(fleet: Fleet) -> None:
+def test_one_request_and_tokens_at_three_desks_one_enrollment(fleet: Fleet) -> None:
     berlin = fleet.desks["berlin"]
     assert berlin.cli("queue", "--user", "bob").returncode == 0
-    keys = [EmulatedYubiKey(serial=next(SERIALS)) for _ in range(2)]
-    for slot, key in enumerate(keys):
-        fleet.stack.insert(key, slot)
+    keys = [EmulatedYubiKey(serial=next(SERIALS)) for _ in DESKS]
+    for desk, key in zip(DESKS, keys, strict=True):
+        fleet.stack.insert(key, slots(desk)[0], wait=False)  # all at once
     wait_for(lambda: len(berlin.devices_of("bob")) == 1, what="one enrollment")
     time.sleep(2.0)  # the other token had every chance
     assert len(berlin.devices_of("bob")) == 1
@@ -109,7 +123,7 @@ def test_a_desk_killed_mid_enrollment_is_settled_from_another(fleet: Fleet) -> N
     fleet.iam.inject_fault("EnableMFADevice", kind="delay", delay=4.0, count=3)
     assert berlin.cli("queue", "--user", "alice").returncode == 0
     key = EmulatedYubiKey(serial=next(SERIALS))
-    fleet.stack.insert(key, 0)  # berlin's reader
+    fleet.stack.insert(key, slots("berlin")[0])
     wait_for(lambda: any(r["user"] == "alice" for r in fleet.records()), what="started")
     time.sleep(1.0)
     assert berlin.proc is not None
@@ -137,14 +151,14 @@ def test_a_token_revoked_at_one_desk_is_wiped_at_another(fleet: Fleet) -> None:
     berlin, lisbon = fleet.desks["berlin"], fleet.desks["lisbon"]
     key = EmulatedYubiKey(serial=next(SERIALS))
     assert lisbon.cli("queue", "--user", "bob").returncode == 0
-    fleet.stack.insert(key, 1)  # enrolled at lisbon
+    fleet.stack.insert(key, slots("lisbon")[0])  # enrolled at lisbon
     wait_for(lambda: lisbon.devices_of("bob") == [arn("bob", key.serial)], what="enrolled")
-    fleet.stack.remove(1, wait=True)
+    fleet.stack.remove(slots("lisbon")[0], wait=True)
     revoked = berlin.cli("revoke", "--user", "bob")  # from another desk, the token away
     assert revoked.returncode == 0, revoked.stderr
     assert berlin.devices_of("bob") == []
     assert any(c.id.startswith("AWS:bob@") for c in key.credentials())
-    fleet.stack.insert(key, 0)  # seen next at berlin
+    fleet.stack.insert(key, slots("berlin")[1])  # seen next at berlin
     wait_for(
         lambda: not any(c.id.startswith("AWS:bob@") for c in key.credentials()),
         what="the credential wiped at berlin",
@@ -170,7 +184,7 @@ def test_the_database_stopped_mid_run_is_said_and_taken_back(fleet: Fleet) -> No
         what="a request accepted again",
     )
     key = EmulatedYubiKey(serial=next(SERIALS))
-    fleet.stack.insert(key, 0)
+    fleet.stack.insert(key, slots("berlin")[0])
     wait_for(lambda: berlin.devices_of("alice") == [arn("alice", key.serial)], what="enrolled")
     wait_for(lambda: any(r["outcome"] == "enrolled" for r in fleet.records()), what="recorded")
 
@@ -182,7 +196,7 @@ def test_an_enrollment_in_flight_when_the_database_stops_finishes_and_loses_noth
     assert berlin.cli("queue", "--user", "bob").returncode == 0
     fleet.iam.inject_fault("EnableMFADevice", kind="delay", delay=3.0, count=3)
     key = EmulatedYubiKey(serial=next(SERIALS))
-    fleet.stack.insert(key, 0)
+    fleet.stack.insert(key, slots("berlin")[0])
     wait_for(
         lambda: any(
             r["user"] == "bob" and r["device_state"] == "maybe enabled" for r in fleet.records()

@@ -70,19 +70,27 @@ def oath_seed_b32() -> Iterator[str]:
 
 
 def test_reader_names_and_atr(stack: PcscStack) -> None:
-    assert stack.reader_names == (READER_0, READER_1)
-    assert [str(r) for r in readers()] == [READER_0, READER_1]
-    stack.insert(EmulatedYubiKey(serial=10000001))
-    [reader] = [r for r in readers() if str(r) == READER_0]
-    conn = reader.createConnection()
-    conn.connect()
-    try:
-        assert bytes(conn.getATR()) == DEFAULT_ATR
-        data, sw1, sw2 = conn.transmit(list(bytes.fromhex("00a4040008a000000527471117")))
-        assert (bytes(data), sw1, sw2) == (b"5.4.3", 0x90, 0x00)
-    finally:
-        conn.disconnect()
-        conn.release()
+    # the session's stack has three banks of two readers (enough for three desks)
+    assert stack.reader_names[:2] == (READER_0, READER_1)
+    assert stack.reader_names[2:] == (
+        "Yubico YubiKey OTP+FIDO+CCID B 00 00",
+        "Yubico YubiKey OTP+FIDO+CCID B 00 01",
+        "Yubico YubiKey OTP+FIDO+CCID C 00 00",
+        "Yubico YubiKey OTP+FIDO+CCID C 00 01",
+    )
+    assert sorted(str(r) for r in readers()) == sorted(stack.reader_names)
+    for slot in (0, len(stack.reader_names) - 1):  # the first bank's driver and a copy
+        stack.insert(EmulatedYubiKey(serial=10000001 + slot), slot)
+        [reader] = [r for r in readers() if str(r) == stack.reader_names[slot]]
+        conn = reader.createConnection()
+        conn.connect()
+        try:
+            assert bytes(conn.getATR()) == DEFAULT_ATR
+            data, sw1, sw2 = conn.transmit(list(bytes.fromhex("00a4040008a000000527471117")))
+            assert (bytes(data), sw1, sw2) == (b"5.4.3", 0x90, 0x00)
+        finally:
+            conn.disconnect()
+            conn.release()
 
 
 def test_ykman_lists_two_keys(stack: PcscStack, home: Path) -> None:
