@@ -20,6 +20,7 @@ from provisioner.adapters.postgres_store import RETRY_AFTER, PostgresStore, migr
 from provisioner.cli.main import main
 from provisioner.core.audit import ChainWalk
 from provisioner.core.errors import StoreError
+from provisioner.core.store import RequestState
 
 pytestmark = [pytest.mark.postgres]
 
@@ -128,6 +129,28 @@ def test_a_request_for_one_desk_waits_for_it(fleet: Any) -> None:
     assert berlin.take_next(None) is None
     entry = lisbon.take_next(None)
     assert entry is not None and entry.taken_by == "lisbon"
+
+
+def test_the_steps_of_an_enrollment_are_one_statement_each(fleet: Any) -> None:
+    """Round trips, counted (the pool's check of the connection it lends is one): taking a
+    request, starting the record and each journal fact send one statement each, no
+    BEGIN/COMMIT around them and no read after the write."""
+    from provisioner.core.ports import Fact
+
+    store = fleet("a")
+    store.enqueue("alice", "root")
+    spent = []
+    for step in (
+        lambda: store.take_next(12345678),
+        lambda: store.start_enrollment("alice", 12345678, "reader", "queue:1"),
+        lambda: store.record_fact(1, Fact.DEVICE_REQUESTED),
+        lambda: store.finish_entry(1, RequestState.DONE, 1),
+    ):
+        before = store.round_trips
+        step()
+        spent.append(store.round_trips - before)
+    assert spent == [2, 2, 2, 2]
+    assert store.queue_entry(1).state == RequestState.DONE  # type: ignore[union-attr]
 
 
 def test_a_cut_connection_is_replaced_and_nothing_is_lost(fleet: Any, pg_db: Any) -> None:

@@ -107,12 +107,15 @@ class PostgresStore(SqlStore):
             max_size=max_size,
             kwargs={
                 "row_factory": dict_row,
+                # a statement outside `_tx` is its own transaction: no BEGIN/COMMIT (or a
+                # ROLLBACK when a read's connection goes back to the pool) around it
+                "autocommit": True,
                 "connect_timeout": int(CONNECT_TIMEOUT),
                 **({"password": password} if password else {}),
             },
             timeout=POOL_WAIT,
             # a connection the server cut (a restart, a failover) is replaced, not used
-            check=ConnectionPool.check_connection,
+            check=self._check,
             open=False,
             name="provisioner-store",
         )
@@ -143,6 +146,17 @@ class PostgresStore(SqlStore):
     def _counted(self) -> None:
         self.round_trips += 1
 
+    def _check(self, connection: psycopg.Connection[Any]) -> None:
+        """The pool's check of a connection before lending it (a connection the server cut
+        is replaced, not used): one round trip, counted."""
+        self.round_trips += 1
+        ConnectionPool.check_connection(connection)
+
+    @contextmanager
+    def _lent(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._reachable(), self._pool.connection() as connection:
+            yield connection
+
     _skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def _lock_chain(self, db: Connection) -> None:
@@ -151,15 +165,17 @@ class PostgresStore(SqlStore):
     @contextmanager
     def _tx(self) -> Iterator[_Qmark]:
         """One write transaction on a connection of the pool."""
-        with self._reachable(), self._pool.connection() as connection:
+        with self._lent() as connection:
             with connection.transaction():
                 self.round_trips += 2  # BEGIN and COMMIT
                 yield _Qmark(connection, self._counted)
 
     @contextmanager
     def _reading(self) -> Iterator[_Qmark]:
-        with self._reachable(), self._pool.connection() as connection:
+        with self._lent() as connection:
             yield _Qmark(connection, self._counted)
+
+    _write = _reading  # autocommit: one statement, one round trip
 
     @contextmanager
     def _reachable(self) -> Iterator[None]:

@@ -103,6 +103,11 @@ class SqlStore:
     def _reading(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
+    def _write(self) -> AbstractContextManager[Connection]:
+        """For one statement that is its own transaction: an adapter whose database
+        commits such a statement by itself saves the BEGIN and COMMIT round trips."""
+        return self._tx()
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -191,38 +196,34 @@ class SqlStore:
         one for any token; when ``users`` is given, only an enrollment (not a replace) of
         one of them, none if it is empty."""
         # Requests for this desk or for any; a row another desk is taking is skipped
-        # (PostgreSQL: SKIP LOCKED; SQLite's writers take turns anyway).
-        mine = "state = 'waiting' AND (desk IS NULL OR desk = ?)"
-        with self._tx() as db:
-            row = None
-            if serial is not None:
-                row = db.execute(
-                    f"SELECT * FROM queue WHERE {mine} AND serial = ? "  # noqa: S608 - fixed clauses
-                    f"ORDER BY id LIMIT 1{self._skip_locked}",
-                    (self._desk, serial),
-                ).fetchone()
-            if row is None and users is None:
-                row = db.execute(
-                    f"SELECT * FROM queue WHERE {mine} AND serial IS NULL "  # noqa: S608 - fixed clauses
-                    f"ORDER BY id LIMIT 1{self._skip_locked}",
-                    (self._desk,),
-                ).fetchone()
-            elif row is None and users:
-                marks = ",".join("?" for _ in users)
-                where = f"{mine} AND serial IS NULL AND kind = 'enroll' AND \"user\" IN ({marks})"
-                sql = f"SELECT * FROM queue WHERE {where} ORDER BY id LIMIT 1"  # noqa: S608
-                row = db.execute(sql + self._skip_locked, (self._desk, *sorted(users))).fetchone()
-            if row is None:
-                return None
-            db.execute(
-                "UPDATE queue SET state = 'taken', taken_by = ? WHERE id = ?",
-                (self._desk, row["id"]),
-            )
-            row = db.execute("SELECT * FROM queue WHERE id = ?", (row["id"],)).fetchone()
-        return QueueEntry.from_row(row)
+        # (PostgreSQL: SKIP LOCKED; SQLite's writers take turns anyway). One statement:
+        # picked and taken at once, one round trip to a fleet's database.
+        wanted: list[str] = []
+        params: list[Any] = []
+        if serial is not None:
+            wanted.append("serial = ?")
+            params.append(serial)
+        if users is None:
+            wanted.append("serial IS NULL")
+        elif users:
+            marks = ",".join("?" for _ in users)
+            wanted.append(f"(serial IS NULL AND kind = 'enroll' AND \"user\" IN ({marks}))")
+            params.extend(sorted(users))
+        if not wanted:
+            return None
+        pick = (
+            "SELECT id FROM queue WHERE state = 'waiting' AND (desk IS NULL OR desk = ?) "  # noqa: S608 - fixed clauses
+            f"AND ({' OR '.join(wanted)}) ORDER BY serial IS NULL, id LIMIT 1{self._skip_locked}"
+        )
+        with self._write() as db:
+            row = db.execute(
+                f"UPDATE queue SET state = 'taken', taken_by = ? WHERE id = ({pick}) RETURNING *",  # noqa: S608
+                (self._desk, self._desk, *params),
+            ).fetchone()
+        return QueueEntry.from_row(row) if row else None
 
     def finish_entry(self, entry_id: int, state: RequestState, enrollment_id: int | None) -> None:
-        with self._tx() as db:
+        with self._write() as db:
             db.execute(
                 "UPDATE queue SET state = ?, enrollment_id = ? WHERE id = ?",
                 (state, enrollment_id, entry_id),
@@ -258,7 +259,7 @@ class SqlStore:
 
     def link_entry(self, entry_id: int, enrollment_id: int) -> None:
         """The request's enrollment has started: from now on it is never served twice."""
-        with self._tx() as db:
+        with self._write() as db:
             db.execute("UPDATE queue SET enrollment_id = ? WHERE id = ?", (enrollment_id, entry_id))
 
     def settle_taken(self) -> tuple[int, int]:
@@ -320,7 +321,7 @@ class SqlStore:
         transaction; several name the first as their batch: settled together."""
         owner = owner or self._owner
         ids: list[int] = []
-        with self._tx() as db:
+        with self._tx() if len(users) > 1 else self._write() as db:
             for account, user in users:
                 enrollment_id = db.execute(
                     'INSERT INTO enrollments ("user", serial, reader, source, started_at, step, '
@@ -373,7 +374,7 @@ class SqlStore:
             )
 
     def record_step(self, enrollment_id: int, step: str, device_arn: str | None = None) -> None:
-        with self._tx() as db:
+        with self._write() as db:
             if device_arn is not None:
                 db.execute(
                     "UPDATE enrollments SET step = ?, device_arn = ? WHERE id = ?",
@@ -392,12 +393,11 @@ class SqlStore:
         reason: str | None = None,
     ) -> None:
         with self._tx() as db:
-            db.execute(
+            row = db.execute(
                 "UPDATE enrollments SET finished_at = ?, outcome = ?, reason = ?, "
-                "device_arn = COALESCE(?, device_arn) WHERE id = ?",
+                "device_arn = COALESCE(?, device_arn) WHERE id = ? RETURNING *",
                 (self._clock(), outcome, reason, device_arn, enrollment_id),
-            )
-            row = db.execute("SELECT * FROM enrollments WHERE id = ?", (enrollment_id,)).fetchone()
+            ).fetchone()
             if outcome in (Outcome.ENROLLED,) and row["serial"] is not None:
                 self._token(db, row["serial"], InventoryState.ENROLLED, row["user"], row["account"])
             self._audit(
@@ -425,7 +425,7 @@ class SqlStore:
     ) -> None:
         state = FACT_STATES[fact]
         column = "device_state" if isinstance(state, DeviceState) else "credential_state"
-        with self._tx() as db:
+        with self._write() as db:
             db.execute(
                 f"UPDATE enrollments SET {column} = ?, "  # noqa: S608 - column from a fixed table
                 "device_arn = COALESCE(?, device_arn), credential_id = COALESCE(?, credential_id) "
