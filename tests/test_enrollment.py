@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from fakes import FakeClock, FakeIam
 
@@ -191,7 +193,8 @@ def test_wrong_password_is_a_clear_refusal() -> None:
         desk.enroll(password="wrong")
     assert isinstance(info.value.cause, TokenLocked)
     assert "wrong OATH password" in str(info.value)
-    assert desk.iam.calls == []
+    # IAM was only read (the user looked up while the token was): nothing made or changed
+    assert set(desk.iam.calls) <= {"user_account", "list_mfa_devices"}
 
 
 def test_bad_user_name_is_refused_before_any_call() -> None:
@@ -203,26 +206,11 @@ def test_bad_user_name_is_refused_before_any_call() -> None:
 
 @pytest.mark.parametrize(
     "action",
-    ["create_virtual_mfa_device", "enable_mfa_device", "list_mfa_devices"],
+    ["user_account", "list_mfa_devices", "create_virtual_mfa_device", "enable_mfa_device"],
 )
 def test_an_iam_failure_at_any_step_leaves_nothing(action: str) -> None:
     desk = Desk()
-    # list_mfa_devices is called at check and at confirm: fail the confirming one
-    times = 1
-    if action == "list_mfa_devices":
-        desk.iam.fail(action, ServiceFailure("boom"), times=0)
-        original = desk.iam.list_mfa_devices
-        calls = [0]
-
-        def flaky(user: str) -> list[str]:
-            calls[0] += 1
-            if calls[0] >= 2:
-                raise ServiceFailure("IAM failed")
-            return original(user)
-
-        desk.iam.list_mfa_devices = flaky  # type: ignore[method-assign]
-    else:
-        desk.iam.fail(action, ServiceFailure("IAM failed"), times=times)
+    desk.iam.fail(action, ServiceFailure("IAM failed"))
     with pytest.raises(EnrollmentFailed) as info:
         desk.enroll()
     assert info.value.leftovers == ()
@@ -248,6 +236,40 @@ def test_temporarily_unmodifiable_is_retried_with_fresh_codes() -> None:
     assert desk.iam.users["alice"] == [ARN]
 
 
+def test_the_checks_ask_iam_side_by_side_while_the_token_is_read() -> None:
+    """GetUser, ListMFADevices and the token's own checks at once: each waits at a
+    barrier for the other two, so done one after another the first waits in vain."""
+    desk = Desk()
+    met = threading.Barrier(3, timeout=10)
+    threads: set[int] = set()
+
+    def arrive() -> None:
+        threads.add(threading.get_ident())
+        met.wait()
+
+    desk.iam.faults["user_account"] = arrive
+    desk.iam.faults["list_mfa_devices"] = arrive
+    with desk.token() as token:
+        read = token.oath_state
+
+        def oath_state() -> object:
+            arrive()
+            return read()
+
+        token.oath_state = oath_state  # type: ignore[method-assign]
+        Enrollment(desk.iam, desk.clock, desk.settings, desk.progress).run(token, "alice")
+    assert len(threads) == 3
+    assert desk.iam.users["alice"] == [ARN]
+
+
+def test_a_clean_enable_is_the_confirmation_no_call_after_it() -> None:
+    desk = Desk()
+    desk.enroll()
+    checks, after = desk.iam.calls[:2], desk.iam.calls[2:]
+    assert sorted(checks) == ["list_mfa_devices", "user_account"]
+    assert after == ["create_virtual_mfa_device", "enable_mfa_device"]  # three round trips
+
+
 def test_a_lost_answer_to_enable_is_checked_not_assumed() -> None:
     desk = Desk()
     real_enable = desk.iam.enable_mfa_device
@@ -258,6 +280,7 @@ def test_a_lost_answer_to_enable_is_checked_not_assumed() -> None:
 
     desk.iam.enable_mfa_device = enable_then_lose_answer  # type: ignore[method-assign]
     desk.enroll()
+    assert desk.iam.calls[-1] == "list_mfa_devices"  # asked, since the answer was lost
     assert desk.iam.users["alice"] == [ARN]
     assert desk.credential_ids() == [CRED_ID]
 

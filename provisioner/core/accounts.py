@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
 
 from provisioner.core import validation
 from provisioner.core.clock import Clock
@@ -53,12 +51,11 @@ from provisioner.core.model import (
     Step,
     TokenInfo,
 )
+from provisioner.core.parallel import side_by_side
 from provisioner.core.ports import Journal, NullProgress, Progress, TokenFinder, TokenSession
 from provisioner.core.secret import Seed
 from provisioner.core.store import DeskStore, EnrollmentJournal, RecordOwner
 from provisioner.core.totp import code_at, codes_equal, plan_window
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -95,24 +92,6 @@ class AccountProgress:
 
     def notice(self, text: str) -> None:
         self._progress.notice(self._prefix + text)
-
-
-def side_by_side(calls: Sequence[Callable[[], T]]) -> list[T | ProvisionerError]:
-    """Run ``calls`` at once and wait for all of them (so that every account's undo knows
-    everything that was done); a ProvisionerError is returned in its place, anything else
-    raised. One call runs here, without a thread."""
-    if len(calls) <= 1:
-        return [_caught(call) for call in calls]
-    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="account") as pool:
-        futures = [pool.submit(_caught, call) for call in calls]
-        return [f.result() for f in futures]
-
-
-def _caught(call: Callable[[], T]) -> T | ProvisionerError:
-    try:
-        return call()
-    except ProvisionerError as e:
-        return e
 
 
 class AccountsEnrollment:

@@ -2,6 +2,11 @@
 
     check -> create device -> program token -> compute codes -> enable -> confirm
 
+Round trips to IAM on the way: one for the checks (the user and their devices looked up
+side by side, while the token is read), one to create the device, one to enable it. A
+successful EnableMFADevice is the confirmation; IAM is asked again only when its answer
+was lost.
+
 Every side effect is recorded as it happens, and any failure undoes them in reverse:
 the credential leaves the token, the virtual device leaves IAM, an enabled device is
 deactivated first. What cannot be undone is named in the error, never silently left.
@@ -17,8 +22,9 @@ import calendar
 import re
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 from provisioner.core import validation
 from provisioner.core.clock import Clock
@@ -51,6 +57,7 @@ from provisioner.core.model import (
     TokenInfo,
     VirtualDevice,
 )
+from provisioner.core.parallel import all_or_first_error, side_by_side
 from provisioner.core.ports import (
     Fact,
     IamDirectory,
@@ -100,7 +107,6 @@ class EnrollmentSettings:
     #: Seconds of the current time step that must be left to submit in it.
     margin: float = 5.0
     enable_attempts: int = 3
-    confirm_attempts: int = 6
     retry_delay: float = 0.25
     #: How long to wait for a pulled token to come back so its credential can be removed.
     reinsert_timeout: float = 60.0
@@ -179,6 +185,15 @@ class EnrollmentSettings:
         return re.compile(f"{issuer}:{account}" if self.issuer else account, re.ASCII)
 
 
+@dataclass(frozen=True)
+class UserFacts:
+    """What IAM says about a user before anything is created: the account they are in
+    and the MFA devices they have."""
+
+    account: str
+    devices: tuple[str, ...]
+
+
 @dataclass
 class Leg:
     """One account's part of an enrollment: what is planned there, and what has been done
@@ -238,8 +253,14 @@ class Enrollment:
         current = Step.CHECK
         try:
             with self.timed(leg, Step.CHECK):
-                oath = check_token(token)
-                self.plan(token.info, oath, leg)
+                # the token read here while IAM looks the user up: one round trip
+                checks: list[Callable[[], object]] = [
+                    partial(check_token, token),
+                    partial(self.look_up, user),
+                ]
+                oath, facts = all_or_first_error(side_by_side(checks))
+                assert isinstance(oath, OathState) and isinstance(facts, UserFacts)
+                self.plan(token.info, oath, leg, facts)
                 check_slots(token.info, oath, 1)
             self.report_check(token.info, oath, leg)
 
@@ -296,18 +317,31 @@ class Enrollment:
         leg = Leg(user, credential=CredentialSpec(issuer=issuer, account=account))
         leg.device_arn = arn
         self.enable(token, leg)
-        self._confirm(user, arn)
         self._journal.record(Fact.CONFIRMED)
         return self.result(token, leg, self._clock.monotonic() - started)
 
     # --- the steps ------------------------------------------------------------------
 
-    def plan(self, info: TokenInfo, oath: OathState, leg: Leg) -> None:
+    def look_up(self, user: str) -> UserFacts:
+        """The user's account (GetUser: they exist) and devices (ListMFADevices), asked
+        side by side."""
+        calls: list[Callable[[], object]] = [
+            partial(self._iam.user_account, user),
+            partial(self._iam.list_mfa_devices, user),
+        ]
+        account, devices = all_or_first_error(side_by_side(calls))
+        assert isinstance(account, str) and isinstance(devices, list)
+        return UserFacts(account, tuple(devices))
+
+    def plan(
+        self, info: TokenInfo, oath: OathState, leg: Leg, facts: UserFacts | None = None
+    ) -> None:
         """Name the device and credential, and refuse before anything is created when the
-        enrollment cannot succeed in this directory."""
+        enrollment cannot succeed in this directory (``facts``: the user looked up
+        already, else here)."""
         user = leg.user
-        account = self._iam.user_account(user)
-        devices = self._iam.list_mfa_devices(user)
+        facts = facts or self.look_up(user)
+        account, devices = facts.account, facts.devices
         credential, device = self._settings.names(
             user, account, info.serial, created=self._clock.now()
         )
@@ -371,11 +405,13 @@ class Enrollment:
         )
 
     def confirm(self, leg: Leg) -> None:
+        """The device is the user's: IAM said so, answering EnableMFADevice (or, where
+        that answer was lost, listing the user's devices). No call of its own: asking
+        again would cost a round trip and tell nothing new."""
         assert leg.device_arn is not None
         with self.timed(leg, Step.CONFIRM):
-            self._confirm(leg.user, leg.device_arn)
             self._journal.record(Fact.CONFIRMED)
-        self._progress.step(Step.CONFIRM, f"{leg.user} lists the device")
+        self._progress.step(Step.CONFIRM, f"IAM has {leg.device_arn} enabled for {leg.user}")
 
     def _create(self, device: DeviceSpec, arn: str) -> tuple[str, Seed]:
         try:
@@ -445,14 +481,6 @@ class Enrollment:
         return codes_on_token(
             token, credential, seed, self._clock, self._settings.margin, self._progress
         )
-
-    def _confirm(self, user: str, arn: str) -> None:
-        """IAM is eventually consistent: give a fresh device a moment to show up."""
-        for attempt in range(self._settings.confirm_attempts):
-            if arn in self._iam.list_mfa_devices(user):
-                return
-            self._clock.sleep(self._settings.retry_delay * (2**attempt))
-        raise NotFound(f"{user} does not list {arn} after it was enabled")
 
     # --- undo -----------------------------------------------------------------------
 
