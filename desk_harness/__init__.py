@@ -211,7 +211,12 @@ def make_workdir() -> Path:
     return path
 
 
-def write_config(workdir: Path, extra: str = "", roster: str | None = None) -> Path:
+def write_config(
+    workdir: Path, extra: str = "", roster: str | None = None, *, ahead: bool = False
+) -> Path:
+    """A desk's configuration for a test: ``extra`` is appended (inside [daemon] unless it
+    opens a table). Work ahead of plugs is off unless ``ahead``: a test that counts IAM
+    calls or devices then sees only what the plug does."""
     config = workdir / "provisioner.toml"
     roster_line = ""
     if roster is not None:
@@ -224,6 +229,8 @@ def write_config(workdir: Path, extra: str = "", roster: str | None = None) -> P
         f'socket = "{workdir / "run" / "control.sock"}"\n'
         # An existing group stands in for provisioner-operators (the tests create none).
         'operators_group = "users"\n'
-        f"{roster_line}shutdown_timeout = 10\n" + extra
+        f"{roster_line}shutdown_timeout = 10\n"
+        + ("" if ahead else "checks_ahead = 0\ndevices_ahead = 0\n")
+        + extra
     )
     return config

@@ -151,6 +151,20 @@ class DaemonConfig:
     #: or parts of them; empty: every reader. Two desks can share a machine (or a hub
     #: be split) by serving different readers.
     readers: list[str] = field(default_factory=list)
+    #: The next this many enrollment requests have their user checked in IAM while they
+    #: wait (again every ``ahead_refresh`` seconds): a plugged token then skips that round
+    #: trip. 0: nothing checked ahead (a desk with [[accounts]] checks nothing ahead).
+    checks_ahead: int = field(default=16, metadata=within(0, 1000))
+    #: Of those, the next this many also get their virtual MFA device created ahead
+    #: (journaled; deleted when the request is cancelled or served elsewhere, after
+    #: ``ahead_ttl``, at shutdown, or by recovery after a crash): the token then waits
+    #: only for EnableMFADevice. Each holds a seed in the daemon's memory. 0: none.
+    devices_ahead: int = field(default=2, metadata=within(0, 16))
+    #: Seconds a device made ahead is kept unused before it is deleted and made again;
+    #: kept below orphan_min_age.
+    ahead_ttl: float = field(default=540.0, metadata=within(10, 86400))
+    #: Seconds after which a user checked ahead is checked again.
+    ahead_refresh: float = field(default=60.0, metadata=within(1, 86400))
 
     def serves_reader(self, name: str) -> bool:
         """Whether a reader of this name is this desk's to serve."""

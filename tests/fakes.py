@@ -11,7 +11,7 @@ against the strict local IAM server instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from emulated_yubikey import ApduRecord
@@ -191,6 +191,13 @@ class FakeIam:
         if device.user is not None:
             raise InUse("assigned")
         del self.devices[serial]
+
+    def tag_device(self, device_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        self._enter("tag_device")
+        device = self.devices.get(device_id)
+        if device is None:
+            raise NotFound("no device")
+        device.tags = tuple({**dict(device.tags), **dict(tags)}.items())
 
     def list_virtual_mfa_devices(self, *, assigned: bool | None = None) -> list[VirtualDevice]:
         self._enter("list_virtual_mfa_devices")

@@ -53,6 +53,7 @@ class Bench:
         max_queue: int = 1000,
         holders: tuple[str, ...] = (),
         backoff: Backoff = QUICK,
+        daemon: DaemonConfig | None = None,
     ) -> None:
         self.clock = FakeClock()
         self.iam = Iam(self.clock, users=USERS)
@@ -61,7 +62,7 @@ class Bench:
         self.held: set[str] = set()
         self.opened: list[str] = []
         self.busy_seen = threading.Event()
-        config = Config(desk="test-desk", daemon=DaemonConfig(max_queue=max_queue))
+        config = Config(desk="test-desk", daemon=daemon or DaemonConfig(max_queue=max_queue))
         self.service = DeskService(
             Desk(config, self.clock, self.iam),  # type: ignore[arg-type]
             self.store,

@@ -129,6 +129,15 @@ def test_the_journal_moves_the_record_through_its_states(store: DeskStore) -> No
     assert store.enrollment(eid + 100) is None
 
 
+def test_a_record_started_before_its_plug_learns_its_token(store: DeskStore) -> None:
+    eid = store.start_enrollment("alice", None, "", "queue:1")
+    store.record_fact(eid, Fact.DEVICE_CREATED, device_arn=ARN)
+    store.attach_token(eid, 12345678, "reader 0")
+    record = store.enrollment(eid)
+    assert record is not None
+    assert (record.serial, record.reader, record.device_arn) == (12345678, "reader 0", ARN)
+
+
 def test_a_device_a_failed_rollback_left_is_remembered(store: DeskStore) -> None:
     eid = store.start_enrollment("alice", 1, "reader 0", "roster")
     store.record_fact(eid, Fact.DEVICE_CREATED, device_arn=ARN)

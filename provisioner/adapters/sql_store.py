@@ -373,6 +373,13 @@ class SqlStore:
                 (enrollment_id, self._owner.token if self._owner else None),
             )
 
+    def attach_token(self, enrollment_id: int, serial: int | None, reader: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE enrollments SET serial = ?, reader = ? WHERE id = ?",
+                (serial, reader, enrollment_id),
+            )
+
     def record_step(self, enrollment_id: int, step: str, device_arn: str | None = None) -> None:
         with self._write() as db:
             if device_arn is not None:

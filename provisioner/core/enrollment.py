@@ -112,14 +112,21 @@ class EnrollmentSettings:
     reinsert_timeout: float = 60.0
 
     def names(
-        self, user: str, account: str, serial: int | None, created: float | None = None
+        self,
+        user: str,
+        account: str,
+        serial: int | None,
+        created: float | None = None,
+        *,
+        unknown_serial: str = "noserial",
     ) -> tuple[CredentialSpec, DeviceSpec]:
         """The credential and device for this user and token, from the templates; the
-        device tagged with ``created`` (epoch seconds), when given."""
+        device tagged with ``created`` (epoch seconds), when given. ``unknown_serial``
+        stands for a serial not known (a device made before its token is plugged in)."""
         values = {
             "user": user,
             "account": account,
-            "serial": str(serial) if serial is not None else "noserial",
+            "serial": str(serial) if serial is not None else unknown_serial,
             "desk": self.desk,
         }
         credential = CredentialSpec(
@@ -210,6 +217,12 @@ class Leg:
     device_arn: str | None = None
     credential_id: str | None = None
     maybe_enabled: bool = False
+    #: The device was made before its token was known: its token-serial tag is set once
+    #: it is enabled, to ``serial_tag`` (the plugged token's, as the check names it).
+    tag_serial: bool = False
+    serial_tag: str = ""
+    #: What IAM said of the user when they were checked ahead of the plug (None: ask).
+    facts: UserFacts | None = None
     seed: Seed | None = field(default=None, repr=False)
     first_step: int = 0
     timings: list[StepTiming] = field(default_factory=list)
@@ -248,24 +261,28 @@ class Enrollment:
 
     def run(self, token: TokenSession, user: str) -> EnrollmentResult:
         validation.user_name(user)
+        return self.run_leg(token, Leg(user))
+
+    def run_leg(self, token: TokenSession, leg: Leg) -> EnrollmentResult:
+        """Enroll ``token`` for ``leg.user``, from where the leg stands: nothing done yet,
+        or prepared before the plug (``prepare``: the user checked, the device perhaps
+        made), when the token waits only for what remains."""
+        user = leg.user
         started = self._clock.monotonic()
-        leg = Leg(user)
         current = Step.CHECK
         try:
             with self.timed(leg, Step.CHECK):
-                # the token read here while IAM looks the user up: one round trip
-                checks: list[Callable[[], object]] = [
-                    partial(check_token, token),
-                    partial(self.look_up, user),
-                ]
-                oath, facts = all_or_first_error(side_by_side(checks))
-                assert isinstance(oath, OathState) and isinstance(facts, UserFacts)
+                if leg.facts is not None:  # IAM asked before the plug: the token only
+                    oath, facts = check_token(token), leg.facts
+                else:
+                    oath, facts = self._check_both(token, user)
                 self.plan(token.info, oath, leg, facts)
                 check_slots(token.info, oath, 1)
             self.report_check(token.info, oath, leg)
 
-            current = Step.CREATE_DEVICE
-            self.create(leg)
+            if leg.device_arn is None:
+                current = Step.CREATE_DEVICE
+                self.create(leg)
 
             current = Step.PROGRAM_TOKEN
             self.program(token, leg)
@@ -277,6 +294,7 @@ class Enrollment:
             self.confirm(leg)
         except ProvisionerError as e:
             if isinstance(e, AlreadyEnrolled):
+                self.rollback_device(leg)  # one made ahead, now of no use
                 raise
             leftovers = self.rollback(token, leg)
             raise EnrollmentFailed(
@@ -293,6 +311,39 @@ class Enrollment:
         finally:
             leg.wipe()
         return self.result(token, leg, self._clock.monotonic() - started)
+
+    def prepare(self, leg: Leg) -> None:
+        """Before the plug: check the user in IAM (``leg.facts``), refusing what would
+        fail whatever token comes. ``run_leg`` then skips that round trip."""
+        validation.user_name(leg.user)
+        leg.facts = self.look_up(leg.user)
+        if len(leg.facts.devices) >= self._iam.device_limit:
+            raise DeviceLimitReached(
+                f"{leg.user} already has {len(leg.facts.devices)} MFA devices, the most IAM allows"
+            )
+
+    def make_device(self, leg: Leg, serial: int | None, unknown_serial: str) -> None:
+        """Before the plug, after ``prepare``: create the user's virtual device, named
+        with ``serial`` or, not known yet, ``unknown_serial`` (unique: two desks never
+        make one name). The seed stays in ``leg``, in memory; ``run_leg`` goes on from
+        here when the token comes, ``rollback_device`` undoes it when it does not."""
+        assert leg.facts is not None, "prepare() first"
+        _, spec = self._settings.names(
+            leg.user,
+            leg.facts.account,
+            serial,
+            created=self._clock.now(),
+            unknown_serial=unknown_serial,
+        )
+        leg.device = spec
+        leg.expected_arn = self._iam.device_id(leg.facts.account, spec.path, spec.name)
+        leg.tag_serial = serial is None
+        try:
+            self.create(leg)
+        except ProvisionerError:
+            self.rollback_device(leg)
+            leg.wipe()
+            raise
 
     def result(self, token: TokenSession, leg: Leg, seconds: float) -> EnrollmentResult:
         assert leg.device_arn is not None and leg.credential is not None
@@ -322,6 +373,16 @@ class Enrollment:
 
     # --- the steps ------------------------------------------------------------------
 
+    def _check_both(self, token: TokenSession, user: str) -> tuple[OathState, UserFacts]:
+        """The token read here while IAM looks the user up: one round trip."""
+        checks: list[Callable[[], object]] = [
+            partial(check_token, token),
+            partial(self.look_up, user),
+        ]
+        oath, facts = all_or_first_error(side_by_side(checks))
+        assert isinstance(oath, OathState) and isinstance(facts, UserFacts)
+        return oath, facts
+
     def look_up(self, user: str) -> UserFacts:
         """The user's account (GetUser: they exist) and devices (ListMFADevices), asked
         side by side."""
@@ -345,6 +406,7 @@ class Enrollment:
         credential, device = self._settings.names(
             user, account, info.serial, created=self._clock.now()
         )
+        # the device this token would have: the one made ahead is another name for it
         arn = self._iam.device_id(account, device.path, device.name)
         on_token = credential.credential_id in oath.credential_ids
         if arn in devices and on_token:
@@ -363,7 +425,10 @@ class Enrollment:
             raise DeviceLimitReached(
                 f"{user} already has {len(devices)} MFA devices, the most IAM allows"
             )
-        leg.credential, leg.device, leg.expected_arn = credential, device, arn
+        leg.credential = credential
+        leg.serial_tag = dict(device.tags)[TagKey.TOKEN_SERIAL]
+        if leg.device_arn is None:  # else made ahead, under the name it has
+            leg.device, leg.expected_arn = device, arn
         leg.devices = len(devices)
 
     def report_check(self, info: TokenInfo, oath: OathState, leg: Leg) -> None:
@@ -410,6 +475,8 @@ class Enrollment:
         again would cost a round trip and tell nothing new."""
         assert leg.device_arn is not None
         with self.timed(leg, Step.CONFIRM):
+            if leg.tag_serial:  # made ahead: now its token is known, and the device is used
+                self._iam.tag_device(leg.device_arn, ((TagKey.TOKEN_SERIAL, leg.serial_tag),))
             self._journal.record(Fact.CONFIRMED)
         self._progress.step(Step.CONFIRM, f"IAM has {leg.device_arn} enabled for {leg.user}")
 

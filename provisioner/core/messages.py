@@ -63,6 +63,8 @@ class Outcome(StrEnum):
     RESYNC_FAILED = "resync failed"
     CANCELLED = "cancelled"
     DAEMON_STOPPING = "daemon stopping"
+    #: a device made ahead of a plug that never came (deleted; the reason says why)
+    NOT_USED = "not used"
 
 
 class TokenState(StrEnum):

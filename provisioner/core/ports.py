@@ -97,6 +97,10 @@ class IamDirectory(Protocol):
 
     def delete_virtual_mfa_device(self, serial: str) -> None: ...
 
+    def tag_device(self, device_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        """Add or change tags of a virtual MFA device (TagMFADevice)."""
+        ...
+
     def list_virtual_mfa_devices(self, *, assigned: bool | None = None) -> list[VirtualDevice]:
         """All virtual devices, or only the (un)assigned ones, with their tags."""
         ...

@@ -396,6 +396,11 @@ class DeskStore(Protocol):
 
     def release_enrollment(self, enrollment_id: int) -> None: ...
 
+    def attach_token(self, enrollment_id: int, serial: int | None, reader: str) -> None:
+        """The token of a record started before its plug (work done ahead): from now on
+        recovery looks for its credential on that token."""
+        ...
+
     def record_step(self, enrollment_id: int, step: str, device_arn: str | None = None) -> None: ...
 
     def finish_enrollment(

@@ -127,7 +127,10 @@ def run(config: Config) -> int:
     )
     # What a crash left is settled before any token is served (it may need a token).
     threading.Thread(
-        target=_recover_then_watch, args=(recovery, watcher, notifier), name="recovery", daemon=True
+        target=_recover_then_watch,
+        args=(recovery, watcher, notifier, service.ahead.start),
+        name="recovery",
+        daemon=True,
     ).start()
 
     stopping = False
@@ -243,7 +246,10 @@ def _serve_metrics(config: Config, desk: Desk, service: DeskService) -> MetricsE
 
 
 def _recover_then_watch(
-    recovery: Callable[[], Recovery], watcher: ReaderWatcher, notifier: Notifier
+    recovery: Callable[[], Recovery],
+    watcher: ReaderWatcher,
+    notifier: Notifier,
+    then: Callable[[], None],
 ) -> None:
     notifier.status("recovering what an earlier stop left unfinished")
     try:
@@ -254,6 +260,7 @@ def _recover_then_watch(
     except Exception:  # noqa: BLE001 - the desk must still come up
         log.exception("recovery failed")
     watcher.start()
+    then()  # work ahead of plugs, once what a crash left (its devices too) is settled
 
 
 def _watch_usb(service: DeskService) -> UsbWatcher | None:

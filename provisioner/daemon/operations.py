@@ -223,7 +223,13 @@ class Operations(Claims):
             self._enroll_accounts(reader, token, user, entry, source, actor, accounts)
             return
         serial = token.info.serial
-        enrollment_id = self.store.start_enrollment(user, serial, reader, source)
+        # the user checked, perhaps the device made, before this plug (its record with it)
+        ready = self.ahead.take(entry.id) if entry is not None and not replacing else None
+        if ready is not None and ready.enrollment_id is not None:
+            enrollment_id = ready.enrollment_id
+            self.store.attach_token(enrollment_id, serial, reader)
+        else:
+            enrollment_id = self.store.start_enrollment(user, serial, reader, source)
         if entry is not None:
             self.store.link_entry(entry.id, enrollment_id)
         with self._lock:
@@ -255,6 +261,8 @@ class Operations(Claims):
                 )
                 self._forget_on_token(done.revoked, actor)
                 result = done.enrolled
+            elif ready is not None:
+                result = enrollment.run_leg(token, ready.leg)
             else:
                 result = enrollment.run(token, user)
         except ReplaceIncomplete as e:

@@ -27,6 +27,7 @@ from provisioner.core.messages import (
 from provisioner.core.recovery import Recovery
 from provisioner.core.roster import Roster
 from provisioner.core.store import DeskStore
+from provisioner.daemon.ahead import WorkAhead
 from provisioner.daemon.events import Event, Events
 from provisioner.daemon.handlers import ControlHandlers
 from provisioner.daemon.status import HEARTBEAT_SECONDS, RECENT_OUTCOMES, PresentToken
@@ -87,6 +88,17 @@ class DeskService(ControlHandlers):
         self._unwritten = deque()
         self.pcsc_up = False
         self.started = time.time()
+        self.ahead = WorkAhead(
+            desk, store, self._active, self._lock, keep_warm=getattr(desk.iam, "keep_warm", None)
+        )
+        # a request queued or cancelled here: the work ahead looks at the queue at once
+        self.events.listen(
+            lambda e: (
+                self.ahead.wake()
+                if e.get("event") in (EventKind.REQUEST_QUEUED, EventKind.OUTCOME)
+                else None
+            )
+        )
 
     # --- reader events ----------------------------------------------------------------
 
@@ -153,6 +165,8 @@ class DeskService(ControlHandlers):
         alive = [w.name for w in workers if w.is_alive()]
         if alive:
             log.error("stopping with work unfinished: %s", ", ".join(alive))
+        # what was made ahead for requests no token will serve now is deleted
+        self.ahead.stop(max(1.0, deadline - time.monotonic()))
 
     def healthy(self) -> bool:
         return not self._stopping.is_set()

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from provisioner.core.recovery import Recovery
     from provisioner.core.roster import Roster
     from provisioner.core.store import DeskStore
+    from provisioner.daemon.ahead import WorkAhead
     from provisioner.daemon.events import Event, Events
     from provisioner.daemon.status import PresentToken
     from provisioner.daemon.workers import Backoff, TokenOpener
@@ -30,6 +31,8 @@ class ServiceState:
     roster: Roster | None
     pcsc_up: bool
     started: float
+    #: The queue's next requests, prepared before their plug.
+    ahead: WorkAhead
     _open_token: TokenOpener
     _is_yubikey_reader: Callable[[str], bool]
     _notifier: Notifier

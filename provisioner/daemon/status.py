@@ -76,6 +76,7 @@ class LiveStatus(ServiceState):
                 t for t in tokens if t["state"] in (TokenState.ENROLLING, TokenState.RESYNCING)
             ],
             "recent": recent,
+            "ahead": self.ahead.status(),
         }
 
     def _fleet_roster(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -220,6 +220,9 @@ class IamClient:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             user_agent_extra="provisioner",
+            # an idle desk's connection stays open (with keep_warm): the next plug does
+            # not pay a TCP and TLS handshake before its first call
+            tcp_keepalive=True,
         )
         if role is not None:
             from provisioner.adapters.aws.sts import assumed_role_session
@@ -411,6 +414,23 @@ class IamClient:
     def delete_virtual_mfa_device(self, serial: str) -> None:
         validation.serial_number(serial)
         self._call("delete_virtual_mfa_device", serial, SerialNumber=serial)
+
+    def tag_device(self, device_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        validation.serial_number(device_id)
+        validation.tags(tuple(tags))
+        self._call(
+            "tag_mfa_device",
+            device_id,
+            SerialNumber=device_id,
+            Tags=[{"Key": k, "Value": v} for k, v in tags],
+        )
+
+    def keep_warm(self) -> None:
+        """The cheapest call the desk may make (one unassigned device listed): its
+        connection to IAM stays open through idle periods."""
+        self._call(
+            "list_virtual_mfa_devices", "keep-warm", AssignmentStatus="Unassigned", MaxItems=1
+        )
 
     def list_virtual_mfa_devices(self, *, assigned: bool | None = None) -> list[VirtualDevice]:
         status = {None: "Any", True: "Assigned", False: "Unassigned"}[assigned]

@@ -67,8 +67,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     ),
     Permission(
         "iam:ListMFADevices",
-        "count the user's MFA devices before enrolling, confirm the new one after, "
-        "and find the device to revoke or resync",
+        "count the user's MFA devices before enrolling, look for the new one when the "
+        "answer to enabling it was lost, and find the device to revoke or resync",
         "{user_arn}",
     ),
     Permission(

@@ -1,0 +1,229 @@
+"""Work ahead in the desk service (fake IAM, emulated keys through the real token adapter,
+a real SQLite store): a queued user's device made before the plug, used by the plug, and
+deleted when the request goes away, expires or the desk stops. The daemon as a process
+(SIGKILL, restart) is in test_ahead_daemon.py."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_service import Bench
+
+from emulated_yubikey import EmulatedYubiKey
+from provisioner.adapters.sqlite_store import Store
+from provisioner.config import DaemonConfig
+from provisioner.core.messages import Outcome
+from provisioner.daemon.ahead import WorkAhead
+
+AHEAD = "arn:aws:iam::123456789012:mfa/provisioner/{user}.yubikey.q{entry}-cafe01"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def desk(tmp_path: Path) -> Iterator[tuple[Bench, WorkAhead, Clock]]:
+    daemon = DaemonConfig(checks_ahead=3, devices_ahead=2, ahead_ttl=300, ahead_refresh=60)
+    bench = Bench(tmp_path, daemon=daemon)
+    clock = Clock()
+    suffixes = iter(f"cafe{i:02d}" for i in range(1, 100))
+    ahead = WorkAhead(
+        bench.service.desk,
+        bench.store,
+        bench.service._active,
+        bench.service._lock,
+        clock=clock,
+        unique=lambda: next(suffixes),
+    )
+    bench.service.ahead = ahead
+    yield bench, ahead, clock
+    bench.service.stop(5)
+    bench.store.close()
+
+
+def test_a_queued_users_device_is_made_ahead_and_the_plug_only_enables(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, _ = desk
+    entry = bench.queue("alice")["id"]
+    ahead.tick()
+    made = AHEAD.format(user="alice", entry=entry)
+    assert bench.iam.unassigned() == [made]
+    [ready] = bench.service.status()["ahead"]
+    assert ready["user"] == "alice" and ready["device"] == made
+    bench.iam.calls.clear()
+    bench.plug("reader 0", EmulatedYubiKey(serial=11111111))
+    bench.settle()
+    assert bench.iam.calls == ["enable_mfa_device", "tag_device"]
+    assert bench.iam.users["alice"] == [made]
+    assert dict(bench.iam.devices[made].tags)["provisioner:token-serial"] == "11111111"
+    [record] = bench.store.unfinished_enrollments() or [None]
+    assert record is None  # the one record, finished
+    enrolled = [r for r in bench.events("enrollment") if r["user"] == "alice"]
+    assert [(r["outcome"], r["serial"]) for r in enrolled] == [(Outcome.ENROLLED, 11111111)]
+    assert bench.service.status()["ahead"] == []
+
+
+def test_a_cancelled_requests_device_is_deleted_and_its_record_says_not_used(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, _ = desk
+    entry = bench.queue("alice")["id"]
+    ahead.tick()
+    assert len(bench.iam.unassigned()) == 1
+    bench.ask({"op": "cancel", "id": entry})
+    ahead.tick()
+    assert bench.iam.devices == {}
+    [record] = [r for r in bench.events("enrollment") if r["user"] == "alice"]
+    assert record["outcome"] == Outcome.NOT_USED
+    assert "deleted unused: its request is no longer waiting" in record["reason"]
+    assert bench.store.unfinished_enrollments() == []
+
+
+def test_a_device_unused_past_its_ttl_is_deleted_and_made_again(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, clock = desk
+    bench.queue("alice")
+    ahead.tick()
+    first = bench.iam.unassigned()
+    clock.now += 301
+    ahead.tick()  # the old one goes
+    ahead.tick()  # and a fresh one is made
+    assert len(bench.iam.unassigned()) == 1 and bench.iam.unassigned() != first
+    outcomes = [r["outcome"] for r in bench.events("enrollment")]
+    assert outcomes == [Outcome.NOT_USED]
+    assert "unused for 300 s (ahead_ttl)" in bench.events("enrollment")[0]["reason"]
+
+
+def test_stopping_the_desk_deletes_every_device_made_ahead(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, _ = desk
+    bench.queue("alice")
+    bench.queue("bob")
+    ahead.tick()
+    assert len(bench.iam.unassigned()) == 2
+    bench.service.stop(5)
+    assert bench.iam.devices == {}
+    assert bench.store.unfinished_enrollments() == []
+    reasons = [r["reason"] for r in bench.events("enrollment")]
+    assert len(reasons) == 2 and all("the desk is stopping" in r for r in reasons)
+
+
+def test_only_the_next_few_get_a_device_the_rest_are_checked(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, _ = desk
+    for user in ("alice", "bob", "dave", "erin"):
+        bench.queue(user)
+    ahead.tick()
+    users = sorted(d.split("/")[-1].split(".")[0] for d in bench.iam.unassigned())
+    assert users == ["alice", "bob"]  # devices_ahead = 2
+    ready = {r["user"]: r["device"] for r in bench.service.status()["ahead"]}
+    assert sorted(ready) == ["alice", "bob", "dave"]  # checks_ahead = 3
+    assert ready["dave"] is None
+    bench.iam.calls.clear()
+    # dave's token first: his check was made, his device was not
+    bench.ask({"op": "cancel", "id": 1})
+    bench.ask({"op": "cancel", "id": 2})
+    bench.plug("reader 0", EmulatedYubiKey(serial=22222222))
+    bench.settle()
+    assert bench.iam.users["dave"] != []
+    assert "user_account" not in bench.iam.calls and "list_mfa_devices" not in bench.iam.calls
+
+
+def test_a_check_made_ahead_is_made_again_before_it_goes_stale(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, clock = desk
+    bench.queue("alice")
+    ahead.tick()
+    bench.iam.calls.clear()
+    clock.now += 30
+    ahead.tick()
+    assert bench.iam.calls == []  # fresh enough
+    clock.now += 31
+    ahead.tick()
+    assert sorted(bench.iam.calls) == ["list_mfa_devices", "user_account"]
+    # a user deleted meanwhile: their device made ahead goes, the request waits on
+    bench.iam.users.pop("alice")
+    clock.now += 61
+    ahead.tick()
+    assert bench.iam.devices == {}
+    assert bench.waiting() == ["alice"]
+    assert "its user's check failed" in bench.events("enrollment")[0]["reason"]
+
+
+def test_a_request_another_desk_took_loses_its_device_here(
+    desk: tuple[Bench, WorkAhead, Clock], tmp_path: Path
+) -> None:
+    bench, ahead, _ = desk
+    bench.queue("alice")
+    ahead.tick()
+    other = Store(tmp_path / "provisioner.db", desk="lisbon")
+    try:
+        assert other.take_next(None) is not None  # lisbon's token came first
+    finally:
+        other.close()
+    ahead.tick()
+    assert bench.iam.devices == {}
+
+
+def test_a_user_no_token_could_enroll_gets_no_device_and_is_tried_later(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, clock = desk
+    bench.iam.users["alice"] = [f"arn:x:{i}" for i in range(8)]  # at IAM's limit
+    bench.queue("alice")
+    ahead.tick()
+    assert bench.iam.devices == {} and bench.store.history(limit=10)  # audited, nothing made
+    assert bench.events("enrollment") == []  # no record: nothing was made
+    bench.iam.calls.clear()
+    ahead.tick()
+    assert bench.iam.calls == []  # not asked again at once
+    clock.now += 61
+    ahead.tick()
+    assert bench.iam.calls != []
+
+
+def test_no_seed_made_ahead_is_written_or_said_anywhere(
+    desk: tuple[Bench, WorkAhead, Clock], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bench, ahead, _ = desk
+    with caplog.at_level(logging.DEBUG):
+        bench.queue("alice")
+        bench.queue("bob")
+        ahead.tick()
+        bench.plug("reader 0", EmulatedYubiKey(serial=33333333))
+        bench.settle()
+        bench.service.stop(5)  # bob's device deleted
+    seeds = [d.seed for d in bench.iam.devices.values()] + [
+        bytes(range(1, 41))  # FakeIam's seeds (every device of one account has it)
+    ]
+    said = caplog.text + repr(bench.service.status()) + repr(ahead.status())
+    stored = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    for seed in seeds:
+        text = base64.b32encode(seed).decode()
+        assert seed not in stored and text.encode() not in stored
+        assert text not in said and text.rstrip("=") not in said
+
+
+def test_the_service_wakes_the_work_ahead_when_a_request_is_queued(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, _ = desk
+    woken = threading.Event()
+    ahead.wake = woken.set  # type: ignore[method-assign]
+    bench.queue("alice")
+    assert woken.is_set()
