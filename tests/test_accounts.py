@@ -281,6 +281,28 @@ def test_no_seed_in_the_result_or_the_error() -> None:
     assert seeds and not any(s in text for s in seeds)
 
 
+def test_every_accounts_checks_run_at_once_while_the_token_is_read() -> None:
+    """Two lookups per account and the token's check: all at a barrier together (one
+    round trip for every check), where one after another the first would wait in vain."""
+    import threading
+
+    desk = Desk()
+    met = threading.Barrier(1 + 2 * len(NAMES), timeout=10)
+    for name in NAMES:
+        desk.iam[name].faults["user_account"] = met.wait
+        desk.iam[name].faults["list_mfa_devices"] = met.wait
+    with desk.token() as token:
+        read = token.oath_state
+
+        def oath_state() -> object:
+            met.wait()
+            return read()
+
+        token.oath_state = oath_state  # type: ignore[method-assign]
+        result = AccountsEnrollment(desk.accounts(), desk.clock).run(token, "alice")
+    assert [name for name, _ in result.enrolled] == list(NAMES)
+
+
 def test_no_account_asks_iam_again_after_a_clean_enable() -> None:
     desk = Desk()
     desk.enroll()

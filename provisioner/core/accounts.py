@@ -25,7 +25,7 @@ from functools import partial
 
 from provisioner.core import validation
 from provisioner.core.clock import Clock
-from provisioner.core.enrollment import Enrollment, Leg, check_slots, check_token
+from provisioner.core.enrollment import Enrollment, Leg, UserFacts, check_slots, check_token
 from provisioner.core.errors import (
     AccountsIncomplete,
     AlreadyEnrolled,
@@ -123,8 +123,8 @@ class AccountsEnrollment:
         active: list[Account] = []
         current, where = Step.CHECK, None
         try:
-            oath = check_token(serial)
-            active, already = self._check(serial.info, oath, legs)
+            oath, facts = self._look(serial)
+            active, already = self._check(serial.info, oath, legs, facts)
             if not active:
                 raise AlreadyEnrolled(
                     f"{person} is already enrolled with token {serial.info.label} in "
@@ -193,15 +193,33 @@ class AccountsEnrollment:
 
     # --- the steps ------------------------------------------------------------------
 
+    def _look(self, token: TokenSession) -> tuple[OathState, list[UserFacts | ProvisionerError]]:
+        """The token read here while every account looks its user up: one round trip
+        for all. A token that cannot be read is said first; an account's refusal is
+        kept for ``_check``, which names the account."""
+        calls: list[Callable[[], object]] = [partial(check_token, token)]
+        calls += [partial(a.enrollment.look_up, a.user) for a in self._accounts]
+        outcomes = side_by_side(calls)
+        oath, facts = outcomes[0], outcomes[1:]
+        if isinstance(oath, ProvisionerError):
+            raise oath
+        assert isinstance(oath, OathState)
+        return oath, [f for f in facts if isinstance(f, (UserFacts, ProvisionerError))]
+
     def _check(
-        self, info: TokenInfo, oath: OathState, legs: dict[str, Leg]
+        self,
+        info: TokenInfo,
+        oath: OathState,
+        legs: dict[str, Leg],
+        facts: list[UserFacts | ProvisionerError],
     ) -> tuple[list[Account], list[str]]:
-        """Every account's checks, side by side; the first refusal (in the order the
-        accounts are configured) names its account. Accounts the user is already enrolled
-        in with this token are left out."""
-        outcomes = side_by_side(
-            [partial(_plan, a, info, oath, legs[a.name]) for a in self._accounts]
-        )
+        """Every account's checks, from what each said of its user; the first refusal (in
+        the order the accounts are configured) names its account. Accounts the user is
+        already enrolled in with this token are left out."""
+        outcomes = [
+            _plan(a, info, oath, legs[a.name], f)
+            for a, f in zip(self._accounts, facts, strict=True)
+        ]
         active: list[Account] = []
         already: list[str] = []
         for account, outcome in zip(self._accounts, outcomes, strict=True):
@@ -315,8 +333,21 @@ class _Failed(ProvisionerError):
         super().__init__(cause.message, hint=cause.hint)
 
 
-def _plan(account: Account, info: TokenInfo, oath: OathState, leg: Leg) -> None:
-    account.enrollment.plan(info, oath, leg)
+def _plan(
+    account: Account,
+    info: TokenInfo,
+    oath: OathState,
+    leg: Leg,
+    facts: UserFacts | ProvisionerError,
+) -> ProvisionerError | None:
+    """An account's checks, its refusal returned (None: it may be enrolled in)."""
+    if isinstance(facts, ProvisionerError):
+        return facts
+    try:
+        account.enrollment.plan(info, oath, leg, facts)
+    except ProvisionerError as e:
+        return e
+    return None
 
 
 def _credential(leg: Leg) -> CredentialSpec:
