@@ -74,6 +74,22 @@ def test_every_part_of_the_desk_is_on_the_screen() -> None:
     assert screen.endswith("last event: connected")
 
 
+def test_the_work_done_ahead_of_a_requests_plug_is_shown_on_its_line() -> None:
+    queue = [
+        {"id": 7, "user": "bob", "serial": None, "requested_by": "root", "requested_at": NOW},
+        {"id": 8, "user": "erin", "serial": None, "requested_by": "root", "requested_at": NOW},
+        {"id": 9, "user": "finn", "serial": None, "requested_by": "root", "requested_at": NOW},
+    ]
+    ahead = [
+        {"queue": 7, "user": "bob", "device": "arn:aws:iam::1:mfa/bob.yubikey.q7-a"},
+        {"queue": 8, "user": "erin", "device": None},
+    ]
+    lines = render(update(queue=queue, ahead=ahead), now=NOW, width=200)
+    [bob, erin, finn] = [line for line in lines if line.startswith("  #")]
+    assert bob.endswith("; device made ahead") and erin.endswith("; checked ahead")
+    assert "ahead" not in finn
+
+
 def test_an_idle_desk_says_so_rather_than_showing_empty_sections() -> None:
     screen = render(update(readers=[], tokens=[], queue=[], in_progress=[], recent=[]), now=NOW)
     assert "readers: none (is a YubiKey plugged in?)" in screen

@@ -40,13 +40,17 @@ def _reader_line(reader: Mapping[str, Any], token: Mapping[str, Any] | None) -> 
     return f"  {reader['name']}: {what}"
 
 
-def _queue_line(entry: Mapping[str, Any]) -> str:
+def _queue_line(entry: Mapping[str, Any], ahead: Mapping[int, Mapping[str, Any]]) -> str:
     which = _token(entry["serial"]) if entry.get("serial") is not None else "any token"
     kind = "" if entry.get("kind", "enroll") == "enroll" else f"{entry['kind']} "
     accounts = f" in {entry['accounts'].replace(',', ', ')}" if entry.get("accounts") else ""
+    ready = ahead.get(entry["id"])
+    done = ""
+    if ready is not None:  # the work done before its plug
+        done = "; device made ahead" if ready.get("device") else "; checked ahead"
     return (
         f"  #{entry['id']} {kind}{entry['user']}{accounts} on {which}, asked by "
-        f"{entry.get('requested_by')} at {_clock(entry.get('requested_at'))}"
+        f"{entry.get('requested_by')} at {_clock(entry.get('requested_at'))}{done}"
     )
 
 
@@ -99,6 +103,7 @@ def render(update: Mapping[str, Any], *, now: float, width: int = 100) -> list[s
     waiting = total if isinstance(total, int) and total > len(queue) else len(queue)
     in_progress: Sequence[Mapping[str, Any]] = update.get("in_progress") or []
     recent: Sequence[Mapping[str, Any]] = update.get("recent") or []
+    ahead = {r["queue"]: r for r in update.get("ahead") or []}
 
     lines = [
         f"desk {daemon.get('desk', '?')} at {_clock(now)}: pcscd {daemon.get('pcsc', '?')}, "
@@ -116,7 +121,7 @@ def render(update: Mapping[str, Any], *, now: float, width: int = 100) -> list[s
         ),
         "",
         f"queue ({waiting} waiting):" if queue else "queue: empty",
-        *(_queue_line(e) for e in queue),
+        *(_queue_line(e, ahead) for e in queue),
         *([f"  … and {waiting - len(queue)} more"] if waiting > len(queue) else []),
         "",
         f"last outcomes ({len(recent)}):" if recent else "last outcomes: none yet",
