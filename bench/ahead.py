@@ -1,0 +1,151 @@
+"""Plug to enabled through the real daemon, at a round trip per IAM request: a user queued
+before the plug, with the daemon's work ahead on (device made ahead), with checks only,
+and with nothing ahead (the plug does everything).
+
+    .venv/bin/python bench/ahead.py            # as root (pcscd); about two minutes
+    .venv/bin/python bench/ahead.py --quick
+
+Writes bench/results/ahead.json; BENCHMARKS.md quotes it. Measured from the moment pcscd
+reports the card present (a thread blocked in SCardGetStatusChange on the reader) to the
+moment the strict local IAM server enabled the device (its record of the accepted
+EnableMFADevice). The server delays every request by the latency before it handles it, so
+an enable "happens" one full round trip after it was sent: the figure counts whole round
+trips. One daemon per mode; the emulated YubiKey behind vpcd; IAM over loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import threading
+import time
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+from smartcard import scard
+
+from desk_harness import Daemon, make_workdir, wait_for, write_config
+from emulated_yubikey import EmulatedYubiKey, PcscStack
+from local_iam_server import LocalIamServer
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MODES = {
+    "device made ahead": "checks_ahead = 4\ndevices_ahead = 2\n",
+    "checks only ahead": "checks_ahead = 4\ndevices_ahead = 0\n",
+    "nothing ahead": "checks_ahead = 0\ndevices_ahead = 0\n",
+}
+_serials = count(47_000_001)
+_users = count(1)
+
+
+def card_seen_at(reader: str, ready: threading.Event, out: list[float]) -> None:
+    """The time pcscd reports a card in ``reader`` (blocks until it does)."""
+    _, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    try:
+        _, states = scard.SCardGetStatusChange(ctx, 0, [(reader, scard.SCARD_STATE_UNAWARE)])
+        ready.set()
+        while True:
+            hresult, states = scard.SCardGetStatusChange(ctx, 10_000, states)
+            if hresult == scard.SCARD_S_SUCCESS and states[0][1] & scard.SCARD_STATE_PRESENT:
+                out.append(time.time())
+                return
+            states = [(reader, states[0][1] & ~scard.SCARD_STATE_CHANGED)]
+    finally:
+        scard.SCardReleaseContext(ctx)
+
+
+def one(desk: Daemon, stack: PcscStack, iam: LocalIamServer, ahead: bool) -> float:
+    user = f"bench{next(_users)}"
+    iam.create_user(user)
+    queued = desk.cli("queue", "--user", user)
+    assert queued.returncode == 0, queued.stderr
+    if ahead:
+        wait_for(
+            lambda: any(f"/{user}.yubikey.q" in d for d in iam.unassigned_devices()),
+            what="the device made ahead",
+        )
+    else:
+        time.sleep(0.5)  # the checks (if any) done
+    seen: list[float] = []
+    ready = threading.Event()
+    watcher = threading.Thread(
+        target=card_seen_at, args=(stack.reader_names[0], ready, seen), daemon=True
+    )
+    watcher.start()
+    ready.wait(5)
+    stack.insert(EmulatedYubiKey(serial=next(_serials)), 0, wait=False)
+    enabled = wait_for(
+        lambda: [
+            a.server_time
+            for a in iam.attempts()
+            if a.action == "EnableMFADevice" and a.user == user and a.accepted
+        ],
+        timeout=30,
+        what=f"{user} enabled",
+    )
+    watcher.join(5)
+    wait_for(
+        lambda: any(r["outcome"] == "enrolled" for r in desk.history() if r["user"] == user),
+        what="recorded",
+    )
+    stack.remove(0, wait=True)
+    return float(enabled[0] - seen[0])
+
+
+def run(latencies: list[float], runs: int) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    with PcscStack(busy_timeout=90) as stack, LocalIamServer() as iam:
+        for mode, settings in MODES.items():
+            workdir = make_workdir()
+            config = write_config(workdir, settings, ahead=True)
+            desk = Daemon(stack, iam, iam.admin_client("iam"), workdir, config)
+            desk.start()
+            try:
+                for latency in latencies:
+                    iam.set_latency(latency)
+                    one(desk, stack, iam, "device" in mode)  # warm-up: connections open
+                    times = [one(desk, stack, iam, "device" in mode) for _ in range(runs)]
+                    median = statistics.median(times)
+                    rows.append(
+                        {
+                            "mode": mode,
+                            "latency_ms": latency * 1000,
+                            "runs": runs,
+                            "plug_to_enabled_median_ms": median * 1000,
+                            "plug_to_enabled_max_ms": max(times) * 1000,
+                            "round_trips": median / latency if latency else None,
+                        }
+                    )
+                iam.set_latency(0.0)
+            finally:
+                desk.stop()
+                shutil.rmtree(workdir, ignore_errors=True)
+    return {"rows": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one run per case, 0 and 100 ms")
+    args = parser.parse_args()
+    latencies = [0.0, 0.1] if args.quick else [0.0, 0.05, 0.1, 0.2]
+    started = time.time()
+    results = run(latencies, 1 if args.quick else 5)
+    results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "ahead.json").write_text(json.dumps(results, indent=2) + "\n")
+    for r in results["rows"]:
+        rt = f" = {r['round_trips']:.2f} RTT" if r["round_trips"] else ""
+        print(
+            f"{r['mode']:<18} at {r['latency_ms']:>3.0f} ms: plug to enabled "
+            f"{r['plug_to_enabled_median_ms']:.1f} ms{rt} (max {r['plug_to_enabled_max_ms']:.1f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
