@@ -227,3 +227,35 @@ def test_the_service_wakes_the_work_ahead_when_a_request_is_queued(
     ahead.wake = woken.set  # type: ignore[method-assign]
     bench.queue("alice")
     assert woken.is_set()
+
+
+def test_an_idle_desk_keeps_its_connection_to_iam_warm(tmp_path: Path) -> None:
+    bench = Bench(tmp_path, daemon=DaemonConfig(checks_ahead=3, devices_ahead=0))
+    clock = Clock()
+    pings: list[float] = []
+    ahead = WorkAhead(
+        bench.service.desk,
+        bench.store,
+        bench.service._active,
+        bench.service._lock,
+        clock=clock,
+        keep_warm=lambda: pings.append(clock.now),
+    )
+    try:
+        ahead.tick()
+        assert pings == []  # just talked to IAM (started)
+        clock.now += 29
+        ahead.tick()
+        assert pings == []
+        clock.now += 2
+        ahead.tick()
+        assert pings == [clock.now]
+        bench.queue("alice")
+        clock.now += 20
+        ahead.tick()  # alice checked: a call, so no ping needed for a while
+        clock.now += 20
+        ahead.tick()
+        assert len(pings) == 1
+    finally:
+        bench.service.stop(5)
+        bench.store.close()
