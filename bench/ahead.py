@@ -1,6 +1,8 @@
 """Plug to enabled through the real daemon, at a round trip per IAM request: a user queued
 before the plug, with the daemon's work ahead on (device made ahead), with checks only,
-and with nothing ahead (the plug does everything).
+and with nothing ahead (the plug does everything). And the one-shot command as an
+operator runs it (`provisioner enroll --direct`, a new process: imports, clients, the
+TLS handshake with the server's own CA), token already plugged in.
 
     .venv/bin/python bench/ahead.py            # as root (pcscd); about two minutes
     .venv/bin/python bench/ahead.py --quick
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -97,6 +102,65 @@ def one(desk: Daemon, stack: PcscStack, iam: LocalIamServer, ahead: bool) -> flo
     return float(enabled[0] - seen[0])
 
 
+def one_shot(stack: PcscStack, iam: LocalIamServer, workdir: Path) -> tuple[float, float]:
+    """`provisioner enroll --direct` for a new user, the token in reader 0: the
+    command's wall time, and the time inside it from its first line to its last."""
+    user = f"bench{next(_users)}"
+    iam.create_user(user)
+    stack.insert(EmulatedYubiKey(serial=next(_serials)), 0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= iam.aws_env() | {"PROVISIONER_CONFIG": str(workdir / "provisioner.toml")}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "provisioner",
+            "enroll",
+            "--direct",
+            "--user",
+            user,
+            "--reader",
+            stack.reader_names[0],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    wall = time.perf_counter() - started
+    stack.remove(0, wait=True)
+    assert done.returncode == 0, done.stderr
+    took = re.search(r"\(([0-9.]+) ms\)\s*$", done.stdout.strip())
+    return wall, float(took.group(1)) / 1000 if took else float("nan")
+
+
+def run_one_shot(latencies: list[float], runs: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with PcscStack(busy_timeout=90) as stack, LocalIamServer(tls=True) as iam:
+        workdir = make_workdir()
+        write_config(workdir)
+        try:
+            for latency in latencies:
+                iam.set_latency(latency)
+                measured = [one_shot(stack, iam, workdir) for _ in range(runs)]
+                wall = statistics.median(m[0] for m in measured)
+                inside = statistics.median(m[1] for m in measured)
+                rows.append(
+                    {
+                        "mode": "one-shot command (HTTPS, cold process)",
+                        "latency_ms": latency * 1000,
+                        "runs": runs,
+                        "wall_median_ms": wall * 1000,
+                        "enrollment_median_ms": inside * 1000,
+                        "round_trips": inside / latency if latency else None,
+                    }
+                )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
 def run(latencies: list[float], runs: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with PcscStack(busy_timeout=90) as stack, LocalIamServer() as iam:
@@ -135,6 +199,7 @@ def main() -> int:
     latencies = [0.0, 0.1] if args.quick else [0.0, 0.05, 0.1, 0.2]
     started = time.time()
     results = run(latencies, 1 if args.quick else 5)
+    results["one_shot"] = run_one_shot(latencies, 1 if args.quick else 5)
     results["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ahead.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -143,6 +208,12 @@ def main() -> int:
         print(
             f"{r['mode']:<18} at {r['latency_ms']:>3.0f} ms: plug to enabled "
             f"{r['plug_to_enabled_median_ms']:.1f} ms{rt} (max {r['plug_to_enabled_max_ms']:.1f})"
+        )
+    for r in results["one_shot"]:
+        rt = f" = {r['round_trips']:.2f} RTT" if r["round_trips"] else ""
+        print(
+            f"one-shot enroll --direct at {r['latency_ms']:>3.0f} ms: wall "
+            f"{r['wall_median_ms']:.0f} ms, enrollment {r['enrollment_median_ms']:.1f} ms{rt}"
         )
     return 0
 

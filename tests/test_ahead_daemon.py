@@ -5,6 +5,7 @@ after a SIGKILL by the restarted daemon's recovery."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from itertools import count
 
 import pytest
 
-from desk_harness import Daemon, make_workdir, wait_for, write_config
+from desk_harness import Daemon, assert_no_seed, make_workdir, wait_for, write_config
 from emulated_yubikey import EmulatedYubiKey, PcscStack
 from local_iam_server import LocalIamServer
 
@@ -66,6 +67,12 @@ def test_the_plug_finds_the_device_made_ahead_and_only_enables_it(desk: Daemon) 
     assert {"Key": "provisioner:token-serial", "Value": str(key.serial)} in tags
     [record] = [r for r in desk.history() if r["event"] == "enrollment"]
     assert (record["outcome"], record["serial"]) == ("enrolled", key.serial)
+    # the seed, held in memory from the queueing to the plug: in no log, answer or file
+    assert_no_seed(
+        key.secrets_for_leak_checks(),
+        [*desk.log, json.dumps(desk.history()), json.dumps(desk.ask({"op": "status"}))],
+        sorted((desk.workdir / "state").iterdir()),
+    )
 
 
 def test_a_cancelled_request_loses_its_device(desk: Daemon) -> None:

@@ -259,3 +259,31 @@ def test_an_idle_desk_keeps_its_connection_to_iam_warm(tmp_path: Path) -> None:
     finally:
         bench.service.stop(5)
         bench.store.close()
+
+
+def test_in_a_fleet_only_a_request_for_this_desk_gets_a_device_made_ahead(
+    tmp_path: Path,
+) -> None:
+    from provisioner.config import Config, StoreConfig
+    from provisioner.desk import Desk
+
+    daemon = DaemonConfig(checks_ahead=3, devices_ahead=2)
+    bench = Bench(tmp_path, daemon=daemon)
+    fleet = Config(desk="test-desk", daemon=daemon, store=StoreConfig(url="postgresql://db/x"))
+    ahead = WorkAhead(
+        Desk(fleet, bench.clock, bench.iam),  # type: ignore[arg-type]
+        bench.store,
+        bench.service._active,
+        bench.service._lock,
+        clock=Clock(),
+    )
+    try:
+        bench.queue("alice")  # for any desk of the fleet
+        bench.ask({"op": "enroll", "user": "bob", "wait": False, "desk": "test-desk"})
+        ahead.tick()
+        assert [d.split("/")[-1].split(".")[0] for d in bench.iam.unassigned()] == ["bob"]
+        assert sorted(r["user"] for r in ahead.status()) == ["alice", "bob"]  # both checked
+    finally:
+        ahead.stop(5)
+        bench.service.stop(5)
+        bench.store.close()

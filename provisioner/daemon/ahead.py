@@ -9,6 +9,8 @@ seed is in memory only, in the prepared leg, and wiped with it. It is deleted, a
 record closed as "not used", when its request is cancelled or served elsewhere, falls
 out of the next few, outlives ``ahead_ttl`` or the desk stops. Work ahead is for
 enrollments in the desk's own account; a desk with [[accounts]] checks nothing ahead.
+In a fleet, a device is made ahead only for a request queued for this desk (`queue
+--desk`): one queued for any desk is checked, not given a device by every desk.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class WorkAhead:
         self._ttl = daemon.ahead_ttl
         self._refresh = daemon.ahead_refresh
         self._name = desk.config.desk
+        self._fleet = bool(desk.config.store.url)
         self._ready: dict[int, Ready] = {}
         self._failed: dict[int, float] = {}
         self._last_trouble = ""
@@ -161,13 +164,16 @@ class WorkAhead:
         wanted = [e for e in self._store.waiting(limit=4 * self._checks + 16) if self._serves(e)]
         taken_here = {e.id for e in wanted if e.state is RequestState.TAKEN}
         waiting = [e for e in wanted if e.state is RequestState.WAITING][: self._checks]
-        position = {e.id: i for i, e in enumerate(waiting)}
+        # the next few that may have a device made here: in a fleet, a request for any
+        # desk gets none (every desk would make one for it): checks only
+        mine = [e for e in waiting if not self._fleet or e.desk == self._name]
+        devices = {e.id for e in mine[: self._devices]}
         with self._lock:
             ready = dict(self._ready)
         for entry_id, each in ready.items():
             if entry_id in taken_here:
                 continue  # a token of this desk is being served for it: take() is next
-            why = self._unwanted(each, position.get(entry_id), now)
+            why = self._unwanted(each, any(e.id == entry_id for e in waiting), devices, now)
             if why is not None:
                 self._forget(entry_id, each)
                 self._drop(each, why)
@@ -178,7 +184,7 @@ class WorkAhead:
                 return
             with self._lock:
                 have = self._ready.get(entry.id)
-            device = position[entry.id] < self._devices
+            device = entry.id in devices
             if have is not None and (have.has_device or not device):
                 continue
             if now - self._failed.get(entry.id, -RETRY_SECONDS) < RETRY_SECONDS:
@@ -196,10 +202,10 @@ class WorkAhead:
             return False
         return entry.state is RequestState.WAITING or entry.taken_by == self._name
 
-    def _unwanted(self, each: Ready, position: int | None, now: float) -> str | None:
-        if position is None:
+    def _unwanted(self, each: Ready, waits: bool, devices: set[int], now: float) -> str | None:
+        if not waits:
             return "its request is no longer waiting (served, cancelled or withdrawn)"
-        if each.has_device and position >= self._devices:
+        if each.has_device and each.entry.id not in devices:
             return f"its request is no longer among the next {self._devices}"
         if each.made_at is not None and now - each.made_at >= self._ttl:
             return f"unused for {self._ttl:.0f} s (ahead_ttl): made again"
