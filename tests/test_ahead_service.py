@@ -31,20 +31,21 @@ class Clock:
         return self.now
 
 
+def work_ahead(bench: Bench, desk: Any = None, **kw: Any) -> WorkAhead:
+    """The work ahead of ``bench``'s service (or of ``desk`` over its store), its clock
+    and the rest from ``kw``."""
+    return WorkAhead(
+        desk or bench.service.desk, bench.store, bench.service._active, bench.service._lock, **kw
+    )
+
+
 @pytest.fixture
 def desk(tmp_path: Path) -> Iterator[tuple[Bench, WorkAhead, Clock]]:
     daemon = DaemonConfig(checks_ahead=3, devices_ahead=2, ahead_ttl=300, ahead_refresh=60)
     bench = Bench(tmp_path, daemon=daemon)
     clock = Clock()
     suffixes = iter(f"cafe{i:02d}" for i in range(1, 100))
-    ahead = WorkAhead(
-        bench.service.desk,
-        bench.store,
-        bench.service._active,
-        bench.service._lock,
-        clock=clock,
-        unique=lambda: next(suffixes),
-    )
+    ahead = work_ahead(bench, clock=clock, unique=lambda: next(suffixes))
     bench.service.ahead = ahead
     yield bench, ahead, clock
     bench.service.stop(5)
@@ -233,14 +234,7 @@ def test_an_idle_desk_keeps_its_connection_to_iam_warm(tmp_path: Path) -> None:
     bench = Bench(tmp_path, daemon=DaemonConfig(checks_ahead=3, devices_ahead=0))
     clock = Clock()
     pings: list[float] = []
-    ahead = WorkAhead(
-        bench.service.desk,
-        bench.store,
-        bench.service._active,
-        bench.service._lock,
-        clock=clock,
-        keep_warm=lambda: pings.append(clock.now),
-    )
+    ahead = work_ahead(bench, clock=clock, keep_warm=lambda: pings.append(clock.now))
     try:
         ahead.tick()
         assert pings == []  # just talked to IAM (started)
@@ -270,13 +264,7 @@ def test_in_a_fleet_only_a_request_for_this_desk_gets_a_device_made_ahead(
     daemon = DaemonConfig(checks_ahead=3, devices_ahead=2)
     bench = Bench(tmp_path, daemon=daemon)
     fleet = Config(desk="test-desk", daemon=daemon, store=StoreConfig(url="postgresql://db/x"))
-    ahead = WorkAhead(
-        Desk(fleet, bench.clock, bench.iam),  # type: ignore[arg-type]
-        bench.store,
-        bench.service._active,
-        bench.service._lock,
-        clock=Clock(),
-    )
+    ahead = work_ahead(bench, Desk(fleet, bench.clock, bench.iam), clock=Clock())  # type: ignore[arg-type]
     try:
         bench.queue("alice")  # for any desk of the fleet
         bench.ask({"op": "enroll", "user": "bob", "wait": False, "desk": "test-desk"})
