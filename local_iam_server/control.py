@@ -576,6 +576,10 @@ class _ControlError(Exception):
         self.message = message
 
 
+#: Set in a request's environ once its body was read to its end (see moto_app's handler).
+BODY_READ = "local_iam.body_read"
+
+
 def _buffer_body(environ: dict[str, Any]) -> bytes:
     """Read the whole request body and put it back for the next reader."""
     try:
@@ -585,6 +589,7 @@ def _buffer_body(environ: dict[str, Any]) -> bytes:
     body = environ["wsgi.input"].read(length) if length > 0 else b""
     environ["wsgi.input"] = io.BytesIO(body)
     environ["CONTENT_LENGTH"] = str(len(body))
+    environ[BODY_READ] = len(body) == length  # the connection may serve another request
     return body
 
 

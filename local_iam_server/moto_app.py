@@ -8,6 +8,7 @@ is announced, so the first real call is as fast as the others.
 from __future__ import annotations
 
 import email.utils
+import socket
 from typing import Any
 
 from moto.core.models import DEFAULT_ACCOUNT_ID
@@ -22,7 +23,7 @@ from moto.moto_server.werkzeug_app import (
 from werkzeug.test import Client
 
 from local_iam_server import accounts, authorization, strict
-from local_iam_server.control import ControlMiddleware, ControlState, ServerClock
+from local_iam_server.control import BODY_READ, ControlMiddleware, ControlState, ServerClock
 
 # Only the services the product talks to are warmed up; moto routes any other.
 _WARM_UP_CALLS = (
@@ -31,10 +32,53 @@ _WARM_UP_CALLS = (
 )
 
 
+class _NoDrain:
+    """A kept connection's input. After each answer werkzeug "drains" whatever the
+    client sent meanwhile, in one read of 10 MB: on a kept connection that is the next
+    request, and the read would wait for 10 MB that never come. Here that read finds
+    nothing: the next request stays for the next request line (bodies are read with
+    their length)."""
+
+    _DRAIN = 10_000_000  # werkzeug.serving's read size when it drains
+
+    def __init__(self, rfile: Any) -> None:
+        self._rfile = rfile
+
+    def read(self, size: int = -1) -> bytes:
+        if size >= self._DRAIN:
+            return b""
+        data: bytes = self._rfile.read(size)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rfile, name)
+
+
 def handler_class(clock: ServerClock, verbose: bool) -> type[MotoRequestHandler]:
     """moto's request handler with the stand-in's clock in ``Date`` and quiet logs."""
 
     class LocalIamRequestHandler(MotoRequestHandler):
+        # As AWS: HTTP/1.1, the connection kept open between requests. werkzeug closes
+        # every connection ("Connection: close"), since http.server cannot skip a body
+        # the application left unread; a request whose body was read to its end leaves
+        # nothing to skip, so its connection is kept (else every call paid a new TCP and
+        # TLS handshake, and no client could keep a connection warm).
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = _NoDrain(self.rfile)  # type: ignore[assignment]
+            # headers and body go out in separate writes: without this, on a kept
+            # connection the body waits for the client's delayed ACK (about 40 ms)
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def send_header(self, keyword: str, value: str) -> None:
+            if keyword.lower() == "connection" and value.lower() == "close":
+                environ = getattr(self, "environ", None) or {}
+                if environ.get(BODY_READ):
+                    return
+            super().send_header(keyword, value)
+
         def date_time_string(self, timestamp: float | None = None) -> str:
             # http.server stamps every response with this; it follows the clock offset
             # so a client can observe the skew the TOTP checks use.

@@ -68,3 +68,36 @@ def test_the_ca_is_removed_when_the_server_stops() -> None:
     assert bundle is not None and bundle.exists()
     server.stop()
     assert server.ca_bundle is None and not bundle.exists()
+
+
+def test_a_connection_is_kept_between_calls_as_aws_keeps_it(
+    https_server: LocalIamServer,
+) -> None:
+    """One TLS handshake for many calls: no answer closes the connection. (That a kept
+    connection's answers do not wait for the client's delayed ACK is a speed: the bench
+    shows it, bench/ahead.py.)"""
+    import http.client
+    import ssl
+
+    https_server.reset()
+    host, port = https_server.endpoint_url.removeprefix("https://").split(":")
+    assert https_server.ca_bundle is not None
+    context = ssl.create_default_context(cafile=str(https_server.ca_bundle))
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=5)
+    body = "Action=ListUsers&Version=2010-05-08"
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Authorization": "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/iam/"
+        "aws4_request, SignedHeaders=host, Signature=0",
+    }
+    sockets = set()
+    try:
+        for _ in range(5):
+            connection.request("POST", "/", body=body, headers=headers)
+            answer = connection.getresponse()
+            assert answer.status == 200 and answer.getheader("Connection") != "close"
+            answer.read()
+            sockets.add(id(connection.sock))
+    finally:
+        connection.close()
+    assert len(sockets) == 1  # the same connection throughout
