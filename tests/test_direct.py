@@ -27,7 +27,7 @@ from provisioner.cli import direct
 from provisioner.cli.main import main
 from provisioner.config import Config, load
 from provisioner.core.audit import FIELDS
-from provisioner.core.errors import ProvisionerError
+from provisioner.core.errors import EnrollmentFailed, ProvisionerError
 from provisioner.core.model import EnrollmentResult
 from provisioner.desk import Desk
 
@@ -224,6 +224,32 @@ def test_a_daemons_first_start_leaves_nothing_readable_by_others(
         assert exposed == {}
     finally:
         assert daemon.stop() == 0
+
+
+# --- issue 14: the one-shot command asks IAM while the token is opened --------------------
+
+
+def test_a_user_checked_while_the_token_opened_leaves_create_and_enable(bench: Bench) -> None:
+    desk = bench.desk()
+    checked = direct.check_user_meanwhile(desk, "alice")
+    checked.result().awaiting()  # type: ignore[misc]  # (the command opens the token meanwhile)
+    before = bench.iam.call_counts()
+    with direct.desk_state(bench.config) as state, bench.token() as token:
+        result = direct.enroll(state, desk, token, "alice", checked=checked)
+    after = bench.iam.call_counts()
+    spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert spent == {"CreateVirtualMFADevice": 1, "EnableMFADevice": 1}
+    assert bench.devices_of("alice") == [result.device_arn]
+
+
+def test_a_check_that_failed_meanwhile_is_made_again_and_named_at_the_check(bench: Bench) -> None:
+    desk = bench.desk()
+    checked = direct.check_user_meanwhile(desk, "nobody")  # no such user
+    with direct.desk_state(bench.config) as state, bench.token() as token:
+        with pytest.raises(EnrollmentFailed) as failed:
+            direct.enroll(state, desk, token, "nobody", checked=checked)
+    assert failed.value.step == "check" and "nobody does not exist" in str(failed.value)
+    assert bench.iam.unassigned_devices() == []
 
 
 # --- issue 10.18: the trail is complete, and readable without the daemon ----------------

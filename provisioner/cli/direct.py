@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import pwd
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from provisioner.config import AccountConfig, Config
 from provisioner.core import validation
 from provisioner.core.accounts import AccountsResult, RecordedAccounts, replace_everywhere
 from provisioner.core.audit import ChainWalk
+from provisioner.core.enrollment import Leg
 from provisioner.core.errors import (
     AccountsIncomplete,
     AlreadyEnrolled,
@@ -115,17 +117,50 @@ def _not_permitted(verb: str, path: Path, error: OSError | StoreError) -> NotPer
 # --- enrollments ----------------------------------------------------------------------------
 
 
+class CheckedMeanwhile:
+    """The user's check in IAM, made on a thread of its own while the token is opened."""
+
+    def __init__(self, desk: Desk, user: str) -> None:
+        self._thread = threading.Thread(
+            target=self._check, args=(desk,), name="check-user", daemon=True
+        )
+        self.leg = Leg(user, awaiting=self._thread.join)
+        self._thread.start()
+
+    def _check(self, desk: Desk) -> None:
+        try:
+            desk.enrollment().prepare(self.leg)
+        except ProvisionerError:
+            self.leg.facts = None  # the enrollment's own check asks again, and says why
+
+    def result(self) -> Leg:
+        """The leg to enroll (waited for by the enrollment's check)."""
+        return self.leg
+
+
+def check_user_meanwhile(desk: Desk, user: str) -> CheckedMeanwhile:
+    return CheckedMeanwhile(desk, user)
+
+
 def enroll(
     state: DeskState,
     desk: Desk,
     token: TokenSession,
     user: str,
     progress: Progress | None = None,
+    *,
+    checked: CheckedMeanwhile | None = None,
 ) -> EnrollmentResult:
-    """Enroll ``token`` for ``user``, recorded from before the device is created."""
+    """Enroll ``token`` for ``user``, recorded from before the device is created (the user
+    already checked in IAM when ``checked`` was, the enrollment's check then the token's
+    alone)."""
     enrollment_id = _start(state, token, user)
     try:
-        result = desk.enrollment(progress, state.store.journal(enrollment_id)).run(token, user)
+        enrollment = desk.enrollment(progress, state.store.journal(enrollment_id))
+        if checked is not None:
+            result = enrollment.run_leg(token, checked.result())
+        else:
+            result = enrollment.run(token, user)
     except ProvisionerError as e:
         _failed(state, enrollment_id, e)
         raise

@@ -57,6 +57,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     else:
         out.write(f"enrolling {args.user} (IAM at {desk.iam.endpoint_url}, desk {config.desk})\n")
     password = config.oath_password()
+    # IAM is asked about the user while the token is found and opened (one round trip
+    # off the wait); if that fails, the enrollment's check asks again and says why.
+    checked = None if accounts else direct.check_user_meanwhile(desk, args.user)
     # Recorded in the desk's state before anything exists in IAM (recovery and the orphan
     # sweep leave it alone while this runs), and in its audit trail.
     with direct.desk_state(config) as state, Pcsc() as pcsc:
@@ -74,7 +77,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                     )
                     print_accounts_result(out, several)
                     return EXIT_OK
-                result = direct.enroll(state, desk, token, args.user, progress)
+                result = direct.enroll(state, desk, token, args.user, progress, checked=checked)
             except AlreadyEnrolled as e:
                 out.write(f"nothing to do: {e.message}\n")
                 return EXIT_OK

@@ -223,6 +223,9 @@ class Leg:
     serial_tag: str = ""
     #: What IAM said of the user when they were checked ahead of the plug (None: ask).
     facts: UserFacts | None = None
+    #: Waits for ``facts`` from a check still running on another thread (the one-shot
+    #: command asks IAM while it opens the token); part of the check step's time.
+    awaiting: Callable[[], None] | None = field(default=None, repr=False)
     seed: Seed | None = field(default=None, repr=False)
     first_step: int = 0
     timings: list[StepTiming] = field(default_factory=list)
@@ -267,11 +270,13 @@ class Enrollment:
         """Enroll ``token`` for ``leg.user``, from where the leg stands: nothing done yet,
         or prepared before the plug (``prepare``: the user checked, the device perhaps
         made), when the token waits only for what remains."""
-        user = leg.user
+        user = validation.user_name(leg.user)
         started = self._clock.monotonic()
         current = Step.CHECK
         try:
             with self.timed(leg, Step.CHECK):
+                if leg.awaiting is not None:
+                    leg.awaiting()
                 if leg.facts is not None:  # IAM asked before the plug: the token only
                     oath, facts = check_token(token), leg.facts
                 else:
