@@ -313,3 +313,17 @@ def test_a_refused_login_is_no_missing_permission(local_iam: LocalIamServer) -> 
         login_with_mfa("arn:aws:iam::123456789012:mfa/provisioner/nothing", "123456")
     assert info.value.permission is None
     assert info.value.message.startswith("STS refused GetSessionToken")
+
+
+def test_the_client_keeps_connections_for_a_hub_of_tokens_and_keeps_them_alive(
+    local_iam: LocalIamServer,
+) -> None:
+    """16 tokens enrolling at once, each asking two things at its check: 32 calls at once
+    on kept connections (not 10, botocore's default), with TCP keepalive for the idle
+    desk; and one cheap call keeps the connection warm."""
+    iam, _ = client()
+    config = iam._iam.meta.config
+    assert config.max_pool_connections >= 32 and config.tcp_keepalive is True
+    before = local_iam.call_counts().get("ListVirtualMFADevices", 0)
+    iam.keep_warm()
+    assert local_iam.call_counts()["ListVirtualMFADevices"] == before + 1

@@ -223,6 +223,10 @@ class IamClient:
             # an idle desk's connection stays open (with keep_warm): the next plug does
             # not pay a TCP and TLS handshake before its first call
             tcp_keepalive=True,
+            # a hub of 16 tokens, each enrollment's two checks side by side: 32 calls at
+            # once keep their connections (botocore's default pool keeps 10 and opens,
+            # then drops, one more connection, TLS handshake and all, for each beyond)
+            max_pool_connections=32,
         )
         if role is not None:
             from provisioner.adapters.aws.sts import assumed_role_session
