@@ -48,6 +48,8 @@ class NotifyListener:
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
         self.messages: list[dict[str, str]] = []
+        #: When each message came (time.time()), beside it in ``messages``.
+        self.times: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -61,10 +63,18 @@ class NotifyListener:
             except OSError:
                 return
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.times.append(time.time())
             self.messages.append(fields)
 
     def seen(self, key: str, value: str | None = None) -> list[dict[str, str]]:
         return [m for m in list(self.messages) if key in m and (value is None or m[key] == value)]
+
+    def first_at(self, key: str, value: str) -> float | None:
+        """When the first message with ``key=value`` came (None: none yet)."""
+        for at, message in zip(list(self.times), list(self.messages), strict=False):
+            if message.get(key) == value:
+                return at
+        return None
 
     def close(self) -> None:
         self._stop.set()
