@@ -37,7 +37,7 @@ from provisioner.adapters.aws.permissions import (
 from provisioner.adapters.sqlite_store import Store
 from provisioner.adapters.yubikey import YubiKeyToken
 from provisioner.core.clock import AwsClock
-from provisioner.core.enrollment import TOOL_TAG, Enrollment, EnrollmentSettings
+from provisioner.core.enrollment import TOOL_TAG, Enrollment, EnrollmentSettings, Leg
 from provisioner.core.errors import AccessDenied, EnrollmentFailed, ProvisionerError
 from provisioner.core.lifecycle import Lifecycle
 from provisioner.core.ports import Fact
@@ -47,7 +47,7 @@ from provisioner.core.secret import Seed
 ACCOUNT = "123456789012"
 POLICY = Path(__file__).resolve().parents[1] / "docs" / "iam-policy.json"
 DESK = "lp-desk"
-ALICE_TOKEN, BOB_TOKEN = 31_000_001, 31_000_002
+ALICE_TOKEN, BOB_TOKEN, DAVE_TOKEN = 31_000_001, 31_000_002, 31_000_003
 ORPHAN = f"arn:aws:iam::{ACCOUNT}:mfa/provisioner/carol.yubikey.31000009"
 
 
@@ -134,7 +134,7 @@ def test_require_all_names_every_missing_permission() -> None:
 
 # --- the operations, against IAM with authorization enforced ---------------------------
 
-PHASES = ("enroll", "resync", "revoke", "reconcile", "doctor")
+PHASES = ("enroll", "resync", "revoke", "reconcile", "doctor", "ahead")
 
 # Where a policy without the action must first fail, given the order of PHASES.
 FIRST_FAILURE = {
@@ -164,11 +164,12 @@ class Desk:
         document: dict[str, Any],
     ) -> None:
         self.server = server
-        self.keys = {s: EmulatedYubiKey(serial=s) for s in (ALICE_TOKEN, BOB_TOKEN)}
+        self.keys = {s: EmulatedYubiKey(serial=s) for s in (ALICE_TOKEN, BOB_TOKEN, DAVE_TOKEN)}
         self.settings = EnrollmentSettings(desk=DESK, margin=1.0)
         self.store = Store(tmp_path / "state.db")
         self.state_file = tmp_path / "state.db"
         admin = server.admin_client("iam")
+        admin.create_user(UserName="dave")  # queued at a daemon: his device made ahead
         self.principal: Principal = server.create_principal("provisioner-desk", document)
         self.bob_device = self._interrupted_enrollment(admin)
         admin.create_virtual_mfa_device(
@@ -232,6 +233,16 @@ class Desk:
     def enroll(self) -> str:
         with self.token(ALICE_TOKEN) as token:
             return Enrollment(self.iam, self.clock, self.settings).run(token, "alice").device_arn
+
+    def ahead(self) -> str:
+        """As the daemon's work ahead does it: dave checked and his device made before his
+        token is known, then his token plugged in (the device tagged with its serial)."""
+        leg = Leg("dave")
+        enrollment = Enrollment(self.iam, self.clock, self.settings)
+        enrollment.prepare(leg)
+        enrollment.make_device(leg, None, "q1-abc123")
+        with self.token(DAVE_TOKEN) as token:
+            return enrollment.run_leg(token, leg).device_arn
 
     def resync(self) -> str:
         with self.token(ALICE_TOKEN) as token:
@@ -339,7 +350,11 @@ def test_with_the_policy_every_operation_works(
     assert [d["SerialNumber"] for d in admin.list_mfa_devices(UserName="bob")["MFADevices"]] == [
         desk.bob_device
     ]
-    assert [d["serial"] for d in local_iam.virtual_devices()] == [desk.bob_device]
+    dave = f"arn:aws:iam::{ACCOUNT}:mfa/provisioner/dave.yubikey.q1-abc123"
+    assert done["ahead"] == dave
+    assert sorted(d["serial"] for d in local_iam.virtual_devices()) == [desk.bob_device, dave]
+    tags = admin.list_mfa_device_tags(SerialNumber=dave)["Tags"]
+    assert {"Key": "provisioner:token-serial", "Value": str(DAVE_TOKEN)} in tags
     assert [c.id for c in desk.keys[ALICE_TOKEN].credentials()] == []
     calls = local_iam.call_counts()
     for action in (
