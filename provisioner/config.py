@@ -151,9 +151,10 @@ class DaemonConfig:
     #: or parts of them; empty: every reader. Two desks can share a machine (or a hub
     #: be split) by serving different readers.
     readers: list[str] = field(default_factory=list)
-    #: The next this many enrollment requests have their user checked in IAM while they
-    #: wait (again every ``ahead_refresh`` seconds): a plugged token then skips that round
-    #: trip. 0: nothing checked ahead (a desk with [[accounts]] checks nothing ahead).
+    #: The next this many enrollment requests (then the roster's tokens not yet enrolled)
+    #: have their user checked in IAM while they wait (again every ``ahead_refresh``
+    #: seconds): a plugged token then skips that round trip. 0: nothing checked ahead (a
+    #: desk with [[accounts]] checks nothing ahead).
     checks_ahead: int = field(default=16, metadata=within(0, 1000))
     #: Of those, the next this many also get their virtual MFA device created ahead
     #: (journaled; deleted when the request is cancelled or served elsewhere, after

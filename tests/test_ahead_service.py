@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_service import Bench
+from test_service import Bench, arn
 
 from emulated_yubikey import EmulatedYubiKey
 from provisioner.adapters.sqlite_store import Store
@@ -276,3 +276,64 @@ def test_in_a_fleet_only_a_request_for_this_desk_gets_a_device_made_ahead(
         ahead.stop(5)
         bench.service.stop(5)
         bench.store.close()
+
+
+# --- rostered tokens -----------------------------------------------------------------
+
+
+@pytest.fixture
+def batch(tmp_path: Path) -> Iterator[tuple[Bench, WorkAhead, Clock]]:
+    """A batch desk: a roster of three tokens (one user each), work ahead for two."""
+    daemon = DaemonConfig(checks_ahead=3, devices_ahead=2, ahead_ttl=300, ahead_refresh=60)
+    bench = Bench(
+        tmp_path, daemon=daemon, roster={50000001: "alice", 50000002: "bob", 50000003: "dave"}
+    )
+    clock = Clock()
+    ahead = work_ahead(bench, clock=clock, roster=lambda: bench.service.roster)
+    bench.service.ahead = ahead
+    yield bench, ahead, clock
+    bench.service.stop(5)
+    bench.store.close()
+
+
+def test_a_rostered_tokens_device_is_made_ahead_under_its_own_name(
+    batch: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, _ = batch
+    ahead.tick()
+    # the first two of the roster: devices, named with their serials (known); dave checked
+    assert sorted(bench.iam.unassigned()) == [arn("alice", 50000001), arn("bob", 50000002)]
+    assert sorted(r["user"] for r in ahead.status()) == ["alice", "bob", "dave"]
+    bench.iam.calls.clear()
+    bench.plug("reader 0", EmulatedYubiKey(serial=50000002))  # bob's token first
+    bench.settle()
+    assert bench.iam.calls == ["enable_mfa_device"]  # no tag owed: the serial was known
+    assert bench.iam.users["bob"] == [arn("bob", 50000002)]
+    [record] = [r for r in bench.events("enrollment") if r["user"] == "bob"]
+    assert (record["outcome"], record["serial"]) == (Outcome.ENROLLED, 50000002)
+
+
+def test_a_rostered_token_already_enrolled_gets_nothing_ahead(
+    batch: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    bench, ahead, _ = batch
+    bench.plug("reader 0", EmulatedYubiKey(serial=50000001))  # alice's, before any work ahead
+    bench.settle()
+    ahead.tick()  # alice's check finds her enrolled with it: nothing for her from now on
+    ahead.tick()  # so the next look gives the devices to bob and dave
+    assert sorted(bench.iam.unassigned()) == [arn("bob", 50000002), arn("dave", 50000003)]
+    assert sorted(r["user"] for r in ahead.status()) == ["bob", "dave"]
+
+
+def test_a_roster_reloaded_without_a_token_loses_its_device(
+    batch: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    from provisioner.core.roster import Roster
+
+    bench, ahead, _ = batch
+    ahead.tick()
+    bench.service.reload_roster(Roster({50000003: "dave"}, "test"))
+    ahead.tick()
+    assert bench.iam.unassigned() == [arn("dave", 50000003)]
+    reasons = [r["reason"] for r in bench.events("enrollment")]
+    assert len(reasons) == 2 and all("no longer on the roster" in r for r in reasons)

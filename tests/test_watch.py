@@ -88,6 +88,10 @@ def test_the_work_done_ahead_of_a_requests_plug_is_shown_on_its_line() -> None:
     [bob, erin, finn] = [line for line in lines if line.startswith("  #")]
     assert bob.endswith("; device made ahead") and erin.endswith("; checked ahead")
     assert "ahead" not in finn
+    assert not any(line.startswith("roster, ready ahead") for line in lines)
+    rostered = [{"queue": None, "serial": 40000001, "user": "carol", "device": "arn:x"}]
+    lines = render(update(ahead=rostered), now=NOW, width=200)
+    assert "roster, ready ahead: 40000001 (carol, device made)" in lines
 
 
 def test_an_idle_desk_says_so_rather_than_showing_empty_sections() -> None:

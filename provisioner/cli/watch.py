@@ -54,6 +54,16 @@ def _queue_line(entry: Mapping[str, Any], ahead: Mapping[int, Mapping[str, Any]]
     )
 
 
+def _rostered_ahead(ahead: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The roster's tokens whose work was done ahead of their plug (one line)."""
+    rostered = [
+        f"{r.get('serial')} ({r.get('user')}, {'device made' if r.get('device') else 'checked'})"
+        for r in ahead
+        if r.get("queue") is None
+    ]
+    return [f"roster, ready ahead: {', '.join(rostered)}"] if rostered else []
+
+
 def _outcome_line(outcome: Mapping[str, Any]) -> str:
     line = (
         f"  {_clock(outcome.get('at'))}  {outcome.get('user')} on "
@@ -123,6 +133,7 @@ def render(update: Mapping[str, Any], *, now: float, width: int = 100) -> list[s
         f"queue ({waiting} waiting):" if queue else "queue: empty",
         *(_queue_line(e, ahead) for e in queue),
         *([f"  … and {waiting - len(queue)} more"] if waiting > len(queue) else []),
+        *_rostered_ahead(update.get("ahead") or []),
         "",
         f"last outcomes ({len(recent)}):" if recent else "last outcomes: none yet",
         *(_outcome_line(o) for o in recent),

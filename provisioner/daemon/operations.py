@@ -31,6 +31,7 @@ from provisioner.core.messages import (
 )
 from provisioner.core.model import Step
 from provisioner.core.store import QueueEntry, RequestKind, RequestState
+from provisioner.daemon.ahead import key_of
 from provisioner.daemon.claim import Claims
 from provisioner.daemon.events import Event
 from provisioner.daemon.status import LiveStatus
@@ -224,7 +225,7 @@ class Operations(Claims):
             return
         serial = token.info.serial
         # the user checked, perhaps the device made, before this plug (its record with it)
-        ready = self.ahead.take(entry.id) if entry is not None and not replacing else None
+        ready = None if replacing else self.ahead.take(key_of(entry, serial))
         if ready is not None and ready.enrollment_id is not None:
             enrollment_id = ready.enrollment_id
             self.store.attach_token(enrollment_id, serial, reader)

@@ -89,7 +89,12 @@ class DeskService(ControlHandlers):
         self.pcsc_up = False
         self.started = time.time()
         self.ahead = WorkAhead(
-            desk, store, self._active, self._lock, keep_warm=getattr(desk.iam, "keep_warm", None)
+            desk,
+            store,
+            self._active,
+            self._lock,
+            keep_warm=getattr(desk.iam, "keep_warm", None),
+            roster=lambda: self.roster,
         )
         # a request queued or cancelled here: the work ahead looks at the queue at once
         self.events.listen(
