@@ -40,17 +40,26 @@ def work_ahead(bench: Bench, desk: Any = None, **kw: Any) -> WorkAhead:
     )
 
 
-@pytest.fixture
-def desk(tmp_path: Path) -> Iterator[tuple[Bench, WorkAhead, Clock]]:
+def desk_ahead(
+    tmp_path: Path, roster: dict[int, str] | None = None
+) -> Iterator[tuple[Bench, WorkAhead, Clock]]:
+    """A desk whose work ahead checks 3 and makes 2 devices, on a clock of the test's."""
     daemon = DaemonConfig(checks_ahead=3, devices_ahead=2, ahead_ttl=300, ahead_refresh=60)
-    bench = Bench(tmp_path, daemon=daemon)
+    bench = Bench(tmp_path, daemon=daemon, roster=roster)
     clock = Clock()
     suffixes = iter(f"cafe{i:02d}" for i in range(1, 100))
-    ahead = work_ahead(bench, clock=clock, unique=lambda: next(suffixes))
+    ahead = work_ahead(
+        bench, clock=clock, unique=lambda: next(suffixes), roster=lambda: bench.service.roster
+    )
     bench.service.ahead = ahead
     yield bench, ahead, clock
     bench.service.stop(5)
     bench.store.close()
+
+
+@pytest.fixture
+def desk(tmp_path: Path) -> Iterator[tuple[Bench, WorkAhead, Clock]]:
+    yield from desk_ahead(tmp_path)
 
 
 def test_a_queued_users_device_is_made_ahead_and_the_plug_only_enables(
@@ -283,17 +292,8 @@ def test_in_a_fleet_only_a_request_for_this_desk_gets_a_device_made_ahead(
 
 @pytest.fixture
 def batch(tmp_path: Path) -> Iterator[tuple[Bench, WorkAhead, Clock]]:
-    """A batch desk: a roster of three tokens (one user each), work ahead for two."""
-    daemon = DaemonConfig(checks_ahead=3, devices_ahead=2, ahead_ttl=300, ahead_refresh=60)
-    bench = Bench(
-        tmp_path, daemon=daemon, roster={50000001: "alice", 50000002: "bob", 50000003: "dave"}
-    )
-    clock = Clock()
-    ahead = work_ahead(bench, clock=clock, roster=lambda: bench.service.roster)
-    bench.service.ahead = ahead
-    yield bench, ahead, clock
-    bench.service.stop(5)
-    bench.store.close()
+    """A batch desk: a roster of three tokens (one user each)."""
+    yield from desk_ahead(tmp_path, {50000001: "alice", 50000002: "bob", 50000003: "dave"})
 
 
 def test_a_rostered_tokens_device_is_made_ahead_under_its_own_name(
