@@ -132,9 +132,9 @@ def test_a_request_for_one_desk_waits_for_it(fleet: Any) -> None:
 
 
 def test_the_steps_of_an_enrollment_are_one_statement_each(fleet: Any) -> None:
-    """Round trips, counted (the pool's check of the connection it lends is one): taking a
-    request, starting the record and each journal fact send one statement each, no
-    BEGIN/COMMIT around them and no read after the write."""
+    """Round trips, counted: taking a request, starting the record and each journal fact
+    send one statement each, no BEGIN/COMMIT around them, no read after the write, and
+    no check of the connection before it is lent."""
     from provisioner.core.ports import Fact
 
     store = fleet("a")
@@ -149,7 +149,7 @@ def test_the_steps_of_an_enrollment_are_one_statement_each(fleet: Any) -> None:
         before = store.round_trips
         step()
         spent.append(store.round_trips - before)
-    assert spent == [2, 2, 2, 2]
+    assert spent == [1, 1, 1, 1]
     assert store.queue_entry(1).state == RequestState.DONE  # type: ignore[union-attr]
 
 

@@ -10,9 +10,10 @@ appears in a message: the URL is shown without it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,6 +33,8 @@ from provisioner.adapters.postgres_schema import (
 from provisioner.adapters.sql_store import Connection, Cursor, SqlStore
 from provisioner.core.errors import StoreError
 from provisioner.core.store import RecordOwner
+
+log = logging.getLogger("provisioner.store")
 
 #: Seconds one connection attempt may take (libpq's connect_timeout).
 CONNECT_TIMEOUT = 5.0
@@ -67,17 +70,57 @@ def translated(url: str) -> Iterator[None]:
         raise StoreError(f"the fleet's database {shown(url)}: {detail}") from e
 
 
+class _Lent:
+    """A connection lent by the pool, replaced once if the server had cut it while it
+    waited there (a restart, a failover, an administrator): its first statement then
+    fails before the server did anything with it, and is sent again on a fresh one. No
+    check before lending (a round trip for every statement otherwise)."""
+
+    def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]]) -> None:
+        self._pool = pool
+        self.connection = pool.getconn()
+        self.used = False
+        self._given_back = False
+
+    def cut(self, error: psycopg.OperationalError) -> bool:
+        """Whether ``error``, on the first statement, says the server had cut this
+        connection: then it is replaced (and the pool's other idle ones checked: a
+        restart cuts them all)."""
+        if self.used or not self.connection.broken:
+            return False
+        log.info("a pooled connection the server had cut is replaced: %s", error)
+        self._pool.putconn(self.connection)  # a closed connection is thrown away, not pooled
+        self._given_back = True
+        self._pool.check()
+        self.connection = self._pool.getconn()  # the database away: PoolTimeout, said so
+        self._given_back = False
+        return True
+
+    def give_back(self) -> None:
+        if not self._given_back:
+            self._pool.putconn(self.connection)
+
+
 class _Qmark:
-    """A psycopg connection that takes the shared queries' ``?`` placeholders, counting
+    """A lent connection that takes the shared queries' ``?`` placeholders, counting
     the statements it sends (round trips to the database: the bench reports them)."""
 
-    def __init__(self, connection: psycopg.Connection[Any], count: Callable[[], None]) -> None:
-        self._connection = connection
+    def __init__(self, lent: _Lent, count: Callable[[], None]) -> None:
+        self._lent = lent
         self._count = count
 
     def execute(self, sql: str, params: Any = (), /) -> Cursor:
+        query = sql.replace("?", "%s")
         self._count()
-        cursor: Cursor = self._connection.execute(sql.replace("?", "%s"), params or None)
+        try:
+            cursor: Cursor = self._lent.connection.execute(query, params or None)
+        except psycopg.OperationalError as e:
+            if not self._lent.cut(e):
+                raise
+            self._count()
+            cursor = self._lent.connection.execute(query, params or None)
+        finally:
+            self._lent.used = True
         return cursor
 
 
@@ -114,8 +157,6 @@ class PostgresStore(SqlStore):
                 **({"password": password} if password else {}),
             },
             timeout=POOL_WAIT,
-            # a connection the server cut (a restart, a failover) is replaced, not used
-            check=self._check,
             open=False,
             name="provisioner-store",
         )
@@ -146,16 +187,14 @@ class PostgresStore(SqlStore):
     def _counted(self) -> None:
         self.round_trips += 1
 
-    def _check(self, connection: psycopg.Connection[Any]) -> None:
-        """The pool's check of a connection before lending it (a connection the server cut
-        is replaced, not used): one round trip, counted."""
-        self.round_trips += 1
-        ConnectionPool.check_connection(connection)
-
     @contextmanager
-    def _lent(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._reachable(), self._pool.connection() as connection:
-            yield connection
+    def _lent(self) -> Iterator[_Lent]:
+        with self._reachable():
+            lent = _Lent(self._pool)
+            try:
+                yield lent
+            finally:
+                lent.give_back()
 
     _skip_locked = " FOR UPDATE SKIP LOCKED"
 
@@ -164,16 +203,24 @@ class PostgresStore(SqlStore):
 
     @contextmanager
     def _tx(self) -> Iterator[_Qmark]:
-        """One write transaction on a connection of the pool."""
-        with self._lent() as connection:
-            with connection.transaction():
-                self.round_trips += 2  # BEGIN and COMMIT
-                yield _Qmark(connection, self._counted)
+        """One write transaction on a connection of the pool (its BEGIN the first
+        statement: sent again on a fresh connection if the server had cut this one)."""
+        with self._lent() as lent, ExitStack() as stack:
+            try:
+                stack.enter_context(lent.connection.transaction())
+            except psycopg.OperationalError as e:
+                if not lent.cut(e):
+                    raise
+                self.round_trips += 1
+                stack.enter_context(lent.connection.transaction())
+            lent.used = True
+            self.round_trips += 2  # BEGIN and COMMIT
+            yield _Qmark(lent, self._counted)
 
     @contextmanager
     def _reading(self) -> Iterator[_Qmark]:
-        with self._lent() as connection:
-            yield _Qmark(connection, self._counted)
+        with self._lent() as lent:
+            yield _Qmark(lent, self._counted)
 
     _write = _reading  # autocommit: one statement, one round trip
 
