@@ -337,3 +337,22 @@ def test_a_roster_reloaded_without_a_token_loses_its_device(
     assert bench.iam.unassigned() == [arn("dave", 50000003)]
     reasons = [r["reason"] for r in bench.events("enrollment")]
     assert len(reasons) == 2 and all("no longer on the roster" in r for r in reasons)
+
+
+def test_a_device_a_plug_took_meanwhile_is_never_dropped_by_the_work_ahead(
+    desk: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    """The work ahead decides a device has expired while a plug takes it: the plug's."""
+    bench, ahead, clock = desk
+    entry = bench.queue("alice")["id"]
+    ahead.tick()
+    clock.now += 301  # expired...
+    real_forget = ahead._forget
+
+    def plug_takes_it_first(key: str, each: Any) -> bool:
+        assert ahead.take(key) is each  # ...but a plug took it just then
+        return real_forget(key, each)
+
+    ahead._forget = plug_takes_it_first  # type: ignore[method-assign]
+    ahead.tick()
+    assert AHEAD.format(user="alice", entry=entry) in bench.iam.unassigned()  # not deleted

@@ -217,8 +217,8 @@ class WorkAhead:
                 continue  # a token of this desk is being served for it: take() is next
             why = self._unwanted(each, key in keys, devices, now)
             if why is not None:
-                self._forget(key, each)
-                self._drop(each, why)
+                if self._forget(key, each):
+                    self._drop(each, why)
             elif now - each.checked_at >= self._refresh:
                 self._check_again(each, now)
         for want in wants:
@@ -267,10 +267,14 @@ class WorkAhead:
             return f"unused for {self._ttl:.0f} s (ahead_ttl): made again"
         return None
 
-    def _forget(self, key: str, each: Ready) -> None:
+    def _forget(self, key: str, each: Ready) -> bool:
+        """Take ``each`` back from the plugs; False if a plug took it meanwhile (then it
+        is that plug's to use or undo, never this thread's)."""
         with self._lock:
-            if self._ready.get(key) is each:
-                del self._ready[key]
+            if self._ready.get(key) is not each:
+                return False
+            del self._ready[key]
+            return True
 
     def _prepare(self, want: Want, device: bool, now: float) -> None:
         leg = Leg(want.user)
@@ -324,9 +328,9 @@ class WorkAhead:
         try:
             each.leg.facts = self._desk.enrollment().look_up(each.leg.user)
         except ProvisionerError as e:
-            self._forget(each.want.key, each)
             self._failed[each.want.key] = now
-            self._drop(each, f"its user's check failed: {e.one_line()}")
+            if self._forget(each.want.key, each):
+                self._drop(each, f"its user's check failed: {e.one_line()}")
             return
         finally:
             self._last_call = self._clock()
