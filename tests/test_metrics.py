@@ -21,11 +21,12 @@ class Clock:
 
 def make() -> tuple[DeskMetrics, Clock, dict[str, int]]:
     clock = Clock()
-    counts = {"tokens": 2, "queued": 3, "running": 1}
+    counts = {"tokens": 2, "queued": 3, "running": 1, "ahead": 2}
     metrics = DeskMetrics(
         tokens_present=lambda: counts["tokens"],
         queue_length=lambda: counts["queued"],
         in_progress=lambda: counts["running"],
+        devices_ahead=lambda: counts["ahead"],
         now=clock,
     )
     return metrics, clock, counts
@@ -105,6 +106,7 @@ def test_gauges_are_read_when_scraped_over_http() -> None:
     assert "provisioner_queue_length 7.0" in text
     assert "provisioner_tokens_present 2.0" in text
     assert "provisioner_enrollments_in_progress 1.0" in text
+    assert "provisioner_devices_ahead 2.0" in text
 
 
 @pytest.mark.parametrize(

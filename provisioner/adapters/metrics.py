@@ -38,6 +38,7 @@ class DeskMetrics:
         tokens_present: Callable[[], int],
         queue_length: Callable[[], int],
         in_progress: Callable[[], int],
+        devices_ahead: Callable[[], int] = lambda: 0,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -80,6 +81,11 @@ class DeskMetrics:
             ("provisioner_tokens_present", "Tokens in the desk's readers.", tokens_present),
             ("provisioner_queue_length", "Requests waiting for a token.", queue_length),
             ("provisioner_enrollments_in_progress", "Enrollments now running.", in_progress),
+            (
+                "provisioner_devices_ahead",
+                "Virtual MFA devices made ahead of their token's plug, unused yet.",
+                devices_ahead,
+            ),
         )
         for name, text, read in gauges:
             Gauge(name, text, registry=self.registry).set_function(read)

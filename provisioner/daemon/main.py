@@ -230,6 +230,7 @@ def _serve_metrics(config: Config, desk: Desk, service: DeskService) -> MetricsE
         tokens_present=lambda: service.counts()["tokens"],
         queue_length=lambda: service.counts()["queued"],
         in_progress=lambda: service.counts()["running"],
+        devices_ahead=lambda: sum(1 for r in service.ahead.status() if r["device"]),
     )
     service.events.listen(metrics.observe)
     desk.observe_calls(metrics.iam_call, metrics.throttled)
