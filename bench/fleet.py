@@ -58,9 +58,9 @@ def reader(
         with YubiKeyToken(lambda key=key: EmulatedConnection(key), f"{desk} reader") as token:
             eid = store.start_enrollment(entry.user, serial, "reader", f"queue:{entry.id}")
             store.link_entry(entry.id, eid)
-            result = Enrollment(iam, clock, settings, journal=store.journal(eid)).run(
-                token, entry.user
-            )
+            journal = store.journal(eid, defer_after=True)  # as the daemon's
+            result = Enrollment(iam, clock, settings, journal=journal).run(token, entry.user)
+            journal.flush()
         store.finish_entry(entry.id, RequestState.DONE, eid)
         store.finish_enrollment(
             eid, outcome=Outcome.ENROLLED, actor="bench", device_arn=result.device_arn

@@ -115,13 +115,18 @@ class _Flaky:
     def __init__(self) -> None:
         self.down = False
         self.facts: list[str] = []
+        self.writes = 0
 
     def record_fact(self, enrollment_id: int, fact: object, **_: object) -> None:
+        self.record_facts(enrollment_id, [(fact, None, None)])
+
+    def record_facts(self, enrollment_id: int, facts: list[tuple[object, ...]]) -> None:
         from provisioner.core.errors import StoreError
 
         if self.down:
             raise StoreError("the fleet's database is restarting")
-        self.facts.append(str(fact))
+        self.facts.extend(str(f[0]) for f in facts)
+        self.writes += 1
 
 
 def test_facts_of_what_was_done_are_kept_while_the_store_is_away_and_written_in_order() -> None:
@@ -144,6 +149,26 @@ def test_facts_of_what_was_done_are_kept_while_the_store_is_away_and_written_in_
         "device deleted",
         "credential deleted",
     ]
+
+
+def test_a_deferring_journal_writes_what_was_done_with_the_next_request_in_one_write() -> None:
+    from provisioner.core.ports import Fact
+    from provisioner.core.store import EnrollmentJournal
+
+    store = _Flaky()
+    journal = EnrollmentJournal(store, 1, defer_after=True)
+    journal.record(Fact.DEVICE_REQUESTED)
+    journal.record(Fact.DEVICE_CREATED)  # kept until the next "requested"
+    assert store.facts == ["device requested"] and journal.pending == 1
+    journal.record(Fact.CREDENTIAL_REQUESTED)
+    assert store.facts[1:] == ["device created", "credential requested"]
+    journal.record(Fact.CREDENTIAL_WRITTEN)
+    journal.record(Fact.ENABLE_REQUESTED)
+    journal.record(Fact.ENABLED)
+    journal.record(Fact.CONFIRMED)
+    journal.flush()  # the owner's, at the end
+    assert store.facts == [f.value for f in Fact][:7]
+    assert store.writes == 4  # seven facts, four writes
 
 
 def test_a_fact_written_before_its_side_effect_is_never_kept() -> None:

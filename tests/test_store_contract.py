@@ -129,6 +129,27 @@ def test_the_journal_moves_the_record_through_its_states(store: DeskStore) -> No
     assert store.enrollment(eid + 100) is None
 
 
+def test_facts_written_together_leave_the_record_as_written_one_by_one(
+    store: DeskStore,
+) -> None:
+    eid = store.start_enrollment("alice", 1, "reader 0", "queue:1")
+    store.record_facts(
+        eid,
+        [
+            (Fact.DEVICE_REQUESTED, ARN, None),
+            (Fact.DEVICE_CREATED, None, None),
+            (Fact.CREDENTIAL_REQUESTED, None, "AWS:alice@1"),
+            (Fact.CREDENTIAL_WRITTEN, None, None),
+            (Fact.ENABLE_REQUESTED, None, None),
+        ],
+    )
+    record = store.enrollment(eid)
+    assert record is not None
+    assert record.device_state is DeviceState.MAYBE_ENABLED
+    assert record.credential_state is CredentialState.WRITTEN
+    assert (record.device_arn, record.credential_id) == (ARN, "AWS:alice@1")
+
+
 def test_a_record_started_before_its_plug_learns_its_token(store: DeskStore) -> None:
     eid = store.start_enrollment("alice", None, "", "queue:1")
     store.record_fact(eid, Fact.DEVICE_CREATED, device_arn=ARN)

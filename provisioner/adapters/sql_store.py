@@ -33,10 +33,12 @@ from provisioner.core.roster import Roster
 from provisioner.core.store import (
     FACT_STATES,
     AuditRecord,
+    CredentialState,
     DeskBeat,
     DeviceState,
     EnrollmentJournal,
     EnrollmentRecord,
+    FactEntry,
     InventoryState,
     QueueEntry,
     RecordOwner,
@@ -419,8 +421,8 @@ class SqlStore:
                 account=row["account"] or None,
             )
 
-    def journal(self, enrollment_id: int) -> EnrollmentJournal:
-        return EnrollmentJournal(self, enrollment_id)
+    def journal(self, enrollment_id: int, *, defer_after: bool = False) -> EnrollmentJournal:
+        return EnrollmentJournal(self, enrollment_id, defer_after=defer_after)
 
     def record_fact(
         self,
@@ -430,14 +432,35 @@ class SqlStore:
         device_arn: str | None = None,
         credential_id: str | None = None,
     ) -> None:
-        state = FACT_STATES[fact]
-        column = "device_state" if isinstance(state, DeviceState) else "credential_state"
+        self.record_facts(enrollment_id, [(fact, device_arn, credential_id)])
+
+    def record_facts(self, enrollment_id: int, facts: Sequence[FactEntry]) -> None:
+        """One UPDATE: each column as the last of the facts left it."""
+        device: DeviceState | None = None
+        credential: CredentialState | None = None
+        arn = credential_id = None
+        for fact, fact_arn, fact_credential in facts:
+            state = FACT_STATES[fact]
+            if isinstance(state, DeviceState):
+                device = state
+            else:
+                credential = state
+            arn, credential_id = fact_arn or arn, fact_credential or credential_id
+        if not facts:
+            return
         with self._write() as db:
             db.execute(
-                f"UPDATE enrollments SET {column} = ?, "  # noqa: S608 - column from a fixed table
-                "device_arn = COALESCE(?, device_arn), credential_id = COALESCE(?, credential_id) "
-                "WHERE id = ?",
-                (state.value, device_arn, credential_id, enrollment_id),
+                "UPDATE enrollments SET device_state = COALESCE(?, device_state), "
+                "credential_state = COALESCE(?, credential_state), "
+                "device_arn = COALESCE(?, device_arn), "
+                "credential_id = COALESCE(?, credential_id) WHERE id = ?",
+                (
+                    device.value if device else None,
+                    credential.value if credential else None,
+                    arn,
+                    credential_id,
+                    enrollment_id,
+                ),
             )
 
     def enrollment(self, enrollment_id: int) -> EnrollmentRecord | None:

@@ -155,15 +155,20 @@ def enroll(
     already checked in IAM when ``checked`` was, the enrollment's check then the token's
     alone)."""
     enrollment_id = _start(state, token, user)
+    # facts of what was done ride with the next write (one fsync less a step), all of
+    # them written before the record is closed
+    journal = state.store.journal(enrollment_id, defer_after=True)
     try:
-        enrollment = desk.enrollment(progress, state.store.journal(enrollment_id))
+        enrollment = desk.enrollment(progress, journal)
         if checked is not None:
             result = enrollment.run_leg(token, checked.result())
         else:
             result = enrollment.run(token, user)
     except ProvisionerError as e:
+        journal.flush()
         _failed(state, enrollment_id, e)
         raise
+    journal.flush()
     state.store.finish_enrollment(
         enrollment_id, outcome=Outcome.ENROLLED, actor=state.actor, device_arn=result.device_arn
     )

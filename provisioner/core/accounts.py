@@ -441,7 +441,10 @@ class RecordedAccounts:
     def journal(self, account: str) -> Journal:
         journal = self._journals.get(account)
         if journal is None:
-            journal = self._journals[account] = self._store.journal(self.ids[account])
+            # facts of what was done ride with the next write; finish() flushes them
+            journal = self._journals[account] = self._store.journal(
+                self.ids[account], defer_after=True
+            )
         return journal
 
     def finish(self, outcome: AccountsResult | ProvisionerError, actor: str) -> None:

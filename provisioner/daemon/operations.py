@@ -246,7 +246,8 @@ class Operations(Claims):
         self.events.publish({**base, "event": EventKind.ENROLLING})
         outcome: Event
         progress = _Progress(self, enrollment_id, base)
-        journal = self.store.journal(enrollment_id)
+        # facts of what was done ride with the next write; every branch below flushes
+        journal = self.store.journal(enrollment_id, defer_after=True)
         try:
             enrollment = self.desk.enrollment(progress, journal)
             if replacing:
