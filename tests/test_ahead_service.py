@@ -356,3 +356,17 @@ def test_a_device_a_plug_took_meanwhile_is_never_dropped_by_the_work_ahead(
     ahead._forget = plug_takes_it_first  # type: ignore[method-assign]
     ahead.tick()
     assert AHEAD.format(user="alice", entry=entry) in bench.iam.unassigned()  # not deleted
+
+
+def test_a_roster_reloaded_with_another_user_for_a_serial_never_gets_the_old_users_device(
+    batch: tuple[Bench, WorkAhead, Clock],
+) -> None:
+    from provisioner.core.roster import Roster
+
+    bench, ahead, _ = batch
+    ahead.tick()  # alice's device made for token 50000001
+    bench.service.reload_roster(Roster({50000001: "erin"}, "test"))  # before any tick
+    bench.plug("reader 0", EmulatedYubiKey(serial=50000001))
+    bench.settle()
+    assert bench.iam.users["erin"] == [arn("erin", 50000001)]
+    assert bench.iam.users["alice"] == []

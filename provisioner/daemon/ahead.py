@@ -45,7 +45,7 @@ KEEP_WARM_SECONDS = 30.0
 class Want:
     """Work a token may come for: a waiting request, or a rostered token's user."""
 
-    #: ``queue:N`` or ``roster:SERIAL``: what the plug takes it by (``key_of``).
+    #: ``queue:N`` or ``roster:SERIAL:USER``: what the plug takes it by (``key_of``).
     key: str
     user: str
     serial: int | None
@@ -55,21 +55,22 @@ class Want:
 
     @classmethod
     def of(cls, entry: QueueEntry) -> Want:
-        key = f"queue:{entry.id}"
+        key = key_of(entry, entry.serial, entry.user)
         return cls(key, entry.user, entry.serial, key, entry)
 
     @classmethod
     def rostered(cls, serial: int, user: str) -> Want:
-        return cls(f"roster:{serial}", user, serial, "roster")
+        return cls(key_of(None, serial, user), user, serial, "roster")
 
     @property
     def label(self) -> str:
         return f"request #{self.entry.id}" if self.entry else f"rostered token {self.serial}"
 
 
-def key_of(entry: QueueEntry | None, serial: int | None) -> str:
-    """What a plugged token's work ahead is found by: its request, or its roster entry."""
-    return f"queue:{entry.id}" if entry is not None else f"roster:{serial}"
+def key_of(entry: QueueEntry | None, serial: int | None, user: str) -> str:
+    """What a plugged token's work ahead is found by: its request, or its roster entry
+    (with its user: a roster reloaded with another user for the serial finds nothing)."""
+    return f"queue:{entry.id}" if entry is not None else f"roster:{serial}:{user}"
 
 
 @dataclass
@@ -202,7 +203,7 @@ class WorkAhead:
         what is stale, prepare what is next."""
         now = self._clock()
         wanted = [e for e in self._store.waiting(limit=4 * self._checks + 16) if self._serves(e)]
-        taken_here = {f"queue:{e.id}" for e in wanted if e.state is RequestState.TAKEN}
+        taken_here = {key_of(e, e.serial, e.user) for e in wanted if e.state is RequestState.TAKEN}
         waiting = [Want.of(e) for e in wanted if e.state is RequestState.WAITING]
         wants = (waiting + self._rostered(taken_here))[: self._checks]
         # the next few that may have a device made here: in a fleet, a request for any

@@ -225,7 +225,7 @@ class Operations(Claims):
             return
         serial = token.info.serial
         # the user checked, perhaps the device made, before this plug (its record with it)
-        ready = None if replacing else self.ahead.take(key_of(entry, serial))
+        ready = None if replacing else self.ahead.take(key_of(entry, serial, user))
         if ready is not None and ready.enrollment_id is not None:
             enrollment_id = ready.enrollment_id
             self.store.attach_token(enrollment_id, serial, reader)
