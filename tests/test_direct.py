@@ -231,8 +231,8 @@ def test_a_daemons_first_start_leaves_nothing_readable_by_others(
 
 def test_a_user_checked_while_the_token_opened_leaves_create_and_enable(bench: Bench) -> None:
     desk = bench.desk()
-    checked = direct.check_user_meanwhile(desk, "alice")
-    checked.result().awaiting()  # type: ignore[misc]  # (the command opens the token meanwhile)
+    checked = direct.CheckedMeanwhile(desk, "alice")
+    checked.leg.awaiting()  # type: ignore[misc]  # (the command opens the token meanwhile)
     before = bench.iam.call_counts()
     with direct.desk_state(bench.config) as state, bench.token() as token:
         result = direct.enroll(state, desk, token, "alice", checked=checked)
@@ -244,7 +244,7 @@ def test_a_user_checked_while_the_token_opened_leaves_create_and_enable(bench: B
 
 def test_a_check_that_failed_meanwhile_is_made_again_and_named_at_the_check(bench: Bench) -> None:
     desk = bench.desk()
-    checked = direct.check_user_meanwhile(desk, "nobody")  # no such user
+    checked = direct.CheckedMeanwhile(desk, "nobody")  # no such user
     with direct.desk_state(bench.config) as state, bench.token() as token:
         with pytest.raises(EnrollmentFailed) as failed:
             direct.enroll(state, desk, token, "nobody", checked=checked)

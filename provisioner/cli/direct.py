@@ -124,6 +124,7 @@ class CheckedMeanwhile:
         self._thread = threading.Thread(
             target=self._check, args=(desk,), name="check-user", daemon=True
         )
+        #: The leg to enroll; the enrollment's check waits for this thread.
         self.leg = Leg(user, awaiting=self._thread.join)
         self._thread.start()
 
@@ -132,14 +133,6 @@ class CheckedMeanwhile:
             desk.enrollment().prepare(self.leg)
         except ProvisionerError:
             self.leg.facts = None  # the enrollment's own check asks again, and says why
-
-    def result(self) -> Leg:
-        """The leg to enroll (waited for by the enrollment's check)."""
-        return self.leg
-
-
-def check_user_meanwhile(desk: Desk, user: str) -> CheckedMeanwhile:
-    return CheckedMeanwhile(desk, user)
 
 
 def enroll(
@@ -161,7 +154,7 @@ def enroll(
     try:
         enrollment = desk.enrollment(progress, journal)
         if checked is not None:
-            result = enrollment.run_leg(token, checked.result())
+            result = enrollment.run_leg(token, checked.leg)  # the check waits for it
         else:
             result = enrollment.run(token, user)
     except ProvisionerError as e:

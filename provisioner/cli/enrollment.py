@@ -59,7 +59,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     password = config.oath_password()
     # IAM is asked about the user while the token is found and opened (one round trip
     # off the wait); if that fails, the enrollment's check asks again and says why.
-    checked = None if accounts else direct.check_user_meanwhile(desk, args.user)
+    checked = None if accounts else direct.CheckedMeanwhile(desk, args.user)
     # Recorded in the desk's state before anything exists in IAM (recovery and the orphan
     # sweep leave it alone while this runs), and in its audit trail.
     with direct.desk_state(config) as state, Pcsc() as pcsc:

@@ -322,10 +322,7 @@ class Enrollment:
         fail whatever token comes. ``run_leg`` then skips that round trip."""
         validation.user_name(leg.user)
         leg.facts = self.look_up(leg.user)
-        if len(leg.facts.devices) >= self._iam.device_limit:
-            raise DeviceLimitReached(
-                f"{leg.user} already has {len(leg.facts.devices)} MFA devices, the most IAM allows"
-            )
+        self._room_for_one(leg.user, leg.facts.devices)
 
     def make_device(self, leg: Leg, serial: int | None, unknown_serial: str) -> None:
         """Before the plug, after ``prepare``: create the user's virtual device, named
@@ -426,15 +423,19 @@ class Enrollment:
                 "its credential",
                 hint="revoke that device, then enroll again",
             )
-        if len(devices) >= self._iam.device_limit:
-            raise DeviceLimitReached(
-                f"{user} already has {len(devices)} MFA devices, the most IAM allows"
-            )
+        self._room_for_one(user, devices)
         leg.credential = credential
         leg.serial_tag = dict(device.tags)[TagKey.TOKEN_SERIAL]
         if leg.device_arn is None:  # else made ahead, under the name it has
             leg.device, leg.expected_arn = device, arn
         leg.devices = len(devices)
+
+    def _room_for_one(self, user: str, devices: tuple[str, ...]) -> None:
+        """The user may have one more MFA device (the limit is the directory's)."""
+        if len(devices) >= self._iam.device_limit:
+            raise DeviceLimitReached(
+                f"{user} already has {len(devices)} MFA devices, the most IAM allows"
+            )
 
     def report_check(self, info: TokenInfo, oath: OathState, leg: Leg) -> None:
         self._progress.step(
