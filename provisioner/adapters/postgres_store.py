@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -35,6 +35,7 @@ from provisioner.core.errors import StoreError
 from provisioner.core.store import RecordOwner
 
 log = logging.getLogger("provisioner.store")
+_T = TypeVar("_T")
 
 #: Seconds one connection attempt may take (libpq's connect_timeout).
 CONNECT_TIMEOUT = 5.0
@@ -100,6 +101,22 @@ class _Lent:
         if not self._given_back:
             self._pool.putconn(self.connection)
 
+    def send(
+        self, call: Callable[[psycopg.Connection[Any]], _T], counted: Callable[[], None]
+    ) -> _T:
+        """``call`` on this connection (a round trip, ``counted``); the first one sent
+        again, on a fresh connection, if the server had cut this one."""
+        counted()
+        try:
+            return call(self.connection)
+        except psycopg.OperationalError as e:
+            if not self.cut(e):
+                raise
+            counted()
+            return call(self.connection)
+        finally:
+            self.used = True
+
 
 class _Qmark:
     """A lent connection that takes the shared queries' ``?`` placeholders, counting
@@ -111,16 +128,7 @@ class _Qmark:
 
     def execute(self, sql: str, params: Any = (), /) -> Cursor:
         query = sql.replace("?", "%s")
-        self._count()
-        try:
-            cursor: Cursor = self._lent.connection.execute(query, params or None)
-        except psycopg.OperationalError as e:
-            if not self._lent.cut(e):
-                raise
-            self._count()
-            cursor = self._lent.connection.execute(query, params or None)
-        finally:
-            self._lent.used = True
+        cursor: Cursor = self._lent.send(lambda c: c.execute(query, params or None), self._count)
         return cursor
 
 
@@ -206,15 +214,8 @@ class PostgresStore(SqlStore):
         """One write transaction on a connection of the pool (its BEGIN the first
         statement: sent again on a fresh connection if the server had cut this one)."""
         with self._lent() as lent, ExitStack() as stack:
-            try:
-                stack.enter_context(lent.connection.transaction())
-            except psycopg.OperationalError as e:
-                if not lent.cut(e):
-                    raise
-                self.round_trips += 1
-                stack.enter_context(lent.connection.transaction())
-            lent.used = True
-            self.round_trips += 2  # BEGIN and COMMIT
+            lent.send(lambda c: stack.enter_context(c.transaction()), self._counted)  # BEGIN
+            self.round_trips += 1  # and COMMIT
             yield _Qmark(lent, self._counted)
 
     @contextmanager
